@@ -1,0 +1,17 @@
+from setuptools import setup
+
+setup(
+    name="vncgate",
+    version="0.1.0",
+    description="A VNC console gateway: short-lived console URLs relayed to VM consoles",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=["vncgate"],
+    python_requires=">=3.9",
+    install_requires=["websockify>=0.10"],
+    extras_require={"test": ["pytest", "hypothesis", "vncdotool", "playwright", "websockets",
+                             "prometheus_client"]},
+    entry_points={"console_scripts": [
+        "vncgate-token = vncgate.cli:token_main_exit",
+    ]},
+)

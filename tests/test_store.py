@@ -1,0 +1,194 @@
+"""The token store over a fake clock: states, every flag of every call, schema, safety."""
+
+import sqlite3
+
+import pytest
+
+from vncgate import store as store_module
+from vncgate.store import TokenRejected, TokenStore
+
+T0 = 1000.0  # FakeClock's start; tokens below are minted then, ttl 300, idle_timeout 600
+
+# name -> (ttl, touched_at or None, revoked, now). The comments give the state at `now`.
+CASES = {
+    "live": (300, None, False, 1100),           # fresh
+    "at-expiry": (300, None, False, 1300),      # now == expires_at: not yet expired
+    "expired": (300, 1350, False, 1400),        # past expiry, used 50 s ago
+    "idle": (5000, None, False, 1700),          # unexpired, unused for 700 s
+    "garbage": (300, None, False, 1700),        # expired and idle
+    "revoked": (300, None, True, 1100),
+}
+FOUND_BY_GET = {"live", "at-expiry", "idle"}
+BY_INSTANCE = {  # (include_idle, include_expired) -> states returned
+    (True, False): {"live", "at-expiry", "idle"},
+    (False, False): {"live", "at-expiry"},
+    (True, True): {"live", "at-expiry", "idle", "expired", "garbage"},
+    (False, True): {"live", "at-expiry", "expired"},
+}
+BY_HOST = {True: {"idle", "garbage"}, False: {"live", "at-expiry", "expired", "idle", "garbage"}}
+VALIDATE_REJECTS = {"expired": "expired-token", "garbage": "expired-token", "revoked": "unknown-token"}
+PURGED = {"garbage"}
+
+
+def make(store, clock, case):
+    ttl, touched_at, revoked, now = CASES[case]
+    token = store.add_connection_details("vm-1", "ws-vnc", "10.0.0.5", 5901, ttl=ttl)
+    if touched_at is not None:
+        clock.now = touched_at
+        assert store.touch_connection_details([token]) == 1
+    if revoked:
+        assert store.delete_connection_details([token]) == 1
+    clock.now = now
+    return token
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_get_connection_details(store, clock, case):
+    token = make(store, clock, case)
+    found = store.get_connection_details(token)
+    assert (found is not None) == (case in FOUND_BY_GET)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("include_idle, include_expired", BY_INSTANCE)
+def test_get_by_instance_flags(store, clock, case, include_idle, include_expired):
+    make(store, clock, case)
+    rows = store.get_connection_details_by_instance("vm-1", include_idle=include_idle,
+                                                    include_expired=include_expired)
+    assert len(rows) == (case in BY_INSTANCE[include_idle, include_expired])
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("only_idle", [True, False])
+def test_get_by_host_flags(store, clock, case, only_idle):
+    make(store, clock, case)
+    assert len(store.get_connection_details_by_host("10.0.0.5", only_idle=only_idle)) == (
+        case in BY_HOST[only_idle])
+
+
+def test_by_instance_and_host_defaults(store, clock):
+    make(store, clock, "idle")
+    assert len(store.get_connection_details_by_instance("vm-1")) == 1  # include_idle=True
+    assert len(store.get_connection_details_by_host("10.0.0.5")) == 1  # only_idle=True
+    assert store.get_connection_details_by_instance("vm-2") == []
+    assert store.get_connection_details_by_host("10.0.0.6") == []
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_validate(store, clock, case):
+    token = make(store, clock, case)
+    if case in VALIDATE_REJECTS:
+        with pytest.raises(TokenRejected) as rejected:
+            store.validate(token, "ws-vnc")
+        assert rejected.value.reason == VALIDATE_REJECTS[case]
+    else:
+        details = store.validate(token, "ws-vnc")
+        assert details.updated_at == clock.now  # a new connection counts as use
+        assert not details.is_idle(clock.now, store.idle_timeout)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_touch_makes_a_token_not_idle(store, clock, case):
+    token = make(store, clock, case)
+    assert store.touch_connection_details([token]) == (0 if case == "revoked" else 1)
+    rows = store.get_connection_details_by_instance("vm-1", include_idle=False, include_expired=True)
+    assert len(rows) == (0 if case == "revoked" else 1)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_purge_deletes_only_garbage(store, clock, case):
+    make(store, clock, case)
+    assert store.purge() == (1 if case in PURGED else 0)
+    remaining = store.list_details(include_expired=True)
+    assert len(remaining) == (0 if case in PURGED or case == "revoked" else 1)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_state_and_counts(store, clock, case):
+    make(store, clock, case)
+    counts = store.count_by_state()
+    if case == "revoked":
+        assert sum(counts.values()) == 0
+    else:
+        expected = "live" if case == "at-expiry" else case
+        assert counts[expected] == 1 and sum(counts.values()) == 1
+        row, = store.list_details(include_expired=True)
+        assert row.state(clock.now, store.idle_timeout) == expected
+
+
+def test_token_is_bound_to_its_console_type(store):
+    token = store.add_connection_details("vm-1", "xvp-vnc", "h", 5900)
+    with pytest.raises(TokenRejected) as rejected:
+        store.validate(token, "ws-vnc")
+    assert rejected.value.reason == "wrong-console-type"
+    assert store.validate(token, "xvp-vnc").console_type == "xvp-vnc"
+
+
+def test_unknown_console_type_is_refused_at_mint(store):
+    with pytest.raises(ValueError, match="unknown console type"):
+        store.add_connection_details("vm-1", "spice", "h", 5900)
+    assert store.list_details(include_expired=True) == []
+
+
+def test_tokens_are_long_unique_and_stored_only_as_hashes(store, tmp_path):
+    tokens = [store.add_connection_details("vm", "ws-vnc", "h", 5900, backend_password=b"s3cretpw")
+              for _ in range(50)]
+    assert len(set(tokens)) == 50
+    assert all(len(token) >= 22 for token in tokens)  # >= 128 bits of urlsafe base64
+    store.close()
+    on_disk = b"".join(path.read_bytes() for path in tmp_path.iterdir() if path.name.startswith("tokens.db"))
+    assert on_disk, "the database files should exist"
+    for token in tokens:
+        assert token.encode() not in on_disk
+        assert store_module.hash_token(token).encode() in on_disk
+    assert b"s3cretpw" not in on_disk
+
+
+def test_backend_password_is_opened_only_with_the_token(store):
+    token = store.add_connection_details("vm", "ws-vnc", "h", 5900, backend_password=b"pw")
+    assert store.get_connection_details(token).backend_password is None
+    assert store.get_connection_details(token).has_password
+    assert store.validate(token, "ws-vnc").backend_password == b"pw"
+
+
+def test_expires_at_is_fixed_at_mint(store, clock):
+    token = store.add_connection_details("vm", "ws-vnc", "h", 5900, ttl=42)
+    clock.advance(30)
+    store.touch_connection_details([token])
+    assert store.get_connection_details(token).expires_at == 1042
+
+
+def test_migration_from_version_1_keeps_rows(tmp_path, clock):
+    path = str(tmp_path / "old.db")
+    old = sqlite3.connect(path)
+    store_module.MIGRATIONS[0](old)
+    old.execute("INSERT INTO console_tokens VALUES (?, 'vm-old', 'ws-vnc', 'h', 5900, '', '', 1, 1, 5000)",
+                (store_module.hash_token("old-token"),))
+    old.execute("PRAGMA user_version = 1")
+    old.commit()
+    old.close()
+    upgraded = TokenStore(path, clock=clock)
+    details = upgraded.validate("old-token", "ws-vnc")
+    assert details.instance_id == "vm-old" and not details.has_password
+    upgraded.add_connection_details("vm-new", "ws-vnc", "h", 5900, backend_password=b"x")
+    version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
+    assert version == store_module.SCHEMA_VERSION
+
+
+def test_newer_schema_is_refused_clearly(tmp_path):
+    path = str(tmp_path / "future.db")
+    future = sqlite3.connect(path)
+    future.execute(f"PRAGMA user_version = {store_module.SCHEMA_VERSION + 1}")
+    future.commit()
+    future.close()
+    with pytest.raises(store_module.StoreError, match="newer than this vncgate knows"):
+        TokenStore(path)
+
+
+def test_a_file_that_is_not_sqlite_is_refused_and_kept(tmp_path):
+    path = tmp_path / "notes.db"
+    path.write_bytes(b"these are my notes, not a database\n" * 200)
+    before = path.read_bytes()
+    with pytest.raises(store_module.StoreError, match="not a vncgate SQLite database"):
+        TokenStore(str(path))
+    assert path.read_bytes() == before

@@ -1,0 +1,207 @@
+"""The console scripts: vncgate-token (mint, list, revoke, touch, purge)."""
+
+import argparse
+import datetime
+import json
+import sys
+
+from vncgate import config as config_module
+from vncgate import store as store_module
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad command-line usage: exit 2 with one line."""
+
+
+class CommandFailed(Exception):
+    """The command could not do what was asked: exit 1 with one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line instead of usage + error."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _port(text):
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: not a whole number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {port}: must be from 1 to 65535")
+    return port
+
+
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid seconds {text!r}: must be a number above 0")
+    return value
+
+
+def _iso(timestamp):
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def token_parser():
+    parser = _Parser(prog="vncgate-token", description="Mint, list, touch and revoke console tokens.")
+    parser.add_argument("-c", "--config", metavar="FILE", help="config file (default: $VNCGATE_CONFIG, "
+                        "else ./vncgate.ini, else built-in defaults)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    add = commands.add_parser("add", help="mint a token and print its access URL")
+    add.add_argument("--host", required=True, help="VNC server address on the management network")
+    add.add_argument("--port", required=True, type=_port, help="VNC server port")
+    add.add_argument("--type", dest="console_type", default=store_module.WEBSOCKET,
+                     choices=store_module.CONSOLE_TYPES, help="console type (default: ws-vnc)")
+    add.add_argument("--instance", help='instance id (default: "HOST:PORT")')
+    add.add_argument("--internal-path", default="", help="XenServer internal_access_path for a CONNECT")
+    add.add_argument("--ttl", type=_seconds, help="seconds until the token expires (default: token_ttl)")
+    add.add_argument("--password-file", metavar="F", help="file holding the backend's VNC password")
+    add.add_argument("--json", action="store_true", help="print one JSON object")
+
+    listing = commands.add_parser("list", help="list tokens (never the tokens themselves)")
+    listing.add_argument("--instance")
+    listing.add_argument("--host")
+    listing.add_argument("--include-expired", action="store_true")
+    listing.add_argument("--only-idle", action="store_true")
+    listing.add_argument("--json", action="store_true")
+
+    revoke = commands.add_parser("revoke", help="delete tokens; their live sessions close")
+    revoke.add_argument("tokens", nargs="*", metavar="TOKEN")
+    revoke.add_argument("--instance")
+    revoke.add_argument("--host")
+
+    touch = commands.add_parser("touch", help="mark tokens as in use now")
+    touch.add_argument("tokens", nargs="+", metavar="TOKEN")
+
+    commands.add_parser("purge", help="delete garbage (expired and idle) now")
+    return parser
+
+
+def open_store(config):
+    return store_module.TokenStore(config.database, token_ttl=config.token_ttl,
+                                   idle_timeout=config.idle_timeout)
+
+
+def _read_password(path):
+    try:
+        with open(path, "rb") as handle:
+            password = handle.read().rstrip(b"\r\n")
+    except OSError as error:
+        raise CommandFailed(f"cannot read password file {path}: {error.strerror}") from None
+    if not password:
+        raise CommandFailed(f"password file {path} is empty")
+    return password
+
+
+def cmd_add(args, config, store, out):
+    password = _read_password(args.password_file) if args.password_file else None
+    base = f"{config.base_url}/console" if args.console_type == store_module.XVP else f"{config.base_url}/vnc.html"
+    instance = args.instance or f"{args.host}:{args.port}"
+    token = store.add_connection_details(instance, args.console_type, args.host, args.port,
+                                         internal_access_path=args.internal_path, access_url=base,
+                                         ttl=args.ttl, backend_password=password)
+    details = store.get_connection_details(token)
+    url = store_module.access_url(config.base_url, args.console_type, token)
+    if args.json:
+        json.dump({"token": token, "token_id": details.token_id, "access_url": url,
+                   "console_type": details.console_type, "instance_id": details.instance_id,
+                   "host": details.host, "port": details.port,
+                   "internal_access_path": details.internal_access_path,
+                   "expires_at": _iso(details.expires_at), "has_password": details.has_password}, out)
+        out.write("\n")
+    else:
+        out.write(url + "\n")
+
+
+def cmd_list(args, config, store, out):
+    rows = store.list_details(instance_id=args.instance, host=args.host,
+                              include_expired=args.include_expired, only_idle=args.only_idle)
+    now = store.clock()
+    if args.json:
+        json.dump([{"token_id": row.token_id, "instance_id": row.instance_id,
+                    "console_type": row.console_type, "host": row.host, "port": row.port,
+                    "internal_access_path": row.internal_access_path,
+                    "created_at": _iso(row.created_at), "updated_at": _iso(row.updated_at),
+                    "expires_at": _iso(row.expires_at), "state": row.state(now, config.idle_timeout),
+                    "has_password": row.has_password} for row in rows], out)
+        out.write("\n")
+        return
+    table = [("ID", "TYPE", "INSTANCE", "BACKEND", "STATE", "EXPIRES (UTC)", "IDLE")]
+    table += [(row.token_id, row.console_type, row.instance_id, f"{row.host}:{row.port}",
+               row.state(now, config.idle_timeout), _iso(row.expires_at), f"{now - row.updated_at:.0f}s")
+              for row in rows]
+    widths = [max(len(line[column]) for line in table) for column in range(len(table[0]))]
+    for line in table:
+        out.write("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() + "\n")
+
+
+def cmd_revoke(args, config, store, out):
+    chosen = sum(bool(choice) for choice in (args.tokens, args.instance, args.host))
+    if chosen != 1:
+        raise UsageError("revoke takes TOKEN..., --instance ID or --host H (exactly one)")
+    if args.tokens:
+        deleted = store.delete_connection_details(args.tokens)
+        if deleted < len(set(args.tokens)):
+            raise CommandFailed(f"revoked {deleted} of {len(set(args.tokens))} tokens; "
+                                "the others are unknown or already gone")
+    elif args.instance:
+        deleted = store.delete_by_instance(args.instance)
+    else:
+        deleted = store.delete_by_host(args.host)
+    out.write(f"revoked {deleted} token{'s' if deleted != 1 else ''}\n")
+
+
+def cmd_touch(args, config, store, out):
+    touched = store.touch_connection_details(args.tokens)
+    if touched < len(set(args.tokens)):
+        raise CommandFailed(f"touched {touched} of {len(set(args.tokens))} tokens; the others are unknown")
+    out.write(f"touched {touched} token{'s' if touched != 1 else ''}\n")
+
+
+def cmd_purge(args, config, store, out):
+    deleted = store.purge()
+    out.write(f"purged {deleted} token{'s' if deleted != 1 else ''}\n")
+
+
+COMMANDS = {"add": cmd_add, "list": cmd_list, "revoke": cmd_revoke, "touch": cmd_touch, "purge": cmd_purge}
+
+
+def run_reporting_errors(prog, body):
+    """Run body(); turn every expected failure into one stderr line and an exit code."""
+    try:
+        body()
+        return EXIT_OK
+    except UsageError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except (CommandFailed, config_module.ConfigError, store_module.StoreError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+def token_main(argv=None, out=None):
+    def body():
+        args = token_parser().parse_args(argv)
+        config = config_module.load(args.config)
+        store = open_store(config)
+        try:
+            COMMANDS[args.command](args, config, store, out or sys.stdout)
+        finally:
+            store.close()
+    return run_reporting_errors("vncgate-token", body)
+
+
+def token_main_exit():
+    sys.exit(token_main())

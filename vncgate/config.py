@@ -1,0 +1,176 @@
+"""The [gateway] section of vncgate.ini: schema, defaults, validation.
+
+Every key has a default, so the gateway starts with no file at all. A bad file
+raises ConfigError whose message names the file, the key and the problem in one
+line, because that line is all an operator sees.
+"""
+
+import configparser
+import dataclasses
+import os
+import urllib.parse
+
+SECTION = "gateway"
+ENV_VAR = "VNCGATE_CONFIG"
+DEFAULT_FILE = "vncgate.ini"
+
+
+class ConfigError(Exception):
+    """A configuration problem a user can fix; str() is one line."""
+
+
+def _text(value):
+    return value.strip()
+
+
+def _port(value):
+    port = int(value)
+    if not 1 <= port <= 65535:
+        raise ValueError("must be from 1 to 65535")
+    return port
+
+
+def _positive(kind):
+    def parse(value):
+        number = kind(value)
+        if number <= 0:
+            raise ValueError("must be greater than 0")
+        return number
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _origins(value):
+    return tuple(item for item in (part.strip() for part in value.replace(",", " ").split()) if item)
+
+
+# key -> (parser, default). Defaults are the values an empty file yields.
+SCHEMA = {
+    "listen": (_text, "127.0.0.1"),
+    "port": (_port, 6080),
+    "public_url": (_text, ""),
+    "database": (_text, "vncgate.db"),
+    "token_ttl": (_positive(float), 300.0),
+    "idle_timeout": (_positive(float), 600.0),
+    "touch_interval": (_positive(float), 30.0),
+    "housekeeping_interval": (_positive(float), 60.0),
+    "web_root": (_text, "auto"),
+    "allowed_origins": (_origins, ()),
+    "cert": (_text, ""),
+    "key": (_text, ""),
+    "max_connections": (_positive(int), 1000),
+    "handshake_timeout": (_positive(float), 10.0),
+    "audit_log": (_text, ""),
+}
+
+# Where an installed noVNC is found when web_root = auto.
+NOVNC_DIRS = ("/usr/share/novnc", "/usr/local/share/novnc")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    listen: str = "127.0.0.1"
+    port: int = 6080
+    public_url: str = ""
+    database: str = "vncgate.db"
+    token_ttl: float = 300.0
+    idle_timeout: float = 600.0
+    touch_interval: float = 30.0
+    housekeeping_interval: float = 60.0
+    web_root: str = ""
+    allowed_origins: tuple = ()
+    cert: str = ""
+    key: str = ""
+    max_connections: int = 1000
+    handshake_timeout: float = 10.0
+    audit_log: str = ""
+    source: str = ""  # the file read, "" when built-in defaults only
+
+    @property
+    def base_url(self):
+        """public_url, or the URL of the listening address when it is not set."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "localhost" if self.listen in ("0.0.0.0", "::") else self.listen
+        if ":" in host:
+            host = f"[{host}]"
+        scheme = "https" if self.cert else "http"
+        return f"{scheme}://{host}:{self.port}"
+
+    @property
+    def public_origin(self):
+        parts = urllib.parse.urlsplit(self.base_url)
+        return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def find_file(explicit=None):
+    """The file to read: -c, else $VNCGATE_CONFIG, else ./vncgate.ini if present."""
+    if explicit:
+        return explicit
+    if os.environ.get(ENV_VAR):
+        return os.environ[ENV_VAR]
+    return DEFAULT_FILE if os.path.exists(DEFAULT_FILE) else None
+
+
+def load(path=None):
+    """Read the config; path=None means find_file(). Raises ConfigError."""
+    path = find_file(path)
+    if path is None:
+        return _finish({}, base_dir=os.getcwd(), source="")
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read config file: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: config file is not UTF-8 text") from None
+    except configparser.Error as error:
+        first_line = str(error).splitlines()[0]
+        raise ConfigError(f"{path}: malformed config file: {first_line}") from None
+    unknown_sections = [name for name in parser.sections() if name != SECTION]
+    if unknown_sections:
+        raise ConfigError(f"{path}: unknown section [{unknown_sections[0]}] (only [{SECTION}] is read)")
+    raw = dict(parser[SECTION]) if parser.has_section(SECTION) else {}
+    base_dir = os.path.dirname(os.path.abspath(path))
+    return _finish(raw, base_dir=base_dir, source=path)
+
+
+def _finish(raw, base_dir, source):
+    values = {}
+    for key, text in raw.items():
+        if key not in SCHEMA:
+            raise ConfigError(f"{source}: [{SECTION}] {key}: unknown key")
+        parse, _default = SCHEMA[key]
+        try:
+            values[key] = parse(text)
+        except ValueError as error:
+            reason = str(error) if "must" in str(error) else f"must be {_kind(parse)}"
+            raise ConfigError(f"{source}: [{SECTION}] {key}: {reason}, got {text!r}") from None
+    for key, (_parse, default) in SCHEMA.items():
+        values.setdefault(key, default)
+
+    for key in ("database", "cert", "key", "audit_log"):
+        if values[key] and not os.path.isabs(values[key]):
+            values[key] = os.path.join(base_dir, values[key])
+    values["web_root"] = _resolve_web_root(values["web_root"], base_dir)
+    if bool(values["cert"]) != bool(values["key"]):
+        raise ConfigError(f"{source}: [{SECTION}] cert and key must be set together")
+    parts = urllib.parse.urlsplit(values["public_url"])
+    if values["public_url"] and (parts.scheme not in ("http", "https") or not parts.netloc):
+        raise ConfigError(f"{source}: [{SECTION}] public_url: must be an http:// or https:// URL, "
+                          f"got {values['public_url']!r}")
+    return Config(source=source, **values)
+
+
+def _kind(parse):
+    return {"int": "a whole number", "float": "a number", "_port": "a port number"}.get(
+        parse.__name__, "valid")
+
+
+def _resolve_web_root(value, base_dir):
+    if value.lower() == "auto":
+        return next((path for path in NOVNC_DIRS if os.path.isfile(os.path.join(path, "vnc.html"))), "")
+    if value.lower() in ("", "off", "none"):
+        return ""
+    return value if os.path.isabs(value) else os.path.join(base_dir, value)

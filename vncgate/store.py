@@ -1,0 +1,355 @@
+"""The console-auth token store: one SQLite table and the blueprint's API.
+
+This is the only module that speaks SQL. Tokens are handed to callers once, at
+mint time; the table keeps only their SHA-256 hash. Every time decision reads
+one injectable clock, so expiry and idleness are tested without sleeping.
+"""
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import queue
+import secrets
+import sqlite3
+import time
+import urllib.parse
+
+from vncgate import sealing
+
+XVP = "xvp-vnc"
+WEBSOCKET = "ws-vnc"
+CONSOLE_TYPES = (XVP, WEBSOCKET)
+
+TOKEN_BYTES = 32  # 256 bits; the blueprint asks for at least 128
+_POOL_SIZE = 16
+
+
+class StoreError(Exception):
+    """The database cannot be used; str() is one line for an operator."""
+
+
+class StoreBusy(StoreError):
+    """Another writer held the database past the busy timeout."""
+
+
+class TokenRejected(Exception):
+    """validate() refused a token; .reason is a short word for audit lines."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def hash_token(token):
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def access_url(base_url, console_type, token):
+    """The URL a user opens: XVP's CONNECT target, or noVNC's page with the token in the fragment."""
+    base_url = base_url.rstrip("/")
+    if console_type == XVP:
+        return f"{base_url}/console?token={token}"
+    prefix = urllib.parse.urlsplit(base_url).path.strip("/")
+    ws_path = urllib.parse.quote(f"{prefix}/websockify?token={token}".lstrip("/"), safe="")
+    return f"{base_url}/vnc.html#autoconnect=1&path={ws_path}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectionDetails:
+    token_hash: str
+    instance_id: str
+    console_type: str
+    host: str
+    port: int
+    access_url: str  # the base; the token is appended only when it is handed out
+    internal_access_path: str
+    created_at: float
+    updated_at: float
+    expires_at: float
+    has_password: bool
+    backend_password: bytes = None  # opened only by validate(), which holds the token
+
+    @property
+    def token_id(self):
+        """The short, safe name of a token in logs and listings."""
+        return self.token_hash[:8]
+
+    def is_expired(self, now):
+        return now > self.expires_at
+
+    def is_idle(self, now, idle_timeout):
+        return now - self.updated_at > idle_timeout
+
+    def state(self, now, idle_timeout):
+        expired, idle = self.is_expired(now), self.is_idle(now, idle_timeout)
+        if expired and idle:
+            return "garbage"
+        return "expired" if expired else "idle" if idle else "live"
+
+
+_COLUMNS = ("token_hash, instance_id, console_type, host, port, access_url, internal_access_path, "
+            "created_at, updated_at, expires_at, backend_secret IS NOT NULL")
+
+
+def _details(row):
+    return ConnectionDetails(*row[:10], has_password=bool(row[10]))
+
+
+def _migrate_1(db):
+    db.execute("""CREATE TABLE console_tokens (
+        token_hash TEXT PRIMARY KEY,
+        instance_id TEXT NOT NULL,
+        console_type TEXT NOT NULL,
+        host TEXT NOT NULL,
+        port INTEGER NOT NULL,
+        access_url TEXT NOT NULL,
+        internal_access_path TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        expires_at REAL NOT NULL)""")
+    db.execute("CREATE INDEX console_tokens_instance ON console_tokens (instance_id)")
+    db.execute("CREATE INDEX console_tokens_host ON console_tokens (host)")
+
+
+def _migrate_2(db):
+    db.execute("ALTER TABLE console_tokens ADD COLUMN backend_secret BLOB")
+
+
+# MIGRATIONS[n] takes a database from user_version n to n + 1. Append, never edit.
+MIGRATIONS = (_migrate_1, _migrate_2)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class TokenStore:
+    """Thread-safe; several processes may share the file (WAL, busy timeout)."""
+
+    def __init__(self, path, token_ttl=300.0, idle_timeout=600.0, clock=time.time, busy_timeout=5.0):
+        self.path = path
+        self.token_ttl = token_ttl
+        self.idle_timeout = idle_timeout
+        self.clock = clock
+        self.busy_timeout = busy_timeout
+        self._pool = queue.LifoQueue(maxsize=_POOL_SIZE)
+        with self._db() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            self._upgrade(db)
+
+    # -- connections and errors -------------------------------------------------
+
+    def _connect(self):
+        db = None
+        try:
+            db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
+                                 check_same_thread=False)
+            db.execute("PRAGMA synchronous=NORMAL")
+            return db
+        except sqlite3.Error as error:
+            if db is not None:
+                db.close()
+            raise self._explain(error) from None
+
+    @contextlib.contextmanager
+    def _db(self):
+        """A pooled connection; a failed one is dropped, a good one reused."""
+        try:
+            db = self._pool.get_nowait()
+        except queue.Empty:
+            db = self._connect()
+        try:
+            yield db
+        except sqlite3.Error as error:
+            db.close()
+            raise self._explain(error) from None
+        except BaseException:
+            db.close()
+            raise
+        try:
+            self._pool.put_nowait(db)
+        except queue.Full:
+            db.close()
+
+    def _explain(self, error):
+        text = str(error)
+        if "locked" in text or "busy" in text:
+            return StoreBusy(f"database {self.path} is locked by another writer")
+        if "not a database" in text or "malformed" in text:
+            return StoreError(f"database {self.path} is not a vncgate SQLite database ({text})")
+        if "unable to open" in text or "readonly" in text or "read-only" in text:
+            folder = os.path.dirname(os.path.abspath(self.path))
+            if os.path.exists(folder) and not os.path.isdir(folder):
+                why = f"{folder} is not a folder"
+            elif not os.path.isdir(folder):
+                why = f"folder {folder} does not exist"
+            elif not os.access(folder, os.W_OK):
+                why = f"folder {folder} is not writable"
+            else:
+                why = text
+            return StoreError(f"cannot open database {self.path}: {why}")
+        return StoreError(f"database {self.path}: {text}")
+
+    def _upgrade(self, db):
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            return
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"database {self.path} has schema version {version}, newer than this "
+                             f"vncgate knows ({SCHEMA_VERSION}); upgrade vncgate")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # Re-read under the write lock: another process may have migrated meanwhile.
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for migrate in MIGRATIONS[version:]:
+                migrate(db)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def close(self):
+        while True:
+            try:
+                self._pool.get_nowait().close()
+            except queue.Empty:
+                return
+
+    # -- the blueprint's API ----------------------------------------------------
+
+    def add_connection_details(self, instance_id, console_type, host, port, internal_access_path="",
+                               access_url="", ttl=None, backend_password=None):
+        """Mint a token for one console and return it; only its hash is kept."""
+        if console_type not in CONSOLE_TYPES:
+            raise ValueError(f"unknown console type {console_type!r}")
+        token = secrets.token_urlsafe(TOKEN_BYTES)
+        now = self.clock()
+        sealed = sealing.seal(token, backend_password) if backend_password is not None else None
+        with self._db() as db:
+            db.execute("INSERT INTO console_tokens (token_hash, instance_id, console_type, host, port, "
+                       "access_url, internal_access_path, created_at, updated_at, expires_at, "
+                       "backend_secret) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (hash_token(token), instance_id, console_type, host, int(port), access_url,
+                        internal_access_path or "", now, now,
+                        now + (self.token_ttl if ttl is None else ttl), sealed))
+        return token
+
+    def get_connection_details(self, token):
+        """The token's details, or None when it is unknown or expired."""
+        found = self._select("token_hash = ?", (hash_token(token),))
+        return found[0] if found else None
+
+    def get_connection_details_by_instance(self, instance_id, include_idle=True, include_expired=False):
+        return self._select("instance_id = ?", (instance_id,), include_idle=include_idle,
+                            include_expired=include_expired)
+
+    def get_connection_details_by_host(self, host, only_idle=True):
+        """Every token for consoles on host, expired ones too: this is a clean-up query."""
+        return self._select("host = ?", (host,), include_expired=True, only_idle=only_idle)
+
+    def touch_connection_details(self, tokens):
+        """Mark tokens as in use now; returns how many exist."""
+        return len(self.touch_hashes([hash_token(token) for token in tokens]))
+
+    def delete_connection_details(self, tokens):
+        """Revoke tokens; returns how many were deleted."""
+        return self._delete_where_in("token_hash", [hash_token(token) for token in tokens])
+
+    # -- beyond the blueprint: what the gateway and the CLI need --------------------
+
+    def validate(self, token, console_type):
+        """The details for a new connection, touched; raises TokenRejected."""
+        token_hash = hash_token(token)
+        now = self.clock()
+        with self._db() as db:
+            row = db.execute(f"SELECT {_COLUMNS}, backend_secret FROM console_tokens WHERE token_hash = ?",
+                             (token_hash,)).fetchone()
+            if row is None:
+                raise TokenRejected("unknown-token")
+            details = _details(row)
+            if details.is_expired(now):
+                raise TokenRejected("expired-token")
+            if details.console_type != console_type:
+                raise TokenRejected("wrong-console-type")
+            db.execute("UPDATE console_tokens SET updated_at = ? WHERE token_hash = ?", (now, token_hash))
+        password = None
+        if row[11] is not None:
+            try:
+                password = sealing.unseal(token, row[11])
+            except sealing.SealError:
+                raise TokenRejected("sealed-password-unreadable") from None
+        return dataclasses.replace(details, updated_at=now, backend_password=password)
+
+    def list_details(self, instance_id=None, host=None, include_expired=False, only_idle=False):
+        where, args = [], []
+        for column, value in (("instance_id", instance_id), ("host", host)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        return self._select(" AND ".join(where) or "1", tuple(args), include_expired=include_expired,
+                            only_idle=only_idle)
+
+    def touch_hashes(self, token_hashes):
+        """Touch by hash (sessions hold hashes, not tokens); returns the set that still exists."""
+        if not token_hashes:
+            return set()
+        marks = ",".join("?" * len(token_hashes))
+        with self._db() as db:
+            db.execute(f"UPDATE console_tokens SET updated_at = ? WHERE token_hash IN ({marks})",
+                       (self.clock(), *token_hashes))
+            return {row[0] for row in db.execute(
+                f"SELECT token_hash FROM console_tokens WHERE token_hash IN ({marks})", tuple(token_hashes))}
+
+    def delete_by_instance(self, instance_id):
+        return self._delete_where_in("instance_id", [instance_id])
+
+    def delete_by_host(self, host):
+        return self._delete_where_in("host", [host])
+
+    def purge(self):
+        """Delete garbage (expired AND idle); returns how many rows went."""
+        now = self.clock()
+        with self._db() as db:
+            return db.execute("DELETE FROM console_tokens WHERE expires_at < ? AND updated_at < ?",
+                              (now, now - self.idle_timeout)).rowcount
+
+    def count_by_state(self):
+        counts = dict.fromkeys(("live", "idle", "expired", "garbage"), 0)
+        now = self.clock()
+        with self._db() as db:
+            rows = db.execute("SELECT expires_at < ?, updated_at < ?, COUNT(*) FROM console_tokens "
+                              "GROUP BY 1, 2", (now, now - self.idle_timeout)).fetchall()
+        for expired, idle, count in rows:
+            counts["garbage" if expired and idle else "expired" if expired else "idle" if idle
+                   else "live"] += count
+        return counts
+
+    def ping(self):
+        with self._db() as db:
+            db.execute("SELECT 1 FROM console_tokens LIMIT 1").fetchall()
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _select(self, where, args, include_idle=True, include_expired=False, only_idle=False):
+        now = self.clock()
+        conditions, args = [f"({where})"], list(args)
+        if not include_expired:
+            conditions.append("expires_at >= ?")
+            args.append(now)
+        if only_idle:
+            conditions.append("updated_at < ?")
+            args.append(now - self.idle_timeout)
+        elif not include_idle:
+            conditions.append("updated_at >= ?")
+            args.append(now - self.idle_timeout)
+        with self._db() as db:
+            rows = db.execute(f"SELECT {_COLUMNS} FROM console_tokens WHERE {' AND '.join(conditions)} "
+                              "ORDER BY created_at", args).fetchall()
+        return [_details(row) for row in rows]
+
+    def _delete_where_in(self, column, values):
+        if not values:
+            return 0
+        marks = ",".join("?" * len(values))
+        with self._db() as db:
+            return db.execute(f"DELETE FROM console_tokens WHERE {column} IN ({marks})",
+                              tuple(values)).rowcount
