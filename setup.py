@@ -12,6 +12,7 @@ setup(
     extras_require={"test": ["pytest", "hypothesis", "vncdotool", "playwright", "websockets",
                              "prometheus_client"]},
     entry_points={"console_scripts": [
+        "vncgate = vncgate.cli:serve_main_exit",
         "vncgate-token = vncgate.cli:token_main_exit",
     ]},
 )

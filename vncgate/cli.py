@@ -1,9 +1,13 @@
-"""The console scripts: vncgate-token (mint, list, revoke, touch, purge)."""
+"""The console scripts: vncgate (serve) and vncgate-token (mint, list, revoke, touch, purge)."""
 
 import argparse
+import dataclasses
 import datetime
 import json
+import logging
+import signal
 import sys
+import threading
 
 from vncgate import config as config_module
 from vncgate import store as store_module
@@ -26,14 +30,16 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _port(text):
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}: not a whole number") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"invalid port {port}: must be from 1 to 65535")
-    return port
+def _port_in(lowest):
+    def parse(text):
+        try:
+            port = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid port {text!r}: not a whole number") from None
+        if not lowest <= port <= 65535:
+            raise argparse.ArgumentTypeError(f"invalid port {port}: must be from {lowest} to 65535")
+        return port
+    return parse
 
 
 def _seconds(text):
@@ -59,7 +65,7 @@ def token_parser():
 
     add = commands.add_parser("add", help="mint a token and print its access URL")
     add.add_argument("--host", required=True, help="VNC server address on the management network")
-    add.add_argument("--port", required=True, type=_port, help="VNC server port")
+    add.add_argument("--port", required=True, type=_port_in(1), help="VNC server port")
     add.add_argument("--type", dest="console_type", default=store_module.WEBSOCKET,
                      choices=store_module.CONSOLE_TYPES, help="console type (default: ws-vnc)")
     add.add_argument("--instance", help='instance id (default: "HOST:PORT")')
@@ -205,3 +211,56 @@ def token_main(argv=None, out=None):
 
 def token_main_exit():
     sys.exit(token_main())
+
+
+def serve_parser():
+    parser = _Parser(prog="vncgate", description="Run the VNC console gateway until SIGINT or SIGTERM.")
+    parser.add_argument("-c", "--config", metavar="FILE", help="config file (default: $VNCGATE_CONFIG, "
+                        "else ./vncgate.ini, else built-in defaults)")
+    parser.add_argument("--listen", metavar="ADDR", help="address to bind (overrides listen)")
+    parser.add_argument("--port", type=_port_in(0), help="port to bind, 0 for any free one (overrides port)")
+    parser.add_argument("--log-level", default="INFO", type=str.upper,
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return parser
+
+
+def serve_main(argv=None):
+    from vncgate import audit as audit_module, server  # the token CLI does not need the server
+
+    def body():
+        args = serve_parser().parse_args(argv)
+        logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        config = config_module.load(args.config)
+        overrides = {key: value for key, value in (("listen", args.listen), ("port", args.port))
+                     if value is not None}
+        config = dataclasses.replace(config, **overrides)
+        store = open_store(config)
+        try:
+            audit = audit_module.Audit.open(config.audit_log)
+        except OSError as error:
+            raise CommandFailed(f"cannot open audit log {config.audit_log}: {error.strerror}") from None
+        try:
+            gateway = server.Gateway(config, store, audit)
+        except OSError as error:
+            raise CommandFailed(f"cannot listen on {config.listen}:{config.port}: {error.strerror}") from None
+
+        def on_signal(signum, _frame):
+            logging.getLogger("vncgate").info("%s: stopping", signal.Signals(signum).name)
+            # shutdown() waits for serve_forever, which runs in this (the main) thread.
+            threading.Thread(target=gateway.shutdown, name="stopper").start()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        host, port = gateway.server_address[:2]
+        print(f"vncgate listening on {host}:{port}", file=sys.stderr, flush=True)
+        try:
+            gateway.serve_forever()
+        finally:
+            gateway.stop()
+            store.close()
+            audit.close()
+    return run_reporting_errors("vncgate", body)
+
+
+def serve_main_exit():
+    sys.exit(serve_main())

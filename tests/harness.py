@@ -1,0 +1,239 @@
+"""Real parts for the end-to-end tests: qemu, gateway processes, fake backends, XVP clients."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+from tests.conftest import console_script
+
+
+ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "artifacts")
+
+
+def artifact(name):
+    """Where a test keeps a file for people to look at (screenshots)."""
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    return os.path.join(ARTIFACTS, name)
+
+
+def wait_for(condition, timeout=10.0, interval=0.02, message="condition"):
+    """Poll condition() until it returns something truthy; that value is returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def port_open(port, host="127.0.0.1"):
+    try:
+        socket.create_connection((host, port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+class Qemu:
+    """qemu-system-x86_64 with no disk: SeaBIOS shows its text and stays there."""
+
+    def __init__(self, extra_vnc="", monitor=False):
+        self.port = free_port()
+        self.display = self.port - 5900
+        argv = ["qemu-system-x86_64", "-display", "none", "-nodefaults", "-vga", "std", "-m", "32",
+                "-vnc", f"127.0.0.1:{self.display}{extra_vnc}"]
+        if monitor:
+            argv += ["-monitor", "stdio"]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE if monitor else subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE if monitor else subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: port_open(self.port) or self.proc.poll() is not None, 20, message="qemu's VNC port")
+        assert self.proc.poll() is None, f"qemu exited: {self.proc.stderr.read()}"
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+class GatewayProcess:
+    """`vncgate` in a subprocess on a free port, with its own ini, audit log and stderr file."""
+
+    def __init__(self, folder, name="gw", database="tokens.db", **settings):
+        self.folder = folder
+        self.ini = os.path.join(folder, f"{name}.ini")
+        self.audit_path = os.path.join(folder, f"{name}-audit.jsonl")
+        self.stderr_path = os.path.join(folder, f"{name}-stderr.log")
+        values = {"database": database, "audit_log": self.audit_path, "port": 6080, **settings}
+        with open(self.ini, "w") as ini:
+            ini.write("[gateway]\n" + "".join(f"{key} = {value}\n" for key, value in values.items()))
+        self.stderr = open(self.stderr_path, "w")
+        self.proc = subprocess.Popen([console_script("vncgate"), "-c", self.ini, "--port", "0"],
+                                     stdout=subprocess.DEVNULL, stderr=self.stderr, cwd=folder)
+        line = wait_for(self._listening_line, 15, message="the 'vncgate listening on' line")
+        self.port = int(line.rsplit(":", 1)[1])
+
+    def _listening_line(self):
+        assert self.proc.poll() is None, f"vncgate exited: {self.read_stderr()}"
+        return next((line for line in self.read_stderr().splitlines()
+                     if line.startswith("vncgate listening on ")), None)
+
+    def read_stderr(self):
+        with open(self.stderr_path) as handle:
+            return handle.read()
+
+    def audit(self):
+        if not os.path.exists(self.audit_path):
+            return []
+        with open(self.audit_path) as handle:
+            return [json.loads(line) for line in handle]
+
+    def mint(self, host, port, console_type="xvp-vnc", *extra):
+        out = subprocess.run([console_script("vncgate-token"), "-c", self.ini, "add", "--host", host,
+                              "--port", str(port), "--type", console_type, "--json", *extra],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return json.loads(out)["token"]
+
+    def token_cli(self, *args):
+        return subprocess.run([console_script("vncgate-token"), "-c", self.ini, *args],
+                              capture_output=True, text=True, timeout=30)
+
+    def threads(self):
+        return len(os.listdir(f"/proc/{self.proc.pid}/task"))
+
+    def fds(self):
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def stop(self, sig=signal.SIGTERM, timeout=10):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.stderr.close()
+
+
+def xvp_connect(port, token, timeout=10.0):
+    """Open an XVP session; returns (socket, status line, bytes after the head)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    target = f"/console?token={token}" if token is not None else "/console"
+    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: gateway\r\n\r\n".encode())
+    status, rest = read_head(sock)
+    return sock, status, rest
+
+
+def read_head(sock):
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0].decode("latin-1"), rest
+
+
+def recv_exactly(sock, count):
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def closed_by_peer(sock, timeout):
+    """True when the peer closes sock within timeout (reading and dropping any data)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            if not sock.recv(65536):
+                return True
+        except socket.timeout:
+            return False
+        except ConnectionResetError:
+            return True
+    return False
+
+
+class FakeBackend:
+    """A loopback TCP server whose per-connection behaviour is a function(sock)."""
+
+    def __init__(self, behaviour):
+        self.behaviour = behaviour
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self.received = []
+        self._stopping = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while not self._stopping:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._handle, args=(sock,), daemon=True).start()
+
+    def _handle(self, sock):
+        with sock:
+            try:
+                self.behaviour(self, sock)
+            except OSError:
+                pass
+
+    def stop(self):
+        self._stopping = True
+        self.listener.close()
+
+
+def rfb_banner_then_echo(backend, sock):
+    """A minimal VNC-like server: banner first, then echo until the client closes."""
+    sock.sendall(b"RFB 003.008\n")
+    echo(sock)
+
+
+def silent(backend, sock):
+    sock.recv(1)  # returns when the gateway gives up and closes
+
+
+def xenserver(path):
+    """A XenServer console that accepts only CONNECT <path>, then sends 200 and the banner in one write."""
+    def behaviour(backend, sock):
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return
+            head += chunk
+        backend.received.append(head)
+        if head.split(b"\r\n")[0] != f"CONNECT {path} HTTP/1.1".encode():
+            sock.sendall(b"HTTP/1.1 404 Not Found\r\n\r\n")
+            return
+        sock.sendall(b"HTTP/1.1 200 OK\r\nServer: xapi\r\nContent-Type: text/plain\r\n\r\nRFB 003.008\n")
+        echo(sock)
+    return behaviour
+
+
+def echo(sock):
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return
+        sock.sendall(data)

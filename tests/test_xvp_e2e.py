@@ -1,0 +1,39 @@
+"""A real VNC client (vncdotool) through the XVP path to a real VNC server (qemu)."""
+
+import pytest
+from PIL import Image
+
+from tests import harness, vnc_client
+
+
+@pytest.fixture(scope="module")
+def qemu():
+    machine = harness.Qemu()
+    yield machine
+    machine.stop()
+
+
+@pytest.fixture
+def gateway(tmp_path):
+    process = harness.GatewayProcess(str(tmp_path))
+    yield process
+    assert process.stop() == 0
+
+
+def bright_pixels(path):
+    image = Image.open(path).convert("L")
+    return sum(image.histogram()[129:]), image.size
+
+
+def test_vncdotool_sees_seabios_through_xvp(qemu, gateway, tmp_path):
+    token = gateway.mint("127.0.0.1", qemu.port)
+    shot = str(harness.artifact("xvp-vncdotool.png"))
+
+    def screen_has_text():
+        vnc_client.xvp_screenshot(gateway.port, token, shot)
+        return bright_pixels(shot)[0] > 200
+    harness.wait_for(screen_has_text, timeout=60, interval=0.5, message="SeaBIOS text on the console")
+    count, size = bright_pixels(shot)
+    assert size[0] >= 640 and count > 200
+    ends = [line for line in gateway.audit() if line["event"] == "session-end"]
+    assert ends and ends[-1]["bytes_down"] > 100_000  # a whole framebuffer came through

@@ -1,0 +1,131 @@
+"""Bounded reading of HTTP heads, shared by every client path and the XenServer backend.
+
+Reads at most `limit` bytes before the blank line and gives up at a deadline, so a
+slow or oversized client costs one thread for handshake_timeout at most. Bytes
+that arrive after the head are returned, never lost: they belong to the relay.
+"""
+
+import http
+import re
+import socket
+import time
+import urllib.parse
+
+MAX_HEAD = 8192
+MAX_HEADERS = 64
+_METHOD = re.compile(rb"[A-Z]{1,16}")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+class HttpError(Exception):
+    """The peer's head is unacceptable; status is what we answer."""
+
+    def __init__(self, status, detail):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class Request:
+    def __init__(self, method, target, version, headers):
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers  # lower-case name -> value; repeated names joined by ", "
+        parts = urllib.parse.urlsplit(target)
+        self.path = parts.path
+        self.query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+
+    def header(self, name, default=""):
+        return self.headers.get(name.lower(), default)
+
+    def query_value(self, name):
+        """The one value of a query parameter; '' when absent, HttpError(400) when repeated."""
+        values = self.query.get(name, [])
+        if len(values) > 1:
+            raise HttpError(400, f"more than one {name} in the query")
+        return values[0] if values else ""
+
+    def cookie(self, name):
+        for part in self.header("cookie").split(";"):
+            key, _, value = part.strip().partition("=")
+            if key == name:
+                return value
+        return ""
+
+
+def _read_head(sock, deadline, limit, timeout_status, first_line_check=None):
+    """Read up to and including the blank line; returns (head bytes, leftover bytes)."""
+    buffer = b""
+    while True:
+        end = buffer.find(b"\r\n\r\n")
+        if end >= 0:
+            return buffer[:end], buffer[end + 4:]
+        if first_line_check:
+            first_line_check(buffer)
+        if len(buffer) > limit:
+            raise HttpError(400, f"head larger than {limit} bytes")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise HttpError(timeout_status, "head not complete in time")
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(limit + 4 - len(buffer) if len(buffer) < limit else 1)
+        except socket.timeout:
+            raise HttpError(timeout_status, "head not complete in time") from None
+        if not chunk:
+            raise HttpError(400, "connection closed before the head was complete")
+        buffer += chunk
+
+
+def _check_method_early(buffer):
+    """Refuse junk at once instead of waiting for 8 KiB or the timeout."""
+    method = buffer.split(b" ", 1)[0] if b" " in buffer else buffer
+    if method and not _METHOD.fullmatch(method[:16]) or (b" " not in buffer and len(buffer) > 16):
+        raise HttpError(400, "not an HTTP request")
+
+
+def _parse_headers(lines):
+    if len(lines) > MAX_HEADERS:
+        raise HttpError(400, f"more than {MAX_HEADERS} header lines")
+    headers = {}
+    for line in lines:
+        name, colon, value = line.partition(":")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise HttpError(400, "malformed header line")
+        name, value = name.lower(), value.strip()
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return headers
+
+
+def read_request(sock, deadline, limit=MAX_HEAD):
+    """A client's request head; returns (Request, leftover). Raises HttpError (400 or 408)."""
+    head, leftover = _read_head(sock, deadline, limit, 408, _check_method_early)
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[1] or not re.fullmatch(r"HTTP/1\.[01]", parts[2]):
+        raise HttpError(400, "malformed request line")
+    return Request(parts[0], parts[1], parts[2], _parse_headers(lines[1:])), leftover
+
+
+def read_response_status(sock, deadline, limit):
+    """A server's response head (the XenServer CONNECT reply); returns (status, leftover)."""
+    head, leftover = _read_head(sock, deadline, limit, 504)
+    match = re.match(rb"HTTP/1\.[01] (\d{3})", head)
+    if not match:
+        raise HttpError(502, "malformed status line")
+    return int(match.group(1)), leftover
+
+
+def response(status, headers=(), body=b""):
+    """A complete response as bytes: status line, headers, body."""
+    phrase = http.HTTPStatus(status).phrase
+    lines = [f"HTTP/1.1 {status} {phrase}"] + [f"{name}: {value}" for name, value in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def error_response(status):
+    """A short plain-text error that closes the connection."""
+    body = f"{status} {http.HTTPStatus(status).phrase}\n".encode()
+    return response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                             ("Content-Length", str(len(body))), ("Connection", "close")], body)

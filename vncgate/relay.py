@@ -1,0 +1,135 @@
+"""Moving bytes both ways between a client and a backend, counting them.
+
+One thread per direction, each blocking in recv: in CPython that is the cheapest
+loop (the GIL is released inside the system calls) and it lets one direction
+stall on a slow reader without holding up the other. A direction is a Source
+and a Sink, so the websocket path plugs in its framing without the relay
+knowing about it. stop() from any thread wakes both directions by shutting the
+sockets down.
+"""
+
+import socket
+import threading
+import time
+
+BUFFER_SIZE = 256 * 1024
+
+
+class SocketSource:
+    """Reads a socket into one reused buffer; yields views that live until the next read."""
+
+    def __init__(self, sock, initial=b""):
+        self.sock = sock
+        self.initial = initial
+        self.buffer = bytearray(BUFFER_SIZE)
+        self.view = memoryview(self.buffer)
+
+    def chunks(self):
+        if self.initial:
+            yield self.initial
+        recv_into, view = self.sock.recv_into, self.view
+        while True:
+            count = recv_into(view)
+            if not count:
+                return
+            yield view[:count]
+
+
+class SocketSink:
+    def __init__(self, sock):
+        self.sock = sock
+        self.write = sock.sendall
+
+    def close_write(self):
+        self.sock.shutdown(socket.SHUT_WR)
+
+
+class Direction:
+    """One way of a relay: its byte count and how it ended."""
+
+    def __init__(self, name, source, sink):
+        self.name = name
+        self.source = source
+        self.sink = sink
+        self.bytes = 0
+        self.failed = None  # the OSError that ended it, if any
+
+    def pump(self, relay):
+        try:
+            for chunk in self.source.chunks():
+                self.sink.write(chunk)
+                self.bytes += len(chunk)
+                relay.last_active = time.monotonic()
+            self.sink.close_write()  # half-close: the other way keeps going
+        except OSError as error:
+            self.failed = error
+            relay.stop(f"{self.name}-error")  # an error is not a half-close: end both ways
+        relay.ended(self)
+
+
+class Relay:
+    """Relays client <-> backend until both directions end or stop() is called."""
+
+    def __init__(self, client_sock, backend_sock, upstream, downstream):
+        self.sockets = (client_sock, backend_sock)
+        self.upstream = Direction("client", *upstream)      # client -> backend
+        self.downstream = Direction("backend", *downstream)  # backend -> client
+        self.last_active = time.monotonic()
+        self.end_reason = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def raw(cls, client_sock, backend_sock, backend_leftover=b"", client_leftover=b""):
+        """A byte-for-byte relay (the XVP path)."""
+        return cls(client_sock, backend_sock,
+                   (SocketSource(client_sock, client_leftover), SocketSink(backend_sock)),
+                   (SocketSource(backend_sock, backend_leftover), SocketSink(client_sock)))
+
+    @property
+    def bytes_up(self):
+        return self.upstream.bytes
+
+    @property
+    def bytes_down(self):
+        return self.downstream.bytes
+
+    def idle_seconds(self):
+        return time.monotonic() - self.last_active
+
+    def run(self):
+        """Relay in this thread and one helper thread; returns when both ways are done."""
+        for sock in self.sockets:
+            sock.settimeout(None)
+            tune(sock)
+        helper = threading.Thread(target=self.downstream.pump, args=(self,), name="relay-down")
+        helper.start()
+        self.upstream.pump(self)
+        helper.join()
+        for sock in self.sockets:
+            sock.close()
+        return self.end_reason
+
+    def ended(self, direction):
+        with self._lock:
+            if self.end_reason is None:
+                self.end_reason = f"{direction.name}-closed"
+
+    def stop(self, reason):
+        """End the relay from any thread: both blocked reads return at once."""
+        with self._lock:
+            if self.end_reason is None:
+                self.end_reason = reason
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by its peer
+
+
+def tune(sock):
+    """Low latency for input events; keepalive so a vanished peer ends its session."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)

@@ -1,0 +1,155 @@
+"""Live sessions: opening a console for a token, the registry, and housekeeping.
+
+The client paths (xvp, websocket) only speak their protocol; this module turns a
+token into a backend connection, runs the relay as a registered session, and
+writes the audit lines. The housekeeper thread keeps live tokens from going idle,
+ends sessions whose token was revoked and deletes garbage.
+"""
+
+import logging
+import secrets
+import threading
+import time
+
+from vncgate import backends, http, store as store_module
+
+log = logging.getLogger("vncgate.sessions")
+
+
+class Refused(http.HttpError):
+    """A console attempt that gets an HTTP error; .reason and .fields go to the audit line."""
+
+    def __init__(self, status, reason, **fields):
+        super().__init__(status, reason)
+        self.reason = reason
+        self.fields = fields
+
+
+class Session:
+    def __init__(self, details, client, path, backend, backend_leftover):
+        self.id = secrets.token_hex(6)
+        self.details = details
+        self.client = client
+        self.path = path
+        self.backend = backend
+        self.backend_leftover = backend_leftover
+        self.started = time.time()
+        self.relay = None
+
+    def audit_fields(self):
+        return {"client": self.client, "path": self.path, "console_type": self.details.console_type,
+                "instance_id": self.details.instance_id, "token_id": self.details.token_id,
+                "session_id": self.id}
+
+    def stop(self, reason):
+        if self.relay is not None:
+            self.relay.stop(reason)
+        else:  # not relaying yet: dropping the backend ends the handshake
+            self.backend.close()
+
+
+class SessionManager:
+    def __init__(self, store, audit, backend_timeout):
+        self.store = store
+        self.audit = audit
+        self.backend_timeout = backend_timeout
+        self._live = {}
+        self._lock = threading.Lock()
+
+    def open(self, token, console_type, path, client):
+        """Validate the token and reach its backend; returns a Session or raises Refused."""
+        fields = {"client": client, "path": path, "console_type": console_type}
+        if not token:
+            raise Refused(400, "no-token", **fields)
+        fields["token_id"] = store_module.hash_token(token)[:8]
+        try:
+            details = self.store.validate(token, console_type)
+        except store_module.TokenRejected as rejected:
+            raise Refused(401, rejected.reason, **fields) from None
+        except store_module.StoreError as error:
+            log.error("token store unavailable: %s", error)
+            raise Refused(503, "store-unavailable", **fields) from None
+        fields["instance_id"] = details.instance_id
+        try:
+            backend, leftover = backends.open_backend(details, self.backend_timeout)
+        except backends.BackendError as error:
+            log.info("backend %s:%s for %s: %s", details.host, details.port, details.instance_id, error)
+            raise Refused(502, error.reason, **fields) from None
+        session = Session(details, client, path, backend, leftover)
+        with self._lock:
+            self._live[session.id] = session
+        self.audit.record("attempt", **session.audit_fields(), result="accepted", status=200)
+        return session
+
+    def run(self, session, relay):
+        """Relay the session to its end, then unregister and audit it."""
+        session.relay = relay
+        try:
+            reason = relay.run()
+        finally:
+            with self._lock:
+                self._live.pop(session.id, None)
+        self.audit.record("session-end", **session.audit_fields(), reason=reason,
+                          bytes_up=relay.bytes_up, bytes_down=relay.bytes_down,
+                          duration=round(time.time() - session.started, 3))
+
+    def discard(self, session):
+        """A session whose client went away before the relay started."""
+        with self._lock:
+            self._live.pop(session.id, None)
+        session.backend.close()
+
+    def live(self):
+        with self._lock:
+            return list(self._live.values())
+
+    def stop_all(self, reason):
+        for session in self.live():
+            session.stop(reason)
+
+    def touch_live_tokens(self):
+        """Touch the tokens in use; end the sessions whose token is gone (revoked)."""
+        sessions = self.live()
+        wanted = {session.details.token_hash for session in sessions}
+        existing = self.store.touch_hashes(sorted(wanted))
+        for session in sessions:
+            if session.details.token_hash not in existing:
+                log.info("session %s: token %s revoked, closing", session.id, session.details.token_id)
+                session.stop("revoked")
+
+
+class Housekeeper(threading.Thread):
+    """Every touch_interval: touch_live_tokens; every housekeeping_interval: purge garbage."""
+
+    def __init__(self, manager, touch_interval, housekeeping_interval):
+        super().__init__(name="housekeeper")
+        self.manager = manager
+        self.touch_interval = touch_interval
+        self.housekeeping_interval = housekeeping_interval
+        self._stopping = threading.Event()
+
+    def run(self):
+        next_purge = time.monotonic()
+        while not self._stopping.is_set():
+            self._guarded(self.manager.touch_live_tokens)
+            if time.monotonic() >= next_purge:
+                self._guarded(self._purge)
+                next_purge = time.monotonic() + self.housekeeping_interval
+            self._stopping.wait(min(self.touch_interval, max(0.0, next_purge - time.monotonic())))
+
+    def _purge(self):
+        deleted = self.manager.store.purge()
+        if deleted:
+            log.info("housekeeping deleted %d garbage tokens", deleted)
+
+    @staticmethod
+    def _guarded(task):
+        """A store outage must not kill the thread: live sessions keep running."""
+        try:
+            task()
+        except store_module.StoreError as error:
+            log.warning("housekeeping: %s", error)
+
+    def stop(self):
+        self._stopping.set()
+        self.join()

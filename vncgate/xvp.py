@@ -1,0 +1,15 @@
+"""The XVP auth protocol of the Java console clients: CONNECT /console?token=T, then raw VNC."""
+
+from vncgate import relay, store
+
+OK = b"HTTP/1.1 200 OK\r\n\r\n"
+
+
+def serve(gateway, conn, request, leftover, client):
+    session = gateway.sessions.open(request.query_value("token"), store.XVP, "xvp", client)
+    try:
+        conn.sendall(OK)
+    except OSError:
+        gateway.sessions.discard(session)
+        raise
+    gateway.sessions.run(session, relay.Relay.raw(conn, session.backend, session.backend_leftover, leftover))
