@@ -113,7 +113,15 @@ class GatewayProcess:
         return len(os.listdir(f"/proc/{self.proc.pid}/task"))
 
     def fds(self):
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+        """The gateway's open file descriptors, by what they point at."""
+        folder = f"/proc/{self.proc.pid}/fd"
+        targets = []
+        for name in os.listdir(folder):
+            try:
+                targets.append(os.readlink(os.path.join(folder, name)))
+            except FileNotFoundError:
+                pass  # closed while we looked
+        return sorted(targets)
 
     def stop(self, sig=signal.SIGTERM, timeout=10):
         if self.proc.poll() is None:
@@ -237,3 +245,9 @@ def echo(sock):
         if not data:
             return
         sock.sendall(data)
+
+
+def token_id(token):
+    """The 8 hex digits of a token's hash that logs and listings show."""
+    import hashlib
+    return hashlib.sha256(token.encode()).hexdigest()[:8]
