@@ -8,10 +8,10 @@ import subprocess
 import threading
 import time
 
-from tests.conftest import console_script
+from tests.conftest import REPO, console_script
 
 
-ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "artifacts")
+ARTIFACTS = os.path.join(REPO, "artifacts")
 
 
 def artifact(name):
