@@ -5,6 +5,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import resource
 import signal
 import sys
 import threading
@@ -224,12 +225,22 @@ def serve_parser():
     return parser
 
 
+def _prepare_process_for_many_sessions():
+    """Each session holds two sockets (and two splice pipes) and two threads: lift the fd soft
+    limit to the hard one, and give threads a small stack (relay loops are shallow)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    threading.stack_size(512 * 1024)
+
+
 def serve_main(argv=None):
     from vncgate import audit as audit_module, server  # the token CLI does not need the server
 
     def body():
         args = serve_parser().parse_args(argv)
         logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        _prepare_process_for_many_sessions()
         config = config_module.load(args.config)
         overrides = {key: value for key, value in (("listen", args.listen), ("port", args.port))
                      if value is not None}
