@@ -58,11 +58,11 @@ def _read_head(sock, deadline, limit, timeout_status, first_line_check=None):
     """Read up to and including the blank line; returns (head bytes, leftover bytes)."""
     buffer = b""
     while True:
+        if first_line_check:
+            first_line_check(buffer)
         end = buffer.find(b"\r\n\r\n")
         if end >= 0:
             return buffer[:end], buffer[end + 4:]
-        if first_line_check:
-            first_line_check(buffer)
         if len(buffer) > limit:
             raise HttpError(400, f"head larger than {limit} bytes")
         remaining = deadline - time.monotonic()
@@ -80,8 +80,8 @@ def _read_head(sock, deadline, limit, timeout_status, first_line_check=None):
 
 def _check_method_early(buffer):
     """Refuse junk at once instead of waiting for 8 KiB or the timeout."""
-    method = buffer.split(b" ", 1)[0] if b" " in buffer else buffer
-    if method and not _METHOD.fullmatch(method[:16]) or (b" " not in buffer and len(buffer) > 16):
+    method, space, _ = buffer.partition(b" ")
+    if (method or space) and not _METHOD.fullmatch(method):
         raise HttpError(400, "not an HTTP request")
 
 
