@@ -192,3 +192,35 @@ def test_a_file_that_is_not_sqlite_is_refused_and_kept(tmp_path):
     with pytest.raises(store_module.StoreError, match="not a vncgate SQLite database"):
         TokenStore(str(path))
     assert path.read_bytes() == before
+
+
+def test_a_vanished_database_file_is_an_outage_not_a_new_empty_store(tmp_path, clock):
+    path = tmp_path / "gone.db"
+    store = TokenStore(str(path), clock=clock)
+    token = store.add_connection_details("vm", "xvp-vnc", "h", 5900)
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"gone.db{suffix}").unlink(missing_ok=True)
+    with pytest.raises(store_module.StoreError, match="has vanished"):
+        store.validate(token, "xvp-vnc")
+    assert not path.exists()
+
+
+def test_a_replaced_database_file_is_reopened(tmp_path, clock):
+    live, backup = tmp_path / "live.db", tmp_path / "backup.db"
+    store = TokenStore(str(live), clock=clock)
+    old = store.add_connection_details("vm-old", "xvp-vnc", "h", 5900)
+    other = TokenStore(str(backup), clock=clock)
+    restored = other.add_connection_details("vm-restored", "xvp-vnc", "h", 5900)
+    other.close()
+    backup.replace(live)  # an operator restores a backup over the live file
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"live.db{suffix}").unlink(missing_ok=True)
+    assert store.validate(restored, "xvp-vnc").instance_id == "vm-restored"
+    with pytest.raises(TokenRejected):
+        store.validate(old, "xvp-vnc")
+
+
+def test_tokens_never_start_with_a_dash(store, monkeypatch):
+    draws = iter(["-looks-like-an-option", "-again", "fine-token"])
+    monkeypatch.setattr(store_module.secrets, "token_urlsafe", lambda _size: next(draws))
+    assert store.add_connection_details("vm", "ws-vnc", "h", 5900) == "fine-token"

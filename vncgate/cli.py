@@ -94,9 +94,9 @@ def token_parser():
     return parser
 
 
-def open_store(config):
+def open_store(config, busy_timeout=5.0):
     return store_module.TokenStore(config.database, token_ttl=config.token_ttl,
-                                   idle_timeout=config.idle_timeout)
+                                   idle_timeout=config.idle_timeout, busy_timeout=busy_timeout)
 
 
 def _read_password(path):
@@ -245,7 +245,8 @@ def serve_main(argv=None):
         overrides = {key: value for key, value in (("listen", args.listen), ("port", args.port))
                      if value is not None}
         config = dataclasses.replace(config, **overrides)
-        store = open_store(config)
+        # A handshake waits for a locked database no longer than it may take as a whole.
+        store = open_store(config, busy_timeout=min(5.0, config.handshake_timeout))
         try:
             audit = audit_module.Audit.open(config.audit_log)
         except OSError as error:

@@ -59,6 +59,8 @@ SCHEMA = {
     "cert": (_text, ""),
     "key": (_text, ""),
     "max_connections": (_positive(int), 1000),
+    "failed_token_burst": (_positive(int), 10),
+    "failed_token_rate": (_positive(float), 1.0),
     "handshake_timeout": (_positive(float), 10.0),
     "audit_log": (_text, ""),
 }
@@ -82,6 +84,8 @@ class Config:
     cert: str = ""
     key: str = ""
     max_connections: int = 1000
+    failed_token_burst: int = 10
+    failed_token_rate: float = 1.0
     handshake_timeout: float = 10.0
     audit_log: str = ""
     source: str = ""  # the file read, "" when built-in defaults only

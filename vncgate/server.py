@@ -11,7 +11,7 @@ import socketserver
 import threading
 import time
 
-from vncgate import http, sessions, xvp
+from vncgate import http, sessions, throttle, xvp
 
 log = logging.getLogger("vncgate.server")
 
@@ -58,7 +58,9 @@ class Gateway(socketserver.ThreadingTCPServer):
         self.config = config
         self.store = store
         self.audit = audit
-        self.sessions = sessions.SessionManager(store, audit, backend_timeout=config.handshake_timeout)
+        self.sessions = sessions.SessionManager(
+            store, audit, backend_timeout=config.handshake_timeout,
+            throttle=throttle.FailureThrottle(config.failed_token_burst, config.failed_token_rate))
         self.housekeeper = sessions.Housekeeper(self.sessions, config.touch_interval,
                                                 config.housekeeping_interval)
         self._connections = set()

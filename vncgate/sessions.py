@@ -49,26 +49,26 @@ class Session:
 
 
 class SessionManager:
-    def __init__(self, store, audit, backend_timeout):
+    def __init__(self, store, audit, backend_timeout, throttle):
         self.store = store
         self.audit = audit
         self.backend_timeout = backend_timeout
+        self.throttle = throttle
         self._live = {}
         self._lock = threading.Lock()
+        self._store_down = False
 
     def open(self, token, console_type, path, client):
         """Validate the token and reach its backend; returns a Session or raises Refused."""
         fields = {"client": client, "path": path, "console_type": console_type}
+        address = client.rsplit(":", 1)[0]
+        if not self.throttle.allowed(address):
+            raise Refused(429, "throttled", **fields)
         if not token:
+            self.throttle.failed(address)
             raise Refused(400, "no-token", **fields)
         fields["token_id"] = store_module.hash_token(token)[:8]
-        try:
-            details = self.store.validate(token, console_type)
-        except store_module.TokenRejected as rejected:
-            raise Refused(401, rejected.reason, **fields) from None
-        except store_module.StoreError as error:
-            log.error("token store unavailable: %s", error)
-            raise Refused(503, "store-unavailable", **fields) from None
+        details = self._validate(token, console_type, address, fields)
         fields["instance_id"] = details.instance_id
         try:
             backend, leftover = backends.open_backend(details, self.backend_timeout)
@@ -80,6 +80,22 @@ class SessionManager:
             self._live[session.id] = session
         self.audit.record("attempt", **session.audit_fields(), result="accepted", status=200)
         return session
+
+    def _validate(self, token, console_type, address, fields):
+        try:
+            details = self.store.validate(token, console_type)
+        except store_module.TokenRejected as rejected:
+            self.throttle.failed(address)
+            raise Refused(401, rejected.reason, **fields) from None
+        except store_module.StoreError as error:
+            if not self._store_down:  # one line per outage, not one per handshake
+                log.error("token store unavailable, answering 503: %s", error)
+                self._store_down = True
+            raise Refused(503, "store-unavailable", **fields) from None
+        if self._store_down:
+            log.warning("token store available again")
+            self._store_down = False
+        return details
 
     def run(self, session, relay):
         """Relay the session to its end, then unregister and audit it."""

@@ -12,6 +12,7 @@ import os
 import queue
 import secrets
 import sqlite3
+import threading
 import time
 import urllib.parse
 
@@ -39,6 +40,14 @@ class TokenRejected(Exception):
     def __init__(self, reason):
         super().__init__(reason)
         self.reason = reason
+
+
+def _new_token():
+    """256 random bits, URL-safe; never starting with '-', which command lines read as an option."""
+    while True:
+        token = secrets.token_urlsafe(TOKEN_BYTES)
+        if not token.startswith("-"):
+            return token
 
 
 def hash_token(token):
@@ -131,9 +140,16 @@ class TokenStore:
         self.clock = clock
         self.busy_timeout = busy_timeout
         self._pool = queue.LifoQueue(maxsize=_POOL_SIZE)
+        self._generation = 0  # bumped when the file is replaced; older connections are dropped
+        self._identity = None
+        self._reopen_lock = threading.Lock()
+        self._open_file()
+
+    def _open_file(self):
         with self._db() as db:
             db.execute("PRAGMA journal_mode=WAL")
             self._upgrade(db)
+        self._identity = self._file_identity()
 
     # -- connections and errors -------------------------------------------------
 
@@ -149,9 +165,35 @@ class TokenStore:
                 db.close()
             raise self._explain(error) from None
 
+    def _file_identity(self):
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return stat.st_dev, stat.st_ino
+
+    def _check_file(self):
+        """A vanished file is an outage (connecting would create an empty one); a replaced
+        file (restored from a backup, say) gets fresh connections."""
+        identity = self._file_identity()
+        if identity == self._identity:
+            return
+        if identity is None:
+            raise StoreError(f"database {self.path} has vanished")
+        with self._reopen_lock:
+            if self._identity is None or self._file_identity() == self._identity:
+                return  # another thread reopened it meanwhile
+            self._identity = None  # while reopening, _db() must not check again
+            self._generation += 1
+            self.close()
+            self._open_file()
+
     @contextlib.contextmanager
     def _db(self):
         """A pooled connection; a failed one is dropped, a good one reused."""
+        if self._identity is not None:
+            self._check_file()
+        generation = self._generation
         try:
             db = self._pool.get_nowait()
         except queue.Empty:
@@ -164,6 +206,9 @@ class TokenStore:
         except BaseException:
             db.close()
             raise
+        if generation != self._generation:
+            db.close()
+            return
         try:
             self._pool.put_nowait(db)
         except queue.Full:
@@ -221,7 +266,7 @@ class TokenStore:
         """Mint a token for one console and return it; only its hash is kept."""
         if console_type not in CONSOLE_TYPES:
             raise ValueError(f"unknown console type {console_type!r}")
-        token = secrets.token_urlsafe(TOKEN_BYTES)
+        token = _new_token()
         now = self.clock()
         sealed = sealing.seal(token, backend_password) if backend_password is not None else None
         with self._db() as db:
