@@ -235,7 +235,7 @@ def _prepare_process_for_many_sessions():
 
 
 def serve_main(argv=None):
-    from vncgate import audit as audit_module, server  # the token CLI does not need the server
+    from vncgate import audit as audit_module, server, tls  # the token CLI does not need these
 
     def body():
         args = serve_parser().parse_args(argv)
@@ -255,6 +255,8 @@ def serve_main(argv=None):
             gateway = server.Gateway(config, store, audit)
         except OSError as error:
             raise CommandFailed(f"cannot listen on {config.listen}:{config.port}: {error.strerror}") from None
+        except tls.TlsConfigError as error:
+            raise CommandFailed(str(error)) from None
 
         def on_signal(signum, _frame):
             logging.getLogger("vncgate").info("%s: stopping", signal.Signals(signum).name)
@@ -263,6 +265,8 @@ def serve_main(argv=None):
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: threading.Thread(
+            target=gateway.reload_tls, name="tls-reload").start())
         host, port = gateway.server_address[:2]
         print(f"vncgate listening on {host}:{port}", file=sys.stderr, flush=True)
         try:

@@ -40,6 +40,15 @@ def _positive(kind):
     return parse
 
 
+def _bool(value):
+    words = {"true": True, "yes": True, "on": True, "1": True,
+             "false": False, "no": False, "off": False, "0": False}
+    try:
+        return words[value.strip().lower()]
+    except KeyError:
+        raise ValueError("must be true or false") from None
+
+
 def _origins(value):
     return tuple(item for item in (part.strip() for part in value.replace(",", " ").split()) if item)
 
@@ -58,6 +67,7 @@ SCHEMA = {
     "allowed_origins": (_origins, ()),
     "cert": (_text, ""),
     "key": (_text, ""),
+    "tls_only": (_bool, False),
     "max_connections": (_positive(int), 1000),
     "failed_token_burst": (_positive(int), 10),
     "failed_token_rate": (_positive(float), 1.0),
@@ -83,6 +93,7 @@ class Config:
     allowed_origins: tuple = ()
     cert: str = ""
     key: str = ""
+    tls_only: bool = False
     max_connections: int = 1000
     failed_token_burst: int = 10
     failed_token_rate: float = 1.0
@@ -160,6 +171,8 @@ def _finish(raw, base_dir, source):
     values["web_root"] = _resolve_web_root(values["web_root"], base_dir)
     if bool(values["cert"]) != bool(values["key"]):
         raise ConfigError(f"{source}: [{SECTION}] cert and key must be set together")
+    if values["tls_only"] and not values["cert"]:
+        raise ConfigError(f"{source}: [{SECTION}] tls_only: needs cert and key")
     parts = urllib.parse.urlsplit(values["public_url"])
     if values["public_url"] and (parts.scheme not in ("http", "https") or not parts.netloc):
         raise ConfigError(f"{source}: [{SECTION}] public_url: must be an http:// or https:// URL, "

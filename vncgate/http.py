@@ -124,8 +124,8 @@ def response(status, headers=(), body=b""):
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-def error_response(status):
+def error_response(status, explanation=None):
     """A short plain-text error that closes the connection."""
-    body = f"{status} {http.HTTPStatus(status).phrase}\n".encode()
+    body = f"{status} {http.HTTPStatus(status).phrase}{': ' + explanation if explanation else ''}\n".encode()
     return response(status, [("Content-Type", "text/plain; charset=utf-8"),
                              ("Content-Length", str(len(body))), ("Connection", "close")], body)

@@ -15,6 +15,8 @@ import ssl
 import threading
 import time
 
+from vncgate import tls
+
 BUFFER_SIZE = 256 * 1024
 PIPE_SIZE = 1024 * 1024
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux; named in fcntl from Python 3.10
@@ -134,7 +136,9 @@ class Relay:
     @classmethod
     def raw(cls, client_sock, backend_sock, backend_leftover=b"", client_leftover=b""):
         """A byte-for-byte relay (the XVP path): spliced where the kernel can, else copied."""
-        if CAN_SPLICE and not isinstance(client_sock, ssl.SSLSocket):
+        if isinstance(client_sock, ssl.SSLSocket):
+            client_sock = tls.TlsStream(client_sock)
+        elif CAN_SPLICE:
             return cls(client_sock, backend_sock,
                        SpliceDirection("client", client_sock, backend_sock, client_leftover),
                        SpliceDirection("backend", backend_sock, client_sock, backend_leftover))

@@ -1,17 +1,19 @@
 """The one port: a threaded socketserver that reads each connection's first bytes and dispatches.
 
-CONNECT goes to the XVP path; anything else is answered with an HTTP error.
-A connection beyond max_connections is refused at once, and every connection is
-tracked so that stop() can end handshakes and sessions alike within moments.
+A TLS ClientHello is wrapped in TLS and read again; then CONNECT goes to the XVP
+path; anything else is answered with an HTTP error. A connection beyond
+max_connections is refused at once, and every connection is tracked so that
+stop() can end handshakes and sessions alike within moments.
 """
 
 import logging
 import socket
 import socketserver
+import ssl
 import threading
 import time
 
-from vncgate import http, sessions, throttle, xvp
+from vncgate import http, sessions, throttle, tls, xvp
 
 log = logging.getLogger("vncgate.server")
 
@@ -23,6 +25,9 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         deadline = time.monotonic() + gateway.config.handshake_timeout
         path = "-"
         try:
+            conn = self._maybe_tls(conn, deadline, client)
+            if conn is None:
+                return
             request, leftover = http.read_request(conn, deadline)
             if request.method == "CONNECT":
                 path = "xvp"
@@ -33,17 +38,48 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             else:
                 raise http.HttpError(400, f"method {request.method} not served")
         except http.HttpError as error:
-            self._refuse(error, path, client)
+            self._refuse(conn, error, path, client)
         except OSError as error:
             log.debug("%s: connection ended during the handshake: %s", client, error)
+        finally:
+            if conn is not None and conn is not self.request:
+                conn.close()  # the TLS wrapper; socketserver closes the plain socket
 
-    def _refuse(self, error, path, client):
+    def _maybe_tls(self, conn, deadline, client):
+        """The connection to read the request from: TLS-wrapped on a ClientHello, else as it is.
+        None when a TLS handshake failed (there is no way to answer such a client)."""
+        gateway = self.server
+        conn.settimeout(max(0.001, deadline - time.monotonic()))
+        try:
+            first = conn.recv(1, socket.MSG_PEEK)
+        except socket.timeout:
+            raise http.HttpError(408, "nothing sent in time") from None
+        if not tls.is_client_hello(first):
+            if gateway.config.tls_only and first:
+                raise http.HttpError(400, "this port accepts TLS only: use https:// or wss://")
+            return conn
+        if gateway.tls_context is None:
+            raise http.HttpError(400, "TLS is not configured on this port")
+        wrapped = gateway.tls_context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        gateway.track(conn, wrapped)
+        try:
+            wrapped.settimeout(max(0.001, deadline - time.monotonic()))
+            wrapped.do_handshake()
+            return wrapped
+        except (ssl.SSLError, OSError) as error:
+            reason = "handshake-timeout" if isinstance(error, socket.timeout) else "tls-handshake-failed"
+            gateway.audit.record("attempt", client=client, path="tls", result="rejected", reason=reason,
+                                 detail=str(error)[:200])
+            wrapped.close()
+            return None
+
+    def _refuse(self, conn, error, path, client):
         fields = getattr(error, "fields", None) or {"client": client, "path": path}
         reason = getattr(error, "reason", None) or {408: "handshake-timeout"}.get(error.status, "bad-request")
         self.server.audit.record("attempt", **fields, result="rejected", status=error.status, reason=reason,
                                  **({"detail": error.detail} if error.detail != reason else {}))
         try:
-            self.request.sendall(http.error_response(error.status))
+            conn.sendall(http.error_response(error.status, error.detail if error.status == 400 else None))
         except OSError:
             pass  # the client is gone; the audit line says what it was told
 
@@ -63,7 +99,8 @@ class Gateway(socketserver.ThreadingTCPServer):
             throttle=throttle.FailureThrottle(config.failed_token_burst, config.failed_token_rate))
         self.housekeeper = sessions.Housekeeper(self.sessions, config.touch_interval,
                                                 config.housekeeping_interval)
-        self._connections = set()
+        self.tls_context = tls.server_context(config.cert, config.key) if config.cert else None
+        self._connections = {}  # accepted socket -> what it is now (itself, or its TLS wrapper)
         self._lock = threading.Lock()
         self.address_family = socket.AF_INET6 if ":" in config.listen else socket.AF_INET
         super().__init__((config.listen, config.port), ConnectionHandler)
@@ -76,7 +113,7 @@ class Gateway(socketserver.ThreadingTCPServer):
         with self._lock:
             admitted = len(self._connections) < self.config.max_connections
             if admitted:
-                self._connections.add(request)
+                self._connections[request] = request
         if not admitted:
             self.audit.record("attempt", client=f"{client_address[0]}:{client_address[1]}", path="-",
                               result="rejected", status=503, reason="max-connections")
@@ -93,7 +130,23 @@ class Gateway(socketserver.ThreadingTCPServer):
             super().process_request_thread(request, client_address)
         finally:
             with self._lock:
-                self._connections.discard(request)
+                self._connections.pop(request, None)
+
+    def track(self, plain, wrapped):
+        """Follow a connection into its TLS wrapper, so that stop() can still wake it."""
+        with self._lock:
+            if plain in self._connections:
+                self._connections[plain] = wrapped
+
+    def reload_tls(self):
+        """Load cert and key again (SIGHUP); live sessions keep the TLS state they have."""
+        if not self.config.cert:
+            return
+        try:
+            self.tls_context = tls.server_context(self.config.cert, self.config.key)
+            log.info("reloaded TLS certificate %s", self.config.cert)
+        except tls.TlsConfigError as error:
+            log.error("%s; keeping the previous certificate", error)
 
     def handle_error(self, request, client_address):
         log.exception("unexpected error serving %s:%s", *client_address[:2])
@@ -107,7 +160,7 @@ class Gateway(socketserver.ThreadingTCPServer):
         self.shutdown()
         self.sessions.stop_all("shutdown")
         with self._lock:
-            pending = list(self._connections)
+            pending = list(self._connections.values())
         for conn in pending:
             try:
                 conn.shutdown(socket.SHUT_RDWR)
