@@ -105,12 +105,15 @@ def test_sighup_reloads_the_certificate_without_dropping_sessions(tmp_path, vnc,
         shutil.copy(second_key, key)
         gateway.proc.send_signal(signal.SIGHUP)
 
-        def new_certificate_served():
-            sock, status, _ = tls_xvp(gateway.port, token, second_cert)
-            served = fingerprint(sock)
-            sock.close()
-            return served != before and served
-        harness.wait_for(new_certificate_served, message="the reloaded certificate")
+        def served_fingerprint():  # unverified: before the reload lands, the old certificate answers
+            probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            probe.check_hostname, probe.verify_mode = False, ssl.CERT_NONE
+            with probe.wrap_socket(socket.create_connection(("127.0.0.1", gateway.port), timeout=10)) as sock:
+                return fingerprint(sock)
+        harness.wait_for(lambda: served_fingerprint() != before, message="the reloaded certificate")
+        verified, status, _ = tls_xvp(gateway.port, token, second_cert)
+        assert status == "HTTP/1.1 200 OK"
+        verified.close()
         live.sendall(b"still relaying")
         harness.wait_for(lambda: b"still relaying" in live.recv(65536))
         live.close()

@@ -91,6 +91,14 @@ def token_parser():
     touch.add_argument("tokens", nargs="+", metavar="TOKEN")
 
     commands.add_parser("purge", help="delete garbage (expired and idle) now")
+
+    sessions = commands.add_parser("sessions", help="list live sessions on every gateway sharing the database")
+    sessions.add_argument("--instance")
+    sessions.add_argument("--json", action="store_true")
+
+    kill = commands.add_parser("kill", help="end live sessions (within touch_interval)")
+    kill.add_argument("session_ids", nargs="*", metavar="SESSION")
+    kill.add_argument("--instance")
     return parser
 
 
@@ -143,11 +151,15 @@ def cmd_list(args, config, store, out):
                     "has_password": row.has_password} for row in rows], out)
         out.write("\n")
         return
-    table = [("ID", "TYPE", "INSTANCE", "BACKEND", "STATE", "EXPIRES (UTC)", "IDLE")]
-    table += [(row.token_id, row.console_type, row.instance_id, f"{row.host}:{row.port}",
-               row.state(now, config.idle_timeout), _iso(row.expires_at), f"{now - row.updated_at:.0f}s")
-              for row in rows]
-    widths = [max(len(line[column]) for line in table) for column in range(len(table[0]))]
+    _write_table(out, ("ID", "TYPE", "INSTANCE", "BACKEND", "STATE", "EXPIRES (UTC)", "IDLE"),
+                 [(row.token_id, row.console_type, row.instance_id, f"{row.host}:{row.port}",
+                   row.state(now, config.idle_timeout), _iso(row.expires_at), f"{now - row.updated_at:.0f}s")
+                  for row in rows])
+
+
+def _write_table(out, header, rows):
+    table = [header] + rows
+    widths = [max(len(line[column]) for line in table) for column in range(len(header))]
     for line in table:
         out.write("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() + "\n")
 
@@ -180,7 +192,37 @@ def cmd_purge(args, config, store, out):
     out.write(f"purged {deleted} token{'s' if deleted != 1 else ''}\n")
 
 
-COMMANDS = {"add": cmd_add, "list": cmd_list, "revoke": cmd_revoke, "touch": cmd_touch, "purge": cmd_purge}
+def cmd_sessions(args, config, store, out):
+    rows = store.list_sessions(instance_id=args.instance)
+    if args.json:
+        json.dump([{"session_id": row.session_id, "gateway_id": row.gateway_id, "token_id": row.token_hash[:8],
+                    "instance_id": row.instance_id, "console_type": row.console_type, "client": row.client,
+                    "started_at": _iso(row.started_at), "updated_at": _iso(row.updated_at),
+                    "bytes_up": row.bytes_up, "bytes_down": row.bytes_down,
+                    "kill_requested": bool(row.kill_requested)} for row in rows], out)
+        out.write("\n")
+        return
+    _write_table(out, ("SESSION", "INSTANCE", "TYPE", "CLIENT", "TOKEN", "GATEWAY", "STARTED (UTC)", "UP", "DOWN"),
+                 [(row.session_id, row.instance_id, row.console_type, row.client, row.token_hash[:8],
+                   row.gateway_id, _iso(row.started_at), str(row.bytes_up), str(row.bytes_down)) for row in rows])
+
+
+def cmd_kill(args, config, store, out):
+    if bool(args.session_ids) == bool(args.instance):
+        raise UsageError("kill takes SESSION... or --instance ID (exactly one)")
+    if args.instance:
+        marked = store.request_kill(instance_id=args.instance)
+    else:
+        marked = store.request_kill(session_ids=args.session_ids)
+        if marked < len(set(args.session_ids)):
+            raise CommandFailed(f"marked {marked} of {len(set(args.session_ids))} sessions; "
+                                "the others are unknown or already ended")
+    out.write(f"kill requested for {marked} session{'s' if marked != 1 else ''}; "
+              f"they end within touch_interval ({config.touch_interval:g}s)\n")
+
+
+COMMANDS = {"add": cmd_add, "list": cmd_list, "revoke": cmd_revoke, "touch": cmd_touch, "purge": cmd_purge,
+            "sessions": cmd_sessions, "kill": cmd_kill}
 
 
 def run_reporting_errors(prog, body):

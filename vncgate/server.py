@@ -96,7 +96,8 @@ class Gateway(socketserver.ThreadingTCPServer):
         self.audit = audit
         self.sessions = sessions.SessionManager(
             store, audit, backend_timeout=config.handshake_timeout,
-            throttle=throttle.FailureThrottle(config.failed_token_burst, config.failed_token_rate))
+            throttle=throttle.FailureThrottle(config.failed_token_burst, config.failed_token_rate),
+            heartbeat=config.touch_interval)
         self.housekeeper = sessions.Housekeeper(self.sessions, config.touch_interval,
                                                 config.housekeeping_interval)
         self.tls_context = tls.server_context(config.cert, config.key) if config.cert else None

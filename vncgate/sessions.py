@@ -7,7 +7,9 @@ ends sessions whose token was revoked and deletes garbage.
 """
 
 import logging
+import os
 import secrets
+import socket
 import threading
 import time
 
@@ -41,6 +43,9 @@ class Session:
                 "instance_id": self.details.instance_id, "token_id": self.details.token_id,
                 "session_id": self.id}
 
+    def byte_counts(self):
+        return (self.relay.bytes_up, self.relay.bytes_down) if self.relay else (0, 0)
+
     def stop(self, reason):
         if self.relay is not None:
             self.relay.stop(reason)
@@ -49,11 +54,13 @@ class Session:
 
 
 class SessionManager:
-    def __init__(self, store, audit, backend_timeout, throttle):
+    def __init__(self, store, audit, backend_timeout, throttle, heartbeat):
         self.store = store
         self.audit = audit
         self.backend_timeout = backend_timeout
         self.throttle = throttle
+        self.heartbeat_interval = heartbeat
+        self.gateway_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         self._live = {}
         self._lock = threading.Lock()
         self._store_down = False
@@ -78,8 +85,19 @@ class SessionManager:
         session = Session(details, client, path, backend, leftover)
         with self._lock:
             self._live[session.id] = session
+        self._shared(self.store.record_session, session.id, self.gateway_id, details.token_hash,
+                     details.instance_id, console_type, client, self.heartbeat_interval)
         self.audit.record("attempt", **session.audit_fields(), result="accepted", status=200)
         return session
+
+    @staticmethod
+    def _shared(call, *args):
+        """Keep the shared session list; an outage must not end or refuse sessions over it."""
+        try:
+            return call(*args)
+        except store_module.StoreError as error:
+            log.warning("live-session list not updated: %s", error)
+            return None
 
     def _validate(self, token, console_type, address, fields):
         try:
@@ -105,6 +123,7 @@ class SessionManager:
         finally:
             with self._lock:
                 self._live.pop(session.id, None)
+            self._shared(self.store.remove_session, session.id)
         self.audit.record("session-end", **session.audit_fields(), reason=reason,
                           bytes_up=relay.bytes_up, bytes_down=relay.bytes_down,
                           duration=round(time.time() - session.started, 3))
@@ -113,6 +132,7 @@ class SessionManager:
         """A session whose client went away before the relay started."""
         with self._lock:
             self._live.pop(session.id, None)
+        self._shared(self.store.remove_session, session.id)
         session.backend.close()
 
     def live(self):
@@ -123,19 +143,24 @@ class SessionManager:
         for session in self.live():
             session.stop(reason)
 
-    def touch_live_tokens(self):
-        """Touch the tokens in use; end the sessions whose token is gone (revoked)."""
+    def heartbeat(self):
+        """Touch the tokens in use and report the sessions' bytes; end the sessions whose
+        token is gone (revoked) or that someone asked to kill."""
         sessions = self.live()
-        wanted = {session.details.token_hash for session in sessions}
-        existing = self.store.touch_hashes(sorted(wanted))
+        existing = self.store.touch_hashes(sorted({session.details.token_hash for session in sessions}))
+        to_kill = self.store.update_sessions({session.id: session.byte_counts() for session in sessions})
         for session in sessions:
             if session.details.token_hash not in existing:
                 log.info("session %s: token %s revoked, closing", session.id, session.details.token_id)
                 session.stop("revoked")
+            elif session.id in to_kill:
+                log.info("session %s: killed on request, closing", session.id)
+                session.stop("killed")
 
 
 class Housekeeper(threading.Thread):
-    """Every touch_interval: touch_live_tokens; every housekeeping_interval: purge garbage."""
+    """Every touch_interval: the sessions' heartbeat; every housekeeping_interval: purge garbage
+    tokens and the session rows of gateways that died."""
 
     def __init__(self, manager, touch_interval, housekeeping_interval):
         super().__init__(name="housekeeper")
@@ -147,7 +172,7 @@ class Housekeeper(threading.Thread):
     def run(self):
         next_purge = time.monotonic()
         while not self._stopping.is_set():
-            self._guarded(self.manager.touch_live_tokens)
+            self._guarded(self.manager.heartbeat)
             if time.monotonic() >= next_purge:
                 self._guarded(self._purge)
                 next_purge = time.monotonic() + self.housekeeping_interval
@@ -157,6 +182,9 @@ class Housekeeper(threading.Thread):
         deleted = self.manager.store.purge()
         if deleted:
             log.info("housekeeping deleted %d garbage tokens", deleted)
+        stale = self.manager.store.purge_stale_sessions()
+        if stale:
+            log.info("housekeeping deleted %d sessions left by gateways that stopped", stale)
 
     @staticmethod
     def _guarded(task):

@@ -125,9 +125,49 @@ def _migrate_2(db):
     db.execute("ALTER TABLE console_tokens ADD COLUMN backend_secret BLOB")
 
 
+def _migrate_3(db):
+    db.execute("""CREATE TABLE live_sessions (
+        session_id TEXT PRIMARY KEY,
+        gateway_id TEXT NOT NULL,
+        token_hash TEXT NOT NULL,
+        instance_id TEXT NOT NULL,
+        console_type TEXT NOT NULL,
+        client TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        heartbeat REAL NOT NULL,
+        bytes_up INTEGER NOT NULL DEFAULT 0,
+        bytes_down INTEGER NOT NULL DEFAULT 0,
+        kill_requested INTEGER NOT NULL DEFAULT 0)""")
+    db.execute("CREATE INDEX live_sessions_instance ON live_sessions (instance_id)")
+
+
 # MIGRATIONS[n] takes a database from user_version n to n + 1. Append, never edit.
-MIGRATIONS = (_migrate_1, _migrate_2)
+MIGRATIONS = (_migrate_1, _migrate_2, _migrate_3)
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveSession:
+    session_id: str
+    gateway_id: str
+    token_hash: str
+    instance_id: str
+    console_type: str
+    client: str
+    started_at: float
+    updated_at: float
+    heartbeat: float
+    bytes_up: int
+    bytes_down: int
+    kill_requested: bool
+
+    def is_stale(self, now):
+        """Its gateway missed three heartbeats: it died without removing the row."""
+        return now - self.updated_at > 3 * self.heartbeat + 1
+
+
+_SESSION_COLUMNS = ", ".join(field.name for field in dataclasses.fields(LiveSession))
 
 
 class TokenStore:
@@ -367,6 +407,57 @@ class TokenStore:
             counts["garbage" if expired and idle else "expired" if expired else "idle" if idle
                    else "live"] += count
         return counts
+
+    # -- live sessions, shared by every gateway on the file ----------------------------
+
+    def record_session(self, session_id, gateway_id, token_hash, instance_id, console_type, client, heartbeat):
+        now = self.clock()
+        with self._db() as db:
+            db.execute(f"INSERT INTO live_sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, 0)",
+                       (session_id, gateway_id, token_hash, instance_id, console_type, client, now, now, heartbeat))
+
+    def update_sessions(self, counts):
+        """counts: {session_id: (bytes_up, bytes_down)}; returns the ids someone asked to kill."""
+        if not counts:
+            return set()
+        now = self.clock()
+        with self._db() as db:
+            db.executemany("UPDATE live_sessions SET updated_at = ?, bytes_up = ?, bytes_down = ? "
+                           "WHERE session_id = ?", [(now, up, down, sid) for sid, (up, down) in counts.items()])
+            marks = ",".join("?" * len(counts))
+            return {row[0] for row in db.execute(
+                f"SELECT session_id FROM live_sessions WHERE kill_requested AND session_id IN ({marks})",
+                tuple(counts))}
+
+    def remove_session(self, session_id):
+        with self._db() as db:
+            db.execute("DELETE FROM live_sessions WHERE session_id = ?", (session_id,))
+
+    def list_sessions(self, instance_id=None):
+        """Sessions of live gateways (rows left by dead ones are not shown)."""
+        now = self.clock()
+        where, args = ("WHERE instance_id = ?", (instance_id,)) if instance_id is not None else ("", ())
+        with self._db() as db:
+            rows = db.execute(f"SELECT {_SESSION_COLUMNS} FROM live_sessions {where} ORDER BY started_at",
+                              args).fetchall()
+        return [session for session in (LiveSession(*row) for row in rows) if not session.is_stale(now)]
+
+    def request_kill(self, session_ids=None, instance_id=None):
+        """Ask the gateways to end sessions; returns how many were marked."""
+        with self._db() as db:
+            if instance_id is not None:
+                return db.execute("UPDATE live_sessions SET kill_requested = 1 WHERE instance_id = ?",
+                                  (instance_id,)).rowcount
+            marks = ",".join("?" * len(session_ids))
+            return db.execute(f"UPDATE live_sessions SET kill_requested = 1 WHERE session_id IN ({marks})",
+                              tuple(session_ids)).rowcount
+
+    def purge_stale_sessions(self):
+        """Delete the rows of gateways that died; returns how many."""
+        now = self.clock()
+        with self._db() as db:
+            return db.execute("DELETE FROM live_sessions WHERE ? - updated_at > 3 * heartbeat + 1",
+                              (now,)).rowcount
 
     def ping(self):
         with self._db() as db:
