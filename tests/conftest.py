@@ -1,26 +1,9 @@
-import os
-import shutil
 import subprocess
-import sys
 
 import pytest
 
+from tests.harness import FakeBackend, FakeClock, console_script, rfb_banner_then_echo
 from vncgate import store as store_module
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class FakeClock:
-    """The store's injectable clock: time moves only when a test says so."""
-
-    def __init__(self, now=1000.0):
-        self.now = now
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
 
 
 @pytest.fixture
@@ -36,11 +19,12 @@ def store(tmp_path, clock):
     opened.close()
 
 
-def console_script(name):
-    """Path of an installed console script; the suite tests the installed commands."""
-    path = shutil.which(name, path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    assert path, f"{name} is not installed: run scripts/test (pip install -e .)"
-    return path
+@pytest.fixture
+def vnc():
+    """A VNC-like backend on loopback: RFB banner first, then echo."""
+    backend = FakeBackend(rfb_banner_then_echo)
+    yield backend
+    backend.stop()
 
 
 @pytest.fixture

@@ -1,14 +1,17 @@
 """Real parts for the end-to-end tests: qemu, gateway processes, fake backends, XVP clients."""
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
-from tests.conftest import REPO, console_script
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 ARTIFACTS = os.path.join(REPO, "artifacts")
@@ -18,6 +21,26 @@ def artifact(name):
     """Where a test keeps a file for people to look at (screenshots)."""
     os.makedirs(ARTIFACTS, exist_ok=True)
     return os.path.join(ARTIFACTS, name)
+
+
+class FakeClock:
+    """The store's injectable clock: time moves only when a test says so."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+def console_script(name):
+    """Path of an installed console script; the suite tests the installed commands."""
+    path = shutil.which(name, path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    assert path, f"{name} is not installed: run scripts/test (pip install -e .)"
+    return path
 
 
 def wait_for(condition, timeout=10.0, interval=0.02, message="condition"):
@@ -142,6 +165,13 @@ def xvp_connect(port, token, timeout=10.0):
 
 
 def read_head(sock):
+    """The status line of an HTTP head, and the bytes that came after the head."""
+    head, rest = read_until_blank_line(sock)
+    return head.split(b"\r\n")[0].decode("latin-1"), rest
+
+
+def read_until_blank_line(sock):
+    """(head, rest): everything up to the blank line, and what came with it; short if closed first."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(4096)
@@ -149,7 +179,7 @@ def read_head(sock):
             break
         data += chunk
     head, _, rest = data.partition(b"\r\n\r\n")
-    return head.split(b"\r\n")[0].decode("latin-1"), rest
+    return head, rest
 
 
 def recv_exactly(sock, count):
@@ -224,12 +254,7 @@ def silent(backend, sock):
 def xenserver(path):
     """A XenServer console that accepts only CONNECT <path>, then sends 200 and the banner in one write."""
     def behaviour(backend, sock):
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = sock.recv(4096)
-            if not chunk:
-                return
-            head += chunk
+        head, _ = read_until_blank_line(sock)
         backend.received.append(head)
         if head.split(b"\r\n")[0] != f"CONNECT {path} HTTP/1.1".encode():
             sock.sendall(b"HTTP/1.1 404 Not Found\r\n\r\n")
@@ -249,5 +274,4 @@ def echo(sock):
 
 def token_id(token):
     """The 8 hex digits of a token's hash that logs and listings show."""
-    import hashlib
     return hashlib.sha256(token.encode()).hexdigest()[:8]

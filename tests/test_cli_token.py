@@ -58,7 +58,9 @@ def test_ttl_sets_expiry_and_expired_tokens_leave_the_default_list(run_token):
 def test_revoke_by_token_instance_and_host(run_token):
     def mint(host, instance):
         return token_of(run_token("add", "--host", host, "--port", "5900", "--instance", instance, check=0).stdout)
-    first, _second, _third, _fourth = mint("a", "vm-1"), mint("a", "vm-2"), mint("b", "vm-2"), mint("c", "vm-3")
+    first = mint("a", "vm-1")
+    for host, instance in (("a", "vm-2"), ("b", "vm-2"), ("c", "vm-3")):
+        mint(host, instance)
     assert run_token("revoke", first, check=0).stdout == "revoked 1 token\n"
     assert run_token("revoke", "--instance", "vm-2", check=0).stdout == "revoked 2 tokens\n"
     assert run_token("revoke", "--host", "c", check=0).stdout == "revoked 1 token\n"

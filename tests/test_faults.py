@@ -5,17 +5,8 @@ import sqlite3
 import threading
 import time
 
-import pytest
-
 from tests import harness
 from tests.harness import FakeBackend, GatewayProcess, closed_by_peer, xvp_connect
-
-
-@pytest.fixture
-def vnc():
-    backend = FakeBackend(harness.rfb_banner_then_echo)
-    yield backend
-    backend.stop()
 
 
 def xvp_from(source_ip, port, token):

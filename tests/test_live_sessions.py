@@ -10,14 +10,7 @@ import time
 import pytest
 
 from tests import harness
-from tests.harness import FakeBackend, GatewayProcess, closed_by_peer, xvp_connect
-
-
-@pytest.fixture
-def vnc():
-    backend = FakeBackend(harness.rfb_banner_then_echo)
-    yield backend
-    backend.stop()
+from tests.harness import GatewayProcess, closed_by_peer, xvp_connect
 
 
 @pytest.fixture

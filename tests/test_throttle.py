@@ -1,4 +1,4 @@
-from tests.conftest import FakeClock
+from tests.harness import FakeClock
 from vncgate.throttle import FailureThrottle
 
 

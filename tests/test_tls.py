@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from tests import harness
-from tests.harness import FakeBackend, GatewayProcess, closed_by_peer
+from tests.harness import GatewayProcess, closed_by_peer
 
 
 def make_certificate(folder, name):
@@ -26,13 +26,6 @@ def make_certificate(folder, name):
 def certificates(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("certs"))
     return make_certificate(folder, "first"), make_certificate(folder, "second")
-
-
-@pytest.fixture
-def vnc():
-    backend = FakeBackend(harness.rfb_banner_then_echo)
-    yield backend
-    backend.stop()
 
 
 def client_context(cert):
@@ -168,7 +161,7 @@ def test_tls_client_without_tls_configured_gets_400(tmp_path):
 def test_unloadable_certificate_is_one_clear_line(tmp_path):
     (tmp_path / "bad.pem").write_text("not a certificate")
     ini = tmp_path / "bad.ini"
-    ini.write_text(f"[gateway]\ncert = bad.pem\nkey = bad.pem\ndatabase = t.db\n")
+    ini.write_text("[gateway]\ncert = bad.pem\nkey = bad.pem\ndatabase = t.db\n")
     done = subprocess.run([harness.console_script("vncgate"), "-c", str(ini), "--port", "0"],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 1

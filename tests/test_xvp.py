@@ -11,13 +11,6 @@ from tests.harness import FakeBackend, GatewayProcess, closed_by_peer, xvp_conne
 
 
 @pytest.fixture
-def vnc():
-    backend = FakeBackend(harness.rfb_banner_then_echo)
-    yield backend
-    backend.stop()
-
-
-@pytest.fixture
 def gateway(tmp_path):
     process = GatewayProcess(str(tmp_path), handshake_timeout=1, touch_interval=0.3)
     yield process
@@ -112,7 +105,7 @@ def test_xenserver_connect_and_banner_in_one_write(gateway):
         sock, status, rest = xvp_connect(gateway.port, token)
         assert status == "HTTP/1.1 200 OK"
         assert rest + harness.recv_exactly(sock, 12 - len(rest)) == b"RFB 003.008\n"
-        assert xen.received == [b"CONNECT /console?ref=OpaqueRef:abc&session_id=s1 HTTP/1.1\r\n\r\n"]
+        assert xen.received == [b"CONNECT /console?ref=OpaqueRef:abc&session_id=s1 HTTP/1.1"]  # and no headers
         sock.sendall(b"ping")
         assert harness.recv_exactly(sock, 4) == b"ping"
         sock.close()
