@@ -43,6 +43,37 @@ class SocketSource:
             yield view[:count]
 
 
+class PrefixedSource:
+    """Another source's chunks, after some bytes that were read from it already."""
+
+    def __init__(self, prefix, source):
+        self.prefix = prefix
+        self.source = source
+
+    def chunks(self):
+        if self.prefix:
+            yield self.prefix
+        yield from self.source.chunks()
+
+
+class ChunkReader:
+    """Exact-size reads over a Source, for the few protocol bytes the gateway speaks itself
+    (RFB security) before relaying; .surplus is what was read beyond them."""
+
+    def __init__(self, source):
+        self._chunks = source.chunks()
+        self.surplus = b""
+
+    def read_exact(self, count):
+        while len(self.surplus) < count:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                raise ConnectionError("the client closed during the handshake")
+            self.surplus += bytes(chunk)  # copied: a SocketSource reuses its buffer
+        data, self.surplus = self.surplus[:count], self.surplus[count:]
+        return data
+
+
 class SocketSink:
     def __init__(self, sock):
         self.sock = sock

@@ -1,0 +1,81 @@
+"""The relay's building blocks, over socket pairs."""
+
+import socket
+import threading
+
+import pytest
+
+from vncgate import relay
+
+
+def tcp_pair():
+    """Two connected loopback TCP sockets (the relay tunes TCP options, so no AF_UNIX pairs)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        near = socket.create_connection(listener.getsockname())
+        far, _ = listener.accept()
+    return near, far
+
+
+def test_chunk_reader_reads_exactly_and_keeps_the_surplus():
+    left, right = socket.socketpair()
+    right.sendall(b"FB 003.008\n\x01extra")
+    reader = relay.ChunkReader(relay.SocketSource(left, initial=b"R"))
+    assert reader.read_exact(1) == b"R"
+    assert reader.read_exact(12) == b"FB 003.008\n\x01"
+    assert reader.surplus == b"extra"
+    right.close()
+    with pytest.raises(ConnectionError):
+        reader.read_exact(10)
+    left.close()
+
+
+def test_prefixed_source_yields_the_prefix_first():
+    left, right = socket.socketpair()
+    right.sendall(b"rest")
+    right.close()
+    chunks = [bytes(chunk) for chunk in relay.PrefixedSource(b"first-", relay.SocketSource(left)).chunks()]
+    assert b"".join(chunks) == b"first-rest"
+    left.close()
+
+
+@pytest.mark.parametrize("kind", ["splice", "copy"])
+def test_half_close_and_counts(kind):
+    client_app, client_side = tcp_pair()
+    backend_side, backend_app = tcp_pair()
+    if kind == "splice":
+        relayed = relay.Relay.raw(client_side, backend_side, backend_leftover=b"B", client_leftover=b"C")
+    else:
+        relayed = relay.Relay(client_side, backend_side,
+                              (relay.SocketSource(client_side, b"C"), relay.SocketSink(backend_side)),
+                              (relay.SocketSource(backend_side, b"B"), relay.SocketSink(client_side)))
+    runner = threading.Thread(target=relayed.run)
+    runner.start()
+    client_app.sendall(b"x" * 100_000)
+    client_app.shutdown(socket.SHUT_WR)  # the client is done sending, but still reads
+    received = b""
+    while len(received) < 100_001:
+        received += backend_app.recv(65536)
+    assert received == b"C" + b"x" * 100_000
+    assert backend_app.recv(1) == b""  # the half-close reached the backend
+    backend_app.sendall(b"late reply")
+    backend_app.close()
+    replies = b""
+    while chunk := client_app.recv(65536):
+        replies += chunk
+    assert replies == b"Blate reply"
+    runner.join(5)
+    assert not runner.is_alive()
+    assert (relayed.bytes_up, relayed.bytes_down) == (100_001, 11)
+    assert relayed.end_reason == "client-closed"
+
+
+def test_stop_ends_both_directions_at_once():
+    client_app, client_side = tcp_pair()
+    backend_side, backend_app = tcp_pair()
+    relayed = relay.Relay.raw(client_side, backend_side)
+    runner = threading.Thread(target=relayed.run)
+    runner.start()
+    relayed.stop("revoked")
+    runner.join(5)
+    assert not runner.is_alive() and relayed.end_reason == "revoked"
+    assert client_app.recv(1) == b"" and backend_app.recv(1) == b""
