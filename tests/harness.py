@@ -91,9 +91,9 @@ class Qemu:
 
 
 class GatewayProcess:
-    """`vncgate` in a subprocess on a free port, with its own ini, audit log and stderr file."""
+    """`vncgate` in a subprocess on a free port (or bind_port), with its own ini, audit log and stderr file."""
 
-    def __init__(self, folder, name="gw", database="tokens.db", **settings):
+    def __init__(self, folder, name="gw", database="tokens.db", bind_port=0, **settings):
         self.folder = folder
         self.ini = os.path.join(folder, f"{name}.ini")
         self.audit_path = os.path.join(folder, f"{name}-audit.jsonl")
@@ -102,7 +102,7 @@ class GatewayProcess:
         with open(self.ini, "w") as ini:
             ini.write("[gateway]\n" + "".join(f"{key} = {value}\n" for key, value in values.items()))
         self.stderr = open(self.stderr_path, "w")
-        self.proc = subprocess.Popen([console_script("vncgate"), "-c", self.ini, "--port", "0"],
+        self.proc = subprocess.Popen([console_script("vncgate"), "-c", self.ini, "--port", str(bind_port)],
                                      stdout=subprocess.DEVNULL, stderr=self.stderr, cwd=folder)
         line = wait_for(self._listening_line, 15, message="the 'vncgate listening on' line")
         self.port = int(line.rsplit(":", 1)[1])

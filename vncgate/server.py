@@ -1,7 +1,8 @@
 """The one port: a threaded socketserver that reads each connection's first bytes and dispatches.
 
 A TLS ClientHello is wrapped in TLS and read again; then CONNECT goes to the XVP
-path; anything else is answered with an HTTP error. A connection beyond
+path, a GET with Upgrade: websocket to the websocket path, any other GET or HEAD
+to the web side; anything else is answered with an HTTP error. A connection beyond
 max_connections is refused at once, and every connection is tracked so that
 stop() can end handshakes and sessions alike within moments.
 """
@@ -13,7 +14,7 @@ import ssl
 import threading
 import time
 
-from vncgate import http, sessions, throttle, tls, xvp
+from vncgate import http, sessions, throttle, tls, web, websocket, xvp
 
 log = logging.getLogger("vncgate.server")
 
@@ -32,9 +33,12 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             if request.method == "CONNECT":
                 path = "xvp"
                 xvp.serve(gateway, conn, request, leftover, client)
+            elif request.method == "GET" and _asks_for_websocket(request):
+                path = "websocket"
+                websocket.serve(gateway, conn, request, leftover, client)
             elif request.method in ("GET", "HEAD"):
                 path = "web"
-                raise http.HttpError(501, "websocket and web side not served yet")
+                web.serve(gateway, conn, request, client)
             else:
                 raise http.HttpError(400, f"method {request.method} not served")
         except http.HttpError as error:
@@ -82,6 +86,10 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             conn.sendall(http.error_response(error.status, error.detail if error.status == 400 else None))
         except OSError:
             pass  # the client is gone; the audit line says what it was told
+
+
+def _asks_for_websocket(request):
+    return "websocket" in (item.strip().lower() for item in request.header("upgrade").split(","))
 
 
 class Gateway(socketserver.ThreadingTCPServer):

@@ -1,0 +1,58 @@
+"""A real browser: headless Chromium opens the ws-vnc access URL, and noVNC shows qemu's screen."""
+
+import pytest
+from playwright.sync_api import sync_playwright
+
+from tests import harness
+from tests.test_xvp_e2e import bright_pixels
+
+NOVNC = "/usr/share/novnc"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+@pytest.fixture(scope="module")
+def qemu():
+    machine = harness.Qemu()
+    yield machine
+    machine.stop()
+
+
+@pytest.fixture
+def gateway(tmp_path):
+    # The browser's Origin names the port it loaded the page from: public_url must name it too.
+    port = harness.free_port()
+    process = harness.GatewayProcess(str(tmp_path), bind_port=port, public_url=f"http://127.0.0.1:{port}",
+                                     web_root=NOVNC)
+    yield process
+    assert process.stop() == 0
+
+
+def test_novnc_in_chromium_shows_seabios_through_the_gateway(qemu, gateway):
+    minted = gateway.token_cli("add", "--host", "127.0.0.1", "--port", str(qemu.port), "--type", "ws-vnc")
+    assert minted.returncode == 0, minted.stderr
+    url = minted.stdout.strip()
+    assert url.startswith(f"http://127.0.0.1:{gateway.port}/vnc.html#autoconnect=1&path=websockify%3Ftoken%3D")
+    shot = harness.artifact("browser-novnc.png")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors = []
+            page.on("pageerror", lambda error: errors.append(error))
+            page.goto(url)
+            canvas = page.locator("#noVNC_container canvas")
+
+            def text_on_the_canvas():
+                canvas.screenshot(path=shot, timeout=10_000)
+                return bright_pixels(shot)[0] > 200
+            harness.wait_for(text_on_the_canvas, timeout=60, interval=0.5, message="SeaBIOS text in noVNC")
+            assert page.evaluate("document.documentElement.classList.contains('noVNC_connected')")
+            assert errors == []
+        finally:
+            browser.close()
+    attempts = [line for line in gateway.audit() if line["event"] == "attempt"]
+    assert [(line["path"], line["result"]) for line in attempts] == [("websocket", "accepted")]
+    end = harness.wait_for(lambda: [line for line in gateway.audit() if line["event"] == "session-end"],
+                           message="the session's end when the browser closed")[0]
+    # noVNC asks for compressed encodings: a text screen is a few KiB, the RFB handshake far less.
+    assert end["reason"] == "client-closed" and end["bytes_down"] > 1000
