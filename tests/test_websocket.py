@@ -306,3 +306,11 @@ def test_websocket_over_tls(tmp_path, vnc):
         assert ws.close_code == 1000
     finally:
         assert gateway.stop() == 0
+
+
+@pytest.mark.parametrize("length", [0, 1, 125, 126, 127, 65535, 65536, 300_000])
+def test_frame_header_matches_websockify_encoder(length):
+    from websockify.websocket import WebSocket
+    from vncgate.websocket import binary_frame_header
+    payload = bytes(length)
+    assert binary_frame_header(length) + payload == WebSocket()._encode_hybi(0x2, payload)

@@ -11,6 +11,7 @@ import errno
 import functools
 import socket
 import ssl
+import struct
 import threading
 import urllib.parse
 
@@ -58,7 +59,7 @@ def serve(gateway, conn, request, leftover, client):
         stream, backend,
         upstream=Direction("client", WebSocketSource(websocket, transport), relay.SocketSink(backend)),
         downstream=Direction("backend", relay.SocketSource(backend, session.backend_leftover),
-                             WebSocketSink(websocket))))
+                             WebSocketSink(websocket, transport))))
 
 
 def origin_allowed(origin, config):
@@ -126,11 +127,31 @@ class Transport:
         self.sock.sendall(data)
         return len(data)
 
+    def send_parts(self, header, payload):
+        """header + payload without joining them (TLS streams have no sendmsg: one sendall)."""
+        if isinstance(self.sock, tls.TlsStream):
+            self.sock.sendall(header + payload)
+            return
+        sent = self.sock.sendmsg([header, payload])
+        if sent < len(header) + len(payload):  # a signal cut the write short: send the rest
+            rest = memoryview(header + payload)[sent:] if sent < len(header) else payload[sent - len(header):]
+            self.sock.sendall(rest)
+
     def close(self):
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass  # the peer is gone already
+
+
+def binary_frame_header(length):
+    """RFC 6455 section 5.2: FIN + binary opcode, then the payload length in 7, 16 or 64 bits;
+    a server's frames are never masked."""
+    if length < 126:
+        return bytes((0x82, length))
+    if length < 65536:
+        return struct.pack("!BBH", 0x82, 126, length)
+    return struct.pack("!BBQ", 0x82, 127, length)
 
 
 def _one_sender_at_a_time(method):
@@ -204,16 +225,24 @@ class WebSocketSource:
 
 
 class WebSocketSink:
-    """Backend bytes to the client, one binary message per chunk; a close frame at the end."""
+    """Backend bytes to the client, one binary message per chunk; a close frame at the end.
 
-    def __init__(self, websocket):
+    Framing the bulk of a console (framebuffer updates) through websockify's sendmsg
+    copies every payload three times (to bytes, header + payload, its send buffer); this
+    writes the two-to-ten-byte header and the payload view with one sendmsg instead.
+    Decoding, control frames and the close handshake stay websockify's. Holding its
+    send lock keeps these frames whole and in order with the pongs and closes it sends.
+    """
+
+    def __init__(self, websocket, transport):
         self.websocket = websocket
+        self.transport = transport
 
     def write(self, chunk):
-        # websockify takes bytes only (chunks are views of a reused buffer), and after a
-        # close it drops messages and says so by sending 0 bytes: then this direction is over.
-        if not self.websocket.sendmsg(bytes(chunk)):
-            raise BrokenPipeError("the websocket is closed")
+        with self.websocket.send_lock:
+            if self.websocket._sent_close:  # websockify's own rule: nothing after our close
+                raise BrokenPipeError("the websocket is closed")
+            self.transport.send_parts(binary_frame_header(len(chunk)), chunk)
 
     def close_write(self):
         self.websocket.shutdown(socket.SHUT_RDWR)  # code 1000; the client's answer ends the reader
