@@ -2,7 +2,7 @@ import subprocess
 
 import pytest
 
-from tests.harness import FakeBackend, FakeClock, console_script, rfb_banner_then_echo
+from tests.harness import FakeBackend, FakeClock, Qemu, console_script, rfb_banner_then_echo
 from vncgate import store as store_module
 
 
@@ -17,6 +17,14 @@ def store(tmp_path, clock):
                                      clock=clock)
     yield opened
     opened.close()
+
+
+@pytest.fixture(scope="module")
+def qemu():
+    """A real VNC server: disk-less qemu whose console shows SeaBIOS's text."""
+    machine = Qemu()
+    yield machine
+    machine.stop()
 
 
 @pytest.fixture

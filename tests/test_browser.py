@@ -11,13 +11,6 @@ NOVNC = "/usr/share/novnc"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 
-@pytest.fixture(scope="module")
-def qemu():
-    machine = harness.Qemu()
-    yield machine
-    machine.stop()
-
-
 @pytest.fixture
 def gateway(tmp_path):
     # The browser's Origin names the port it loaded the page from: public_url must name it too.

@@ -6,13 +6,6 @@ from PIL import Image
 from tests import harness, vnc_client
 
 
-@pytest.fixture(scope="module")
-def qemu():
-    machine = harness.Qemu()
-    yield machine
-    machine.stop()
-
-
 @pytest.fixture
 def gateway(tmp_path):
     process = harness.GatewayProcess(str(tmp_path))
