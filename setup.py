@@ -9,7 +9,7 @@ setup(
     packages=["vncgate"],
     python_requires=">=3.9",
     install_requires=["websockify>=0.10"],
-    extras_require={"test": ["pytest", "hypothesis", "vncdotool", "playwright", "websockets",
+    extras_require={"test": ["pytest", "hypothesis", "vncdotool", "playwright", "websockets", "cryptography",
                              "prometheus_client"]},
     entry_points={"console_scripts": [
         "vncgate = vncgate.cli:serve_main_exit",

@@ -60,9 +60,9 @@ class ChunkReader:
     """Exact-size reads over a Source, for the few protocol bytes the gateway speaks itself
     (RFB security) before relaying; .surplus is what was read beyond them."""
 
-    def __init__(self, source):
+    def __init__(self, source, initial=b""):
         self._chunks = source.chunks()
-        self.surplus = b""
+        self.surplus = initial
 
     def read_exact(self, count):
         while len(self.surplus) < count:

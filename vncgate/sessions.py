@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 
-from vncgate import backends, http, store as store_module
+from vncgate import backends, http, rfb, store as store_module
 
 log = logging.getLogger("vncgate.sessions")
 
@@ -37,6 +37,13 @@ class Session:
         self.backend_leftover = backend_leftover
         self.started = time.time()
         self.relay = None
+        # The RFB security the gateway did with the backend: None (the client does its own),
+        # the minor version agreed (the client gets security type None), or the RfbError to tell it.
+        self.security = None
+
+    @property
+    def needs_greeting(self):
+        return self.security is not None
 
     def audit_fields(self):
         return {"client": self.client, "path": self.path, "console_type": self.details.console_type,
@@ -83,12 +90,43 @@ class SessionManager:
             log.info("backend %s:%s for %s: %s", details.host, details.port, details.instance_id, error)
             raise Refused(502, error.reason, **fields) from None
         session = Session(details, client, path, backend, leftover)
+        if details.backend_password is not None:
+            session.security = self._authenticate_backend(session)
         with self._lock:
             self._live[session.id] = session
         self._shared(self.store.record_session, session.id, self.gateway_id, details.token_hash,
                      details.instance_id, console_type, client, self.heartbeat_interval)
-        self.audit.record("attempt", **session.audit_fields(), result="accepted", status=200)
+        if not isinstance(session.security, rfb.RfbError):
+            self.audit.record("attempt", **session.audit_fields(), result="accepted", status=200)
         return session
+
+    def _authenticate_backend(self, session):
+        try:
+            return rfb.authenticate_backend(session.backend, session.details.backend_password,
+                                            time.monotonic() + self.backend_timeout)
+        except rfb.RfbError as error:
+            log.warning("session %s: VNC authentication with %s:%s failed: %s", session.id,
+                        session.details.host, session.details.port, error)
+            return error
+
+    def greet(self, session, read_exact, write):
+        """The client's half of the RFB security handshake, after its 200 or 101. False when
+        the session ends here (audited): the stored password was refused, or the client
+        did not speak RFB."""
+        try:
+            if isinstance(session.security, rfb.RfbError):
+                rfb.refuse_client(read_exact, write, 8, f"vncgate: the console refused its stored password "
+                                                        f"({session.security.detail})")
+                self.audit.record("attempt", **session.audit_fields(), result="rejected", status=200,
+                                  reason=session.security.reason)
+            else:
+                rfb.offer_no_auth(read_exact, write, session.security)
+                return True
+        except (rfb.RfbError, OSError) as error:
+            self.audit.record("session-end", **session.audit_fields(), bytes_up=0, bytes_down=0, duration=0,
+                              reason=getattr(error, "reason", "client-closed"))
+        self.discard(session)
+        return False
 
     @staticmethod
     def _shared(call, *args):

@@ -55,11 +55,16 @@ def serve(gateway, conn, request, leftover, client):
         gateway.sessions.discard(session)
         raise
     backend = session.backend
+    source, sink = WebSocketSource(websocket, transport), WebSocketSink(websocket, transport)
+    if session.needs_greeting:
+        reader = relay.ChunkReader(source)
+        if not gateway.sessions.greet(session, reader.read_exact, sink.write):
+            return
+        source = relay.PrefixedSource(reader.surplus, source)
     gateway.sessions.run(session, relay.Relay(
         stream, backend,
-        upstream=Direction("client", WebSocketSource(websocket, transport), relay.SocketSink(backend)),
-        downstream=Direction("backend", relay.SocketSource(backend, session.backend_leftover),
-                             WebSocketSink(websocket, transport))))
+        upstream=Direction("client", source, relay.SocketSink(backend)),
+        downstream=Direction("backend", relay.SocketSource(backend, session.backend_leftover), sink)))
 
 
 def origin_allowed(origin, config):

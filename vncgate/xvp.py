@@ -12,4 +12,9 @@ def serve(gateway, conn, request, leftover, client):
     except OSError:
         gateway.sessions.discard(session)
         raise
+    if session.needs_greeting:
+        reader = relay.ChunkReader(relay.SocketSource(conn), initial=leftover)
+        if not gateway.sessions.greet(session, reader.read_exact, conn.sendall):
+            return
+        leftover = reader.surplus
     gateway.sessions.run(session, relay.Relay.raw(conn, session.backend, session.backend_leftover, leftover))
