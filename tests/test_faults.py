@@ -1,5 +1,6 @@
 """Faults and floods against a running gateway: it keeps serving and loses nothing."""
 
+import contextlib
 import socket
 import sqlite3
 import threading
@@ -117,3 +118,30 @@ def test_backend_dying_mid_session_closes_the_client_promptly(tmp_path):
     finally:
         backend.stop()
         assert gateway.stop() == 0
+
+
+def test_database_corrupted_in_place_gives_503_and_live_sessions_continue(tmp_path, vnc):
+    gateway = GatewayProcess(str(tmp_path), touch_interval=0.2)
+    try:
+        token = gateway.mint("127.0.0.1", vnc.port, "xvp-vnc", "--ttl", "600")
+        live, status, _ = xvp_connect(gateway.port, token)
+        assert status == "HTTP/1.1 200 OK"
+        database = tmp_path / "tokens.db"
+        with contextlib.closing(sqlite3.connect(str(database))) as db:  # the rows now live in the main file
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        size = database.stat().st_size
+        with open(database, "r+b") as handle:  # same file, same inode: garbage over every page
+            handle.write(b"\xde\xad\xbe\xef" * (size // 4 + 1024))
+        statuses = set()
+        for _ in range(3):
+            sock, status, _ = xvp_connect(gateway.port, token)
+            statuses.add(status)
+            sock.close()
+        assert statuses == {"HTTP/1.1 503 Service Unavailable"}
+        live.sendall(b"still here")
+        assert harness.recv_exactly(live, 12 + 10)[-10:] == b"still here"
+        assert gateway.read_stderr().count("token store unavailable") == 1
+        live.close()
+    finally:
+        assert gateway.stop() == 0
+    assert "Traceback" not in gateway.read_stderr()
