@@ -3,6 +3,8 @@
 import hashlib
 import json
 import os
+import re
+import select
 import shutil
 import signal
 import socket
@@ -88,6 +90,52 @@ class Qemu:
     def stop(self):
         self.proc.kill()
         self.proc.wait(10)
+
+    def monitor(self, command, answers=(), timeout=10.0):
+        """Run one HMP command on qemu's monitor (Qemu(monitor=True)); returns what it printed
+        before the next "(qemu) " prompt. answers are typed, in order, at its "Password: "
+        prompts. Waits on the pipe, so a command has taken effect when this returns."""
+        if not getattr(self, "_monitor_started", False):
+            self._monitor_read((b"(qemu) ",), timeout)  # the banner and the first prompt
+            self._monitor_started = True
+        answers = list(answers)
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        output = b""
+        while True:
+            output += self._monitor_read((b"(qemu) ", b"Password: "), timeout)
+            if output.endswith(b"(qemu) "):
+                break
+            assert answers, f"qemu's monitor asks for more than was given to {command!r}: {output!r}"
+            self.proc.stdin.write(answers.pop(0) + "\n")
+            self.proc.stdin.flush()
+        # The monitor redraws the line as it is typed (terminal escapes); the reply follows it.
+        text = re.sub(rb"\x1b\[[0-9;]*[A-Za-z]", b"", output).decode("utf-8", "replace")
+        return text.partition("\r\n")[2][:-len("(qemu) ")].replace("\r\n", "\n").strip()
+
+    def _monitor_read(self, prompts, timeout):
+        """Monitor output up to and including the first of prompts that ends it."""
+        deadline = time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(self.proc.stdout.fileno(), select.POLLIN)
+        data = b""
+        while not data.endswith(prompts):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"qemu's monitor printed no prompt in {timeout}s: {data!r}"
+            if poller.poll(remaining * 1000):
+                chunk = os.read(self.proc.stdout.fileno(), 4096)
+                assert chunk, f"qemu's monitor closed: {data!r}"
+                data += chunk
+        return data
+
+    def set_vnc_password(self, password):
+        """The VNC password of a `-vnc ...,password=on` console. `set_password vnc P` is one line
+        (qemu 0.14 on); a qemu without it gets `change vnc password`, which prompts "Password: "."""
+        reply = self.monitor(f"set_password vnc {password}")
+        if "unknown command" in reply:
+            reply = self.monitor("change vnc password", answers=[password])
+        refused = "error" in reply.lower() or "unknown command" in reply
+        assert not refused, f"qemu refused the VNC password: {reply}"
 
 
 class GatewayProcess:

@@ -1,14 +1,15 @@
 """The RFB security handshake, done by the gateway so that users never hold a VNC password.
 
 With the backend the gateway is the client: it answers VNC Authentication's DES
-challenge with the password sealed in the token. With the user's client it is the
-server and offers security type None. After both, the rest of the stream (ClientInit
-onwards) is relayed untouched.
+challenge with the password sealed in the token (authenticate_backend). With the
+user's client it is the server and offers security type None (offer_no_auth), or
+tells it in RFB why there is no console (refuse_client). After both, the rest of the
+stream (ClientInit onwards) is relayed untouched.
 
-VNC Authentication needs single DES, which the standard library lacks. It is written
-here from FIPS 46-3 and checked against published vectors rather than taken from the
-`cryptography` package: it encrypts one 16-byte challenge per session, so speed does
-not matter, and the runtime dependencies stay the standard library and websockify.
+VNC Authentication needs single DES, which the standard library lacks, so a small
+pure-Python DES written from FIPS 46-3 lives here, checked against published test
+vectors: this keeps the runtime dependencies to the standard library and websockify,
+and speed is irrelevant because DES here only encrypts one 16-byte challenge per session.
 """
 
 import re
@@ -16,13 +17,15 @@ import socket
 import struct
 import time
 
-NONE, VNC_AUTH = 1, 2
-MAX_REASON = 4096
-_VERSION = re.compile(rb"RFB 003\.(\d{3})\n")
+NONE, VNC_AUTH = 1, 2  # RFB security types
+RFB_3_3, RFB_3_7, RFB_3_8 = b"RFB 003.003\n", b"RFB 003.007\n", b"RFB 003.008\n"
+MAX_REASON = 4096  # longer failure reasons are cut: they only go to a log line and a client's dialog
+_VERSION = re.compile(rb"RFB (\d{3})\.(\d{3})\n")
+_U32 = struct.Struct("!I")
 
 
 class RfbError(Exception):
-    """The handshake failed; .reason is a short word for audit lines, str() says more."""
+    """The handshake failed; .reason is a short word for audit lines, .detail says more."""
 
     def __init__(self, reason, detail):
         super().__init__(f"{reason}: {detail}")
@@ -30,13 +33,15 @@ class RfbError(Exception):
         self.detail = detail
 
 
-# -- DES (FIPS 46-3), encryption of one 64-bit block ----------------------------------------
+# -- DES (FIPS 46-3): encryption of one 64-bit block -------------------------------------------
+# Tables as printed in the standard: bit positions counted from 1 at the most significant bit.
 
 _IP = [58, 50, 42, 34, 26, 18, 10, 2, 60, 52, 44, 36, 28, 20, 12, 4,
        62, 54, 46, 38, 30, 22, 14, 6, 64, 56, 48, 40, 32, 24, 16, 8,
        57, 49, 41, 33, 25, 17, 9, 1, 59, 51, 43, 35, 27, 19, 11, 3,
        61, 53, 45, 37, 29, 21, 13, 5, 63, 55, 47, 39, 31, 23, 15, 7]
 _FP = [_IP.index(position) + 1 for position in range(1, 65)]  # the inverse of IP
+# E: eight rows of six, each a 4-bit group of R with one neighbouring bit on either side.
 _E = [(4 * block + offset - 1) % 32 + 1 for block in range(8) for offset in range(6)]
 _P = [16, 7, 20, 21, 29, 12, 28, 17, 1, 15, 23, 26, 5, 18, 31, 10,
       2, 8, 24, 14, 32, 27, 3, 9, 19, 13, 30, 6, 22, 11, 4, 25]
@@ -76,6 +81,7 @@ def _permute(value, table, width):
 
 
 def _subkeys(key):
+    """The 16 round keys: PC-1 drops the parity bits, each half rotates, PC-2 picks 48 bits."""
     both = _permute(int.from_bytes(key, "big"), _PC1, 64)
     left, right = both >> 28, both & 0xFFFFFFF
     keys = []
@@ -87,10 +93,12 @@ def _subkeys(key):
 
 
 def _feistel(half, subkey):
+    """f(R, K): expand to 48 bits, mix in the key, eight S-boxes back to 32 bits, permute."""
     mixed = _permute(half, _E, 32) ^ subkey
     out = 0
     for box in range(8):
         six = (mixed >> (42 - 6 * box)) & 0x3F
+        # The outer two bits of the six choose the row, the inner four the column.
         row, column = ((six >> 4) & 2) | (six & 1), (six >> 1) & 0xF
         out = (out << 4) | _S[box][16 * row + column]
     return _permute(out, _P, 32)
@@ -98,99 +106,216 @@ def _feistel(half, subkey):
 
 def des_encrypt_block(key, block):
     """DES-ECB of one 8-byte block under an 8-byte key (parity bits ignored)."""
+    if len(key) != 8 or len(block) != 8:
+        raise ValueError("DES takes an 8-byte key and an 8-byte block")
     state = _permute(int.from_bytes(block, "big"), _IP, 64)
     left, right = state >> 32, state & 0xFFFFFFFF
     for subkey in _subkeys(key):
         left, right = right, left ^ _feistel(right, subkey)
+    # The last round is not swapped: the output is R16 L16, then the inverse of IP.
     return _permute((right << 32) | left, _FP, 64).to_bytes(8, "big")
 
 
+def _reverse_bits(byte):
+    return int(f"{byte:08b}"[::-1], 2)
+
+
 def vnc_auth_response(password, challenge):
-    """VNC Authentication: DES of the 16-byte challenge under the password, whose bytes
-    (cut or NUL-padded to 8) have their bits reversed: VNC's historic key quirk."""
-    key = bytes(int(f"{byte:08b}"[::-1], 2) for byte in password[:8].ljust(8, b"\0"))
-    return des_encrypt_block(key, challenge[:8]) + des_encrypt_block(key, challenge[8:16])
+    """VNC Authentication's answer: the 16-byte challenge DES-encrypted (two ECB blocks) under
+    the password cut or NUL-padded to 8 bytes, each byte bit-reversed (bit 0 <-> bit 7): the
+    original VNC code loaded DES keys least significant bit first, and every server since
+    expects that."""
+    if len(challenge) != 16:
+        raise ValueError(f"a VNC challenge is 16 bytes, not {len(challenge)}")
+    key = bytes(_reverse_bits(byte) for byte in password[:8].ljust(8, b"\0"))
+    return des_encrypt_block(key, challenge[:8]) + des_encrypt_block(key, challenge[8:])
 
 
-# -- the two handshakes -----------------------------------------------------------------------
+# -- versions ----------------------------------------------------------------------------
 
-def _minor(banner, side):
-    match = _VERSION.fullmatch(banner)
-    if not match:
-        raise RfbError(f"{side}-bad-rfb", f"not an RFB 3.x version: {banner[:12]!r}")
-    minor = int(match.group(1))
-    return 8 if minor >= 8 else 7 if minor == 7 else 3  # as RFB clients treat unknown versions
+def _minor(line, side):
+    """The minor version (3, 7 or 8) a ProtocolVersion line stands for. Unofficial minors are
+    read the way RFB clients read them: 8 and above (Apple's 3.889) as 3.8, 4 to 6 as 3.3.
+    A backend may announce a later major version (RealVNC's 4.1, 5.0), which speaks 3.8 to a
+    3.8 client; a client must answer with major version 3, as it cannot exceed the server's."""
+    match = _VERSION.fullmatch(line)
+    if match:
+        major, minor = int(match.group(1)), int(match.group(2))
+        if major > 3 and side == "backend":
+            return 8
+        if major == 3 and minor >= 3:
+            return 8 if minor >= 8 else 7 if minor == 7 else 3
+    raise RfbError(f"{side}-bad-rfb", f"not an RFB 3.3, 3.7 or 3.8 version: {line[:12]!r}")
 
 
 def version_line(minor):
     return b"RFB 003.%03d\n" % minor
 
 
-def _reader(sock, deadline):
-    def read_exact(count):
-        data = b""
-        while len(data) < count:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RfbError("backend-timeout", "the VNC server's handshake did not finish in time")
-            sock.settimeout(remaining)
-            try:
-                chunk = sock.recv(count - len(data))
-            except socket.timeout:
-                continue
-            if not chunk:
-                raise RfbError("backend-closed", "the VNC server closed during the handshake")
-            data += chunk
-        return data
-    return read_exact
-
-
-def _reason(read_exact):
-    length = struct.unpack("!I", read_exact(4))[0]
-    return read_exact(min(length, MAX_REASON)).decode("utf-8", "replace")
-
-
-def authenticate_backend(sock, password, deadline):
-    """Be the client of the backend's RFB security handshake; returns the minor version agreed.
-    Raises RfbError: backend-bad-rfb, backend-refused, backend-no-vnc-auth,
-    backend-auth-failed, backend-timeout, backend-closed."""
-    read_exact = _reader(sock, deadline)
-    minor = _minor(read_exact(12), "backend")
-    sock.sendall(version_line(minor))
-    if minor == 3:
-        offered = [struct.unpack("!I", read_exact(4))[0]]
-    else:
-        offered = list(read_exact(read_exact(1)[0]))
-    if offered in ([], [0]):
-        raise RfbError("backend-refused", _reason(read_exact))
-    if VNC_AUTH not in offered:
-        raise RfbError("backend-no-vnc-auth", f"the VNC server offers security types {offered}, not 2")
-    if minor != 3:
-        sock.sendall(bytes((VNC_AUTH,)))
-    sock.sendall(vnc_auth_response(password, read_exact(16)))
-    if struct.unpack("!I", read_exact(4))[0] != 0:
-        raise RfbError("backend-auth-failed", _reason(read_exact) if minor == 8 else "the VNC password was refused")
+def _offered_minor(version):
+    """The version the gateway offers a client: a line authenticate_backend returned, or
+    (as sessions.py passed it before the lines) the minor number 3, 7 or 8."""
+    minor = version if isinstance(version, int) else {RFB_3_3: 3, RFB_3_7: 7, RFB_3_8: 8}.get(bytes(version))
+    if minor not in (3, 7, 8):
+        raise ValueError(f"the gateway speaks RFB 3.3, 3.7 and 3.8, not {version!r}")
     return minor
 
 
-def offer_no_auth(read_exact, write, minor):
-    """Be the server of the client's handshake, offering security type None only."""
+# -- with the backend: the gateway is the RFB client ------------------------------------------
+
+class _Backend:
+    """Exact reads and whole writes on a blocking socket, each bounded by one monotonic deadline."""
+
+    def __init__(self, sock, deadline, initial):
+        self.sock = sock
+        self.deadline = deadline
+        self.pending = bytes(initial)
+
+    def _budget(self):
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise RfbError("backend-timeout", "the VNC server's security handshake did not finish in time")
+        self.sock.settimeout(remaining)
+
+    def read_exact(self, count):
+        while len(self.pending) < count:
+            self._budget()
+            try:  # never more than asked: what follows the handshake belongs to the relay
+                chunk = self.sock.recv(count - len(self.pending))
+            except socket.timeout:
+                continue  # _budget() raises on the next turn
+            if not chunk:
+                raise RfbError("backend-closed", "the VNC server closed the connection during the handshake")
+            self.pending += chunk
+        data, self.pending = self.pending[:count], self.pending[count:]
+        return data
+
+    def write(self, data):
+        self._budget()
+        try:
+            self.sock.sendall(data)
+        except socket.timeout:
+            raise RfbError("backend-timeout", "the VNC server did not take the handshake's bytes in time") from None
+
+
+def _failure_reason(read_exact, fallback):
+    """The reason string that follows a failure; fallback when the server sends none."""
+    try:
+        length = _U32.unpack(read_exact(4))[0]
+        # rstrip: qemu counts its C string's terminating NUL in the length.
+        text = read_exact(min(length, MAX_REASON)).decode("utf-8", "replace").rstrip("\0")
+    except RfbError:
+        return fallback
+    return text or fallback
+
+
+def authenticate_backend(sock, password, deadline, initial=b""):
+    """Be the client of the backend's RFB security handshake, answering VNC Authentication
+    with password; returns the ProtocolVersion line agreed (b"RFB 003.008\n", ...7 or ...3).
+
+    sock is a blocking socket whose timeout is restored on return; every read and write ends
+    by the time.monotonic() deadline. initial: bytes already read from sock (a XenServer
+    CONNECT's leftover). Only the handshake's bytes are read, so on return the backend waits
+    for the client's ClientInit and nothing of the stream is held here. Raises RfbError with
+    reason backend-bad-rfb (not RFB), backend-refused (the server refused the connection,
+    its reason in detail), backend-no-vnc-auth (security type 2 not offered),
+    backend-auth-failed (password refused, the server's reason in detail), backend-timeout
+    or backend-closed."""
+    saved_timeout = sock.gettimeout()
+    backend = _Backend(sock, deadline, initial)
+    try:
+        minor = _authenticate(backend.read_exact, backend.write, password)
+        if backend.pending:  # the server must wait for ClientInit: it cannot have said more
+            raise RfbError("backend-bad-rfb", f"{len(backend.pending)} unexpected bytes after SecurityResult")
+        return version_line(minor)
+    except OSError as error:
+        raise RfbError("backend-closed", f"the VNC server's connection failed during the handshake: {error}") from None
+    finally:
+        try:
+            sock.settimeout(saved_timeout)
+        except OSError:
+            pass  # closed meanwhile: nothing to restore
+
+
+def _authenticate(read_exact, write, password):
+    minor = _minor(read_exact(12), "backend")
     write(version_line(minor))
-    client_minor = min(minor, _minor(read_exact(12), "client"))
-    if client_minor == 3:
-        write(struct.pack("!I", NONE))
+    if minor == 3:
+        offered = [_U32.unpack(read_exact(4))[0]]  # 3.3: the server decides, one u32
+    else:
+        offered = list(read_exact(read_exact(1)[0]))  # 3.7/3.8: a counted list to choose from
+    if offered in ([], [0]):  # no types: a reason string follows and the server hangs up
+        reason = _failure_reason(read_exact, "no reason given")
+        raise RfbError("backend-refused", f"the VNC server refused the connection: {reason}")
+    if VNC_AUTH not in offered:
+        raise RfbError("backend-no-vnc-auth", f"the VNC server offers security types {offered}, not 2 "
+                                              "(VNC Authentication)")
+    if minor != 3:
+        write(bytes((VNC_AUTH,)))
+    write(vnc_auth_response(password, read_exact(16)))
+    # SecurityResult: sent for VNC Authentication in every version; only 3.8 adds a reason.
+    if _U32.unpack(read_exact(4))[0] != 0:
+        fallback = "the VNC server refused the password"
+        raise RfbError("backend-auth-failed", _failure_reason(read_exact, fallback) if minor == 8 else fallback)
+    return minor
+
+
+# -- with the client: the gateway is the RFB server, sans-IO ----------------------------------
+
+def _client_io(read_exact, write):
+    """The caller's read_exact and write, turning EOF, short reads and socket errors into
+    RfbError, so that a client's misbehaviour surfaces as one exception type."""
+    def guarded(call, argument):
+        try:
+            return call(argument)
+        except socket.timeout:
+            raise RfbError("handshake-timeout", "the client did not finish the RFB handshake in time") from None
+        except (OSError, EOFError) as error:
+            raise RfbError("client-closed", f"the client left during the RFB handshake: {error}") from None
+
+    def read(count):
+        data = guarded(read_exact, count)
+        if len(data) != count:
+            raise RfbError("client-closed", "the client left during the RFB handshake")
+        return data
+    return read, lambda data: guarded(write, data)
+
+
+def _client_version(read, send, version):
+    """Send the gateway's version, read the client's; returns the minor both will use."""
+    offered = _offered_minor(version)
+    send(version_line(offered))
+    # A client may not ask for more than it was offered; one that does gets the offer.
+    return min(offered, _minor(read(12), "client"))
+
+
+def offer_no_auth(read_exact, write, version):
+    """Be the server of the client's RFB security handshake, offering type None only.
+
+    version: the line authenticate_backend returned; the client is offered that version.
+    read_exact(n) returns n bytes (short or raising at EOF); write(data) sends all of data.
+    On return the client's next bytes are its ClientInit, for the backend. Raises RfbError
+    with reason client-bad-rfb (not an RFB 3.x version), client-bad-security (chose a type
+    other than None), client-closed or handshake-timeout; nothing else escapes, save a
+    ValueError for a version the gateway does not speak (a caller's mistake)."""
+    read, send = _client_io(read_exact, write)
+    minor = _client_version(read, send, version)
+    if minor == 3:
+        send(_U32.pack(NONE))  # 3.3: the server decides
         return
-    write(bytes((1, NONE)))
-    choice = read_exact(1)[0]
+    send(bytes((1, NONE)))
+    choice = read(1)[0]
     if choice != NONE:
-        raise RfbError("client-bad-security", f"the client chose security type {choice}, not None")
-    if client_minor == 8:
-        write(struct.pack("!I", 0))  # SecurityResult OK; RFB 3.7 sends none for type None
+        raise RfbError("client-bad-security", f"the client chose security type {choice}, not 1 (None)")
+    if minor == 8:
+        send(_U32.pack(0))  # SecurityResult OK; RFC 6143: 3.7 sends none for type None
 
 
-def refuse_client(read_exact, write, minor, reason):
-    """Tell the client, in RFB, why it cannot have the console."""
-    write(version_line(minor))
-    client_minor = min(minor, _minor(read_exact(12), "client"))
-    text = reason.encode()
-    write((struct.pack("!I", 0) if client_minor == 3 else b"\0") + struct.pack("!I", len(text)) + text)
+def refuse_client(read_exact, write, version, reason):
+    """Tell the client in RFB why it cannot have the console: after the versions, no security
+    types (3.7/3.8: count 0; 3.3: type 0) and the reason string, which RFB clients show.
+    The caller closes the connection afterwards. Raises RfbError as offer_no_auth does."""
+    read, send = _client_io(read_exact, write)
+    minor = _client_version(read, send, version)
+    text = reason.encode("utf-8")[:MAX_REASON]
+    send((_U32.pack(0) if minor == 3 else b"\0") + _U32.pack(len(text)) + text)
