@@ -153,9 +153,8 @@ def version_line(minor):
 
 
 def _offered_minor(version):
-    """The version the gateway offers a client: a line authenticate_backend returned, or
-    (as sessions.py passed it before the lines) the minor number 3, 7 or 8."""
-    minor = version if isinstance(version, int) else {RFB_3_3: 3, RFB_3_7: 7, RFB_3_8: 8}.get(bytes(version))
+    """The minor version of a line authenticate_backend returned: what the gateway offers a client."""
+    minor = {RFB_3_3: 3, RFB_3_7: 7, RFB_3_8: 8}.get(bytes(version))
     if minor not in (3, 7, 8):
         raise ValueError(f"the gateway speaks RFB 3.3, 3.7 and 3.8, not {version!r}")
     return minor

@@ -38,7 +38,7 @@ class Session:
         self.started = time.time()
         self.relay = None
         # The RFB security the gateway did with the backend: None (the client does its own),
-        # the minor version agreed (the client gets security type None), or the RfbError to tell it.
+        # the version line agreed (the client gets security type None), or the RfbError to tell it.
         self.security = None
 
     @property
@@ -58,6 +58,13 @@ class Session:
             self.relay.stop(reason)
         else:  # not relaying yet: dropping the backend ends the handshake
             self.backend.close()
+
+
+def _refusal_text(error):
+    """What a VNC client shows when the gateway's own handshake with the console failed."""
+    if error.reason == "backend-auth-failed":
+        return f"vncgate: the console refused its stored password ({error.detail})"
+    return f"vncgate: the console's VNC server cannot be used ({error.reason}: {error.detail})"
 
 
 class SessionManager:
@@ -102,8 +109,10 @@ class SessionManager:
 
     def _authenticate_backend(self, session):
         try:
+            # A XenServer's banner may have come with its CONNECT reply: the handshake reads it.
+            leftover, session.backend_leftover = session.backend_leftover, b""
             return rfb.authenticate_backend(session.backend, session.details.backend_password,
-                                            time.monotonic() + self.backend_timeout)
+                                            time.monotonic() + self.backend_timeout, initial=leftover)
         except rfb.RfbError as error:
             log.warning("session %s: VNC authentication with %s:%s failed: %s", session.id,
                         session.details.host, session.details.port, error)
@@ -115,8 +124,7 @@ class SessionManager:
         did not speak RFB."""
         try:
             if isinstance(session.security, rfb.RfbError):
-                rfb.refuse_client(read_exact, write, 8, f"vncgate: the console refused its stored password "
-                                                        f"({session.security.detail})")
+                rfb.refuse_client(read_exact, write, rfb.RFB_3_8, _refusal_text(session.security))
                 self.audit.record("attempt", **session.audit_fields(), result="rejected", status=200,
                                   reason=session.security.reason)
             else:
