@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from vncgate import http
+from vncgate.refusals import Refused
 
 
 class ScriptedSocket:
@@ -59,14 +60,14 @@ def test_a_request_split_anywhere_keeps_its_leftover():
     (b"GET / HTTP/1.1\r\n", "connection closed"),
 ])
 def test_bad_heads_are_400(raw, detail):
-    with pytest.raises(http.HttpError) as error:
+    with pytest.raises(Refused) as error:
         read([raw])
     assert error.value.status == 400 and detail in error.value.detail
 
 
 def test_duplicate_token_is_400():
     request, _ = read([b"CONNECT /console?token=a&token=b HTTP/1.1\r\n\r\n"])
-    with pytest.raises(http.HttpError, match="more than one token"):
+    with pytest.raises(Refused, match="more than one token"):
         request.query_value("token")
 
 
@@ -80,7 +81,7 @@ def test_deadline_gives_408():
     try:
         right.sendall(b"CONNECT /console?token=x HTTP/1.1\r\n")
         started = time.monotonic()
-        with pytest.raises(http.HttpError) as error:
+        with pytest.raises(Refused) as error:
             http.read_request(left, time.monotonic() + 0.3)
         assert error.value.status == 408 and time.monotonic() - started < 2
     finally:
@@ -95,7 +96,7 @@ def test_fuzz_no_exception_escapes_and_no_read_past_the_bound(chunks, limit):
     sock = ScriptedSocket(chunks)
     try:
         request, leftover = http.read_request(sock, time.monotonic() + 5, limit)
-    except http.HttpError as error:
+    except Refused as error:
         assert error.status == 400  # the scripted peer never stalls, so never 408
     else:
         assert request.method.isupper() and request.version in ("HTTP/1.0", "HTTP/1.1")
@@ -115,7 +116,7 @@ def test_fuzz_well_formed_requests_parse_back(method, token, headers):
     raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     try:
         request, leftover = read([raw])
-    except http.HttpError as error:
+    except Refused as error:
         assert error.status == 400 and len(raw) > http.MAX_HEAD
         return
     assert request.method == method and leftover == b""

@@ -112,10 +112,19 @@ def test_missing_files_and_folders_are_404(gateway, target):
     assert fetch(gateway.port, target)[0] == 404
 
 
-def test_web_requests_are_not_audited(gateway, site):
-    for target in ["/vnc.html", "/missing.html", "/healthz", "/metrics"] + outside_targets(site):
+def test_web_requests_are_not_console_attempts_and_only_failures_are_audited(gateway, site):
+    def web_lines():
+        return [line for line in gateway.audit() if line.get("path") == "web"]
+    before = len(web_lines())  # the gateway is shared with the module's other tests
+    for target in ["/vnc.html", "/healthz", "/metrics"]:
+        assert fetch(gateway.port, target)[0] == 200
+    assert len(web_lines()) == before
+    for target in ["/missing.html"] + outside_targets(site):
         fetch(gateway.port, target)
-    assert [line for line in gateway.audit() if line.get("path") == "web"] == []
+    lines = web_lines()[before:]
+    assert len(lines) == 1 + len(outside_targets(site))
+    assert {line["event"] for line in lines} == {"request"}
+    assert {line["reason"] for line in lines} <= {"not-found", "bad-request"}
 
 
 def test_no_web_root_means_no_files_but_health_and_metrics(tmp_path):

@@ -11,29 +11,23 @@ import socket
 import time
 
 from vncgate import http
+from vncgate.refusals import Refused
 
 XEN_REPLY_LIMIT = 4096
 
 
-class BackendError(Exception):
-    """The backend cannot be used; .reason is a short word for audit lines."""
-
-    def __init__(self, reason, detail):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-
-
 def open_backend(details, timeout):
-    """Connect to the console of details; returns (socket, bytes already read from it)."""
+    """Connect to the console of details; returns (socket, bytes already read from it).
+    Raises Refused with a backend-… reason."""
     deadline = time.monotonic() + timeout
     try:
         sock = socket.create_connection((details.host, details.port), timeout=timeout)
     except ConnectionRefusedError as error:
-        raise BackendError("backend-refused", str(error)) from None
+        raise Refused("backend-refused", str(error)) from None
     except socket.timeout:
-        raise BackendError("backend-timeout", f"no connection to {details.host}:{details.port} in {timeout}s") from None
+        raise Refused("backend-timeout", f"no connection to {details.host}:{details.port} in {timeout}s") from None
     except OSError as error:
-        raise BackendError("backend-unreachable", str(error)) from None
+        raise Refused("backend-unreachable", str(error)) from None
     try:
         leftover = _xen_connect(sock, details.internal_access_path, deadline) if details.internal_access_path else b""
         if not leftover:
@@ -48,12 +42,10 @@ def _xen_connect(sock, path, deadline):
     try:
         sock.sendall(f"CONNECT {path} HTTP/1.1\r\n\r\n".encode("latin-1"))
         status, leftover = http.read_response_status(sock, deadline, XEN_REPLY_LIMIT)
-    except http.HttpError as error:
-        raise BackendError("backend-timeout" if error.status == 504 else "backend-bad-reply", error.detail) from None
     except OSError as error:
-        raise BackendError("backend-unreachable", str(error)) from None
+        raise Refused("backend-unreachable", str(error)) from None
     if status != 200:
-        raise BackendError("backend-refused-connect", f"XenServer answered {status} to CONNECT {path}")
+        raise Refused("backend-refused-connect", f"XenServer answered {status} to CONNECT {path}")
     return leftover
 
 
@@ -62,6 +54,6 @@ def _wait_for_first_byte(sock, deadline):
     poller = select.poll()  # not select.select: descriptors above 1024 are normal under load
     poller.register(sock, select.POLLIN)
     if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
-        raise BackendError("backend-silent", "the VNC server sent nothing in time")
+        raise Refused("backend-silent", "the VNC server sent nothing in time")
     if not sock.recv(1, socket.MSG_PEEK):
-        raise BackendError("backend-closed", "the VNC server closed the connection at once")
+        raise Refused("backend-closed", "the VNC server closed the connection at once")

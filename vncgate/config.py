@@ -7,6 +7,7 @@ line, because that line is all an operator sees.
 
 import configparser
 import dataclasses
+import ipaddress
 import os
 import urllib.parse
 
@@ -53,6 +54,14 @@ def _origins(value):
     return tuple(item for item in (part.strip() for part in value.replace(",", " ").split()) if item)
 
 
+def _networks(value):
+    """Addresses or CIDR networks, separated by commas or spaces."""
+    try:
+        return tuple(ipaddress.ip_network(item, strict=False) for item in _origins(value))
+    except ValueError as error:
+        raise ValueError(f"must be addresses or networks ({error})") from None
+
+
 # key -> (parser, default). Defaults are the values an empty file yields.
 SCHEMA = {
     "listen": (_text, "127.0.0.1"),
@@ -73,6 +82,7 @@ SCHEMA = {
     "failed_token_rate": (_positive(float), 1.0),
     "handshake_timeout": (_positive(float), 10.0),
     "audit_log": (_text, ""),
+    "metrics_allow": (_networks, _networks("127.0.0.0/8, ::1")),
 }
 
 # Where an installed noVNC is found when web_root = auto.
@@ -99,6 +109,7 @@ class Config:
     failed_token_rate: float = 1.0
     handshake_timeout: float = 10.0
     audit_log: str = ""
+    metrics_allow: tuple = SCHEMA["metrics_allow"][1]
     source: str = ""  # the file read, "" when built-in defaults only
 
     @property

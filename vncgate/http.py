@@ -11,19 +11,12 @@ import socket
 import time
 import urllib.parse
 
+from vncgate.refusals import Refused
+
 MAX_HEAD = 8192
 MAX_HEADERS = 64
 _METHOD = re.compile(rb"[A-Z]{1,16}")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-
-
-class HttpError(Exception):
-    """The peer's head is unacceptable; status is what we answer."""
-
-    def __init__(self, status, detail):
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 class Request:
@@ -32,18 +25,18 @@ class Request:
         self.target = target
         self.version = version
         self.headers = headers  # lower-case name -> value; repeated names joined by ", "
-        parts = urllib.parse.urlsplit(target)
-        self.path = parts.path
-        self.query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+        # Split by hand: urlsplit reads "//x" as a host and raises on "//[".
+        self.path, _, query = target.partition("?")
+        self.query = urllib.parse.parse_qs(query.partition("#")[0], keep_blank_values=True)
 
     def header(self, name, default=""):
         return self.headers.get(name.lower(), default)
 
     def query_value(self, name):
-        """The one value of a query parameter; '' when absent, HttpError(400) when repeated."""
+        """The one value of a query parameter; '' when absent, Refused when repeated."""
         values = self.query.get(name, [])
         if len(values) > 1:
-            raise HttpError(400, f"more than one {name} in the query")
+            raise Refused("bad-request", f"more than one {name} in the query")
         return values[0] if values else ""
 
     def cookie(self, name):
@@ -54,7 +47,7 @@ class Request:
         return ""
 
 
-def _read_head(sock, deadline, limit, timeout_status, first_line_check=None):
+def _read_head(sock, deadline, limit, timeout_reason, first_line_check=None):
     """Read up to and including the blank line; returns (head bytes, leftover bytes)."""
     buffer = b""
     while True:
@@ -64,17 +57,17 @@ def _read_head(sock, deadline, limit, timeout_status, first_line_check=None):
         if end >= 0:
             return buffer[:end], buffer[end + 4:]
         if len(buffer) > limit:
-            raise HttpError(400, f"head larger than {limit} bytes")
+            raise Refused("bad-request", f"head larger than {limit} bytes")
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise HttpError(timeout_status, "head not complete in time")
+            raise Refused(timeout_reason, "head not complete in time")
         sock.settimeout(remaining)
         try:
             chunk = sock.recv(limit + 4 - len(buffer) if len(buffer) < limit else 1)
         except socket.timeout:
-            raise HttpError(timeout_status, "head not complete in time") from None
+            raise Refused(timeout_reason, "head not complete in time") from None
         if not chunk:
-            raise HttpError(400, "connection closed before the head was complete")
+            raise Refused("bad-request", "connection closed before the head was complete")
         buffer += chunk
 
 
@@ -82,38 +75,45 @@ def _check_method_early(buffer):
     """Refuse junk at once instead of waiting for 8 KiB or the timeout."""
     method, space, _ = buffer.partition(b" ")
     if (method or space) and not _METHOD.fullmatch(method):
-        raise HttpError(400, "not an HTTP request")
+        raise Refused("bad-request", "not an HTTP request")
 
 
 def _parse_headers(lines):
     if len(lines) > MAX_HEADERS:
-        raise HttpError(400, f"more than {MAX_HEADERS} header lines")
+        raise Refused("bad-request", f"more than {MAX_HEADERS} header lines")
     headers = {}
     for line in lines:
         name, colon, value = line.partition(":")
         if not colon or not _TOKEN.fullmatch(name):
-            raise HttpError(400, "malformed header line")
+            raise Refused("bad-request", "malformed header line")
         name, value = name.lower(), value.strip()
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
     return headers
 
 
 def read_request(sock, deadline, limit=MAX_HEAD):
-    """A client's request head; returns (Request, leftover). Raises HttpError (400 or 408)."""
-    head, leftover = _read_head(sock, deadline, limit, 408, _check_method_early)
+    """A client's request head; returns (Request, leftover). Raises Refused (bad-request or
+    handshake-timeout)."""
+    head, leftover = _read_head(sock, deadline, limit, "handshake-timeout", _check_method_early)
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or not parts[1] or not re.fullmatch(r"HTTP/1\.[01]", parts[2]):
-        raise HttpError(400, "malformed request line")
+        raise Refused("bad-request", "malformed request line")
     return Request(parts[0], parts[1], parts[2], _parse_headers(lines[1:])), leftover
 
 
 def read_response_status(sock, deadline, limit):
-    """A server's response head (the XenServer CONNECT reply); returns (status, leftover)."""
-    head, leftover = _read_head(sock, deadline, limit, 504)
-    match = re.match(rb"HTTP/1\.[01] (\d{3})", head)
+    """A server's response head (the XenServer CONNECT reply); returns (status, leftover).
+    Raises Refused: backend-timeout, or backend-bad-reply for anything but a status line."""
+    try:
+        head, leftover = _read_head(sock, deadline, limit, "backend-timeout")
+    except Refused as error:
+        raise Refused(error.reason if error.reason == "backend-timeout" else "backend-bad-reply",
+                      error.detail) from None
+    # Exactly three digits and then a space or the end of the line: "2000" is no 200.
+    match = re.match(rb"HTTP/1\.[01] ([1-5]\d\d)(?: |\r\n|$)", head)
     if not match:
-        raise HttpError(502, "malformed status line")
+        raise Refused("backend-bad-reply", "malformed status line")
     return int(match.group(1)), leftover
 
 
@@ -124,8 +124,8 @@ def response(status, headers=(), body=b""):
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-def error_response(status, explanation=None):
+def error_response(status, sentence):
     """A short plain-text error that closes the connection."""
-    body = f"{status} {http.HTTPStatus(status).phrase}{': ' + explanation if explanation else ''}\n".encode()
+    body = f"{status} {http.HTTPStatus(status).phrase}: {sentence}\n".encode()
     return response(status, [("Content-Type", "text/plain; charset=utf-8"),
                              ("Content-Length", str(len(body))), ("Connection", "close")], body)

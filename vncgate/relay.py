@@ -212,10 +212,7 @@ class Relay:
             if self.end_reason is None:
                 self.end_reason = reason
         for sock in self.sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # already closed by its peer
+            tls.wake(sock)
 
 
 def tune(sock):

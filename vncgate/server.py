@@ -10,11 +10,11 @@ stop() can end handshakes and sessions alike within moments.
 import logging
 import socket
 import socketserver
-import ssl
 import threading
 import time
 
 from vncgate import http, sessions, throttle, tls, web, websocket, xvp
+from vncgate.refusals import Refused
 
 log = logging.getLogger("vncgate.server")
 
@@ -40,11 +40,14 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                 path = "web"
                 web.serve(gateway, conn, request, client)
             else:
-                raise http.HttpError(400, f"method {request.method} not served")
-        except http.HttpError as error:
-            self._refuse(conn, error, path, client)
+                raise Refused("bad-request", f"method {request.method} not served")
+        except Refused as refusal:
+            self._refuse(conn, refusal, path, client)
         except OSError as error:
             log.debug("%s: connection ended during the handshake: %s", client, error)
+        except Exception:  # the gateway's own fault: the client still gets an answer
+            log.exception("%s: unexpected error on the %s path", client, path)
+            self._refuse(conn, Refused("internal-error"), path, client)
         finally:
             if conn is not None and conn is not self.request:
                 conn.close()  # the TLS wrapper; socketserver closes the plain socket
@@ -57,33 +60,28 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         try:
             first = conn.recv(1, socket.MSG_PEEK)
         except socket.timeout:
-            raise http.HttpError(408, "nothing sent in time") from None
+            raise Refused("handshake-timeout", "nothing sent in time") from None
         if not tls.is_client_hello(first):
             if gateway.config.tls_only and first:
-                raise http.HttpError(400, "this port accepts TLS only: use https:// or wss://")
+                raise Refused("tls-required")
             return conn
         if gateway.tls_context is None:
-            raise http.HttpError(400, "TLS is not configured on this port")
-        wrapped = gateway.tls_context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
-        gateway.track(conn, wrapped)
+            raise Refused("tls-not-configured")
         try:
-            wrapped.settimeout(max(0.001, deadline - time.monotonic()))
-            wrapped.do_handshake()
-            return wrapped
-        except (ssl.SSLError, OSError) as error:
-            reason = "handshake-timeout" if isinstance(error, socket.timeout) else "tls-handshake-failed"
-            gateway.audit.record("attempt", client=client, path="tls", result="rejected", reason=reason,
-                                 detail=str(error)[:200])
-            wrapped.close()
+            return tls.accept(gateway.tls_context, conn, deadline,
+                              on_wrapped=lambda wrapped: gateway.track(conn, wrapped))
+        except tls.HandshakeFailed as error:
+            gateway.audit.record("attempt", client=client, path="tls", result="rejected", reason=error.reason,
+                                 detail=error.detail)
             return None
 
-    def _refuse(self, conn, error, path, client):
-        fields = getattr(error, "fields", None) or {"client": client, "path": path}
-        reason = getattr(error, "reason", None) or {408: "handshake-timeout"}.get(error.status, "bad-request")
-        self.server.audit.record("attempt", **fields, result="rejected", status=error.status, reason=reason,
-                                 **({"detail": error.detail} if error.detail != reason else {}))
+    def _refuse(self, conn, refusal, path, client):
+        fields = refusal.fields or {"client": client, "path": path}
+        # A file or page the web side cannot give is a "request" line, not a console attempt.
+        event = "request" if path == "web" else "attempt"
+        self.server.audit.record(event, **fields, result="rejected", **refusal.audit_fields())
         try:
-            conn.sendall(http.error_response(error.status, error.detail if error.status == 400 else None))
+            conn.sendall(http.error_response(refusal.status, refusal.sentence))
         except OSError:
             pass  # the client is gone; the audit line says what it was told
 
@@ -124,10 +122,11 @@ class Gateway(socketserver.ThreadingTCPServer):
             if admitted:
                 self._connections[request] = request
         if not admitted:
+            refusal = Refused("max-connections")
             self.audit.record("attempt", client=f"{client_address[0]}:{client_address[1]}", path="-",
-                              result="rejected", status=503, reason="max-connections")
+                              result="rejected", **refusal.audit_fields())
             try:
-                request.sendall(http.error_response(503))
+                request.sendall(http.error_response(refusal.status, refusal.sentence))
             except OSError:
                 pass
             self.shutdown_request(request)
@@ -171,10 +170,7 @@ class Gateway(socketserver.ThreadingTCPServer):
         with self._lock:
             pending = list(self._connections.values())
         for conn in pending:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            tls.wake(conn)
         if self.housekeeper.is_alive():
             self.housekeeper.stop()
         self.server_close()

@@ -13,18 +13,10 @@ import socket
 import threading
 import time
 
-from vncgate import backends, http, rfb, store as store_module
+from vncgate import backends, refusals, rfb, store as store_module
+from vncgate.refusals import Refused
 
 log = logging.getLogger("vncgate.sessions")
-
-
-class Refused(http.HttpError):
-    """A console attempt that gets an HTTP error; .reason and .fields go to the audit line."""
-
-    def __init__(self, status, reason, **fields):
-        super().__init__(status, reason)
-        self.reason = reason
-        self.fields = fields
 
 
 class Session:
@@ -60,13 +52,6 @@ class Session:
             self.backend.close()
 
 
-def _refusal_text(error):
-    """What a VNC client shows when the gateway's own handshake with the console failed."""
-    if error.reason == "backend-auth-failed":
-        return f"vncgate: the console refused its stored password ({error.detail})"
-    return f"vncgate: the console's VNC server cannot be used ({error.reason}: {error.detail})"
-
-
 class SessionManager:
     def __init__(self, store, audit, backend_timeout, throttle, heartbeat):
         self.store = store
@@ -84,18 +69,18 @@ class SessionManager:
         fields = {"client": client, "path": path, "console_type": console_type}
         address = client.rsplit(":", 1)[0]
         if not self.throttle.allowed(address):
-            raise Refused(429, "throttled", **fields)
+            raise Refused("throttled", **fields)
         if not token:
             self.throttle.failed(address)
-            raise Refused(400, "no-token", **fields)
+            raise Refused("no-token", **fields)
         fields["token_id"] = store_module.hash_token(token)[:8]
         details = self._validate(token, console_type, address, fields)
         fields["instance_id"] = details.instance_id
         try:
             backend, leftover = backends.open_backend(details, self.backend_timeout)
-        except backends.BackendError as error:
+        except Refused as error:
             log.info("backend %s:%s for %s: %s", details.host, details.port, details.instance_id, error)
-            raise Refused(502, error.reason, **fields) from None
+            raise Refused(error.reason, error.detail, **fields) from None
         session = Session(details, client, path, backend, leftover)
         if details.backend_password is not None:
             session.security = self._authenticate_backend(session)
@@ -124,9 +109,10 @@ class SessionManager:
         did not speak RFB."""
         try:
             if isinstance(session.security, rfb.RfbError):
-                rfb.refuse_client(read_exact, write, rfb.RFB_3_8, _refusal_text(session.security))
+                sentence = refusals.REASONS[session.security.reason].sentence
+                rfb.refuse_client(read_exact, write, rfb.RFB_3_8, f"vncgate: {sentence}")
                 self.audit.record("attempt", **session.audit_fields(), result="rejected", status=200,
-                                  reason=session.security.reason)
+                                  reason=session.security.reason, detail=session.security.detail)
             else:
                 rfb.offer_no_auth(read_exact, write, session.security)
                 return True
@@ -150,12 +136,12 @@ class SessionManager:
             details = self.store.validate(token, console_type)
         except store_module.TokenRejected as rejected:
             self.throttle.failed(address)
-            raise Refused(401, rejected.reason, **fields) from None
+            raise Refused(rejected.reason, **fields) from None
         except store_module.StoreError as error:
             if not self._store_down:  # one line per outage, not one per handshake
                 log.error("token store unavailable, answering 503: %s", error)
                 self._store_down = True
-            raise Refused(503, "store-unavailable", **fields) from None
+            raise Refused("store-unavailable", str(error), **fields) from None
         if self._store_down:
             log.warning("token store available again")
             self._store_down = False

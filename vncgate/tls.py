@@ -1,15 +1,19 @@
-"""TLS on the one port: the server context (reloadable) and a relay-safe TLS stream.
+"""TLS on the one port: the server context (reloadable), the one place connections are
+wrapped (accept) and woken (wake), and a relay-safe TLS stream.
 
 OpenSSL forbids using one SSL object from two threads at once, and the relay runs
 one thread per direction. TlsStream makes the socket non-blocking, takes a lock
 around every OpenSSL call and waits in poll() outside the lock, so a reader
-blocked on a quiet client never holds up the writer.
+blocked on a quiet client never holds up the writer. Another thread ends a TLS
+connection only through wake(), which shuts the socket down beneath OpenSSL
+instead of touching the SSL object.
 """
 
 import select
 import socket
 import ssl
 import threading
+import time
 
 
 class TlsConfigError(Exception):
@@ -31,6 +35,39 @@ def is_client_hello(first_byte):
     return first_byte == b"\x16"  # a TLS handshake record
 
 
+class HandshakeFailed(Exception):
+    """The client's TLS handshake failed; .reason is the audit word, .detail one line."""
+
+    def __init__(self, reason, detail):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def accept(context, sock, deadline, on_wrapped=lambda wrapped: None):
+    """The server side of a TLS handshake, finished by deadline; returns the SSLSocket.
+    on_wrapped sees the wrapper before the handshake starts (so stop() can wake it)."""
+    wrapped = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    on_wrapped(wrapped)
+    try:
+        wrapped.settimeout(max(0.001, deadline - time.monotonic()))
+        wrapped.do_handshake()
+        return wrapped
+    except (ssl.SSLError, OSError) as error:
+        wrapped.close()
+        reason = "handshake-timeout" if isinstance(error, socket.timeout) else "tls-handshake-failed"
+        raise HandshakeFailed(reason, str(error)[:200]) from None
+
+
+def wake(sock):
+    """End a connection, TLS or not, from any thread: both ways shut down at the socket.
+    Never SSLSocket.shutdown, which drops the SSL state another thread may be inside."""
+    try:
+        socket.socket.shutdown(sock.ssl_sock if isinstance(sock, TlsStream) else sock, socket.SHUT_RDWR)
+    except OSError:
+        pass  # closed already, or its peer is gone
+
+
 class TlsStream:
     """A non-blocking SSLSocket that two relay threads may share."""
 
@@ -38,6 +75,7 @@ class TlsStream:
         ssl_sock.setblocking(False)
         self.ssl_sock = ssl_sock
         self._lock = threading.Lock()
+        self._timeout = None
 
     def fileno(self):
         return self.ssl_sock.fileno()
@@ -46,10 +84,11 @@ class TlsStream:
         self.ssl_sock.setsockopt(*args)
 
     def settimeout(self, timeout):
-        if timeout is not None:
-            raise ValueError("a relayed TLS stream waits without a timeout; stop() ends it")
+        """Each call waits at most timeout seconds (socket.timeout after); None: no limit."""
+        self._timeout = timeout
 
     def _call(self, operation, *args):
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
         while True:
             with self._lock:
                 try:
@@ -62,7 +101,10 @@ class TlsStream:
                     return 0  # the peer's close_notify: end of stream
             poller = select.poll()
             poller.register(self.fileno(), events)
-            poller.poll()
+            if deadline is None:
+                poller.poll()
+            elif not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+                raise socket.timeout("timed out")
 
     def recv_into(self, view):
         return self._call(self.ssl_sock.recv_into, view)
@@ -84,8 +126,7 @@ class TlsStream:
             return self.ssl_sock.pending()
 
     def shutdown(self, how):
-        # The socket's own shutdown: SSLSocket.shutdown would also drop the SSL state
-        # that the other direction is still using.
+        # The socket's own shutdown, as in wake(): the other direction still uses the SSL state.
         socket.socket.shutdown(self.ssl_sock, how)
 
     def close(self):

@@ -2,19 +2,23 @@
 
 A file is served only from inside web_root: the decoded path may not climb or
 hide ('.', '..', empty segments, backslashes, NULs), and the file it names, links
-resolved, must be a regular file that is still inside web_root. These requests
-are not console attempts, so they are not audited: errors are answered here
-instead of being raised to the server.
+resolved, must be a regular file that is still inside web_root. Every reply has
+one deadline. Errors are raised as Refused, which the server answers and audits
+like any other refusal. /metrics is served only to the networks in metrics_allow.
 """
 
 import email.utils
+import ipaddress
 import logging
 import mimetypes
 import os
+import socket
 import stat
+import time
 import urllib.parse
 
 from vncgate import http, store as store_module
+from vncgate.refusals import Refused
 
 log = logging.getLogger("vncgate.web")
 
@@ -25,72 +29,93 @@ for _extension, _type in ((".js", "text/javascript"), (".oga", "audio/ogg"), (".
     _TYPES.add_type(_type, _extension)
 _UTF8_TYPES = ("text/", "application/json", "image/svg+xml")
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+SEND_CHUNK = 64 * 1024
 
 
 def serve(gateway, conn, request, client):
-    conn.settimeout(gateway.config.handshake_timeout)  # a reader this slow for small files is dropped
-    path = request.target.partition("?")[0]  # as sent: Request.path would read "//x" as a host
-    page = {"/healthz": health, "/metrics": metrics}.get(path)
-    try:
-        if page:
-            status, content_type, body = page(gateway)
-            _reply(conn, request, status, [("Content-Type", content_type), ("Content-Length", str(len(body))),
-                                           ("Cache-Control", "no-store")], body)
-        else:
-            _send_file(conn, request, file_path(gateway.config.web_root, path))
-    except http.HttpError as error:
-        log.debug("%s: %s %s: %s", client, request.method, request.target, error.detail)
-        body = f"{error.status} {error.detail}\n".encode()
-        _reply(conn, request, error.status, [("Content-Type", "text/plain; charset=utf-8"),
-                                             ("Content-Length", str(len(body)))], body)
+    """Answer one request; raises Refused (audited and answered by the server) when it cannot."""
+    # Every reply has one overall deadline, not only a timeout per send: a reader this slow
+    # for files this small is holding a thread, not reading.
+    deadline = time.monotonic() + gateway.config.handshake_timeout
+    page = {"/healthz": health, "/metrics": metrics}.get(request.path)
+    if page:
+        status, content_type, body = page(gateway, client)
+        _reply(conn, request, deadline, status, [("Content-Type", content_type),
+                                                 ("Content-Length", str(len(body))),
+                                                 ("Cache-Control", "no-store")], body)
+    else:
+        _send_file(conn, request, deadline, file_path(gateway.config.web_root, request.path))
 
 
-def _reply(conn, request, status, headers, body=b""):
+def _reply(conn, request, deadline, status, headers, body=b"", file=None):
     """One whole reply; HEAD gets the same head and no body. One request per connection."""
-    conn.sendall(http.response(status, [*headers, ("Connection", "close")],
-                               b"" if request.method == "HEAD" else body))
+    _send_by(conn, deadline, http.response(status, [*headers, ("Connection", "close")],
+                                           b"" if request.method == "HEAD" else body))
+    if file is not None and request.method == "GET":
+        while chunk := file.read(SEND_CHUNK):
+            _send_by(conn, deadline, chunk)
+
+
+def _send_by(conn, deadline, data):
+    view = memoryview(data)
+    while view:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("the reply was not taken in time")
+        conn.settimeout(remaining)
+        view = view[conn.send(view):]
 
 
 # -- files ------------------------------------------------------------------------------
 
 def file_path(web_root, path):
     """The real path under web_root that a request path names.
-    HttpError 400 for a path that climbs or hides, 404 when it can name nothing there."""
+    Refused bad-request for a path that climbs or hides, not-found when it can name nothing there."""
     if not web_root:
-        raise http.HttpError(404, "no web_root configured")
+        raise Refused("not-found", "no web_root configured")
     if not path.startswith("/"):
-        raise http.HttpError(400, "not a path")
+        raise Refused("bad-request", "not a path")
     parts = urllib.parse.unquote(path)[1:].split("/")
     if ("" in parts[:-1] or any(part in (".", "..") or "\\" in part or "\0" in part for part in parts)):
-        raise http.HttpError(400, "path climbs or hides")
+        raise Refused("bad-request", "path climbs or hides")
     root = os.path.realpath(web_root)
     found = os.path.realpath(os.path.join(root, *parts))
     if os.path.commonpath([root, found]) != root:
-        raise http.HttpError(404, "link out of web_root")
+        raise Refused("not-found", "link out of web_root")
     return found
 
 
-def _send_file(conn, request, name):
+def open_regular(name):
+    """(file, stat) of a regular file, or Refused not-found. Nothing else is opened for
+    long: a directory, FIFO or device is closed before it is refused."""
     try:
         # O_NONBLOCK: opening a FIFO that sits in web_root must not hang the thread.
-        file = os.fdopen(os.open(name, os.O_RDONLY | os.O_NONBLOCK), "rb")
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        raise http.HttpError(404, "not found") from None
-    with file:
-        info = os.fstat(file.fileno())
+        raise Refused("not-found") from None
+    try:
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise http.HttpError(404, "not a file")
+            raise Refused("not-found", "not a regular file")
+        return os.fdopen(fd, "rb"), info
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _send_file(conn, request, deadline, name):
+    file, info = open_regular(name)
+    with file:
         etag = f'"{info.st_mtime_ns:x}-{info.st_size:x}"'
         # no-cache: browsers keep the files but ask each time, so a noVNC upgrade shows at once.
         validators = [("Last-Modified", email.utils.formatdate(info.st_mtime, usegmt=True)), ("ETag", etag),
                       ("Cache-Control", "no-cache")]
         if _unchanged(request, etag, info.st_mtime):
-            _reply(conn, request, 304, validators)
+            _reply(conn, request, deadline, 304, validators)
             return
-        _reply(conn, request, 200, [("Content-Type", content_type(name)), ("Content-Length", str(info.st_size)),
-                                    ("X-Content-Type-Options", "nosniff"), *validators])
-        if request.method == "GET":
-            conn.sendfile(file)
+        _reply(conn, request, deadline, 200, [("Content-Type", content_type(name)),
+                                              ("Content-Length", str(info.st_size)),
+                                              ("X-Content-Type-Options", "nosniff"), *validators], file=file)
 
 
 def _unchanged(request, etag, mtime):
@@ -101,8 +126,8 @@ def _unchanged(request, etag, mtime):
     since = request.header("if-modified-since")
     try:
         return bool(since) and int(mtime) <= email.utils.parsedate_to_datetime(since).timestamp()
-    except (TypeError, ValueError):
-        return False  # a date we cannot read asks for nothing
+    except (TypeError, ValueError, OverflowError, IndexError):
+        return False  # a date we cannot read (or cannot represent) asks for nothing
 
 
 def content_type(name):
@@ -112,16 +137,30 @@ def content_type(name):
 
 # -- health and metrics ---------------------------------------------------------------
 
-def health(gateway):
+def health(gateway, client):
+    """ok or unavailable, and nothing else: the reason is for the operator's log, not the world."""
     try:
         gateway.store.ping()
     except store_module.StoreError as error:
-        return 503, "text/plain; charset=utf-8", f"store unavailable: {error}\n".encode()
+        log.debug("%s: /healthz: %s", client, error)
+        return 503, "text/plain; charset=utf-8", b"unavailable\n"
     return 200, "text/plain; charset=utf-8", b"ok"
 
 
-def metrics(gateway):
+def metrics(gateway, client):
+    if not address_in(client.rsplit(":", 1)[0], gateway.config.metrics_allow):
+        raise Refused("not-allowed-here", "metrics_allow does not include this address")
     return 200, PROMETHEUS_TYPE, exposition(_families(gateway))
+
+
+def address_in(address, networks):
+    """Whether an address (IPv4-mapped IPv6 read as IPv4) is in one of the networks."""
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return False
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    return any(ip in network for network in networks)
 
 
 def _families(gateway):

@@ -17,7 +17,8 @@ import urllib.parse
 
 from websockify.websocket import WebSocket, WebSocketWantReadError, WebSocketWantWriteError
 
-from vncgate import http, relay, sessions, store, tls
+from vncgate import relay, store, tls
+from vncgate.refusals import Refused
 
 PATH = "websocket"
 # websockify buffers a whole message; an RFB client sends small ones, so this
@@ -34,7 +35,7 @@ def serve(gateway, conn, request, leftover, client):
     token = request.query_value("token") or request.cookie("token")
     origin = request.header("origin")
     if origin and not origin_allowed(origin, gateway.config):
-        raise sessions.Refused(403, "origin-not-allowed", client=client, path=PATH, console_type=store.WEBSOCKET,
+        raise Refused("origin-not-allowed", client=client, path=PATH, console_type=store.WEBSOCKET,
                                **({"token_id": store.hash_token(token)[:8]} if token else {}))
     transport = Transport(leftover)
     websocket = ClientWebSocket()
@@ -44,7 +45,7 @@ def serve(gateway, conn, request, leftover, client):
     except WebSocketWantWriteError:
         pass  # the upgrade is valid; its 101 waits in websockify's buffer
     except Exception as error:  # websockify reports a bad upgrade as a plain Exception
-        raise http.HttpError(400, f"bad websocket upgrade: {error}") from None
+        raise Refused("bad-upgrade", str(error)) from None
 
     session = gateway.sessions.open(token, store.WEBSOCKET, PATH, client)
     stream = tls.TlsStream(conn) if isinstance(conn, ssl.SSLSocket) else conn

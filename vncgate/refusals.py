@@ -1,0 +1,72 @@
+"""Every way the gateway says no, in one table.
+
+A Refused carries one reason word. The table maps that word to the HTTP status the
+client gets and the one fixed sentence it reads; the audit line gets the word, the
+detail and the fields. Details (a backend's own error text, an OS error, what a
+parser disliked) never reach the client: like Nova's console proxies, the gateway
+tells a user only what a user can act on. A reason that is not in the table is a
+programming error and fails at once, where it is raised.
+"""
+
+import collections
+
+Answer = collections.namedtuple("Answer", "status sentence")
+
+_LINK_INVALID = "This console link is not valid: it is unknown, expired or revoked."
+_CONSOLE_DOWN = "The console cannot be reached right now."
+_BUSY = "The console service is busy or unavailable; try again shortly."
+
+REASONS = {
+    # the request itself
+    "bad-request": Answer(400, "The request is not one this gateway serves."),
+    "handshake-timeout": Answer(408, "The request did not arrive in time."),
+    "tls-required": Answer(400, "This port accepts TLS only: use https:// or wss://."),
+    "tls-not-configured": Answer(400, "TLS is not configured on this port."),
+    "bad-upgrade": Answer(400, "The WebSocket upgrade request is malformed."),
+    "origin-not-allowed": Answer(403, "Consoles cannot be opened from this page's origin."),
+    # the web side
+    "not-found": Answer(404, "Not found."),
+    "not-allowed-here": Answer(403, "Not served to this address."),
+    # the token
+    "no-token": Answer(400, "The console link has no token."),
+    "unknown-token": Answer(401, _LINK_INVALID),
+    "expired-token": Answer(401, _LINK_INVALID),
+    "wrong-console-type": Answer(401, _LINK_INVALID),
+    "sealed-password-unreadable": Answer(401, _LINK_INVALID),
+    "throttled": Answer(429, "Too many failed attempts from this address; try again shortly."),
+    # capacity and outages
+    "max-connections": Answer(503, _BUSY),
+    "store-unavailable": Answer(503, _BUSY),
+    # the console's VNC server: TCP, XenServer CONNECT, and the gateway's RFB handshake with it
+    "backend-refused": Answer(502, _CONSOLE_DOWN),
+    "backend-timeout": Answer(502, _CONSOLE_DOWN),
+    "backend-unreachable": Answer(502, _CONSOLE_DOWN),
+    "backend-bad-reply": Answer(502, _CONSOLE_DOWN),
+    "backend-refused-connect": Answer(502, _CONSOLE_DOWN),
+    "backend-silent": Answer(502, _CONSOLE_DOWN),
+    "backend-closed": Answer(502, _CONSOLE_DOWN),
+    "backend-bad-rfb": Answer(502, _CONSOLE_DOWN),
+    "backend-no-vnc-auth": Answer(502, _CONSOLE_DOWN),
+    "backend-auth-failed": Answer(502, "The console refused the credentials the gateway holds for it."),
+    # a fault of the gateway's own, never expected
+    "internal-error": Answer(500, "The gateway failed to handle this request."),
+}
+
+
+class Refused(Exception):
+    """A client cannot have what it asked for. .reason is the table's word; .detail and
+    .fields are for the audit line only."""
+
+    def __init__(self, reason, detail="", **fields):
+        answer = REASONS[reason]  # KeyError here: a reason missing from the table
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+        self.fields = fields
+        self.status = answer.status
+        self.sentence = answer.sentence
+
+    def audit_fields(self):
+        """What the audit line says of this refusal, besides the fields of the attempt."""
+        return {"status": self.status, "reason": self.reason,
+                **({"detail": self.detail} if self.detail else {})}
