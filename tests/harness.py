@@ -8,10 +8,18 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
+
+from PIL import Image
+from playwright.sync_api import sync_playwright
+from websockets.client import ClientProtocol
+from websockets.frames import Opcode
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -183,6 +191,11 @@ class GatewayProcess:
     def threads(self):
         return len(os.listdir(f"/proc/{self.proc.pid}/task"))
 
+    def rss_kib(self):
+        """The gateway's resident memory now, in KiB."""
+        with open(f"/proc/{self.proc.pid}/status") as status:
+            return int(next(line for line in status if line.startswith("VmRSS:")).split()[1])
+
     def fds(self):
         """The gateway's open file descriptors, by what they point at."""
         folder = f"/proc/{self.proc.pid}/fd"
@@ -323,3 +336,88 @@ def echo(sock):
 def token_id(token):
     """The 8 hex digits of a token's hash that logs and listings show."""
     return hashlib.sha256(token.encode()).hexdigest()[:8]
+
+
+# -- TLS certificates made by the tests -----------------------------------------------------
+
+def make_certificate(folder, name):
+    cert, key = os.path.join(folder, f"{name}.pem"), os.path.join(folder, f"{name}-key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def client_context(cert):
+    context = ssl.create_default_context(cafile=cert)
+    context.check_hostname = False  # the certificate names 127.0.0.1; the fingerprint is what we compare
+    return context
+
+
+# -- raw websocket requests, with frames that the websockets library builds and parses ---------
+
+def raw_upgrade(port, token, version="13", extra=b""):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(f"GET /websockify?token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                 f"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 f"Sec-WebSocket-Version: {version}\r\n\r\n".encode() + extra)
+    status, rest = read_head(sock)
+    return sock, status, rest
+
+
+def frames_until(sock, rest, done):
+    """Parse the gateway's frames with a websockets client protocol until done(frames) holds."""
+    client = ClientProtocol(parse_uri("ws://127.0.0.1/"), state=State.OPEN, max_size=None)
+    client.receive_data(rest)
+    frames = client.events_received()
+    while not done(frames):
+        data = sock.recv(65536)
+        assert data, "the gateway closed the connection early"
+        client.receive_data(data)
+        frames += client.events_received()
+    return frames
+
+
+def payload_of(frames):
+    return b"".join(frame.data for frame in frames if frame.opcode == Opcode.BINARY)
+
+
+def banner_then_record(backend, sock):
+    sock.sendall(b"RFB 003.008\n")
+    while data := sock.recv(65536):
+        backend.received.append(data)
+
+
+# -- pictures and a real browser -------------------------------------------------------------
+
+NOVNC = "/usr/share/novnc"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+def bright_pixels(path):
+    image = Image.open(path).convert("L")
+    return sum(image.histogram()[129:]), image.size
+
+
+def open_console_in_chromium(url, shot, extra_args=()):
+    """Open an access URL as a user would, and wait for noVNC to show qemu's text."""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[*CHROMIUM_ARGS, *extra_args])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors = []
+            page.on("pageerror", lambda error: errors.append(error))
+            page.goto(url)
+            canvas = page.locator("#noVNC_container canvas")
+
+            def text_on_the_canvas():
+                canvas.screenshot(path=shot, timeout=10_000)
+                return bright_pixels(shot)[0] > 200
+            wait_for(text_on_the_canvas, timeout=60, interval=0.5, message="SeaBIOS text in noVNC")
+            assert page.evaluate("document.documentElement.classList.contains('noVNC_connected')")
+            assert errors == []
+            # Leave as a user does: the page closes its websocket (1001) with a close handshake,
+            # where closing the browser at once may reset the connection instead.
+            page.goto("about:blank")
+        finally:
+            browser.close()

@@ -1,14 +1,10 @@
 """A real browser: headless Chromium opens the ws-vnc access URL, and noVNC shows qemu's screen."""
 
 import pytest
-from playwright.sync_api import sync_playwright
 
 from tests import harness
-from tests.test_tls import make_certificate
-from tests.test_xvp_e2e import bright_pixels
+from tests.harness import NOVNC, make_certificate, open_console_in_chromium
 
-NOVNC = "/usr/share/novnc"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 
 @pytest.fixture
@@ -19,30 +15,6 @@ def gateway(tmp_path):
                                      web_root=NOVNC)
     yield process
     assert process.stop() == 0
-
-
-def open_console_in_chromium(url, shot, extra_args=()):
-    """Open an access URL as a user would, and wait for noVNC to show qemu's text."""
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[*CHROMIUM_ARGS, *extra_args])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            errors = []
-            page.on("pageerror", lambda error: errors.append(error))
-            page.goto(url)
-            canvas = page.locator("#noVNC_container canvas")
-
-            def text_on_the_canvas():
-                canvas.screenshot(path=shot, timeout=10_000)
-                return bright_pixels(shot)[0] > 200
-            harness.wait_for(text_on_the_canvas, timeout=60, interval=0.5, message="SeaBIOS text in noVNC")
-            assert page.evaluate("document.documentElement.classList.contains('noVNC_connected')")
-            assert errors == []
-            # Leave as a user does: the page closes its websocket (1001) with a close handshake,
-            # where closing the browser at once may reset the connection instead.
-            page.goto("about:blank")
-        finally:
-            browser.close()
 
 
 def mint_ws_url(gateway, qemu, scheme):

@@ -1,6 +1,7 @@
 """The relay's building blocks, over socket pairs."""
 
 import socket
+import time
 import threading
 
 import pytest
@@ -29,13 +30,30 @@ def test_chunk_reader_reads_exactly_and_keeps_the_surplus():
     left.close()
 
 
-def test_prefixed_source_yields_the_prefix_first():
+def test_chunk_reader_goes_on_as_the_source_of_the_rest():
     left, right = socket.socketpair()
-    right.sendall(b"rest")
+    right.sendall(b"greeting-rest")
     right.close()
-    chunks = [bytes(chunk) for chunk in relay.PrefixedSource(b"first-", relay.SocketSource(left)).chunks()]
-    assert b"".join(chunks) == b"first-rest"
+    reader = relay.ChunkReader(relay.SocketSource(left))
+    assert reader.read_exact(9) == b"greeting-"
+    assert b"".join(bytes(chunk) for chunk in reader.chunks()) == b"rest"
     left.close()
+
+
+def test_deadline_socket_ends_a_dripping_peer_at_its_deadline():
+    left, right = socket.socketpair()
+    timed = relay.DeadlineSocket(left, 0.5)
+    started = time.monotonic()
+    with pytest.raises(socket.timeout):
+        while True:  # one byte every 0.1 s: each read is quick, the whole is not
+            right.sendall(b"x")
+            timed.recv(1)
+            time.sleep(0.1)
+    assert 0.4 < time.monotonic() - started < 1.5
+    timed.lift()
+    assert left.gettimeout() is None
+    left.close()
+    right.close()
 
 
 @pytest.mark.parametrize("kind", ["splice", "copy"])

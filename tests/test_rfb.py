@@ -11,8 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from tests import harness, vnc_client
 from tests.harness import FakeBackend, GatewayProcess
-from tests.test_browser import NOVNC, open_console_in_chromium
-from tests.test_xvp_e2e import bright_pixels
+from tests.harness import NOVNC, bright_pixels, open_console_in_chromium
 from vncgate import refusals, rfb
 
 PASSWORD = b"s3cret!8"

@@ -11,27 +11,13 @@ import subprocess
 import pytest
 
 from tests import harness
-from tests.harness import GatewayProcess, closed_by_peer
-
-
-def make_certificate(folder, name):
-    cert, key = os.path.join(folder, f"{name}.pem"), os.path.join(folder, f"{name}-key.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
-                    "-days", "2", "-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-                   check=True, capture_output=True, timeout=60)
-    return cert, key
+from tests.harness import GatewayProcess, client_context, closed_by_peer, make_certificate
 
 
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("certs"))
     return make_certificate(folder, "first"), make_certificate(folder, "second")
-
-
-def client_context(cert):
-    context = ssl.create_default_context(cafile=cert)
-    context.check_hostname = False  # the certificate names 127.0.0.1; the fingerprint is what we compare
-    return context
 
 
 def tls_xvp(port, token, cert):

@@ -1,9 +1,9 @@
 """A real VNC client (vncdotool) through the XVP path to a real VNC server (qemu)."""
 
 import pytest
-from PIL import Image
 
 from tests import harness, vnc_client
+from tests.harness import bright_pixels
 
 
 @pytest.fixture
@@ -11,11 +11,6 @@ def gateway(tmp_path):
     process = harness.GatewayProcess(str(tmp_path))
     yield process
     assert process.stop() == 0
-
-
-def bright_pixels(path):
-    image = Image.open(path).convert("L")
-    return sum(image.histogram()[129:]), image.size
 
 
 def test_vncdotool_sees_seabios_through_xvp(qemu, gateway, tmp_path):

@@ -23,6 +23,14 @@ F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux; named in fcntl fro
 CAN_SPLICE = hasattr(os, "splice")
 
 
+class Ended(OSError):
+    """A direction's protocol says the whole session is over; .reason is the audit word."""
+
+    def __init__(self, reason, detail=""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
 class SocketSource:
     """Reads a socket into one reused buffer; yields views that live until the next read."""
 
@@ -43,22 +51,10 @@ class SocketSource:
             yield view[:count]
 
 
-class PrefixedSource:
-    """Another source's chunks, after some bytes that were read from it already."""
-
-    def __init__(self, prefix, source):
-        self.prefix = prefix
-        self.source = source
-
-    def chunks(self):
-        if self.prefix:
-            yield self.prefix
-        yield from self.source.chunks()
-
-
 class ChunkReader:
     """Exact-size reads over a Source, for the few protocol bytes the gateway speaks itself
-    (RFB security) before relaying; .surplus is what was read beyond them."""
+    (RFB security) before relaying; .surplus is what was read beyond them. Afterwards it
+    is itself the Source of the rest: the surplus, then the source's further chunks."""
 
     def __init__(self, source, initial=b""):
         self._chunks = source.chunks()
@@ -72,6 +68,42 @@ class ChunkReader:
             self.surplus += bytes(chunk)  # copied: a SocketSource reuses its buffer
         data, self.surplus = self.surplus[:count], self.surplus[count:]
         return data
+
+    def chunks(self):
+        if self.surplus:
+            yield self.surplus
+        yield from self._chunks
+
+
+class DeadlineSocket:
+    """A socket whose every read and write waits only until one deadline (socket.timeout
+    after): for the bytes the gateway speaks itself, which a client may drip or pad."""
+
+    def __init__(self, sock, seconds):
+        self.sock = sock
+        self.deadline = time.monotonic() + seconds
+
+    def _armed(self):
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("the deadline has passed")
+            self.sock.settimeout(remaining)
+        return self.sock
+
+    def recv(self, size):
+        return self._armed().recv(size)
+
+    def recv_into(self, view):
+        return self._armed().recv_into(view)
+
+    def sendall(self, data):
+        self._armed().sendall(data)
+
+    def lift(self):
+        """No deadline from now on: the relay waits as long as the session lasts."""
+        self.deadline = None
+        self.sock.settimeout(None)
 
 
 class SocketSink:
@@ -95,6 +127,8 @@ class Direction:
         try:
             self.move(relay)
             self.close_write()  # half-close: the other way keeps going
+        except Ended as end:  # this side's protocol ends the session as a whole
+            relay.stop(end.reason)
         except OSError as error:
             self.failed = error
             relay.stop(f"{self.name}-error")  # an error is not a half-close: end both ways

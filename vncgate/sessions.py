@@ -13,22 +13,25 @@ import socket
 import threading
 import time
 
-from vncgate import backends, refusals, rfb, store as store_module
+from vncgate import backends, refusals, rfb, store as store_module, tls
 from vncgate.refusals import Refused
 
 log = logging.getLogger("vncgate.sessions")
 
 
 class Session:
-    def __init__(self, details, client, path, backend, backend_leftover):
+    def __init__(self, details, client, path, backend, backend_leftover, client_conn=None):
         self.id = secrets.token_hex(6)
         self.details = details
         self.client = client
         self.path = path
         self.backend = backend
         self.backend_leftover = backend_leftover
+        self.client_conn = client_conn
         self.started = time.time()
         self.relay = None
+        self.stopped = None  # the reason, once stop() was called
+        self._lock = threading.Lock()
         # The RFB security the gateway did with the backend: None (the client does its own),
         # the version line agreed (the client gets security type None), or the RfbError to tell it.
         self.security = None
@@ -46,10 +49,24 @@ class Session:
         return (self.relay.bytes_up, self.relay.bytes_down) if self.relay else (0, 0)
 
     def stop(self, reason):
-        if self.relay is not None:
-            self.relay.stop(reason)
-        else:  # not relaying yet: dropping the backend ends the handshake
-            self.backend.close()
+        """End the session from any thread, in its handshake with the client or relaying."""
+        with self._lock:
+            self.stopped = self.stopped or reason
+            relay = self.relay
+        if relay is not None:
+            relay.stop(reason)
+            return
+        for conn in (self.client_conn, self.backend):  # a greeting in progress ends at once
+            if conn is not None:
+                tls.wake(conn)
+
+    def start(self, relay):
+        """Hand the session to its relay; a stop() that came first stops the relay too."""
+        with self._lock:
+            self.relay = relay
+            stopped = self.stopped
+        if stopped:
+            relay.stop(stopped)
 
 
 class SessionManager:
@@ -64,7 +81,7 @@ class SessionManager:
         self._lock = threading.Lock()
         self._store_down = False
 
-    def open(self, token, console_type, path, client):
+    def open(self, token, console_type, path, client, conn=None):
         """Validate the token and reach its backend; returns a Session or raises Refused."""
         fields = {"client": client, "path": path, "console_type": console_type}
         address = client.rsplit(":", 1)[0]
@@ -81,7 +98,7 @@ class SessionManager:
         except Refused as error:
             log.info("backend %s:%s for %s: %s", details.host, details.port, details.instance_id, error)
             raise Refused(error.reason, error.detail, **fields) from None
-        session = Session(details, client, path, backend, leftover)
+        session = Session(details, client, path, backend, leftover, conn)
         if details.backend_password is not None:
             session.security = self._authenticate_backend(session)
         with self._lock:
@@ -149,7 +166,7 @@ class SessionManager:
 
     def run(self, session, relay):
         """Relay the session to its end, then unregister and audit it."""
-        session.relay = relay
+        session.start(relay)
         try:
             reason = relay.run()
         finally:
