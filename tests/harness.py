@@ -13,6 +13,8 @@ import sys
 import threading
 import time
 
+import redis
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -323,3 +325,100 @@ def echo(sock):
 def token_id(token):
     """The 8 hex digits of a token's hash that logs and listings show."""
     return hashlib.sha256(token.encode()).hexdigest()[:8]
+
+
+
+class RedisServer:
+    """A real redis-server on a loopback port, no persistence unless settings ask for it;
+    kill() then start() is a restart on the same port and folder. sentinel=True runs it as
+    redis-sentinel with a config file of those settings (Sentinel rewrites its file)."""
+
+    def __init__(self, folder, port=None, sentinel=False, **settings):
+        self.folder = str(folder)
+        self.port = port or free_port()
+        self.sentinel = sentinel
+        self.settings = settings if sentinel else {"save": "", "appendonly": "no", **settings}
+        self.log_path = os.path.join(self.folder, f"redis-{self.port}.log")
+        self.proc = None
+        self.start()
+
+    def start(self):
+        config = os.path.join(self.folder, f"redis-{self.port}.conf")
+        with open(config, "w") as handle:
+            handle.write(f"port {self.port}\nbind 127.0.0.1\ndir {self.folder}\nlogfile {self.log_path}\n")
+            for key, value in self.settings.items():
+                handle.write(f"{key.replace('_', '-')} {value or chr(34) * 2}\n")
+        argv = ["redis-sentinel", config] if self.sentinel else ["redis-server", config]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: self.proc.poll() is not None or self.answers(), 10, message="redis to answer")
+        assert self.proc.poll() is None, f"{argv[0]} exited: {self.log()}"
+
+    def answers(self):
+        try:
+            return self.client().ping()
+        except redis.exceptions.RedisError:
+            return False
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self):
+        return redis.Redis(port=self.port, socket_timeout=5, socket_connect_timeout=1)
+
+    def log(self):
+        with open(self.log_path) as handle:
+            return handle.read()
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.kill()
+
+
+class SentinelGroup:
+    """A primary, one replica and one sentinel watching them as SERVICE (down after 500 ms)."""
+
+    SERVICE = "vncgate"
+
+    def __init__(self, folder):
+        self.primary = RedisServer(folder)
+        self.replica = RedisServer(folder, replicaof=f"127.0.0.1 {self.primary.port}")
+        wait_for(lambda: self.replica.client().info("replication").get("master_link_status") == "up", 20,
+                 message="the replica to sync")
+        self.sentinel = RedisServer(folder, sentinel=True, **{
+            "sentinel monitor": f"{self.SERVICE} 127.0.0.1 {self.primary.port} 1",
+            "sentinel down-after-milliseconds": f"{self.SERVICE} 500",
+            "sentinel failover-timeout": f"{self.SERVICE} 5000",
+            "sentinel parallel-syncs": f"{self.SERVICE} 1"})
+        wait_for(lambda: self.sentinel.client().execute_command("SENTINEL", "REPLICAS", self.SERVICE), 20,
+                 message="the sentinel to find the replica")
+
+    @property
+    def url(self):
+        return f"redis+sentinel://127.0.0.1:{self.sentinel.port}/{self.SERVICE}/0"
+
+    def primary_port(self):
+        host, port = self.sentinel.client().execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.SERVICE)
+        return int(port)
+
+    def stop(self):
+        for server in (self.sentinel, self.replica, self.primary):
+            server.stop()
+
+
+def stored_bytes(database):
+    """Every byte a store holds: its SQLite files, or every key, field and value in Redis."""
+    if "://" not in database:
+        folder, name = os.path.split(database)
+        return b"".join(open(os.path.join(folder, item), "rb").read() for item in sorted(os.listdir(folder))
+                        if item.startswith(name))
+    client = redis.Redis.from_url(database)
+    readers = {b"hash": lambda key: b"".join(a + b for a, b in client.hgetall(key).items()),
+               b"set": lambda key: b"".join(client.smembers(key)),
+               b"zset": lambda key: b"".join(member for member in client.zrange(key, 0, -1)),
+               b"string": client.get}
+    return b"".join(key + readers[client.type(key)](key) for key in client.keys("*"))
