@@ -8,6 +8,7 @@ import select
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -156,6 +157,7 @@ class GatewayProcess:
                                      stdout=subprocess.DEVNULL, stderr=self.stderr, cwd=folder)
         line = wait_for(self._listening_line, 15, message="the 'vncgate listening on' line")
         self.port = int(line.rsplit(":", 1)[1])
+        self.host = values.get("listen", "127.0.0.1")
 
     def _listening_line(self):
         assert self.proc.poll() is None, f"vncgate exited: {self.read_stderr()}"
@@ -205,9 +207,9 @@ class GatewayProcess:
             self.stderr.close()
 
 
-def xvp_connect(port, token, timeout=10.0):
+def xvp_connect(port, token, timeout=10.0, host="127.0.0.1"):
     """Open an XVP session; returns (socket, status line, bytes after the head)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock = socket.create_connection((host, port), timeout=timeout)
     target = f"/console?token={token}" if token is not None else "/console"
     sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: gateway\r\n\r\n".encode())
     status, rest = read_head(sock)
@@ -422,3 +424,12 @@ def stored_bytes(database):
                b"zset": lambda key: b"".join(member for member in client.zrange(key, 0, -1)),
                b"string": client.get}
     return b"".join(key + readers[client.type(key)](key) for key in client.keys("*"))
+
+
+def session_rows(database):
+    """How many live-session records a store holds, stale ones included."""
+    if "://" in database:
+        client = redis.Redis.from_url(database)
+        return client.zcard("vncgate:sessions") + len(client.keys("vncgate:session:*"))
+    with sqlite3.connect(database) as db:
+        return db.execute("SELECT COUNT(*) FROM live_sessions").fetchone()[0]
