@@ -34,6 +34,12 @@ def open_session(gateway, token):
     return sock
 
 
+def handshake_ok(gateway, token):
+    sock, status, _ = xvp_connect(gateway.port, token, host=gateway.host)
+    sock.close()
+    return status == "HTTP/1.1 200 OK"
+
+
 def sessions(gateway):
     done = gateway.token_cli("sessions", "--json")
     assert done.returncode == 0, done.stderr
@@ -112,12 +118,8 @@ def test_redis_killed_and_restarted(tmp_path, qemu):
         assert 1 in harness.recv_exactly(live, count)  # security type None offered
         server.start()
         restarted = time.monotonic()
-
-        def handshake_ok():
-            sock, status, _ = xvp_connect(gateway.port, token)
-            sock.close()
-            return status == "HTTP/1.1 200 OK"
-        harness.wait_for(handshake_ok, 5, interval=0.05, message="a handshake to succeed after the restart")
+        harness.wait_for(lambda: handshake_ok(gateway, token), 5, interval=0.05,
+                         message="a handshake to succeed after the restart")
         assert time.monotonic() - restarted < 5
         live.sendall(b"\x01")
         assert harness.recv_exactly(live, 4) == b"\x00\x00\x00\x00"  # SecurityResult OK
@@ -145,12 +147,8 @@ def test_sentinel_failover_keeps_tokens_and_service(tmp_path, vnc):
         open_session(gateway, token).close()
         group.primary.kill()
         killed = time.monotonic()
-
-        def handshake_ok():
-            sock, status, _ = xvp_connect(gateway.port, token)
-            sock.close()
-            return status == "HTTP/1.1 200 OK"
-        harness.wait_for(handshake_ok, 10, interval=0.1, message="a handshake to succeed after the failover")
+        harness.wait_for(lambda: handshake_ok(gateway, token), 10, interval=0.1,
+                         message="a handshake to succeed after the failover")
         assert time.monotonic() - killed < 10
         assert group.primary_port() == group.replica.port
         assert gateway.read_stderr().count("token store unavailable") <= 1
@@ -191,3 +189,25 @@ def test_migrate_refuses_clearly(tmp_path, run_token, target, code, message):
     done = run_token("migrate", "--to", str(tmp_path / target) if target == "tokens.db" else target, check=code)
     assert message in done.stderr and len(done.stderr.splitlines()) == 1
     assert json.loads(run_token("list", "--json", check=0).stdout)  # nothing lost
+
+
+def test_a_gateway_started_before_its_redis_answers_503_then_serves(tmp_path, vnc):
+    port = harness.free_port()
+    gateway = GatewayProcess(str(tmp_path), database=f"redis://127.0.0.1:{port}/0")
+    try:
+        sock, status, _ = xvp_connect(gateway.port, "some-token")
+        sock.close()
+        assert status == "HTTP/1.1 503 Service Unavailable"
+        done = gateway.token_cli("list")
+        assert done.returncode == 1 and done.stderr.startswith(f"vncgate-token: error: redis redis://127.0.0.1:{port}/0: ")
+        assert len(done.stderr.splitlines()) == 1
+        server = RedisServer(tmp_path, port=port)
+        try:
+            token = gateway.mint("127.0.0.1", vnc.port)
+            harness.wait_for(lambda: handshake_ok(gateway, token), 5, message="service without a restart")
+        finally:
+            server.stop()
+    finally:
+        assert gateway.stop() == 0
+    assert gateway.read_stderr().count("token store unavailable") == 1
+    assert "token store available again" in gateway.read_stderr()

@@ -130,7 +130,7 @@ def stale_after(heartbeat):
 
 class Store:
     """The blueprint's six calls and validate(), over what each engine provides:
-    _insert, _find, _validate_row, list_details, touch_hashes, delete_hashes."""
+    _insert, _find, _validate_row, _dump, list_details, touch_hashes, delete_hashes."""
 
     pushes_events = False  # True when revocations and kills reach every gateway at once (listen())
 
