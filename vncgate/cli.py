@@ -97,7 +97,7 @@ def token_parser():
     sessions.add_argument("--instance")
     sessions.add_argument("--json", action="store_true")
 
-    kill = commands.add_parser("kill", help="end live sessions (within touch_interval)")
+    kill = commands.add_parser("kill", help="end live sessions (at once with Redis, else within touch_interval)")
     kill.add_argument("session_ids", nargs="*", metavar="SESSION")
     kill.add_argument("--instance")
 
