@@ -18,6 +18,7 @@ Not for Redis Cluster (the scripts name keys they build).
 
 import dataclasses
 import logging
+import time
 import urllib.parse
 
 import redis
@@ -243,7 +244,7 @@ class RedisStore(Store):
 
     pushes_events = True
 
-    def __init__(self, target, token_ttl=300.0, idle_timeout=600.0, clock=None, busy_timeout=5.0,
+    def __init__(self, target, token_ttl=300.0, idle_timeout=600.0, clock=time.time, busy_timeout=5.0,
                  key_prefix=DEFAULT_PREFIX):
         super().__init__(token_ttl, idle_timeout, clock)
         self.target = target
