@@ -340,8 +340,14 @@ class RedisStore(Store):
             hashes = sorted(item.decode() for item in self._run(self._client.sinter, indexes))
         else:
             hashes = self._all_hashes()
+            indexes = [self._key("tokens")]
+        fetched = self._fetch(hashes)
+        vanished = [token_hash for token_hash, found in zip(hashes, fetched) if found is None]
+        if vanished:  # expired by Redis since it was indexed: tidy the indexes read
+            self._pipelined([("zrem" if index == self._key("tokens") else "srem", (index, *vanished))
+                             for index in indexes])
         now = self.clock()
-        rows = [found[0] for found in self._fetch(hashes) if found]
+        rows = [found[0] for found in fetched if found]
         return sorted((row for row in rows if row.selected(now, self.idle_timeout, include_idle=include_idle,
                                                              include_expired=include_expired,
                                                              only_idle=only_idle)),
