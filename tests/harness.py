@@ -28,6 +28,15 @@ def artifact(name):
     return os.path.join(ARTIFACTS, name)
 
 
+def make_certificate(folder, name):
+    """A self-signed certificate for 127.0.0.1 and localhost: (cert path, key path)."""
+    cert, key = os.path.join(folder, f"{name}.pem"), os.path.join(folder, f"{name}-key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
 class FakeClock:
     """The store's injectable clock: time moves only when a test says so."""
 
@@ -335,11 +344,15 @@ class RedisServer:
     kill() then start() is a restart on the same port and folder. sentinel=True runs it as
     redis-sentinel with a config file of those settings (Sentinel rewrites its file)."""
 
-    def __init__(self, folder, port=None, sentinel=False, **settings):
+    def __init__(self, folder, port=None, sentinel=False, tls=None, **settings):
         self.folder = str(folder)
         self.port = port or free_port()
         self.sentinel = sentinel
         self.settings = settings if sentinel else {"save": "", "appendonly": "no", **settings}
+        self.ca = tls[0] if tls else None  # tls: (cert, key) of a self-signed certificate
+        if tls:
+            self.settings.update({"port": "0", "tls_port": str(self.port), "tls_cert_file": tls[0],
+                                  "tls_key_file": tls[1], "tls_ca_cert_file": tls[0], "tls_auth_clients": "no"})
         self.log_path = os.path.join(self.folder, f"redis-{self.port}.log")
         self.proc = None
         self.start()
@@ -363,10 +376,13 @@ class RedisServer:
 
     @property
     def url(self):
+        if self.ca:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.ca}"
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self):
-        return redis.Redis(port=self.port, socket_timeout=5, socket_connect_timeout=1)
+        tls = {"ssl": True, "ssl_ca_certs": self.ca} if self.ca else {}
+        return redis.Redis(port=self.port, socket_timeout=5, socket_connect_timeout=1, **tls)
 
     def log(self):
         with open(self.log_path) as handle:

@@ -211,3 +211,19 @@ def test_a_gateway_started_before_its_redis_answers_503_then_serves(tmp_path, vn
         assert gateway.stop() == 0
     assert gateway.read_stderr().count("token store unavailable") == 1
     assert "token store available again" in gateway.read_stderr()
+
+
+def test_rediss_speaks_tls_to_redis(tmp_path, vnc):
+    server = RedisServer(tmp_path, tls=harness.make_certificate(str(tmp_path), "redis"))
+    gateway = GatewayProcess(str(tmp_path), database=server.url)
+    try:
+        token = gateway.mint("127.0.0.1", vnc.port)
+        assert handshake_ok(gateway, token)
+        assert server.client().keys("vncgate:token:*")
+        plain = store_module.TokenStore(server.url.replace("rediss://", "redis://").split("?")[0])
+        with pytest.raises(store_module.StoreError, match=r"^redis redis://127\.0\.0\.1:\d+/0: "):
+            plain.validate(token, "xvp-vnc")  # the server speaks TLS only
+        plain.close()
+    finally:
+        assert gateway.stop() == 0
+        server.stop()

@@ -11,15 +11,7 @@ import subprocess
 import pytest
 
 from tests import harness
-from tests.harness import GatewayProcess, closed_by_peer
-
-
-def make_certificate(folder, name):
-    cert, key = os.path.join(folder, f"{name}.pem"), os.path.join(folder, f"{name}-key.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
-                    "-days", "2", "-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-                   check=True, capture_output=True, timeout=60)
-    return cert, key
+from tests.harness import GatewayProcess, closed_by_peer, make_certificate
 
 
 @pytest.fixture(scope="module")
