@@ -2,6 +2,7 @@
 token, prefixes that keep deployments apart, and the pushed revocation channel."""
 
 import queue
+import signal
 import threading
 
 import pytest
@@ -89,3 +90,25 @@ def test_revocations_and_kills_are_pushed_and_a_reconnect_is_reported(tmp_path):
         acting.close()
         server.stop()
     assert not thread.is_alive()
+
+
+def test_with_a_replica_add_returns_only_once_the_replica_has_the_token(tmp_path):
+    primary = RedisServer(tmp_path)
+    replica = RedisServer(tmp_path, replicaof=f"127.0.0.1 {primary.port}")
+    harness.wait_for(lambda: replica.client().info("replication").get("master_link_status") == "up", 20,
+                     message="the replica to sync")
+    store = store_module.TokenStore(primary.url, busy_timeout=1)
+    try:
+        token = store.add_connection_details("vm-1", "xvp-vnc", "h", 5900)
+        assert replica.client().exists(f"vncgate:token:{store_module.hash_token(token)}")  # no waiting here
+        replica.proc.send_signal(signal.SIGSTOP)  # attached, but confirms nothing
+        try:
+            with pytest.raises(store_module.StoreError, match="no replica confirmed the new token within 0.5s"):
+                store.add_connection_details("vm-2", "xvp-vnc", "h", 5900)
+        finally:
+            replica.proc.send_signal(signal.SIGCONT)
+        assert store.validate(token, "xvp-vnc").instance_id == "vm-1"
+    finally:
+        store.close()
+        replica.stop()
+        primary.stop()

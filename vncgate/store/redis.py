@@ -304,12 +304,13 @@ class RedisStore(Store):
                     fields += ["secret", sealed]
                 args += [details.token_hash, len(fields), *fields]
             self._script("insert", args, client=pipe)
+        wait = self.busy_timeout / 2  # the other half is the writes' own, within the socket timeout
         if replicas:
-            pipe.wait(1, int(self.busy_timeout * 1000))
+            pipe.wait(1, max(1, int(wait * 1000)))
         replies = self._run(pipe.execute)
         if replicas and replies[-1] < 1:
             raise StoreError(f"redis {self.target.redacted}: no replica confirmed the new token within "
-                             f"{self.busy_timeout:g}s; it was not handed out")
+                             f"{wait:g}s; it was not handed out")
 
     def _find(self, token_hash):
         fields = self._run(self._client.hgetall, self._key("token:", token_hash))
