@@ -74,3 +74,9 @@ def run_token(tmp_path):
             assert done.returncode == check, (done.returncode, done.stdout, done.stderr)
         return done
     return run
+
+
+@pytest.fixture
+def on_each_store(run_token, tmp_path, database):
+    """run_token's config pointed at each engine in turn (use with usefixtures)."""
+    (tmp_path / "vncgate.ini").write_text(f"[gateway]\ndatabase = {database}\nport = 6080\n")
