@@ -1,6 +1,7 @@
 """Gateways on several hosts sharing one Redis: pushed revocation and kill, an outage and a
 restart, a Sentinel failover, and migrating an SQLite store to Redis."""
 
+import http.client
 import json
 import time
 
@@ -38,6 +39,15 @@ def handshake_ok(gateway, token):
     sock, status, _ = xvp_connect(gateway.port, token, host=gateway.host)
     sock.close()
     return status == "HTTP/1.1 200 OK"
+
+
+def healthz(gateway):
+    conn = http.client.HTTPConnection(gateway.host, gateway.port, timeout=10)
+    try:
+        conn.request("GET", "/healthz")
+        return conn.getresponse().status
+    finally:
+        conn.close()
 
 
 def sessions(gateway):
@@ -109,6 +119,7 @@ def test_redis_killed_and_restarted(tmp_path, qemu):
         token = gateway.mint("127.0.0.1", qemu.port, "xvp-vnc", "--ttl", "600")
         live = open_session(gateway, token)
         server.kill()
+        assert healthz(gateway) == 503
         for _ in range(5):
             sock, status, _ = xvp_connect(gateway.port, token)
             assert status == "HTTP/1.1 503 Service Unavailable"
@@ -121,6 +132,7 @@ def test_redis_killed_and_restarted(tmp_path, qemu):
         harness.wait_for(lambda: handshake_ok(gateway, token), 5, interval=0.05,
                          message="a handshake to succeed after the restart")
         assert time.monotonic() - restarted < 5
+        assert healthz(gateway) == 200
         live.sendall(b"\x01")
         assert harness.recv_exactly(live, 4) == b"\x00\x00\x00\x00"  # SecurityResult OK
         live.sendall(b"\x01")  # ClientInit: shared
