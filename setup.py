@@ -6,9 +6,9 @@ setup(
     description="A VNC console gateway: short-lived console URLs relayed to VM consoles",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=["vncgate"],
+    packages=["vncgate", "vncgate.store"],
     python_requires=">=3.9",
-    install_requires=["websockify>=0.10"],
+    install_requires=["websockify>=0.10", "redis>=4.2"],
     extras_require={"test": ["pytest", "hypothesis", "vncdotool", "playwright", "websockets", "cryptography",
                              "prometheus_client"]},
     entry_points={"console_scripts": [

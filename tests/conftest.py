@@ -2,7 +2,8 @@ import subprocess
 
 import pytest
 
-from tests.harness import FakeBackend, FakeClock, Qemu, console_script, rfb_banner_then_echo
+from tests import harness
+from tests.harness import FakeBackend, FakeClock, Qemu, RedisServer, console_script, rfb_banner_then_echo
 from vncgate import store as store_module
 
 
@@ -11,12 +12,35 @@ def clock():
     return FakeClock()
 
 
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One real redis-server for the session (no persistence); each user empties it first."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def database(request, tmp_path):
+    """The `database` setting of each engine: an SQLite file in tmp_path, or an emptied Redis."""
+    if request.param == "sqlite":
+        return str(tmp_path / "tokens.db")
+    server = request.getfixturevalue("redis_server")
+    server.client().flushall()
+    return server.url
+
+
 @pytest.fixture
-def store(tmp_path, clock):
-    opened = store_module.TokenStore(str(tmp_path / "tokens.db"), token_ttl=300, idle_timeout=600,
-                                     clock=clock)
+def store(database, clock):
+    opened = store_module.TokenStore(database, token_ttl=300, idle_timeout=600, clock=clock)
     yield opened
     opened.close()
+
+
+@pytest.fixture
+def stored_bytes(database):
+    """A function returning everything the store keeps, as bytes (files, or Redis's values)."""
+    return lambda: harness.stored_bytes(database)
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +74,9 @@ def run_token(tmp_path):
             assert done.returncode == check, (done.returncode, done.stdout, done.stderr)
         return done
     return run
+
+
+@pytest.fixture
+def on_each_store(run_token, tmp_path, database):
+    """run_token's config pointed at each engine in turn (use with usefixtures)."""
+    (tmp_path / "vncgate.ini").write_text(f"[gateway]\ndatabase = {database}\nport = 6080\n")

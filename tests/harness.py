@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import ssl
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ from playwright.sync_api import sync_playwright
 from websockets.client import ClientProtocol
 from websockets.frames import Opcode
 from websockets.protocol import State
+import redis
 from websockets.uri import parse_uri
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,6 +33,15 @@ def artifact(name):
     """Where a test keeps a file for people to look at (screenshots)."""
     os.makedirs(ARTIFACTS, exist_ok=True)
     return os.path.join(ARTIFACTS, name)
+
+
+def make_certificate(folder, name):
+    """A self-signed certificate for 127.0.0.1 and localhost: (cert path, key path)."""
+    cert, key = os.path.join(folder, f"{name}.pem"), os.path.join(folder, f"{name}-key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
 
 
 class FakeClock:
@@ -162,6 +173,7 @@ class GatewayProcess:
                                      stdout=subprocess.DEVNULL, stderr=self.stderr, cwd=folder)
         line = wait_for(self._listening_line, 15, message="the 'vncgate listening on' line")
         self.port = int(line.rsplit(":", 1)[1])
+        self.host = values.get("listen", "127.0.0.1")
 
     def _listening_line(self):
         assert self.proc.poll() is None, f"vncgate exited: {self.read_stderr()}"
@@ -216,9 +228,9 @@ class GatewayProcess:
             self.stderr.close()
 
 
-def xvp_connect(port, token, timeout=10.0):
+def xvp_connect(port, token, timeout=10.0, host="127.0.0.1"):
     """Open an XVP session; returns (socket, status line, bytes after the head)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock = socket.create_connection((host, port), timeout=timeout)
     target = f"/console?token={token}" if token is not None else "/console"
     sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: gateway\r\n\r\n".encode())
     status, rest = read_head(sock)
@@ -338,15 +350,7 @@ def token_id(token):
     return hashlib.sha256(token.encode()).hexdigest()[:8]
 
 
-# -- TLS certificates made by the tests -----------------------------------------------------
-
-def make_certificate(folder, name):
-    cert, key = os.path.join(folder, f"{name}.pem"), os.path.join(folder, f"{name}-key.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
-                    "-days", "2", "-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-                   check=True, capture_output=True, timeout=60)
-    return cert, key
-
+# -- TLS clients ----------------------------------------------------------------------------
 
 def client_context(cert):
     context = ssl.create_default_context(cafile=cert)
@@ -421,3 +425,114 @@ def open_console_in_chromium(url, shot, extra_args=()):
             page.goto("about:blank")
         finally:
             browser.close()
+
+class RedisServer:
+    """A real redis-server on a loopback port, no persistence unless settings ask for it;
+    kill() then start() is a restart on the same port and folder. sentinel=True runs it as
+    redis-sentinel with a config file of those settings (Sentinel rewrites its file)."""
+
+    def __init__(self, folder, port=None, sentinel=False, tls=None, **settings):
+        self.folder = str(folder)
+        self.port = port or free_port()
+        self.sentinel = sentinel
+        self.settings = settings if sentinel else {"save": "", "appendonly": "no", **settings}
+        self.ca = tls[0] if tls else None  # tls: (cert, key) of a self-signed certificate
+        if tls:
+            self.settings.update({"port": "0", "tls_port": str(self.port), "tls_cert_file": tls[0],
+                                  "tls_key_file": tls[1], "tls_ca_cert_file": tls[0], "tls_auth_clients": "no"})
+        self.log_path = os.path.join(self.folder, f"redis-{self.port}.log")
+        self.proc = None
+        self.start()
+
+    def start(self):
+        config = os.path.join(self.folder, f"redis-{self.port}.conf")
+        with open(config, "w") as handle:
+            handle.write(f"port {self.port}\nbind 127.0.0.1\ndir {self.folder}\nlogfile {self.log_path}\n")
+            for key, value in self.settings.items():
+                handle.write(f"{key.replace('_', '-')} {value or chr(34) * 2}\n")
+        argv = ["redis-sentinel", config] if self.sentinel else ["redis-server", config]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: self.proc.poll() is not None or self.answers(), 10, message="redis to answer")
+        assert self.proc.poll() is None, f"{argv[0]} exited: {self.log()}"
+
+    def answers(self):
+        try:
+            return self.client().ping()
+        except redis.exceptions.RedisError:
+            return False
+
+    @property
+    def url(self):
+        if self.ca:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.ca}"
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self):
+        tls = {"ssl": True, "ssl_ca_certs": self.ca} if self.ca else {}
+        return redis.Redis(port=self.port, socket_timeout=5, socket_connect_timeout=1, **tls)
+
+    def log(self):
+        with open(self.log_path) as handle:
+            return handle.read()
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.kill()
+
+
+class SentinelGroup:
+    """A primary, one replica and one sentinel watching them as SERVICE (down after 500 ms)."""
+
+    SERVICE = "vncgate"
+
+    def __init__(self, folder):
+        self.primary = RedisServer(folder)
+        self.replica = RedisServer(folder, replicaof=f"127.0.0.1 {self.primary.port}")
+        wait_for(lambda: self.replica.client().info("replication").get("master_link_status") == "up", 20,
+                 message="the replica to sync")
+        self.sentinel = RedisServer(folder, sentinel=True, **{
+            "sentinel monitor": f"{self.SERVICE} 127.0.0.1 {self.primary.port} 1",
+            "sentinel down-after-milliseconds": f"{self.SERVICE} 500",
+            "sentinel failover-timeout": f"{self.SERVICE} 5000",
+            "sentinel parallel-syncs": f"{self.SERVICE} 1"})
+        wait_for(lambda: self.sentinel.client().execute_command("SENTINEL", "REPLICAS", self.SERVICE), 20,
+                 message="the sentinel to find the replica")
+
+    @property
+    def url(self):
+        return f"redis+sentinel://127.0.0.1:{self.sentinel.port}/{self.SERVICE}/0"
+
+    def primary_port(self):
+        host, port = self.sentinel.client().execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.SERVICE)
+        return int(port)
+
+    def stop(self):
+        for server in (self.sentinel, self.replica, self.primary):
+            server.stop()
+
+
+def stored_bytes(database):
+    """Every byte a store holds: its SQLite files, or every key, field and value in Redis."""
+    if "://" not in database:
+        folder, name = os.path.split(database)
+        return b"".join(open(os.path.join(folder, item), "rb").read() for item in sorted(os.listdir(folder))
+                        if item.startswith(name))
+    client = redis.Redis.from_url(database)
+    readers = {b"hash": lambda key: b"".join(a + b for a, b in client.hgetall(key).items()),
+               b"set": lambda key: b"".join(client.smembers(key)),
+               b"zset": lambda key: b"".join(member for member in client.zrange(key, 0, -1)),
+               b"string": client.get}
+    return b"".join(key + readers[client.type(key)](key) for key in client.keys("*"))
+
+
+def session_rows(database):
+    """How many live-session records a store holds, stale ones included."""
+    if "://" in database:
+        client = redis.Redis.from_url(database)
+        return client.zcard("vncgate:sessions") + len(client.keys("vncgate:session:*"))
+    with sqlite3.connect(database) as db:
+        return db.execute("SELECT COUNT(*) FROM live_sessions").fetchone()[0]

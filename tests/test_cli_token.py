@@ -21,6 +21,7 @@ def token_of(url):
     return url.strip().rsplit("%3D", 1)[-1] if "%3D" in url else url.strip().rsplit("=", 1)[-1]
 
 
+@pytest.mark.usefixtures("on_each_store")
 def test_mint_then_list(run_token):
     url = run_token("add", "--host", "10.1.2.3", "--port", "5901", check=0).stdout
     assert url.startswith("http://127.0.0.1:6080/vnc.html#autoconnect=1&path=websockify%3Ftoken%3D")
@@ -33,6 +34,7 @@ def test_mint_then_list(run_token):
         ("10.1.2.3:5901", "10.1.2.3", 5901, "live")]
 
 
+@pytest.mark.usefixtures("on_each_store")
 def test_add_json_and_xvp_url(run_token):
     minted = json.loads(run_token("add", "--host", "h", "--port", "5900", "--type", "xvp-vnc",
                                   "--instance", "vm-7", "--json", check=0).stdout)
@@ -42,6 +44,7 @@ def test_add_json_and_xvp_url(run_token):
     assert len(minted["token"]) >= 22
 
 
+@pytest.mark.usefixtures("on_each_store")
 def test_ttl_sets_expiry_and_expired_tokens_leave_the_default_list(run_token):
     before = datetime.datetime.now(datetime.timezone.utc)
     minted = json.loads(run_token("add", "--host", "h", "--port", "1", "--ttl", "1", "--json", check=0).stdout)
@@ -55,6 +58,7 @@ def test_ttl_sets_expiry_and_expired_tokens_leave_the_default_list(run_token):
     assert [row["state"] for row in expired] == ["expired"]
 
 
+@pytest.mark.usefixtures("on_each_store")
 def test_revoke_by_token_instance_and_host(run_token):
     def mint(host, instance):
         return token_of(run_token("add", "--host", host, "--port", "5900", "--instance", instance, check=0).stdout)
@@ -68,6 +72,7 @@ def test_revoke_by_token_instance_and_host(run_token):
     assert "already gone" in one_clear_line(run_token("revoke", first, check=1))
 
 
+@pytest.mark.usefixtures("on_each_store")
 def test_touch_and_purge(run_token):
     token = token_of(run_token("add", "--host", "h", "--port", "5900", check=0).stdout)
     assert run_token("touch", token, check=0).stdout == "touched 1 token\n"

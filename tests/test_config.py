@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from vncgate import config
+from vncgate import config, store
 
 
 def write(tmp_path, text, name="vncgate.ini"):
@@ -58,6 +58,13 @@ def test_public_url_and_origins(tmp_path):
     ("[other]\nport = 1\n", "unknown section [other]"),
     ("port = 6080\n", "malformed config file"),
     ("[gateway]\n[gateway]\n", "malformed config file"),
+    ("[gateway]\ndatabase = postgres://h/db\n", "database: must be a file path or one of redis://"),
+    ("[gateway]\ndatabase = redis://h:99999/0\n", "database: must have ports from 1 to 65535"),
+    ("[gateway]\ndatabase = redis://h:6379/zero\n", "database: must end in a database number"),
+    ("[gateway]\ndatabase = redis://a:1,b:2/0\n", "database: must name one HOST:PORT"),
+    ("[gateway]\ndatabase = redis+sentinel://h:26379\n", "database: must name the Sentinel service"),
+    ("[gateway]\ndatabase = redis://:s3cret@:6379/0\n", "database: must name a host, as in"),
+    ("[gateway]\nkey_prefix = two words\n", "key_prefix: must be a non-empty word without spaces"),
 ])
 def test_bad_files_name_file_key_and_problem(tmp_path, text, message):
     path = write(tmp_path, text)
@@ -78,3 +85,23 @@ def test_non_utf8_file(tmp_path):
     path.write_bytes(b"[gateway]\nlisten = \xff\xfe\n")
     with pytest.raises(config.ConfigError, match="not UTF-8"):
         config.load(str(path))
+
+
+def test_bad_redis_url_never_shows_its_password(tmp_path):
+    with pytest.raises(config.ConfigError) as error:
+        config.load(write(tmp_path, "[gateway]\ndatabase = redis://:s3cret@h:0/0\n"))
+    assert "s3cret" not in str(error.value) and "redis://h:0/0" in str(error.value)
+
+
+@pytest.mark.parametrize("url, hosts, service, db", [
+    ("redis://127.0.0.1:6390/2", (("127.0.0.1", 6390),), "", 2),
+    ("rediss://:pw@cache.example/0", (("cache.example", 6379),), "", 0),
+    ("redis://[::1]:7000", (("::1", 7000),), "", 0),
+    ("redis+sentinel://s1:26379,s2,[::1]:26380/gw/3", (("s1", 26379), ("s2", 26379), ("::1", 26380)), "gw", 3),
+])
+def test_redis_urls_are_kept_as_they_are(tmp_path, url, hosts, service, db):
+    loaded = config.load(write(tmp_path, f"[gateway]\ndatabase = {url}\nkey_prefix = site-a:\n"))
+    assert loaded.database == url and loaded.key_prefix == "site-a:"  # not made a path
+    target = store.RedisTarget.parse(loaded.database)
+    assert (target.hosts, target.service, target.db) == (hosts, service, db)
+    assert "pw" not in target.redacted

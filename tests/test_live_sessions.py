@@ -1,10 +1,7 @@
-"""Live sessions seen and ended from the CLI, across two gateways sharing one database."""
+"""Live sessions seen and ended from the CLI, across two gateways sharing one store (each engine)."""
 
-import contextlib
 import json
-import os
 import signal
-import sqlite3
 import time
 
 import pytest
@@ -14,9 +11,11 @@ from tests.harness import GatewayProcess, closed_by_peer, xvp_connect
 
 
 @pytest.fixture
-def two_gateways(tmp_path):
-    first = GatewayProcess(str(tmp_path), name="gw1", touch_interval=0.3, housekeeping_interval=0.3)
-    second = GatewayProcess(str(tmp_path), name="gw2", touch_interval=0.3, housekeeping_interval=0.3)
+def two_gateways(tmp_path, database):
+    first = GatewayProcess(str(tmp_path), name="gw1", database=database, touch_interval=0.3,
+                           housekeeping_interval=0.3)
+    second = GatewayProcess(str(tmp_path), name="gw2", database=database, touch_interval=0.3,
+                            housekeeping_interval=0.3)
     yield first, second
     for gateway in (first, second):
         if gateway.proc.poll() is None:
@@ -73,17 +72,13 @@ def test_kill_by_session_and_by_instance(two_gateways, vnc):
     assert first.token_cli("kill").returncode == 2
 
 
-def test_rows_of_a_dead_gateway_are_cleaned(two_gateways, vnc):
+def test_rows_of_a_dead_gateway_are_cleaned(two_gateways, vnc, database):
     first, second = two_gateways
     token = first.mint("127.0.0.1", vnc.port, "xvp-vnc", "--ttl", "600")
     held = open_session(second, token)
     harness.wait_for(lambda: len(sessions(first)) == 1)
     second.stop(signal.SIGKILL)  # no chance to remove its rows
     harness.wait_for(lambda: sessions(first) == [], message="the dead gateway's session to disappear")
-    database = os.path.join(first.folder, "tokens.db")
-
-    def rows_left():
-        with contextlib.closing(sqlite3.connect(database)) as db:
-            return db.execute("SELECT COUNT(*) FROM live_sessions").fetchone()[0]
-    harness.wait_for(lambda: rows_left() == 0, message="the first gateway's housekeeping to delete the stale row")
+    harness.wait_for(lambda: harness.session_rows(database) == 0,
+                     message="the first gateway's housekeeping to delete the stale row")
     held.close()

@@ -172,7 +172,7 @@ def test_two_gateways_on_one_database_and_one_revocation_closes_both(tmp_path, v
 
 
 def test_1000_sequential_sessions_leave_threads_and_fds_as_they_were(gateway, vnc):
-    from vncgate import store
+    from vncgate.store import sqlite
     token = gateway.mint("127.0.0.1", vnc.port, "xvp-vnc", "--ttl", "600")
 
     def session():
@@ -193,7 +193,7 @@ def test_1000_sequential_sessions_leave_threads_and_fds_as_they_were(gateway, vn
     except AssertionError:
         raise AssertionError(f"threads {threads} -> {gateway.threads()}, fds {fds} -> {session_fds()}") from None
     database_fds = [fd for fd in gateway.fds() if "tokens.db" in fd]
-    assert len(database_fds) <= 3 * store._POOL_SIZE  # db, -wal, -shm per pooled connection
+    assert len(database_fds) <= 3 * sqlite._POOL_SIZE  # db, -wal, -shm per pooled connection
     ends = [line for line in gateway.audit() if line["event"] == "session-end"]
     assert len(ends) == 1001
 

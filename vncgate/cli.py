@@ -1,4 +1,5 @@
-"""The console scripts: vncgate (serve) and vncgate-token (mint, list, revoke, touch, purge)."""
+"""The console scripts: vncgate (serve) and vncgate-token (mint, list, revoke, touch, purge,
+sessions, kill, migrate)."""
 
 import argparse
 import dataclasses
@@ -96,15 +97,24 @@ def token_parser():
     sessions.add_argument("--instance")
     sessions.add_argument("--json", action="store_true")
 
-    kill = commands.add_parser("kill", help="end live sessions (within touch_interval)")
+    kill = commands.add_parser("kill", help="end live sessions (at once with Redis, else within touch_interval)")
     kill.add_argument("session_ids", nargs="*", metavar="SESSION")
     kill.add_argument("--instance")
+
+    migrate = commands.add_parser("migrate", help="copy every token that is not garbage to another store")
+    migrate.add_argument("--to", required=True, metavar="DATABASE",
+                         help="an SQLite file or a redis://, rediss:// or redis+sentinel:// URL")
     return parser
 
 
-def open_store(config, busy_timeout=5.0):
-    return store_module.TokenStore(config.database, token_ttl=config.token_ttl,
-                                   idle_timeout=config.idle_timeout, busy_timeout=busy_timeout)
+def open_store(config, busy_timeout=5.0, database=None):
+    return store_module.TokenStore(database or config.database, token_ttl=config.token_ttl,
+                                   idle_timeout=config.idle_timeout, busy_timeout=busy_timeout,
+                                   key_prefix=config.key_prefix)
+
+
+def _shown(database):
+    return store_module.RedisTarget.parse(database).redacted if store_module.is_redis_url(database) else database
 
 
 def _read_password(path):
@@ -217,12 +227,25 @@ def cmd_kill(args, config, store, out):
         if marked < len(set(args.session_ids)):
             raise CommandFailed(f"marked {marked} of {len(set(args.session_ids))} sessions; "
                                 "the others are unknown or already ended")
-    out.write(f"kill requested for {marked} session{'s' if marked != 1 else ''}; "
-              f"they end within touch_interval ({config.touch_interval:g}s)\n")
+    when = "at once" if store.pushes_events else f"within touch_interval ({config.touch_interval:g}s)"
+    out.write(f"kill requested for {marked} session{'s' if marked != 1 else ''}; they end {when}\n")
+
+
+def cmd_migrate(args, config, store, out):
+    config_module.check_database(args.to, "--to")
+    if args.to == config.database:
+        raise UsageError("--to names the database the config already uses")
+    target = open_store(config, database=args.to)
+    try:
+        copied, skipped = store.copy_tokens_to(target)
+    finally:
+        target.close()
+    out.write(f"copied {copied} token{'s' if copied != 1 else ''} to {_shown(args.to)}"
+              f" ({skipped} garbage skipped); point database at it, then restart the gateways\n")
 
 
 COMMANDS = {"add": cmd_add, "list": cmd_list, "revoke": cmd_revoke, "touch": cmd_touch, "purge": cmd_purge,
-            "sessions": cmd_sessions, "kill": cmd_kill}
+            "sessions": cmd_sessions, "kill": cmd_kill, "migrate": cmd_migrate}
 
 
 def run_reporting_errors(prog, body):

@@ -11,6 +11,8 @@ import ipaddress
 import os
 import urllib.parse
 
+from vncgate import store
+
 SECTION = "gateway"
 ENV_VAR = "VNCGATE_CONFIG"
 DEFAULT_FILE = "vncgate.ini"
@@ -54,6 +56,13 @@ def _origins(value):
     return tuple(item for item in (part.strip() for part in value.replace(",", " ").split()) if item)
 
 
+def _key_prefix(value):
+    value = value.strip()
+    if not value or any(char.isspace() for char in value):
+        raise ValueError("must be a non-empty word without spaces")
+    return value
+
+
 def _networks(value):
     """Addresses or CIDR networks, separated by commas or spaces."""
     try:
@@ -68,6 +77,7 @@ SCHEMA = {
     "port": (_port, 6080),
     "public_url": (_text, ""),
     "database": (_text, "vncgate.db"),
+    "key_prefix": (_key_prefix, store.DEFAULT_PREFIX),
     "token_ttl": (_positive(float), 300.0),
     "idle_timeout": (_positive(float), 600.0),
     "touch_interval": (_positive(float), 30.0),
@@ -95,6 +105,7 @@ class Config:
     port: int = 6080
     public_url: str = ""
     database: str = "vncgate.db"
+    key_prefix: str = store.DEFAULT_PREFIX
     token_ttl: float = 300.0
     idle_timeout: float = 600.0
     touch_interval: float = 30.0
@@ -176,8 +187,9 @@ def _finish(raw, base_dir, source):
     for key, (_parse, default) in SCHEMA.items():
         values.setdefault(key, default)
 
+    check_database(values["database"], f"{source}: [{SECTION}] database")
     for key in ("database", "cert", "key", "audit_log"):
-        if values[key] and not os.path.isabs(values[key]):
+        if values[key] and not os.path.isabs(values[key]) and not store.is_redis_url(values[key]):
             values[key] = os.path.join(base_dir, values[key])
     values["web_root"] = _resolve_web_root(values["web_root"], base_dir)
     if bool(values["cert"]) != bool(values["key"]):
@@ -189,6 +201,20 @@ def _finish(raw, base_dir, source):
         raise ConfigError(f"{source}: [{SECTION}] public_url: must be an http:// or https:// URL, "
                           f"got {values['public_url']!r}")
     return Config(source=source, **values)
+
+
+def check_database(database, where):
+    """A file path, or a Redis URL the store can use; raises ConfigError starting with where.
+    The message never shows a password."""
+    if store.is_redis_url(database):
+        try:
+            store.RedisTarget.parse(database)
+        except ValueError as error:
+            parts = urllib.parse.urlsplit(database)
+            shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+            raise ConfigError(f"{where}: {error}, got {shown!r}") from None
+    elif "://" in database or not database:
+        raise ConfigError(f"{where}: must be a file path or one of {store.URL_FORMS}, got {database!r}")
 
 
 def _kind(parse):

@@ -200,16 +200,41 @@ class SessionManager:
         to_kill = self.store.update_sessions({session.id: session.byte_counts() for session in sessions})
         for session in sessions:
             if session.details.token_hash not in existing:
-                log.info("session %s: token %s revoked, closing", session.id, session.details.token_id)
-                session.stop("revoked")
+                self._end(session, "revoked")
             elif session.id in to_kill:
-                log.info("session %s: killed on request, closing", session.id)
-                session.stop("killed")
+                self._end(session, "killed")
+
+    def pushed(self, kind, ids):
+        """A revocation ("revoke", token hashes) or kill ("kill", session ids) pushed by the store:
+        the affected sessions here end at once."""
+        for session in self.live():
+            if (session.details.token_hash if kind == "revoke" else session.id) in ids:
+                self._end(session, "revoked" if kind == "revoke" else "killed")
+
+    @staticmethod
+    def _end(session, reason):
+        log.info("session %s: %s, closing", session.id,
+                 f"token {session.details.token_id} revoked" if reason == "revoked" else "killed on request")
+        session.stop(reason)
+
+
+class Listener(threading.Thread):
+    """Revocations and kills pushed by a store that pushes them (Redis), for as long as the
+    housekeeper runs. After a lost connection, every live session is checked again (the
+    heartbeat), since messages may have been missed; the heartbeat stays the fallback anyway."""
+
+    def __init__(self, manager, stopping):
+        super().__init__(name="listener")
+        self.manager = manager
+        self.stopping = stopping
+
+    def run(self):
+        self.manager.store.listen(self.manager.pushed, self.manager.heartbeat, self.stopping)
 
 
 class Housekeeper(threading.Thread):
     """Every touch_interval: the sessions' heartbeat; every housekeeping_interval: purge garbage
-    tokens and the session rows of gateways that died."""
+    tokens and the session rows of gateways that died. Owns the Listener, when the store pushes."""
 
     def __init__(self, manager, touch_interval, housekeeping_interval):
         super().__init__(name="housekeeper")
@@ -217,8 +242,19 @@ class Housekeeper(threading.Thread):
         self.touch_interval = touch_interval
         self.housekeeping_interval = housekeeping_interval
         self._stopping = threading.Event()
+        self._failing = False
+        self.listener = Listener(manager, self._stopping) if manager.store.pushes_events else None
 
     def run(self):
+        if self.listener is not None:
+            self.listener.start()
+        try:
+            self._loop()
+        finally:
+            if self.listener is not None:
+                self.listener.join()
+
+    def _loop(self):
         next_purge = time.monotonic()
         while not self._stopping.is_set():
             self._guarded(self.manager.heartbeat)
@@ -235,13 +271,19 @@ class Housekeeper(threading.Thread):
         if stale:
             log.info("housekeeping deleted %d sessions left by gateways that stopped", stale)
 
-    @staticmethod
-    def _guarded(task):
-        """A store outage must not kill the thread: live sessions keep running."""
+    def _guarded(self, task):
+        """A store outage must not kill the thread: live sessions keep running. One line when
+        housekeeping starts failing, one when it works again, none in between."""
         try:
             task()
         except store_module.StoreError as error:
-            log.warning("housekeeping: %s", error)
+            if not self._failing:
+                log.warning("housekeeping paused: %s", error)
+                self._failing = True
+            return
+        if self._failing:
+            log.info("housekeeping resumed")
+            self._failing = False
 
     def stop(self):
         self._stopping.set()

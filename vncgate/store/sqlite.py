@@ -1,100 +1,19 @@
-"""The console-auth token store: one SQLite table and the blueprint's API.
+"""The SQLite engine: one file shared by the gateways of one host.
 
-This is the only module that speaks SQL. Tokens are handed to callers once, at
-mint time; the table keeps only their SHA-256 hash. Every time decision reads
-one injectable clock, so expiry and idleness are tested without sleeping.
+This is the only module that speaks SQL.
 """
 
 import contextlib
 import dataclasses
-import hashlib
 import os
 import queue
-import secrets
 import sqlite3
 import threading
 import time
-import urllib.parse
 
-from vncgate import sealing
+from vncgate.store.common import ConnectionDetails, LiveSession, Store, StoreBusy, StoreError, stale_after
 
-XVP = "xvp-vnc"
-WEBSOCKET = "ws-vnc"
-CONSOLE_TYPES = (XVP, WEBSOCKET)
-
-TOKEN_BYTES = 32  # 256 bits; the blueprint asks for at least 128
 _POOL_SIZE = 16
-
-
-class StoreError(Exception):
-    """The database cannot be used; str() is one line for an operator."""
-
-
-class StoreBusy(StoreError):
-    """Another writer held the database past the busy timeout."""
-
-
-class TokenRejected(Exception):
-    """validate() refused a token; .reason is a short word for audit lines."""
-
-    def __init__(self, reason):
-        super().__init__(reason)
-        self.reason = reason
-
-
-def _new_token():
-    """256 random bits, URL-safe; never starting with '-', which command lines read as an option."""
-    while True:
-        token = secrets.token_urlsafe(TOKEN_BYTES)
-        if not token.startswith("-"):
-            return token
-
-
-def hash_token(token):
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def access_url(base_url, console_type, token):
-    """The URL a user opens: XVP's CONNECT target, or noVNC's page with the token in the fragment."""
-    base_url = base_url.rstrip("/")
-    if console_type == XVP:
-        return f"{base_url}/console?token={token}"
-    prefix = urllib.parse.urlsplit(base_url).path.strip("/")
-    ws_path = urllib.parse.quote(f"{prefix}/websockify?token={token}".lstrip("/"), safe="")
-    return f"{base_url}/vnc.html#autoconnect=1&path={ws_path}"
-
-
-@dataclasses.dataclass(frozen=True)
-class ConnectionDetails:
-    token_hash: str
-    instance_id: str
-    console_type: str
-    host: str
-    port: int
-    access_url: str  # the base; the token is appended only when it is handed out
-    internal_access_path: str
-    created_at: float
-    updated_at: float
-    expires_at: float
-    has_password: bool
-    backend_password: bytes = None  # opened only by validate(), which holds the token
-
-    @property
-    def token_id(self):
-        """The short, safe name of a token in logs and listings."""
-        return self.token_hash[:8]
-
-    def is_expired(self, now):
-        return now > self.expires_at
-
-    def is_idle(self, now, idle_timeout):
-        return now - self.updated_at > idle_timeout
-
-    def state(self, now, idle_timeout):
-        expired, idle = self.is_expired(now), self.is_idle(now, idle_timeout)
-        if expired and idle:
-            return "garbage"
-        return "expired" if expired else "idle" if idle else "live"
 
 
 _COLUMNS = ("token_hash, instance_id, console_type, host, port, access_url, internal_access_path, "
@@ -147,37 +66,15 @@ MIGRATIONS = (_migrate_1, _migrate_2, _migrate_3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-@dataclasses.dataclass(frozen=True)
-class LiveSession:
-    session_id: str
-    gateway_id: str
-    token_hash: str
-    instance_id: str
-    console_type: str
-    client: str
-    started_at: float
-    updated_at: float
-    heartbeat: float
-    bytes_up: int
-    bytes_down: int
-    kill_requested: bool
-
-    def is_stale(self, now):
-        """Its gateway missed three heartbeats: it died without removing the row."""
-        return now - self.updated_at > 3 * self.heartbeat + 1
-
-
 _SESSION_COLUMNS = ", ".join(field.name for field in dataclasses.fields(LiveSession))
 
 
-class TokenStore:
+class SqliteStore(Store):
     """Thread-safe; several processes may share the file (WAL, busy timeout)."""
 
     def __init__(self, path, token_ttl=300.0, idle_timeout=600.0, clock=time.time, busy_timeout=5.0):
+        super().__init__(token_ttl, idle_timeout, clock)
         self.path = path
-        self.token_ttl = token_ttl
-        self.idle_timeout = idle_timeout
-        self.clock = clock
         self.busy_timeout = busy_timeout
         self._pool = queue.LifoQueue(maxsize=_POOL_SIZE)
         self._generation = 0  # bumped when the file is replaced; older connections are dropped
@@ -199,6 +96,7 @@ class TokenStore:
             db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
                                  check_same_thread=False)
             db.execute("PRAGMA synchronous=NORMAL")
+            db.create_function("stale_after", 1, stale_after, deterministic=True)
             return db
         except sqlite3.Error as error:
             if db is not None:
@@ -299,79 +197,46 @@ class TokenStore:
             except queue.Empty:
                 return
 
-    # -- the blueprint's API ----------------------------------------------------
+    # -- what the shared calls are made of ---------------------------------------------
 
-    def add_connection_details(self, instance_id, console_type, host, port, internal_access_path="",
-                               access_url="", ttl=None, backend_password=None):
-        """Mint a token for one console and return it; only its hash is kept."""
-        if console_type not in CONSOLE_TYPES:
-            raise ValueError(f"unknown console type {console_type!r}")
-        token = _new_token()
-        now = self.clock()
-        sealed = sealing.seal(token, backend_password) if backend_password is not None else None
+    def _insert(self, rows):
+        """rows: (ConnectionDetails, sealed secret or None); a hash already present is replaced."""
         with self._db() as db:
-            db.execute("INSERT INTO console_tokens (token_hash, instance_id, console_type, host, port, "
-                       "access_url, internal_access_path, created_at, updated_at, expires_at, "
-                       "backend_secret) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (hash_token(token), instance_id, console_type, host, int(port), access_url,
-                        internal_access_path or "", now, now,
-                        now + (self.token_ttl if ttl is None else ttl), sealed))
-        return token
+            db.executemany("INSERT OR REPLACE INTO console_tokens (token_hash, instance_id, console_type, host, "
+                           "port, access_url, internal_access_path, created_at, updated_at, expires_at, "
+                           "backend_secret) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           [(*dataclasses.astuple(details)[:10], sealed) for details, sealed in rows])
 
-    def get_connection_details(self, token):
-        """The token's details, or None when it is unknown or expired."""
-        found = self._select("token_hash = ?", (hash_token(token),))
-        return found[0] if found else None
+    def _find(self, token_hash):
+        return self._select("token_hash = ?", (token_hash,), include_expired=True)
 
-    def get_connection_details_by_instance(self, instance_id, include_idle=True, include_expired=False):
-        return self._select("instance_id = ?", (instance_id,), include_idle=include_idle,
-                            include_expired=include_expired)
-
-    def get_connection_details_by_host(self, host, only_idle=True):
-        """Every token for consoles on host, expired ones too: this is a clean-up query."""
-        return self._select("host = ?", (host,), include_expired=True, only_idle=only_idle)
-
-    def touch_connection_details(self, tokens):
-        """Mark tokens as in use now; returns how many exist."""
-        return len(self.touch_hashes([hash_token(token) for token in tokens]))
-
-    def delete_connection_details(self, tokens):
-        """Revoke tokens; returns how many were deleted."""
-        return self._delete_where_in("token_hash", [hash_token(token) for token in tokens])
-
-    # -- beyond the blueprint: what the gateway and the CLI need --------------------
-
-    def validate(self, token, console_type):
-        """The details for a new connection, touched; raises TokenRejected."""
-        token_hash = hash_token(token)
-        now = self.clock()
+    def _validate_row(self, token_hash, console_type, now):
+        """(details, sealed secret) or None; touched only when it may open console_type now."""
         with self._db() as db:
             row = db.execute(f"SELECT {_COLUMNS}, backend_secret FROM console_tokens WHERE token_hash = ?",
                              (token_hash,)).fetchone()
             if row is None:
-                raise TokenRejected("unknown-token")
+                return None
             details = _details(row)
-            if details.is_expired(now):
-                raise TokenRejected("expired-token")
-            if details.console_type != console_type:
-                raise TokenRejected("wrong-console-type")
-            db.execute("UPDATE console_tokens SET updated_at = ? WHERE token_hash = ?", (now, token_hash))
-        password = None
-        if row[11] is not None:
-            try:
-                password = sealing.unseal(token, row[11])
-            except sealing.SealError:
-                raise TokenRejected("sealed-password-unreadable") from None
-        return dataclasses.replace(details, updated_at=now, backend_password=password)
+            if not details.is_expired(now) and details.console_type == console_type:
+                db.execute("UPDATE console_tokens SET updated_at = ? WHERE token_hash = ?", (now, token_hash))
+        return details, row[11]
 
-    def list_details(self, instance_id=None, host=None, include_expired=False, only_idle=False):
+    def _dump(self):
+        with self._db() as db:
+            rows = db.execute(f"SELECT {_COLUMNS}, backend_secret FROM console_tokens").fetchall()
+        return [(_details(row), row[11]) for row in rows]
+
+    # -- beyond the blueprint: what the gateway and the CLI need --------------------
+
+    def list_details(self, instance_id=None, host=None, include_expired=False, only_idle=False, include_idle=True):
         where, args = [], []
         for column, value in (("instance_id", instance_id), ("host", host)):
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)
-        return self._select(" AND ".join(where) or "1", tuple(args), include_expired=include_expired,
-                            only_idle=only_idle)
+        return self._select(" AND ".join(where) or "1", tuple(args), include_idle=include_idle,
+                            include_expired=include_expired, only_idle=only_idle)
 
     def touch_hashes(self, token_hashes):
         """Touch by hash (sessions hold hashes, not tokens); returns the set that still exists."""
@@ -383,6 +248,9 @@ class TokenStore:
                        (self.clock(), *token_hashes))
             return {row[0] for row in db.execute(
                 f"SELECT token_hash FROM console_tokens WHERE token_hash IN ({marks})", tuple(token_hashes))}
+
+    def delete_hashes(self, token_hashes):
+        return self._delete_where_in("token_hash", token_hashes)
 
     def delete_by_instance(self, instance_id):
         return self._delete_where_in("instance_id", [instance_id])
@@ -456,7 +324,7 @@ class TokenStore:
         """Delete the rows of gateways that died; returns how many."""
         now = self.clock()
         with self._db() as db:
-            return db.execute("DELETE FROM live_sessions WHERE ? - updated_at > 3 * heartbeat + 1",
+            return db.execute("DELETE FROM live_sessions WHERE ? - updated_at > stale_after(heartbeat)",
                               (now,)).rowcount
 
     def ping(self):

@@ -1,0 +1,30 @@
+"""The console-auth token store: one API, two engines chosen by the `database` setting.
+
+A file path is an SQLite database (the gateways of one host); a redis://, rediss:// or
+redis+sentinel:// URL is a Redis server shared by gateways on many hosts. Both engines
+answer the same calls (common.Store) and return the same records.
+"""
+
+import time
+
+from vncgate.store.common import (CONSOLE_TYPES, STATES, TOKEN_BYTES, WEBSOCKET, XVP, ConnectionDetails,
+                                  LiveSession, Store, StoreBusy, StoreError, TokenRejected, access_url,
+                                  hash_token)
+from vncgate.store.redis import DEFAULT_PREFIX, URL_FORMS, RedisStore, RedisTarget, is_redis_url
+from vncgate.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore
+
+__all__ = ["CONSOLE_TYPES", "STATES", "TOKEN_BYTES", "WEBSOCKET", "XVP", "ConnectionDetails", "LiveSession",
+           "Store", "StoreBusy", "StoreError", "TokenRejected", "access_url", "hash_token", "DEFAULT_PREFIX",
+           "URL_FORMS", "RedisStore", "RedisTarget", "is_redis_url", "MIGRATIONS", "SCHEMA_VERSION", "SqliteStore",
+           "TokenStore"]
+
+
+def TokenStore(database, token_ttl=300.0, idle_timeout=600.0, clock=time.time, busy_timeout=5.0,  # noqa: N802
+               key_prefix=DEFAULT_PREFIX):
+    """Open the store `database` names: a Redis URL, else an SQLite file path.
+    busy_timeout bounds how long one call waits for the store."""
+    if is_redis_url(database):
+        return RedisStore(RedisTarget.parse(database), token_ttl=token_ttl, idle_timeout=idle_timeout,
+                          clock=clock, busy_timeout=busy_timeout, key_prefix=key_prefix)
+    return SqliteStore(database, token_ttl=token_ttl, idle_timeout=idle_timeout, clock=clock,
+                       busy_timeout=busy_timeout)

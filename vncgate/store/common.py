@@ -1,0 +1,205 @@
+"""What both store engines share: names, errors, tokens, the records they return, and
+the calls of the blueprint written in terms of each engine's own few.
+
+Tokens are handed to callers once, at mint time; a store keeps only their SHA-256
+hash. Every time decision reads one injectable clock, so expiry and idleness are
+tested without sleeping.
+"""
+
+import dataclasses
+import hashlib
+import secrets
+import urllib.parse
+
+from vncgate import sealing
+
+XVP = "xvp-vnc"
+WEBSOCKET = "ws-vnc"
+CONSOLE_TYPES = (XVP, WEBSOCKET)
+
+TOKEN_BYTES = 32  # 256 bits; the blueprint asks for at least 128
+STATES = ("live", "idle", "expired", "garbage")
+
+
+class StoreError(Exception):
+    """The store cannot be used; str() is one line for an operator."""
+
+
+class StoreBusy(StoreError):
+    """Another writer held the database past the busy timeout."""
+
+
+class TokenRejected(Exception):
+    """validate() refused a token; .reason is a short word for audit lines."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def new_token():
+    """256 random bits, URL-safe; never starting with '-', which command lines read as an option."""
+    while True:
+        token = secrets.token_urlsafe(TOKEN_BYTES)
+        if not token.startswith("-"):
+            return token
+
+
+def hash_token(token):
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def access_url(base_url, console_type, token):
+    """The URL a user opens: XVP's CONNECT target, or noVNC's page with the token in the fragment."""
+    base_url = base_url.rstrip("/")
+    if console_type == XVP:
+        return f"{base_url}/console?token={token}"
+    prefix = urllib.parse.urlsplit(base_url).path.strip("/")
+    ws_path = urllib.parse.quote(f"{prefix}/websockify?token={token}".lstrip("/"), safe="")
+    return f"{base_url}/vnc.html#autoconnect=1&path={ws_path}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectionDetails:
+    token_hash: str
+    instance_id: str
+    console_type: str
+    host: str
+    port: int
+    access_url: str  # the base; the token is appended only when it is handed out
+    internal_access_path: str
+    created_at: float
+    updated_at: float
+    expires_at: float
+    has_password: bool
+    backend_password: bytes = None  # opened only by validate(), which holds the token
+
+    @property
+    def token_id(self):
+        """The short, safe name of a token in logs and listings."""
+        return self.token_hash[:8]
+
+    def is_expired(self, now):
+        return now > self.expires_at
+
+    def is_idle(self, now, idle_timeout):
+        return now - self.updated_at > idle_timeout
+
+    def state(self, now, idle_timeout):
+        expired, idle = self.is_expired(now), self.is_idle(now, idle_timeout)
+        if expired and idle:
+            return "garbage"
+        return "expired" if expired else "idle" if idle else "live"
+
+    def garbage_at(self, idle_timeout):
+        """When the token becomes garbage (expired AND idle), unless touched again."""
+        return max(self.expires_at, self.updated_at + idle_timeout)
+
+    def selected(self, now, idle_timeout, include_idle=True, include_expired=False, only_idle=False):
+        """The flags of the by-instance and by-host calls, as one rule."""
+        if not include_expired and self.is_expired(now):
+            return False
+        if only_idle:
+            return self.is_idle(now, idle_timeout)
+        return include_idle or not self.is_idle(now, idle_timeout)
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveSession:
+    session_id: str
+    gateway_id: str
+    token_hash: str
+    instance_id: str
+    console_type: str
+    client: str
+    started_at: float
+    updated_at: float
+    heartbeat: float
+    bytes_up: int
+    bytes_down: int
+    kill_requested: bool
+
+    def is_stale(self, now):
+        """Its gateway missed three heartbeats: it died without removing the row."""
+        return now - self.updated_at > stale_after(self.heartbeat)
+
+
+def stale_after(heartbeat):
+    return 3 * heartbeat + 1
+
+
+class Store:
+    """The blueprint's six calls and validate(), over what each engine provides:
+    _insert, _find, _validate_row, _dump, list_details, touch_hashes, delete_hashes."""
+
+    pushes_events = False  # True when revocations and kills reach every gateway at once (listen())
+
+    def __init__(self, token_ttl, idle_timeout, clock):
+        self.token_ttl = token_ttl
+        self.idle_timeout = idle_timeout
+        self.clock = clock
+
+    def add_connection_details(self, instance_id, console_type, host, port, internal_access_path="",
+                               access_url="", ttl=None, backend_password=None):
+        """Mint a token for one console and return it; only its hash is kept."""
+        if console_type not in CONSOLE_TYPES:
+            raise ValueError(f"unknown console type {console_type!r}")
+        token = new_token()
+        now = self.clock()
+        sealed = sealing.seal(token, backend_password) if backend_password is not None else None
+        self._insert([(ConnectionDetails(
+            hash_token(token), instance_id, console_type, host, int(port), access_url, internal_access_path or "",
+            now, now, now + (self.token_ttl if ttl is None else ttl), sealed is not None), sealed)])
+        return token
+
+    def get_connection_details(self, token):
+        """The token's details, or None when it is unknown or expired."""
+        found = self._find(hash_token(token))
+        return found[0] if found and not found[0].is_expired(self.clock()) else None
+
+    def get_connection_details_by_instance(self, instance_id, include_idle=True, include_expired=False):
+        return self.list_details(instance_id=instance_id, include_idle=include_idle,
+                                 include_expired=include_expired)
+
+    def get_connection_details_by_host(self, host, only_idle=True):
+        """Every token for consoles on host, expired ones too: this is a clean-up query."""
+        return self.list_details(host=host, include_expired=True, only_idle=only_idle)
+
+    def touch_connection_details(self, tokens):
+        """Mark tokens as in use now; returns how many exist."""
+        return len(self.touch_hashes([hash_token(token) for token in tokens]))
+
+    def delete_connection_details(self, tokens):
+        """Revoke tokens; returns how many were deleted."""
+        return self.delete_hashes([hash_token(token) for token in tokens])
+
+    def validate(self, token, console_type):
+        """The details for a new connection, touched; raises TokenRejected."""
+        now = self.clock()
+        found = self._validate_row(hash_token(token), console_type, now)
+        if found is None:
+            raise TokenRejected("unknown-token")
+        details, sealed = found
+        if details.is_expired(now):
+            raise TokenRejected("expired-token")
+        if details.console_type != console_type:
+            raise TokenRejected("wrong-console-type")
+        password = None
+        if sealed is not None:
+            try:
+                password = sealing.unseal(token, sealed)
+            except sealing.SealError:
+                raise TokenRejected("sealed-password-unreadable") from None
+        return dataclasses.replace(details, updated_at=now, backend_password=password)
+
+    def copy_tokens_to(self, other):
+        """Copy every token that is not garbage, hashes and sealed secrets as they are, into
+        another store (migrate); returns (copied, garbage skipped)."""
+        now = self.clock()
+        rows = self._dump()
+        kept = [(details, sealed) for details, sealed in rows
+                if details.state(now, self.idle_timeout) != "garbage"]
+        if kept:
+            other._insert(kept)
+        return len(kept), len(rows) - len(kept)
+
