@@ -157,6 +157,11 @@ class Qemu:
         assert not refused, f"qemu refused the VNC password: {reply}"
 
 
+# A token as minted (43 URL-safe characters) or guessed alike, standing alone: hashes (64 hex
+# digits), token_ids (8) and session ids (12) never match.
+TOKEN_SHAPED = re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])")
+
+
 class GatewayProcess:
     """`vncgate` in a subprocess on a free port (or bind_port), with its own ini, audit log and stderr file."""
 
@@ -169,8 +174,9 @@ class GatewayProcess:
         with open(self.ini, "w") as ini:
             ini.write("[gateway]\n" + "".join(f"{key} = {value}\n" for key, value in values.items()))
         self.stderr = open(self.stderr_path, "w")
-        self.proc = subprocess.Popen([console_script("vncgate"), "-c", self.ini, "--port", str(bind_port)],
-                                     stdout=subprocess.DEVNULL, stderr=self.stderr, cwd=folder)
+        # DEBUG, so that every gateway of the suite proves no log level ever shows a token (stop()).
+        self.proc = subprocess.Popen([console_script("vncgate"), "-c", self.ini, "--port", str(bind_port),
+                                      "--log-level", "DEBUG"], stdout=subprocess.DEVNULL, stderr=self.stderr, cwd=folder)
         line = wait_for(self._listening_line, 15, message="the 'vncgate listening on' line")
         self.port = int(line.rsplit(":", 1)[1])
         self.host = values.get("listen", "127.0.0.1")
@@ -220,12 +226,18 @@ class GatewayProcess:
         return sorted(targets)
 
     def stop(self, sig=signal.SIGTERM, timeout=10):
+        """Stop the gateway; its exit code. Fails if its log or audit lines ever showed a token."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout)
         finally:
             self.stderr.close()
+            for path in (self.stderr_path, self.audit_path):
+                if os.path.exists(path):
+                    with open(path, encoding="utf-8", errors="replace") as handle:
+                        leaked = TOKEN_SHAPED.findall(handle.read())
+                    assert not leaked, f"{path} shows token-shaped words: {leaked[:3]}"
 
 
 def xvp_connect(port, token, timeout=10.0, host="127.0.0.1"):

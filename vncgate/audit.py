@@ -7,9 +7,14 @@ the events are written, keeps the metrics and the audit trail from disagreeing.
 import collections
 import datetime
 import json
+import os
 import sys
 import threading
 import time
+
+
+def _owner_only(path, flags):
+    return os.open(path, flags, 0o600)
 
 
 class Audit:
@@ -24,7 +29,7 @@ class Audit:
     @classmethod
     def open(cls, path):
         """Audit to a file (appended, line-buffered), or stderr when path is empty."""
-        return cls(open(path, "a", buffering=1, encoding="utf-8") if path else None)
+        return cls(open(path, "a", buffering=1, encoding="utf-8", opener=_owner_only) if path else None)
 
     def record(self, event, **fields):
         stamp = datetime.datetime.fromtimestamp(self.clock(), datetime.timezone.utc)

@@ -6,12 +6,13 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 import resource
 import signal
 import sys
 import threading
 
-from vncgate import config as config_module
+from vncgate import config as config_module, logs
 from vncgate import store as store_module
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -84,12 +85,14 @@ def token_parser():
     listing.add_argument("--json", action="store_true")
 
     revoke = commands.add_parser("revoke", help="delete tokens; their live sessions close")
-    revoke.add_argument("tokens", nargs="*", metavar="TOKEN")
+    revoke.add_argument("tokens", nargs="*", metavar="TOKEN", help=TOKENS_HELP)
+    revoke.add_argument("--token-file", metavar="F", help="read tokens from F, one per line")
     revoke.add_argument("--instance")
     revoke.add_argument("--host")
 
     touch = commands.add_parser("touch", help="mark tokens as in use now")
-    touch.add_argument("tokens", nargs="+", metavar="TOKEN")
+    touch.add_argument("tokens", nargs="*", metavar="TOKEN", help=TOKENS_HELP)
+    touch.add_argument("--token-file", metavar="F", help="read tokens from F, one per line")
 
     commands.add_parser("purge", help="delete garbage (expired and idle) now")
 
@@ -174,14 +177,37 @@ def _write_table(out, header, rows):
         out.write("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() + "\n")
 
 
+TOKENS_HELP = "tokens; - reads them from standard input, one per line (keeps them out of ps)"
+
+
+def _tokens(args, stdin):
+    """The tokens named on the command line, read from stdin for '-', and from --token-file:
+    a token on a command line is visible to every local user in ps."""
+    tokens = [token for token in args.tokens if token != "-"]
+    lines = []
+    if "-" in args.tokens:
+        lines += stdin.read().splitlines()
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as handle:
+                lines += handle.read().splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise CommandFailed(f"cannot read token file {args.token_file}: "
+                                f"{getattr(error, 'strerror', None) or 'not UTF-8 text'}") from None
+    return tokens + [line.strip() for line in lines if line.strip()]
+
+
 def cmd_revoke(args, config, store, out):
-    chosen = sum(bool(choice) for choice in (args.tokens, args.instance, args.host))
+    tokens = _tokens(args, sys.stdin) if args.tokens or args.token_file else []
+    chosen = sum(bool(choice) for choice in (args.tokens or args.token_file, args.instance, args.host))
     if chosen != 1:
-        raise UsageError("revoke takes TOKEN..., --instance ID or --host H (exactly one)")
-    if args.tokens:
-        deleted = store.delete_connection_details(args.tokens)
-        if deleted < len(set(args.tokens)):
-            raise CommandFailed(f"revoked {deleted} of {len(set(args.tokens))} tokens; "
+        raise UsageError("revoke takes TOKEN..., -, --token-file F, --instance ID or --host H (exactly one)")
+    if args.tokens or args.token_file:
+        if not tokens:
+            raise UsageError("no tokens were given")
+        deleted = store.delete_connection_details(tokens)
+        if deleted < len(set(tokens)):
+            raise CommandFailed(f"revoked {deleted} of {len(set(tokens))} tokens; "
                                 "the others are unknown or already gone")
     elif args.instance:
         deleted = store.delete_by_instance(args.instance)
@@ -191,9 +217,12 @@ def cmd_revoke(args, config, store, out):
 
 
 def cmd_touch(args, config, store, out):
-    touched = store.touch_connection_details(args.tokens)
-    if touched < len(set(args.tokens)):
-        raise CommandFailed(f"touched {touched} of {len(set(args.tokens))} tokens; the others are unknown")
+    tokens = _tokens(args, sys.stdin)
+    if not tokens:
+        raise UsageError("touch takes TOKEN..., - or --token-file F")
+    touched = store.touch_connection_details(tokens)
+    if touched < len(set(tokens)):
+        raise CommandFailed(f"touched {touched} of {len(set(tokens))} tokens; the others are unknown")
     out.write(f"touched {touched} token{'s' if touched != 1 else ''}\n")
 
 
@@ -249,7 +278,10 @@ COMMANDS = {"add": cmd_add, "list": cmd_list, "revoke": cmd_revoke, "touch": cmd
 
 
 def run_reporting_errors(prog, body):
-    """Run body(); turn every expected failure into one stderr line and an exit code."""
+    """Run body(); turn every expected failure into one stderr line and an exit code.
+    Every file either program creates (database, its WAL, audit log) is the owner's only:
+    the umask says so once, here, whatever the caller's umask was."""
+    os.umask(0o077)
     try:
         body()
         return EXIT_OK
@@ -304,7 +336,7 @@ def serve_main(argv=None):
 
     def body():
         args = serve_parser().parse_args(argv)
-        logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logs.setup(args.log_level)
         _prepare_process_for_many_sessions()
         config = config_module.load(args.config)
         overrides = {key: value for key, value in (("listen", args.listen), ("port", args.port))

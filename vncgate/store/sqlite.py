@@ -83,6 +83,10 @@ class SqliteStore(Store):
         self._open_file()
 
     def _open_file(self):
+        try:  # a new database is the owner's only (its WAL and SHM files take its mode)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError:
+            pass  # it exists, or connecting will say in its own words why it cannot
         with self._db() as db:
             db.execute("PRAGMA journal_mode=WAL")
             self._upgrade(db)

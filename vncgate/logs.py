@@ -1,0 +1,37 @@
+"""The gateway's log lines: one event, one line, whatever the text inside it.
+
+Log messages carry words that clients and backends chose (a request line, an RFB
+failure reason, an error text). Written raw, a CR/LF or an escape sequence in them
+would start a forged line (audit and log share stderr by default) or rewrite an
+operator's terminal. Every control character is written as an escape instead, and
+a traceback's lines are indented, so that a line starting at column 0 is always one
+the gateway began.
+"""
+
+import logging
+import re
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape(text):
+    """text with every control character as \\n, \\r, \\t or \\xNN / \\uNNNN."""
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class EscapingFormatter(logging.Formatter):
+    def formatMessage(self, record):
+        return escape(super().formatMessage(record))
+
+    def formatException(self, exc_info):
+        return "\n".join("    " + escape(line) for line in super().formatException(exc_info).splitlines())
+
+    def formatStack(self, stack_info):
+        return "\n".join("    " + escape(line) for line in stack_info.splitlines())
+
+
+def setup(level):
+    handler = logging.StreamHandler()
+    handler.setFormatter(EscapingFormatter(FORMAT))
+    logging.basicConfig(level=level, handlers=[handler])
