@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import sqlite3
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from websockets.frames import Opcode
 from websockets.protocol import State
 import redis
 from websockets.uri import parse_uri
+
+from vncgate import rfb
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -346,6 +349,37 @@ def xenserver(path):
             return
         sock.sendall(b"HTTP/1.1 200 OK\r\nServer: xapi\r\nContent-Type: text/plain\r\n\r\nRFB 003.008\n")
         echo(sock)
+    return behaviour
+
+
+def fake_rfb_server(password, banner=b"RFB 003.008\n", types=(2,), fail_reason=b"wrong password"):
+    """An RFB server announcing banner that follows the version the client answers, checks the
+    DES response to its challenge, and after a ClientInit answers b"ServerInit"."""
+    def behaviour(backend, sock):
+        sock.sendall(banner)
+        answered = recv_exactly(sock, 12)
+        backend.received.append(answered)
+        minor = int(answered[8:11])
+        sock.sendall(struct.pack("!I", types[0]) if minor == 3 else bytes((len(types), *types)))
+        if types in ((), (0,)):  # a refusal: the reason, then the server hangs up
+            sock.sendall(struct.pack("!I", 7) + b"go away")
+            return
+        if 2 not in types:
+            sock.recv(1)
+            return
+        if minor != 3:
+            backend.received.append(recv_exactly(sock, 1))
+        challenge = os.urandom(16)
+        sock.sendall(challenge)
+        passed = recv_exactly(sock, 16) == rfb.vnc_auth_response(password, challenge)
+        sock.sendall(struct.pack("!I", 0 if passed else 1))
+        if not passed:
+            if minor == 8 and fail_reason is not None:
+                sock.sendall(struct.pack("!I", len(fail_reason)) + fail_reason)
+            return
+        backend.received.append(recv_exactly(sock, 1))  # ClientInit
+        sock.sendall(b"ServerInit")
+        sock.recv(1)
     return behaviour
 
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from tests import harness, vnc_client
-from tests.harness import FakeBackend, GatewayProcess
+from tests.harness import FakeBackend, GatewayProcess, fake_rfb_server
 from tests.harness import NOVNC, bright_pixels, open_console_in_chromium
 from vncgate import refusals, rfb
 
@@ -82,37 +82,6 @@ def test_vnc_password_is_cut_to_eight_bytes_and_the_challenge_must_be_sixteen():
 
 # -- with the backend: fake RFB servers ---------------------------------------------------------
 
-def fake_server(banner=rfb.RFB_3_8, types=(2,), fail_reason=b"wrong password"):
-    """An RFB server announcing banner that follows the version the client answers, checks the
-    DES response to its challenge, and after a ClientInit answers b"ServerInit"."""
-    def behaviour(backend, sock):
-        sock.sendall(banner)
-        answered = harness.recv_exactly(sock, 12)
-        backend.received.append(answered)
-        minor = int(answered[8:11])
-        sock.sendall(U32.pack(types[0]) if minor == 3 else bytes((len(types), *types)))
-        if types in ((), (0,)):  # a refusal: the reason, then the server hangs up
-            sock.sendall(U32.pack(7) + b"go away")
-            return
-        if 2 not in types:
-            sock.recv(1)
-            return
-        if minor != 3:
-            backend.received.append(harness.recv_exactly(sock, 1))
-        challenge = os.urandom(16)
-        sock.sendall(challenge)
-        passed = harness.recv_exactly(sock, 16) == rfb.vnc_auth_response(PASSWORD, challenge)
-        sock.sendall(U32.pack(0 if passed else 1))
-        if not passed:
-            if minor == 8 and fail_reason is not None:
-                sock.sendall(U32.pack(len(fail_reason)) + fail_reason)
-            return
-        backend.received.append(harness.recv_exactly(sock, 1))  # ClientInit
-        sock.sendall(b"ServerInit")
-        sock.recv(1)
-    return behaviour
-
-
 def backend_handshake(server, password=PASSWORD, timeout=5.0, then=None):
     """authenticate_backend against a fake server: (version line, what the server got, then(sock))."""
     backend = FakeBackend(server)
@@ -138,14 +107,14 @@ def client_init(sock):
     (b"RFB 004.001\n", rfb.RFB_3_8),  # RealVNC 4 and later take a 3.8 client
 ])
 def test_backend_handshake_for_each_version(banner, agreed):
-    line, received, after = backend_handshake(fake_server(banner), then=client_init)
+    line, received, after = backend_handshake(fake_rfb_server(PASSWORD, banner), then=client_init)
     assert line == agreed and received[0] == agreed
     assert received[1:] == ([b"\x01"] if agreed == rfb.RFB_3_3 else [b"\x02", b"\x01"])
     assert after == b"ServerInit"  # nothing of the stream after the handshake was held back
 
 
 def test_backend_offering_several_types_gets_vnc_authentication_chosen():
-    line, received, _ = backend_handshake(fake_server(types=(1, 16, 2, 19)))
+    line, received, _ = backend_handshake(fake_rfb_server(PASSWORD, types=(1, 16, 2, 19)))
     assert line == rfb.RFB_3_8 and received[1] == b"\x02"
 
 
@@ -157,26 +126,26 @@ def backend_failure(server, password=PASSWORD, timeout=5.0):
 
 @pytest.mark.parametrize("minor", [3, 7, 8])
 def test_wrong_password_is_backend_auth_failed(minor):
-    error = backend_failure(fake_server(rfb.version_line(minor)), password=b"wrong")
+    error = backend_failure(fake_rfb_server(PASSWORD, rfb.version_line(minor)), password=b"wrong")
     assert error.reason == "backend-auth-failed"
     # Only RFB 3.8 servers say why.
     assert error.detail == ("wrong password" if minor == 8 else "the VNC server refused the password")
 
 
 def test_a_38_server_that_hangs_up_without_a_reason_is_still_auth_failed():
-    error = backend_failure(fake_server(fail_reason=None), password=b"wrong")
+    error = backend_failure(fake_rfb_server(PASSWORD, fail_reason=None), password=b"wrong")
     assert error.reason == "backend-auth-failed" and error.detail == "the VNC server refused the password"
 
 
 @pytest.mark.parametrize("banner, types", [(rfb.RFB_3_8, (1, 16)), (rfb.RFB_3_7, (1,)), (rfb.RFB_3_3, (1,))])
 def test_server_without_vnc_authentication(banner, types):
-    error = backend_failure(fake_server(banner, types=types))
+    error = backend_failure(fake_rfb_server(PASSWORD, banner, types=types))
     assert error.reason == "backend-no-vnc-auth" and str(list(types)) in error.detail
 
 
 @pytest.mark.parametrize("banner, types", [(rfb.RFB_3_8, ()), (rfb.RFB_3_7, ()), (rfb.RFB_3_3, (0,))])
 def test_server_refusing_the_connection_gives_its_reason(banner, types):
-    error = backend_failure(fake_server(banner, types=types))
+    error = backend_failure(fake_rfb_server(PASSWORD, banner, types=types))
     assert error.reason == "backend-refused" and error.detail.endswith(": go away")
 
 
@@ -216,7 +185,7 @@ def test_server_that_hangs_up_or_resets_is_backend_closed():
 
 def test_bytes_already_read_from_the_backend_are_used_first():
     """A XenServer CONNECT's reply can carry the RFB banner with it: passed as initial."""
-    backend = FakeBackend(fake_server())
+    backend = FakeBackend(fake_rfb_server(PASSWORD))
     try:
         with socket.create_connection(("127.0.0.1", backend.port)) as sock:
             start = harness.recv_exactly(sock, 5)
@@ -237,7 +206,7 @@ def test_initial_bytes_beyond_the_handshake_are_malformed():
 
 @pytest.mark.parametrize("timeout", [None, 7.0])
 def test_the_sockets_timeout_is_restored(timeout):
-    backend = FakeBackend(fake_server())
+    backend = FakeBackend(fake_rfb_server(PASSWORD))
     try:
         with socket.create_connection(("127.0.0.1", backend.port)) as sock:
             sock.settimeout(timeout)
