@@ -205,9 +205,9 @@ class GatewayProcess:
                              capture_output=True, text=True, timeout=30, check=True).stdout
         return json.loads(out)["token"]
 
-    def token_cli(self, *args):
+    def token_cli(self, *args, input=None):
         return subprocess.run([console_script("vncgate-token"), "-c", self.ini, *args],
-                              capture_output=True, text=True, timeout=30)
+                              capture_output=True, text=True, timeout=30, input=input)
 
     def threads(self):
         return len(os.listdir(f"/proc/{self.proc.pid}/task"))
