@@ -8,8 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     packages=["vncgate", "vncgate.store"],
     python_requires=">=3.9",
-    install_requires=["websockify>=0.10", "redis>=4.2"],
-    extras_require={"test": ["pytest", "hypothesis", "vncdotool", "playwright", "websockets", "cryptography",
+    install_requires=["redis>=4.2"],
+    extras_require={"test": ["pytest", "hypothesis", "vncdotool", "playwright", "websockets", "cryptography", "websockify",
                              "prometheus_client"]},
     entry_points={"console_scripts": [
         "vncgate = vncgate.cli:serve_main_exit",

@@ -8,7 +8,7 @@ stream (ClientInit onwards) is relayed untouched.
 
 VNC Authentication needs single DES, which the standard library lacks, so a small
 pure-Python DES written from FIPS 46-3 lives here, checked against published test
-vectors: this keeps the runtime dependencies to the standard library and websockify,
+vectors: this keeps the runtime dependencies to the standard library and redis,
 and speed is irrelevant because DES here only encrypts one 16-byte challenge per session.
 """
 
