@@ -5,6 +5,9 @@ greets every connection with an RFB banner as a VNC server would:
   stream: reads an 8-byte length N, then sends N bytes (framebuffer updates' direction)
   sink:   reads an 8-byte length N, then N bytes, then answers N as 8 bytes
   echo:   echoes (input events and their replies, for round trips)
+  rfb:    the RFB 3.8 handshake with security type None, ClientInit and ServerInit, then each
+          FramebufferUpdateRequest asks for x MiB of stream (the console policies' runs,
+          whose client-to-server bytes must be real RFB messages)
 Lengths travel in-band because a websocket has no half-close.
 
 The clients are deliberately thin so that the relay, not the client, is measured:
@@ -23,6 +26,8 @@ import threading
 BANNER = b"RFB 003.008\n"
 CHUNK = 256 * 1024
 _ZEROS = memoryview(bytes(CHUNK))
+# 640x480, 32 bits per pixel, true colour, no name
+SERVER_INIT = struct.pack("!HHBBBBHHHBBB3xI", 640, 480, 32, 24, 0, 1, 255, 255, 255, 16, 8, 0, 0)
 
 
 def _exactly(sock, count):
@@ -62,6 +67,20 @@ def _echo(sock):
         sock.sendall(data)
 
 
+def _rfb(sock):
+    _exactly(sock, 12)
+    sock.sendall(b"\x01\x01")  # one security type: None
+    _exactly(sock, 1)
+    sock.sendall(bytes(4))  # SecurityResult OK
+    _exactly(sock, 1)  # ClientInit
+    sock.sendall(SERVER_INIT)
+    while True:
+        request = _exactly(sock, 10)
+        remaining = struct.unpack("!H", request[2:4])[0] << 20
+        while remaining:
+            remaining -= sock.send(_ZEROS[:min(remaining, CHUNK)])
+
+
 def _serve(listener, behaviour):
     while True:
         sock, _ = listener.accept()
@@ -81,7 +100,7 @@ def _handle(sock, behaviour):
 def serve_backend():
     threading.stack_size(256 * 1024)
     listeners = []
-    for behaviour in (_stream, _sink, _echo):
+    for behaviour in (_stream, _sink, _echo, _rfb):
         listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
         print(listener.getsockname()[1], flush=True)
         listeners.append(threading.Thread(target=_serve, args=(listener, behaviour), daemon=True))
@@ -134,6 +153,20 @@ class RawEndpoint:
 
     def request_stream(self, total):
         self.send(struct.pack("!Q", total))
+
+    def rfb_handshake(self):
+        """The client's RFB handshake up to ServerInit, after read_banner (security None, whether
+        the backend offers it or the gateway, which then did the backend's security itself)."""
+        self.send(BANNER)
+        assert self.recv_exactly(2) == b"\x01\x01"
+        self.send(b"\x01")
+        assert self.recv_exactly(4) == bytes(4)
+        self.send(b"\x01")
+        assert self.recv_exactly(len(SERVER_INIT)) == SERVER_INIT
+
+    def request_rfb_stream(self, total):
+        """A FramebufferUpdateRequest whose x says how many MiB the rfb backend streams."""
+        self.send(struct.pack("!BBHHHH", 3, 0, total >> 20, 0, 640, 480))
 
     def drain(self, total):
         self._discard(total)

@@ -2,11 +2,14 @@
 
 Usage: python3 bench/relay.py [--mib 192] [--rounds 3] [--rtt 2000] [--handshakes 2000]
                               [--tokens 100000] [--sessions 1000] [--max-sessions 2000] [--plot FILE]
+                              [--only policy]
 
 Prints throughput both ways for every relay as a ratio to `socat -b 262144`, the
 small-message round trip as a ratio to a direct connection, vncgate's handshake
 latency with many tokens in the store, memory per idle session (PSS) against
-websockify's, and how many concurrent sessions vncgate held. Absolute numbers on a
+websockify's, how many concurrent sessions vncgate held, and the backend-to-client
+throughput of a session with a console policy (view-only: the gateway reads the
+client's stream) as a ratio to the same run's plain session. Absolute numbers on a
 shared machine are noise; the ratios are the result.
 """
 
@@ -54,8 +57,8 @@ class Relays:
     def __init__(self, folder, tokens):
         self.folder = folder
         self.procs = []
-        self.backend = self._spawn([sys.executable, "-m", "bench.peers", "backend"], read_ports=3)
-        self.stream_port, self.sink_port, self.echo_port = self.backend_ports
+        self.backend = self._spawn([sys.executable, "-m", "bench.peers", "backend"], read_ports=4)
+        self.stream_port, self.sink_port, self.echo_port, self.rfb_port = self.backend_ports
         self.gateway_port = free_port()
         ini = os.path.join(folder, "bench.ini")
         with open(ini, "w") as handle:
@@ -73,6 +76,9 @@ class Relays:
         self.tokens = {(console_type, mode): self.mint(console_type, backend)
                        for console_type in ("xvp-vnc", "ws-vnc") for mode, backend in self.modes()}
         self.websocket_served = peers.ws_path_served(self.gateway_port, self.tokens["ws-vnc", "echo"])
+        self.rfb_tokens = {(console_type, policy): self.mint(console_type, self.rfb_port, *flags)
+                           for console_type in ("xvp-vnc", "ws-vnc")
+                           for policy, flags in (("plain", ()), ("view-only", ("--view-only",)))}
 
     def modes(self):
         return (("stream", self.stream_port), ("sink", self.sink_port), ("echo", self.echo_port))
@@ -100,9 +106,9 @@ class Relays:
             store.add_connection_details(f"filler-{number}", "xvp-vnc", "10.9.9.9", 5900)
         store.close()
 
-    def mint(self, console_type, backend):
+    def mint(self, console_type, backend, *flags):
         out = subprocess.run(["vncgate-token", "-c", self.ini, "add", "--host", "127.0.0.1", "--port",
-                              str(backend), "--type", console_type, "--json"], capture_output=True,
+                              str(backend), "--type", console_type, "--json", *flags], capture_output=True,
                              text=True, check=True).stdout
         return json.loads(out)["token"]
 
@@ -144,6 +150,44 @@ def throughput(relays, relay, mode, total):
     endpoint.close()
     assert moved == total, f"{relay} {mode}: moved {moved} of {total} bytes"
     return total / seconds / MiB
+
+
+def rfb_throughput(relays, console_type, policy, total):
+    """Backend -> client MiB/s of an RFB session through the gateway, with or without a policy."""
+    token = relays.rfb_tokens[console_type, policy]
+    endpoint = (peers.xvp_endpoint(relays.gateway_port, token) if console_type == "xvp-vnc"
+                else peers.ws_endpoint(relays.gateway_port, f"/websockify?token={token}"))
+    endpoint.read_banner()
+    endpoint.rfb_handshake()
+    started = time.perf_counter()
+    endpoint.request_rfb_stream(total)
+    moved = endpoint.drain(total)
+    seconds = time.perf_counter() - started
+    endpoint.close()
+    assert moved == total
+    return total / seconds / MiB
+
+
+def report_policy(relays, args):
+    """Each round measures the plain and the policy session one after the other, so both see
+    the same machine, in turns (the second runs while the first one's teardown finishes).
+    Spliced throughput on a shared machine swings by a third between runs: the median of the
+    rounds is the figure, the best is shown beside it."""
+    total = args.mib * MiB
+    rounds = max(args.rounds, 5)
+    print(f"\nthroughput backend->client with a console policy (MiB/s; view-only vs plain, "
+          f"median and best of {rounds}, {args.mib} MiB per run)")
+    consoles = ("xvp-vnc", "ws-vnc") if relays.websocket_served else ("xvp-vnc",)
+    for console_type in consoles:
+        samples = {"plain": [], "view-only": []}
+        for round_number in range(rounds):
+            for policy in sorted(samples, reverse=bool(round_number % 2)):
+                samples[policy].append(rfb_throughput(relays, console_type, policy, total))
+        median = {policy: statistics.median(values) for policy, values in samples.items()}
+        best = {policy: max(values) for policy, values in samples.items()}
+        print(f"  {console_type:8} median: plain {median['plain']:6.0f}  view-only {median['view-only']:6.0f}  "
+              f"{median['view-only'] / median['plain']:5.2f}x (goal >= 0.95x)   best: plain {best['plain']:6.0f}  "
+              f"view-only {best['view-only']:6.0f}  {best['view-only'] / best['plain']:5.2f}x")
 
 
 def round_trips(relays, relay, count):
@@ -231,6 +275,7 @@ def main():
     parser.add_argument("--sessions", type=int, default=1000, help="idle sessions for the memory figure")
     parser.add_argument("--max-sessions", type=int, default=2000, help="bound of the concurrency ramp")
     parser.add_argument("--plot", metavar="FILE", help="write a PNG of throughput by relay (needs matplotlib)")
+    parser.add_argument("--only", choices=("policy",), help="run only this part")
     args = parser.parse_args()
     for tool in ("socat", "websockify", "vncgate", "vncgate-token"):
         if not shutil.which(tool):
@@ -241,7 +286,9 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         relays = Relays(folder, args.tokens)
         try:
-            report(relays, args)
+            if args.only != "policy":
+                report(relays, args)
+            report_policy(relays, args)
         finally:
             relays.stop()
 

@@ -96,13 +96,17 @@ def port_open(port, host="127.0.0.1"):
 class Qemu:
     """qemu-system-x86_64 with no disk: SeaBIOS shows its text and stays there."""
 
-    def __init__(self, extra_vnc="", monitor=False):
+    def __init__(self, extra_vnc="", monitor=False, trace_keys=None):
+        """trace_keys: a file where qemu logs every key event its VNC server takes (see key_events)."""
         self.port = free_port()
         self.display = self.port - 5900
+        self.trace_keys = trace_keys
         argv = ["qemu-system-x86_64", "-display", "none", "-nodefaults", "-vga", "std", "-m", "32",
                 "-vnc", f"127.0.0.1:{self.display}{extra_vnc}"]
         if monitor:
             argv += ["-monitor", "stdio"]
+        if trace_keys:
+            argv += ["-D", trace_keys, "-trace", "vnc_key_event_*"]
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE if monitor else subprocess.DEVNULL,
                                      stdout=subprocess.PIPE if monitor else subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
@@ -112,6 +116,14 @@ class Qemu:
     def stop(self):
         self.proc.kill()
         self.proc.wait(10)
+
+    def key_events(self):
+        """The key events qemu's VNC server took so far, as its trace lines (Qemu(trace_keys=...))."""
+        try:
+            with open(self.trace_keys) as handle:
+                return [line.strip() for line in handle if "vnc_key_event" in line]
+        except FileNotFoundError:
+            return []
 
     def monitor(self, command, answers=(), timeout=10.0):
         """Run one HMP command on qemu's monitor (Qemu(monitor=True)); returns what it printed
@@ -406,11 +418,13 @@ def client_context(cert):
 
 # -- raw websocket requests, with frames that the websockets library builds and parses ---------
 
-def raw_upgrade(port, token, version="13", extra=b""):
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+def raw_upgrade(port, token, version="13", extra=b"", source="127.0.0.1", cookie=None):
+    """A websocket upgrade from source (any 127.0.0.0/8 address), with a Cookie header when given."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    cookie_line = f"Cookie: {cookie}\r\n" if cookie else ""
     sock.sendall(f"GET /websockify?token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
                  f"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                 f"Sec-WebSocket-Version: {version}\r\n\r\n".encode() + extra)
+                 f"Sec-WebSocket-Version: {version}\r\n{cookie_line}\r\n".encode() + extra)
     status, rest = read_head(sock)
     return sock, status, rest
 
@@ -582,3 +596,118 @@ def session_rows(database):
         return client.zcard("vncgate:sessions") + len(client.keys("vncgate:session:*"))
     with sqlite3.connect(database) as db:
         return db.execute("SELECT COUNT(*) FROM live_sessions").fetchone()[0]
+# -- RFB as a client and as a recording server, for the console policies' tests ---------------------
+
+RFB_U32 = struct.Struct("!I")
+
+
+def rfb_client_handshake(sock, rest=b"", shared=1):
+    """The client's side after an XVP 200, security type None (the gateway offers it): returns
+    (width, height, bytes per pixel) from ServerInit."""
+    banner = rest + recv_exactly(sock, 12 - len(rest))
+    assert banner == b"RFB 003.008\n", banner
+    sock.sendall(b"RFB 003.008\n")
+    assert recv_exactly(sock, 2) == b"\x01\x01"  # one type: None
+    sock.sendall(b"\x01")
+    assert recv_exactly(sock, 4) == b"\0\0\0\0"
+    sock.sendall(bytes((shared,)))
+    width, height, bits = struct.unpack("!HHB", recv_exactly(sock, 5))
+    recv_exactly(sock, 15)
+    recv_exactly(sock, RFB_U32.unpack(recv_exactly(sock, 4))[0])  # the name
+    return width, height, bits // 8
+
+
+def framebuffer_update_request(incremental=False, width=640, height=480):
+    return struct.pack("!BBHHHH", 3, int(incremental), 0, 0, width, height)
+
+
+def read_framebuffer_update(sock, bytes_per_pixel):
+    """One FramebufferUpdate of raw rectangles (what a server sends a client that asked for no
+    encodings); returns the pixel bytes read."""
+    header = recv_exactly(sock, 4)
+    assert len(header) == 4 and header[0] == 0, header
+    total = 0
+    for _ in range(struct.unpack("!H", header[2:])[0]):
+        _x, _y, width, height, encoding = struct.unpack("!HHHHi", recv_exactly(sock, 12))
+        assert encoding == 0, encoding
+        size = width * height * bytes_per_pixel
+        while size:
+            chunk = sock.recv(min(size, 1 << 20))
+            assert chunk, "the server closed in the middle of an update"
+            size -= len(chunk)
+            total += len(chunk)
+    return total
+
+
+def recording_rfb_server(backend, sock):
+    """An RFB 3.8 server with security None that records its client's ClientInit and every byte
+    after it in backend.received (one bytes object, growing), until the client closes."""
+    sock.sendall(b"RFB 003.008\n")
+    recv_exactly(sock, 12)
+    sock.sendall(b"\x01\x01")
+    recv_exactly(sock, 1)
+    sock.sendall(b"\0\0\0\0")
+    backend.received.append(b"")
+    index = len(backend.received) - 1
+    first = True
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return
+        backend.received[index] += data
+        if first:  # ServerInit: 640x480, 32 bits per pixel, true colour, named "fake"
+            sock.sendall(struct.pack("!HHBBBBHHHBBB3xI", 640, 480, 32, 24, 0, 1, 255, 255, 255, 16, 8, 0, 4)
+                         + b"fake")
+            first = False
+
+
+class CuttableProxy:
+    """A TCP forwarder on loopback to target_port whose live connections cut() ends at once,
+    as a network blip would."""
+
+    def __init__(self, target_port):
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.pairs = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                return
+            with self._lock:
+                self.pairs.append((client, upstream))
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def cut(self):
+        with self._lock:
+            pairs, self.pairs = self.pairs, []
+        for pair in pairs:
+            for sock in pair:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+
+    def stop(self):
+        self.listener.close()
+        self.cut()

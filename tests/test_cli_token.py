@@ -86,6 +86,7 @@ def test_touch_and_purge(run_token):
     (["add", "--host", "h", "--port", "5900", "--type", "spice"], "invalid choice: 'spice'"),
     (["add", "--port", "5900"], "the following arguments are required: --host"),
     (["add", "--host", "h", "--port", "1", "--ttl", "-3"], "invalid seconds '-3'"),
+    (["add", "--host", "h", "--port", "1", "--input-idle", "0"], "invalid seconds '0'"),
     (["revoke"], "exactly one"),
     (["revoke", "tok", "--host", "h"], "exactly one"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
@@ -159,3 +160,14 @@ def test_env_var_config(run_token, tmp_path, monkeypatch):
     url = run_token("add", "--host", "h", "--port", "1", "--type", "xvp-vnc", config=None, check=0).stdout
     assert url.startswith("http://127.0.0.1:7123/console?token=")
     assert (tmp_path / "other.db").exists()
+
+
+def test_policy_flags_are_kept_with_the_token(run_token):
+    added = json.loads(run_token("add", "--host", "h", "--port", "5900", "--view-only", "--single-use",
+                                 "--paste-as-keys", "--input-idle", "45", "--json", check=0).stdout)
+    expected = {"view_only": True, "single_use": True, "paste_as_keys": True, "input_idle": 45.0}
+    assert added["policy"] == expected
+    plain = json.loads(run_token("add", "--host", "h", "--port", "5901", "--json", check=0).stdout)
+    assert plain["policy"] == {"view_only": False, "single_use": False, "paste_as_keys": False, "input_idle": 0.0}
+    listed = {row["port"]: row["policy"] for row in json.loads(run_token("list", "--json", check=0).stdout)}
+    assert listed == {5900: expected, 5901: plain["policy"]}

@@ -53,6 +53,10 @@ def test_public_url_and_origins(tmp_path):
     ("[gateway]\ntoken_ttl = -5\n", "[gateway] token_ttl: must be greater than 0, got '-5'"),
     ("[gateway]\nmax_connections = many\n", "[gateway] max_connections: must be a whole number"),
     ("[gateway]\ncolour = blue\n", "[gateway] colour: unknown key"),
+    ("[gateway]\ninput_idle_timeout = -1\n", "[gateway] input_idle_timeout: must be 0 or more, got '-1'"),
+    ("[gateway]\ninput_idle_timeout = soon\n", "[gateway] input_idle_timeout: must be a number"),
+    ("[gateway]\npaste_max_chars = 0\n", "[gateway] paste_max_chars: must be greater than 0"),
+    ("[gateway]\nresume_grace = 0\n", "[gateway] resume_grace: must be greater than 0"),
     ("[gateway]\npublic_url = console.example\n", "public_url: must be an http:// or https:// URL"),
     ("[gateway]\ncert = a.pem\n", "cert and key must be set together"),
     ("[other]\nport = 1\n", "unknown section [other]"),
@@ -105,3 +109,8 @@ def test_redis_urls_are_kept_as_they_are(tmp_path, url, hosts, service, db):
     target = store.RedisTarget.parse(loaded.database)
     assert (target.hosts, target.service, target.db) == (hosts, service, db)
     assert "pw" not in target.redacted
+def test_policy_keys(tmp_path):
+    loaded = config.load(write(tmp_path, "[gateway]\nresume_grace = 5\npaste_max_chars = 100\n"
+                                         "input_idle_timeout = 0\n"))
+    assert (loaded.resume_grace, loaded.paste_max_chars, loaded.input_idle_timeout) == (5.0, 100, 0.0)
+    assert config.load(write(tmp_path, "[gateway]\ninput_idle_timeout = 90\n")).input_idle_timeout == 90.0

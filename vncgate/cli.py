@@ -13,6 +13,7 @@ import sys
 import threading
 
 from vncgate import config as config_module, logs
+from vncgate import policy as policy_module
 from vncgate import store as store_module
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -75,6 +76,16 @@ def token_parser():
     add.add_argument("--internal-path", default="", help="XenServer internal_access_path for a CONNECT")
     add.add_argument("--ttl", type=_seconds, help="seconds until the token expires (default: token_ttl)")
     add.add_argument("--password-file", metavar="F", help="file holding the backend's VNC password")
+    add.add_argument("--view-only", action="store_true",
+                     help="the user sees the console but cannot type, click or paste into it")
+    add.add_argument("--single-use", action="store_true",
+                     help="the first connection consumes the token; only that client may reconnect "
+                          "(within resume_grace of a drop)")
+    add.add_argument("--paste-as-keys", action="store_true",
+                     help="pasted text is typed as keystrokes (for consoles without a clipboard)")
+    add.add_argument("--input-idle", type=_seconds, metavar="SECONDS",
+                     help="close the session after this long without a key or pointer event "
+                          "(default: input_idle_timeout)")
     add.add_argument("--json", action="store_true", help="print one JSON object")
 
     listing = commands.add_parser("list", help="list tokens (never the tokens themselves)")
@@ -135,9 +146,11 @@ def cmd_add(args, config, store, out):
     password = _read_password(args.password_file) if args.password_file else None
     base = f"{config.base_url}/console" if args.console_type == store_module.XVP else f"{config.base_url}/vnc.html"
     instance = args.instance or f"{args.host}:{args.port}"
+    policy = policy_module.Policy(view_only=args.view_only, single_use=args.single_use,
+                                  paste_as_keys=args.paste_as_keys, input_idle=args.input_idle or 0.0)
     token = store.add_connection_details(instance, args.console_type, args.host, args.port,
                                          internal_access_path=args.internal_path, access_url=base,
-                                         ttl=args.ttl, backend_password=password)
+                                         ttl=args.ttl, backend_password=password, policy=policy.to_json())
     details = store.get_connection_details(token)
     url = store_module.access_url(config.base_url, args.console_type, token)
     if args.json:
@@ -145,7 +158,8 @@ def cmd_add(args, config, store, out):
                    "console_type": details.console_type, "instance_id": details.instance_id,
                    "host": details.host, "port": details.port,
                    "internal_access_path": details.internal_access_path,
-                   "expires_at": _iso(details.expires_at), "has_password": details.has_password}, out)
+                   "expires_at": _iso(details.expires_at), "has_password": details.has_password,
+                   "policy": _policy_fields(details)}, out)
         out.write("\n")
     else:
         out.write(url + "\n")
@@ -161,13 +175,18 @@ def cmd_list(args, config, store, out):
                     "internal_access_path": row.internal_access_path,
                     "created_at": _iso(row.created_at), "updated_at": _iso(row.updated_at),
                     "expires_at": _iso(row.expires_at), "state": row.state(now, config.idle_timeout),
-                    "has_password": row.has_password} for row in rows], out)
+                    "has_password": row.has_password, "policy": _policy_fields(row)} for row in rows], out)
         out.write("\n")
         return
     _write_table(out, ("ID", "TYPE", "INSTANCE", "BACKEND", "STATE", "EXPIRES (UTC)", "IDLE"),
                  [(row.token_id, row.console_type, row.instance_id, f"{row.host}:{row.port}",
                    row.state(now, config.idle_timeout), _iso(row.expires_at), f"{now - row.updated_at:.0f}s")
                   for row in rows])
+
+
+def _policy_fields(details):
+    """The policy as JSON shows it: every field, with its value."""
+    return dataclasses.asdict(policy_module.Policy.from_json(details.policy))
 
 
 def _write_table(out, header, rows):

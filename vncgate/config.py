@@ -43,6 +43,13 @@ def _positive(kind):
     return parse
 
 
+def _not_negative(value):
+    number = float(value)
+    if number < 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
 def _bool(value):
     words = {"true": True, "yes": True, "on": True, "1": True,
              "false": False, "no": False, "off": False, "0": False}
@@ -93,6 +100,10 @@ SCHEMA = {
     "handshake_timeout": (_positive(float), 10.0),
     "audit_log": (_text, ""),
     "metrics_allow": (_networks, _networks("127.0.0.0/8, ::1")),
+    # console policies
+    "resume_grace": (_positive(float), 30.0),
+    "paste_max_chars": (_positive(int), 4096),
+    "input_idle_timeout": (_not_negative, 0.0),
 }
 
 # Where an installed noVNC is found when web_root = auto.
@@ -121,6 +132,9 @@ class Config:
     handshake_timeout: float = 10.0
     audit_log: str = ""
     metrics_allow: tuple = SCHEMA["metrics_allow"][1]
+    resume_grace: float = 30.0
+    paste_max_chars: int = 4096
+    input_idle_timeout: float = 0.0  # 0: off
     source: str = ""  # the file read, "" when built-in defaults only
 
     @property
@@ -218,8 +232,8 @@ def check_database(database, where):
 
 
 def _kind(parse):
-    return {"int": "a whole number", "float": "a number", "_port": "a port number"}.get(
-        parse.__name__, "valid")
+    kinds = {"int": "a whole number", "float": "a number", "_not_negative": "a number", "_port": "a port number"}
+    return kinds.get(parse.__name__, "valid")
 
 
 def _resolve_web_root(value, base_dir):

@@ -199,17 +199,25 @@ class Relay:
         self._lock = threading.Lock()
 
     @classmethod
-    def raw(cls, client_sock, backend_sock, backend_leftover=b"", client_leftover=b""):
-        """A byte-for-byte relay (the XVP path): spliced where the kernel can, else copied."""
+    def raw(cls, client_sock, backend_sock, backend_leftover=b"", client_leftover=b"", upstream_sink=None):
+        """A byte-for-byte relay (the XVP path): spliced where the kernel can, else copied.
+        upstream_sink(sink): the Sink the client's bytes go to in front of the backend's (a
+        console policy reading them); that direction is then copied, the other still spliced."""
+        splice = CAN_SPLICE and not isinstance(client_sock, ssl.SSLSocket)
         if isinstance(client_sock, ssl.SSLSocket):
             client_sock = tls.TlsStream(client_sock)
-        elif CAN_SPLICE:
-            return cls(client_sock, backend_sock,
-                       SpliceDirection("client", client_sock, backend_sock, client_leftover),
-                       SpliceDirection("backend", backend_sock, client_sock, backend_leftover))
-        return cls(client_sock, backend_sock,
-                   CopyDirection("client", SocketSource(client_sock, client_leftover), SocketSink(backend_sock)),
-                   CopyDirection("backend", SocketSource(backend_sock, backend_leftover), SocketSink(client_sock)))
+        if upstream_sink is not None:
+            upstream = CopyDirection("client", SocketSource(client_sock, client_leftover),
+                                     upstream_sink(SocketSink(backend_sock)))
+        elif splice:
+            upstream = SpliceDirection("client", client_sock, backend_sock, client_leftover)
+        else:
+            upstream = CopyDirection("client", SocketSource(client_sock, client_leftover), SocketSink(backend_sock))
+        if splice:
+            downstream = SpliceDirection("backend", backend_sock, client_sock, backend_leftover)
+        else:
+            downstream = CopyDirection("backend", SocketSource(backend_sock, backend_leftover), SocketSink(client_sock))
+        return cls(client_sock, backend_sock, upstream, downstream)
 
     @property
     def bytes_up(self):

@@ -1,10 +1,11 @@
 """The RFB security handshake, done by the gateway so that users never hold a VNC password.
 
 With the backend the gateway is the client: it answers VNC Authentication's DES
-challenge with the password sealed in the token (authenticate_backend). With the
-user's client it is the server and offers security type None (offer_no_auth), or
-tells it in RFB why there is no console (refuse_client). After both, the rest of the
-stream (ClientInit onwards) is relayed untouched.
+challenge with the password sealed in the token, or chooses security type None for a
+token with a console policy and no password (authenticate_backend). With the user's
+client it is the server and offers security type None (offer_no_auth), or tells it in
+RFB why there is no console (refuse_client). After both, the rest of the stream
+(ClientInit onwards) is relayed untouched, or through the policy's filter (policy.py).
 
 VNC Authentication needs single DES, which the standard library lacks, so a small
 pure-Python DES written from FIPS 46-3 lives here, checked against published test
@@ -210,7 +211,9 @@ def _failure_reason(read_exact, fallback):
 
 def authenticate_backend(sock, password, deadline, initial=b""):
     """Be the client of the backend's RFB security handshake, answering VNC Authentication
-    with password; returns the ProtocolVersion line agreed (b"RFB 003.008\n", ...7 or ...3).
+    with password, or choosing security type None when password is None (the tokens with a
+    console policy, whose stream the gateway must read from ClientInit on); returns the
+    ProtocolVersion line agreed (b"RFB 003.008\n", ...7 or ...3).
 
     sock is a blocking socket whose timeout is restored on return; every read and write ends
     by the time.monotonic() deadline. initial: bytes already read from sock (a XenServer
@@ -218,6 +221,7 @@ def authenticate_backend(sock, password, deadline, initial=b""):
     for the client's ClientInit and nothing of the stream is held here. Raises RfbError with
     reason backend-bad-rfb (not RFB), backend-refused (the server refused the connection,
     its reason in detail), backend-no-vnc-auth (security type 2 not offered),
+    backend-needs-password (no password, and type None not offered),
     backend-auth-failed (password refused, the server's reason in detail), backend-timeout
     or backend-closed."""
     saved_timeout = sock.gettimeout()
@@ -246,13 +250,21 @@ def _authenticate(read_exact, write, password):
     if offered in ([], [0]):  # no types: a reason string follows and the server hangs up
         reason = _failure_reason(read_exact, "no reason given")
         raise RfbError("backend-refused", f"the VNC server refused the connection: {reason}")
-    if VNC_AUTH not in offered:
+    wanted = NONE if password is None else VNC_AUTH
+    if wanted not in offered:
+        if password is None:
+            raise RfbError("backend-needs-password", f"the VNC server offers security types {offered}, "
+                                                     "not 1 (None), and the token holds no password")
         raise RfbError("backend-no-vnc-auth", f"the VNC server offers security types {offered}, not 2 "
                                               "(VNC Authentication)")
     if minor != 3:
-        write(bytes((VNC_AUTH,)))
-    write(vnc_auth_response(password, read_exact(16)))
-    # SecurityResult: sent for VNC Authentication in every version; only 3.8 adds a reason.
+        write(bytes((wanted,)))
+    if wanted == NONE:
+        if minor != 8:
+            return minor  # RFC 6143: before 3.8 there is no SecurityResult for type None
+    else:
+        write(vnc_auth_response(password, read_exact(16)))
+    # SecurityResult: sent for VNC Authentication in every version, for None in 3.8; 3.8 adds a reason.
     if _U32.unpack(read_exact(4))[0] != 0:
         fallback = "the VNC server refused the password"
         raise RfbError("backend-auth-failed", _failure_reason(read_exact, fallback) if minor == 8 else fallback)

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 
-from vncgate import backends, refusals, rfb, store as store_module, tls
+from vncgate import backends, policy as policy_module, refusals, rfb, store as store_module, tls
 from vncgate.refusals import Refused
 
 log = logging.getLogger("vncgate.sessions")
@@ -35,6 +35,10 @@ class Session:
         # The RFB security the gateway did with the backend: None (the client does its own),
         # the version line agreed (the client gets security type None), or the RfbError to tell it.
         self.security = None
+        self.policy = policy_module.Policy()
+        self.enforcement = None  # a policy_module.Enforcement when the policy reads the client's stream
+        self.use = None  # a single-use token's use: "consumed" or "resumed"
+        self.resume_cookie = None  # the cookie its client may come back with (the websocket path)
 
     @property
     def needs_greeting(self):
@@ -43,10 +47,15 @@ class Session:
     def audit_fields(self):
         return {"client": self.client, "path": self.path, "console_type": self.details.console_type,
                 "instance_id": self.details.instance_id, "token_id": self.details.token_id,
-                "session_id": self.id}
+                "session_id": self.id, **({"policy": self.policy.describe()} if self.policy.describe() else {})}
 
     def byte_counts(self):
         return (self.relay.bytes_up, self.relay.bytes_down) if self.relay else (0, 0)
+
+    @property
+    def client_filter(self):
+        """None, or the function that puts the policy's Filter in front of the backend's Sink."""
+        return self.enforcement.filter if self.enforcement else None
 
     def stop(self, reason):
         """End the session from any thread, in its handshake with the client or relaying."""
@@ -70,8 +79,10 @@ class Session:
 
 
 class SessionManager:
-    def __init__(self, store, audit, backend_timeout, throttle, heartbeat):
+    def __init__(self, store, audit, backend_timeout, throttle, heartbeat, settings):
+        """settings: the policy keys of the config (resume_grace, paste_max_chars, input_idle_timeout)."""
         self.store = store
+        self.settings = settings
         self.audit = audit
         self.backend_timeout = backend_timeout
         self.throttle = throttle
@@ -81,8 +92,9 @@ class SessionManager:
         self._lock = threading.Lock()
         self._store_down = False
 
-    def open(self, token, console_type, path, client, conn=None):
-        """Validate the token and reach its backend; returns a Session or raises Refused."""
+    def open(self, token, console_type, path, client, conn=None, resume_cookie=None):
+        """Validate the token and reach its backend; returns a Session or raises Refused.
+        resume_cookie: what lets a single-use token's client back in from another address."""
         fields = {"client": client, "path": path, "console_type": console_type}
         address = client.rsplit(":", 1)[0]
         if not self.throttle.allowed(address):
@@ -99,15 +111,38 @@ class SessionManager:
             log.info("backend %s:%s for %s: %s", details.host, details.port, details.instance_id, error)
             raise Refused(error.reason, error.detail, **fields) from None
         session = Session(details, client, path, backend, leftover, conn)
-        if details.backend_password is not None:
+        session.policy = policy_module.Policy.from_json(details.policy)
+        if session.policy.reads_stream(self.settings):
+            session.enforcement = policy_module.Enforcement(session.policy, self.settings, session.stop)
+        if details.backend_password is not None or session.enforcement:
+            # The gateway reads a policy's stream from ClientInit on: it does the handshake itself.
             session.security = self._authenticate_backend(session)
+        if session.policy.single_use and not isinstance(session.security, rfb.RfbError):
+            session.use = self._consume(session, address, resume_cookie, fields)
+            session.resume_cookie = resume_cookie
         with self._lock:
             self._live[session.id] = session
         self._shared(self.store.record_session, session.id, self.gateway_id, details.token_hash,
                      details.instance_id, console_type, client, self.heartbeat_interval)
         if not isinstance(session.security, rfb.RfbError):
-            self.audit.record("attempt", **session.audit_fields(), result="accepted", status=200)
+            self.audit.record("attempt", **session.audit_fields(), result="accepted", status=200,
+                              **({"single_use": session.use} if session.use else {}))
         return session
+
+    def _consume(self, session, address, resume_cookie, fields):
+        cookie_hash = store_module.hash_token(resume_cookie) if resume_cookie else None
+        try:
+            return self.store.consume(session.details.token_hash, address, cookie_hash, self.settings.resume_grace)
+        except store_module.TokenRejected as rejected:
+            session.backend.close()
+            raise Refused(rejected.reason, **fields) from None
+        except store_module.StoreError as error:
+            session.backend.close()
+            raise Refused("store-unavailable", str(error), **fields) from None
+
+    def _release(self, session):
+        if session.use:
+            self._shared(self.store.release, session.details.token_hash)
 
     def _authenticate_backend(self, session):
         try:
@@ -167,21 +202,29 @@ class SessionManager:
     def run(self, session, relay):
         """Relay the session to its end, then unregister and audit it."""
         session.start(relay)
+        if session.enforcement:
+            session.enforcement.start()
         try:
             reason = relay.run()
         finally:
+            if session.enforcement:
+                session.enforcement.cancel()
             with self._lock:
                 self._live.pop(session.id, None)
             self._shared(self.store.remove_session, session.id)
+            self._release(session)
+        violation = session.enforcement.violation if session.enforcement else None
         self.audit.record("session-end", **session.audit_fields(), reason=reason,
                           bytes_up=relay.bytes_up, bytes_down=relay.bytes_down,
-                          duration=round(time.time() - session.started, 3))
+                          duration=round(time.time() - session.started, 3),
+                          **({"detail": violation} if violation else {}))
 
     def discard(self, session):
         """A session whose client went away before the relay started."""
         with self._lock:
             self._live.pop(session.id, None)
         self._shared(self.store.remove_session, session.id)
+        self._release(session)
         session.backend.close()
 
     def live(self):

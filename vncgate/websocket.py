@@ -11,7 +11,7 @@ client breaks the protocol, a close frame goes out and both directions stop.
 import re
 import ssl
 
-from vncgate import relay, store, tls, wsframes
+from vncgate import policy, relay, store, tls, wsframes
 from vncgate.refusals import Refused
 
 PATH = "websocket"
@@ -29,10 +29,15 @@ def serve(gateway, conn, request, leftover, client):
                       **({"token_id": store.hash_token(token)[:8]} if token else {}))
     accept, subprotocol = wsframes.check_upgrade(request)
 
-    session = gateway.sessions.open(token, store.WEBSOCKET, PATH, client, conn)
+    presented = request.cookie(policy.RESUME_COOKIE)
+    session = gateway.sessions.open(token, store.WEBSOCKET, PATH, client, conn,
+                                    resume_cookie=presented or policy.new_resume_cookie())
     stream = tls.TlsStream(conn) if isinstance(conn, ssl.SSLSocket) else conn
+    # A single-use token: its browser may come back by this cookie, from another address too.
+    cookie = ([policy.resume_cookie_header(session.resume_cookie, stream is not conn)]
+              if session.use and not presented else [])
     try:
-        stream.sendall(wsframes.upgrade_response(accept, subprotocol))
+        stream.sendall(wsframes.upgrade_response(accept, subprotocol, cookie))
     except OSError:
         gateway.sessions.discard(session)
         raise
@@ -48,9 +53,12 @@ def serve(gateway, conn, request, leftover, client):
     else:
         source = ClientSource(stream, sender, leftover)
     backend = session.backend
+    to_backend = BackendSink(backend)
+    if session.client_filter:
+        to_backend = session.client_filter(to_backend)
     gateway.sessions.run(session, relay.Relay(
         stream, backend,
-        upstream=relay.CopyDirection("client", source, BackendSink(backend)),
+        upstream=relay.CopyDirection("client", source, to_backend),
         downstream=relay.CopyDirection("backend", relay.SocketSource(backend, session.backend_leftover), sink)))
 
 

@@ -56,11 +56,13 @@ def check_upgrade(request):
     return accept, subprotocol
 
 
-def upgrade_response(accept, subprotocol):
+def upgrade_response(accept, subprotocol, extra_headers=()):
+    """The 101; extra_headers: (name, value) pairs the gateway adds (a resume cookie)."""
     lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
              f"Sec-WebSocket-Accept: {accept}"]
     if subprotocol:
         lines.append(f"Sec-WebSocket-Protocol: {subprotocol}")
+    lines += [f"{name}: {value}" for name, value in extra_headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
 
 

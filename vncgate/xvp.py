@@ -19,4 +19,5 @@ def serve(gateway, conn, request, leftover, client):
         if not gateway.sessions.greet(session, reader.read_exact, timed.sendall):
             return
         leftover = reader.surplus
-    gateway.sessions.run(session, relay.Relay.raw(conn, session.backend, session.backend_leftover, leftover))
+    gateway.sessions.run(session, relay.Relay.raw(conn, session.backend, session.backend_leftover, leftover,
+                                                  upstream_sink=session.client_filter))

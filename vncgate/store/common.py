@@ -73,6 +73,7 @@ class ConnectionDetails:
     expires_at: float
     has_password: bool
     backend_password: bytes = None  # opened only by validate(), which holds the token
+    policy: str = ""  # the console policy, JSON text that vncgate.policy reads; "" for none
 
     @property
     def token_id(self):
@@ -128,6 +129,23 @@ def stale_after(heartbeat):
     return 3 * heartbeat + 1
 
 
+def consumption(state, address, cookie_hash, grace, now):
+    """The single-use rule, for every engine's consume(token_hash, address, cookie_hash, grace):
+    the first caller consumes the token; after that only the same client (the same address, or
+    the same resume cookie's hash) may use it again, while a session of it is live or within
+    grace seconds of the last one's end. state: (consumed_address, consumed_cookie, released_at),
+    None for what is not set. Returns "consumed" or "resumed"; raises TokenRejected("refused-consumed").
+    The engine then records the consumer (if new) and marks a session live (released_at unset);
+    its release(token_hash) sets released_at when a session ends."""
+    consumed_address, consumed_cookie, released_at = state
+    if consumed_address is None:
+        return "consumed"
+    same_client = address == consumed_address or (cookie_hash is not None and cookie_hash == consumed_cookie)
+    if same_client and (released_at is None or now - released_at <= grace):
+        return "resumed"
+    raise TokenRejected("refused-consumed")
+
+
 class Store:
     """The blueprint's six calls and validate(), over what each engine provides:
     _insert, _find, _validate_row, _dump, list_details, touch_hashes, delete_hashes."""
@@ -140,8 +158,9 @@ class Store:
         self.clock = clock
 
     def add_connection_details(self, instance_id, console_type, host, port, internal_access_path="",
-                               access_url="", ttl=None, backend_password=None):
-        """Mint a token for one console and return it; only its hash is kept."""
+                               access_url="", ttl=None, backend_password=None, policy=""):
+        """Mint a token for one console and return it; only its hash is kept. policy: the
+        console policy's JSON text (vncgate.policy.Policy.to_json)."""
         if console_type not in CONSOLE_TYPES:
             raise ValueError(f"unknown console type {console_type!r}")
         token = new_token()
@@ -149,7 +168,7 @@ class Store:
         sealed = sealing.seal(token, backend_password) if backend_password is not None else None
         self._insert([(ConnectionDetails(
             hash_token(token), instance_id, console_type, host, int(port), access_url, internal_access_path or "",
-            now, now, now + (self.token_ttl if ttl is None else ttl), sealed is not None), sealed)])
+            now, now, now + (self.token_ttl if ttl is None else ttl), sealed is not None, policy=policy), sealed)])
         return token
 
     def get_connection_details(self, token):

@@ -28,7 +28,8 @@ import redis.exceptions
 import redis.retry
 import redis.sentinel
 
-from vncgate.store.common import ConnectionDetails, LiveSession, Store, StoreError, stale_after
+from vncgate.store.common import (ConnectionDetails, LiveSession, Store, StoreError, TokenRejected, consumption,
+                                  stale_after)
 
 log = logging.getLogger("vncgate.store")
 
@@ -213,6 +214,12 @@ for i = 3, #ARGV, 3 do
 end
 return killed
 """,
+    # ARGV: p, hash, now. A single-use token's session ended: its resume grace starts now.
+    "release": """
+local key = p .. 'token:' .. ARGV[2]
+if redis.call('exists', key) == 1 then redis.call('hset', key, 'released_at', ARGV[3]) end
+return 1
+""",
     # ARGV: p, session ids... Marks those that exist, tells every gateway; returns how many.
     "kill": """
 local marked = {}
@@ -302,6 +309,8 @@ class RedisStore(Store):
                 fields = [item for name in _TOKEN_FIELDS for item in (name, str(getattr(details, name)))]
                 if sealed is not None:
                     fields += ["secret", sealed]
+                if details.policy:
+                    fields += ["policy", details.policy]
                 args += [details.token_hash, len(fields), *fields]
             self._script("insert", args, client=pipe)
         wait = self.busy_timeout / 2  # the other half is the writes' own, within the socket timeout
@@ -331,6 +340,31 @@ class RedisStore(Store):
         replies = self._pipelined([("hgetall", (self._key("token:", token_hash),)) for token_hash in token_hashes])
         return [_details(token_hash, fields) if fields else None
                 for token_hash, fields in zip(token_hashes, replies)]
+
+    # -- single-use tokens (console policies) -----------------------------------------------
+
+    def consume(self, token_hash, address, cookie_hash, grace):
+        """See common.consumption; an optimistic transaction (WATCH), retried when another
+        gateway changed the token meanwhile, so two clients at once cannot both consume."""
+        key = self._key("token:", token_hash)
+
+        def attempt(pipe):
+            state = pipe.hmget(key, "consumed_address", "consumed_cookie", "released_at")
+            if not pipe.exists(key):
+                raise TokenRejected("unknown-token")
+            address_then, cookie_then, released = (value.decode() if value is not None else None for value in state)
+            outcome = consumption((address_then, cookie_then, None if released is None else float(released)),
+                                  address, cookie_hash, grace, self.clock())
+            pipe.multi()
+            if outcome == "consumed":
+                pipe.hset(key, mapping={"consumed_address": address,
+                                        **({"consumed_cookie": cookie_hash} if cookie_hash else {})})
+            pipe.hdel(key, "released_at")
+            return outcome
+        return self._run(self._client.transaction, attempt, key, value_from_callable=True)
+
+    def release(self, token_hash):
+        self._script("release", [token_hash, repr(self.clock())])
 
     # -- beyond the blueprint: what the gateway and the CLI need --------------------------
 
@@ -503,7 +537,8 @@ def _details(token_hash, fields):
     return ConnectionDetails(
         token_hash, values["instance_id"], values["console_type"], values["host"], int(values["port"]),
         values["access_url"], values["internal_access_path"], float(values["created_at"]),
-        float(values["updated_at"]), float(values["expires_at"]), has_password=sealed is not None), sealed
+        float(values["updated_at"]), float(values["expires_at"]), has_password=sealed is not None,
+        policy=text.get("policy", b"").decode()), sealed
 
 
 def _session(fields):

@@ -11,17 +11,18 @@ import sqlite3
 import threading
 import time
 
-from vncgate.store.common import ConnectionDetails, LiveSession, Store, StoreBusy, StoreError, stale_after
+from vncgate.store.common import (ConnectionDetails, LiveSession, Store, StoreBusy, StoreError, TokenRejected,
+                                  consumption, stale_after)
 
 _POOL_SIZE = 16
 
 
 _COLUMNS = ("token_hash, instance_id, console_type, host, port, access_url, internal_access_path, "
-            "created_at, updated_at, expires_at, backend_secret IS NOT NULL")
+            "created_at, updated_at, expires_at, backend_secret IS NOT NULL, policy")
 
 
 def _details(row):
-    return ConnectionDetails(*row[:10], has_password=bool(row[10]))
+    return ConnectionDetails(*row[:10], has_password=bool(row[10]), policy=row[11])
 
 
 def _migrate_1(db):
@@ -61,8 +62,17 @@ def _migrate_3(db):
     db.execute("CREATE INDEX live_sessions_instance ON live_sessions (instance_id)")
 
 
+def _migrate_4(db):
+    """Console policies: the token's policy, and who consumed a single-use token, and when its
+    last session ended (NULL while one is live)."""
+    db.execute("ALTER TABLE console_tokens ADD COLUMN policy TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE console_tokens ADD COLUMN consumed_address TEXT")
+    db.execute("ALTER TABLE console_tokens ADD COLUMN consumed_cookie TEXT")
+    db.execute("ALTER TABLE console_tokens ADD COLUMN released_at REAL")
+
+
 # MIGRATIONS[n] takes a database from user_version n to n + 1. Append, never edit.
-MIGRATIONS = (_migrate_1, _migrate_2, _migrate_3)
+MIGRATIONS = (_migrate_1, _migrate_2, _migrate_3, _migrate_4)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -208,8 +218,8 @@ class SqliteStore(Store):
         with self._db() as db:
             db.executemany("INSERT OR REPLACE INTO console_tokens (token_hash, instance_id, console_type, host, "
                            "port, access_url, internal_access_path, created_at, updated_at, expires_at, "
-                           "backend_secret) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                           [(*dataclasses.astuple(details)[:10], sealed) for details, sealed in rows])
+                           "backend_secret, policy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           [(*dataclasses.astuple(details)[:10], sealed, details.policy) for details, sealed in rows])
 
     def _find(self, token_hash):
         return self._select("token_hash = ?", (token_hash,), include_expired=True)
@@ -224,12 +234,12 @@ class SqliteStore(Store):
             details = _details(row)
             if not details.is_expired(now) and details.console_type == console_type:
                 db.execute("UPDATE console_tokens SET updated_at = ? WHERE token_hash = ?", (now, token_hash))
-        return details, row[11]
+        return details, row[12]
 
     def _dump(self):
         with self._db() as db:
             rows = db.execute(f"SELECT {_COLUMNS}, backend_secret FROM console_tokens").fetchall()
-        return [(_details(row), row[11]) for row in rows]
+        return [(_details(row), row[12]) for row in rows]
 
     # -- beyond the blueprint: what the gateway and the CLI need --------------------
 
@@ -279,6 +289,32 @@ class SqliteStore(Store):
             counts["garbage" if expired and idle else "expired" if expired else "idle" if idle
                    else "live"] += count
         return counts
+
+    # -- single-use tokens (console policies) -----------------------------------------
+
+    def consume(self, token_hash, address, cookie_hash, grace):
+        """See Store.consume; one write transaction, so two clients at once cannot both consume."""
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute("SELECT consumed_address, consumed_cookie, released_at FROM console_tokens "
+                                 "WHERE token_hash = ?", (token_hash,)).fetchone()
+                if row is None:
+                    raise TokenRejected("unknown-token")
+                outcome = consumption(row, address, cookie_hash, grace, self.clock())
+                if outcome == "consumed":
+                    db.execute("UPDATE console_tokens SET consumed_address = ?, consumed_cookie = ? "
+                               "WHERE token_hash = ?", (address, cookie_hash, token_hash))
+                db.execute("UPDATE console_tokens SET released_at = NULL WHERE token_hash = ?", (token_hash,))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return outcome
+
+    def release(self, token_hash):
+        with self._db() as db:
+            db.execute("UPDATE console_tokens SET released_at = ? WHERE token_hash = ?", (self.clock(), token_hash))
 
     # -- live sessions, shared by every gateway on the file ----------------------------
 
