@@ -54,7 +54,8 @@ def wait_port(port, timeout=15):
 class Relays:
     """Starts the peers and vncgate in front of one backend process; knows how to reach each."""
 
-    def __init__(self, folder, tokens):
+    def __init__(self, folder, tokens, with_peers=True):
+        """with_peers=False: vncgate alone (the policy figures compare vncgate with itself)."""
         self.folder = folder
         self.procs = []
         self.backend = self._spawn([sys.executable, "-m", "bench.peers", "backend"], read_ports=4)
@@ -68,11 +69,12 @@ class Relays:
         self.ini = ini
         self.gateway = self._spawn(["vncgate", "-c", ini, "--log-level", "WARNING"])
         wait_port(self.gateway_port)
+        peer_modes = self.modes() if with_peers else ()
         self.socat = {mode: self._forwarder(["socat", "-b", "262144", "TCP-LISTEN:{port},reuseaddr,fork",
                                              "TCP:127.0.0.1:{backend}"], backend)
-                      for mode, backend in self.modes()}
+                      for mode, backend in peer_modes}
         self.websockify = {mode: self._forwarder(["websockify", "127.0.0.1:{port}", "127.0.0.1:{backend}"],
-                                                 backend) for mode, backend in self.modes()}
+                                                 backend) for mode, backend in peer_modes}
         self.tokens = {(console_type, mode): self.mint(console_type, backend)
                        for console_type in ("xvp-vnc", "ws-vnc") for mode, backend in self.modes()}
         self.websocket_served = peers.ws_path_served(self.gateway_port, self.tokens["ws-vnc", "echo"])
@@ -283,7 +285,7 @@ def main():
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     with tempfile.TemporaryDirectory() as folder:
-        relays = Relays(folder, args.tokens)
+        relays = Relays(folder, args.tokens, with_peers=args.only != "policy")
         try:
             if args.only != "policy":
                 report(relays, args)
