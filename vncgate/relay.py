@@ -126,6 +126,7 @@ class Direction:
     def pump(self, relay):
         try:
             self.move(relay)
+            relay.ended(self)  # on record first: the half-close may make the other side end at once
             self.close_write()  # half-close: the other way keeps going
         except Ended as end:  # this side's protocol ends the session as a whole
             relay.stop(end.reason)
