@@ -3,7 +3,8 @@ import subprocess
 import pytest
 
 from tests import harness
-from tests.harness import FakeBackend, FakeClock, Qemu, RedisServer, console_script, rfb_banner_then_echo
+from tests.harness import (ApiClient, FakeBackend, FakeClock, GatewayProcess, Qemu, RedisServer, check_openapi,
+                           console_script, rfb_banner_then_echo)
 from vncgate import store as store_module
 
 
@@ -80,3 +81,23 @@ def run_token(tmp_path):
 def on_each_store(run_token, tmp_path, database):
     """run_token's config pointed at each engine in turn (use with usefixtures)."""
     (tmp_path / "vncgate.ini").write_text(f"[gateway]\ndatabase = {database}\nport = 6080\n")
+
+
+@pytest.fixture
+def api_gateway(tmp_path):
+    """A gateway with the control-plane API on, a key named "ops", and a urllib client holding it.
+    Every response the test got is checked against the OpenAPI document at teardown."""
+    port = harness.free_port()
+    keys = tmp_path / "api-keys"
+    keys.write_text("# vncgate API keys\n")
+    gateway = GatewayProcess(str(tmp_path), bind_port=port, public_url=f"http://127.0.0.1:{port}",
+                             web_root=harness.NOVNC, api_keys_file=str(keys), touch_interval=0.3,
+                             failed_token_burst=1000)
+    added = gateway.token_cli("api-key", "add", "ops")
+    assert added.returncode == 0, added.stderr
+    gateway.key = added.stdout.strip()
+    gateway.reload_keys(1)
+    gateway.api = ApiClient(gateway.port, gateway.key)
+    yield gateway
+    assert gateway.stop() == 0
+    check_openapi(gateway.api.responses)

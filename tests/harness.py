@@ -15,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 
 from PIL import Image
 from playwright.sync_api import sync_playwright
@@ -220,6 +222,14 @@ class GatewayProcess:
     def token_cli(self, *args, input=None):
         return subprocess.run([console_script("vncgate-token"), "-c", self.ini, *args],
                               capture_output=True, text=True, timeout=30, input=input)
+
+    def reload_keys(self, count):
+        """SIGHUP, then wait for the gateway's line saying it now holds count API keys."""
+        before = self.read_stderr().count(" API keys from ")
+        self.proc.send_signal(signal.SIGHUP)
+        line = wait_for(lambda: self.read_stderr().count(" API keys from ") > before and
+                        self.read_stderr().rsplit("reloaded ", 1)[1], message="the API keys reloaded")
+        assert line.startswith(f"{count} API keys"), line
 
     def threads(self):
         return len(os.listdir(f"/proc/{self.proc.pid}/task"))
@@ -463,28 +473,38 @@ def bright_pixels(path):
     return sum(image.histogram()[129:]), image.size
 
 
+def launch_chromium(playwright, extra_args=()):
+    return playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[*CHROMIUM_ARGS, *extra_args])
+
+
+def wait_for_console_text(page, shot):
+    """Wait until noVNC on page shows qemu's text (bright pixels on its canvas)."""
+    canvas = page.locator("#noVNC_container canvas")
+
+    def text_on_the_canvas():
+        canvas.screenshot(path=shot, timeout=10_000)
+        return bright_pixels(shot)[0] > 200
+    wait_for(text_on_the_canvas, timeout=60, interval=0.5, message="SeaBIOS text in noVNC")
+    assert page.evaluate("document.documentElement.classList.contains('noVNC_connected')")
+
+
 def open_console_in_chromium(url, shot, extra_args=()):
     """Open an access URL as a user would, and wait for noVNC to show qemu's text."""
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[*CHROMIUM_ARGS, *extra_args])
+        browser = launch_chromium(playwright, extra_args)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             errors = []
             page.on("pageerror", lambda error: errors.append(error))
             page.goto(url)
-            canvas = page.locator("#noVNC_container canvas")
-
-            def text_on_the_canvas():
-                canvas.screenshot(path=shot, timeout=10_000)
-                return bright_pixels(shot)[0] > 200
-            wait_for(text_on_the_canvas, timeout=60, interval=0.5, message="SeaBIOS text in noVNC")
-            assert page.evaluate("document.documentElement.classList.contains('noVNC_connected')")
+            wait_for_console_text(page, shot)
             assert errors == []
             # Leave as a user does: the page closes its websocket (1001) with a close handshake,
             # where closing the browser at once may reset the connection instead.
             page.goto("about:blank")
         finally:
             browser.close()
+
 
 class RedisServer:
     """A real redis-server on a loopback port, no persistence unless settings ask for it;
@@ -711,3 +731,107 @@ class CuttableProxy:
     def stop(self):
         self.listener.close()
         self.cut()
+
+
+
+
+class ApiClient:
+    """A control-plane API client with urllib only. Every response is kept, so that a test's
+    teardown can check them all against the OpenAPI document (check_openapi)."""
+
+    def __init__(self, port, key=None):
+        self.base = f"http://127.0.0.1:{port}"
+        self.key = key
+        self.responses = []  # (method, path, status, parsed body)
+
+    def call(self, method, path, body=None, key="default", headers=None, data=None):
+        """(status, headers, parsed JSON body) of one call; path is under /api/v1."""
+        key = self.key if key == "default" else key
+        request_headers = {**({"Authorization": f"Bearer {key}"} if key is not None else {}), **(headers or {})}
+        if body is not None:
+            data = json.dumps(body).encode()
+            request_headers.setdefault("Content-Type", "application/json")
+        request = urllib.request.Request(self.base + "/api/v1" + path, data=data, method=method,
+                                         headers=request_headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                status, reply_headers, raw = response.status, response.headers, response.read()
+        except urllib.error.HTTPError as error:
+            status, reply_headers, raw = error.code, error.headers, error.read()
+        assert reply_headers["Content-Type"] == "application/json", (status, raw)
+        parsed = json.loads(raw)
+        self.responses.append((method, path.partition("?")[0], status, parsed))
+        return status, reply_headers, parsed
+
+
+def check_openapi(responses):
+    """Every (method, path, status, body) must be a response the OpenAPI document describes."""
+    from openapi_schema_validator import OAS31Validator
+    with open(os.path.join(REPO, "vncgate", "openapi.json")) as handle:
+        document = json.load(handle)
+    templates = [(re.compile(re.sub(r"\\{[a-z_]+\\}", "[^/]+", re.escape(template)) + "$"), operations)
+                 for template, operations in document["paths"].items()]
+    for method, path, status, body in responses:
+        operations = next((operations for pattern, operations in templates if pattern.match(path)), None)
+        if operations is None or method.lower() not in operations:
+            assert status in (404, 405), f"{method} {path} answered {status}, but the document has no such call"
+            schema = document["components"]["schemas"]["Error"]
+        else:
+            described = operations[method.lower()]["responses"].get(str(status))
+            assert described, f"{method} {path}: status {status} is not in the OpenAPI document"
+            if "$ref" in described:
+                described = document["components"]["responses"][described["$ref"].rsplit("/", 1)[1]]
+            schema = described["content"]["application/json"]["schema"]
+        OAS31Validator({**schema, "components": document["components"]}).validate(body)
+
+
+def random_vnc_password():
+    """8 characters (VNC Authentication's limit), letters and digits."""
+    import secrets
+    import string
+    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(8))
+
+
+class LibvirtDomain:
+    """A transient (or only defined) libvirt domain: type qemu, 32 MiB, no disk, VNC on 127.0.0.1."""
+
+    def __init__(self, uri, folder, password=None, vnc=True):
+        self.uri = uri
+        self.name = f"vncgate-test-{os.getpid()}-{hashlib.sha256(os.urandom(8)).hexdigest()[:6]}"
+        self.password = password
+        graphics = (f"<graphics type='vnc' autoport='yes' listen='127.0.0.1'"
+                    f"{f' passwd={chr(39)}{password}{chr(39)}' if password else ''}/>" if vnc else "")
+        self.xml = os.path.join(str(folder), f"{self.name}.xml")
+        with open(self.xml, "w") as handle:
+            handle.write(f"""<domain type='qemu'>
+  <name>{self.name}</name>
+  <memory unit='MiB'>32</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    {graphics}
+    <video><model type='vga'/></video>
+  </devices>
+</domain>
+""")
+
+    def virsh(self, *args):
+        done = subprocess.run(["virsh", "--connect", self.uri, *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def create(self):
+        self.virsh("create", self.xml)
+
+    def define(self):
+        self.virsh("define", self.xml)
+
+    def destroy(self):
+        state = subprocess.run(["virsh", "--connect", self.uri, "domstate", self.name], capture_output=True,
+                               text=True, timeout=60)
+        if state.returncode == 0 and state.stdout.strip() == "running":
+            self.virsh("destroy", self.name)
+        if subprocess.run(["virsh", "--connect", self.uri, "dominfo", self.name], capture_output=True,
+                          timeout=60).returncode == 0:
+            self.virsh("undefine", self.name)

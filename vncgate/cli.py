@@ -3,7 +3,6 @@ sessions, kill, migrate)."""
 
 import argparse
 import dataclasses
-import datetime
 import json
 import logging
 import os
@@ -12,7 +11,8 @@ import signal
 import sys
 import threading
 
-from vncgate import config as config_module, logs
+from vncgate import api, libvirt, logs
+from vncgate import config as config_module
 from vncgate import policy as policy_module
 from vncgate import store as store_module
 
@@ -56,10 +56,6 @@ def _seconds(text):
     return value
 
 
-def _iso(timestamp):
-    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def token_parser():
     parser = _Parser(prog="vncgate-token", description="Mint, list, touch and revoke console tokens.")
     parser.add_argument("-c", "--config", metavar="FILE", help="config file (default: $VNCGATE_CONFIG, "
@@ -68,8 +64,11 @@ def token_parser():
     commands.required = True
 
     add = commands.add_parser("add", help="mint a token and print its access URL")
-    add.add_argument("--host", required=True, help="VNC server address on the management network")
-    add.add_argument("--port", required=True, type=_port_in(1), help="VNC server port")
+    add.add_argument("--host", help="VNC server address on the management network")
+    add.add_argument("--port", type=_port_in(1), help="VNC server port")
+    add.add_argument("--domain", metavar="NAME", help="a running libvirt domain: its VNC address, port and "
+                     "password are read from libvirt (instead of --host/--port/--password-file)")
+    add.add_argument("--libvirt", metavar="URI", help=f"libvirt URI for --domain (default: {libvirt.DEFAULT_URI})")
     add.add_argument("--type", dest="console_type", default=store_module.WEBSOCKET,
                      choices=store_module.CONSOLE_TYPES, help="console type (default: ws-vnc)")
     add.add_argument("--instance", help='instance id (default: "HOST:PORT")')
@@ -118,6 +117,12 @@ def token_parser():
     migrate = commands.add_parser("migrate", help="copy every token that is not garbage to another store")
     migrate.add_argument("--to", required=True, metavar="DATABASE",
                          help="an SQLite file or a redis://, rediss:// or redis+sentinel:// URL")
+
+    keys = commands.add_parser("api-key", help="keys of the control-plane API (api_keys_file)")
+    key_commands = keys.add_subparsers(dest="key_command", metavar="COMMAND", parser_class=_Parser)
+    key_commands.required = True
+    key_commands.add_parser("add", help="make a key, print it once, keep its hash").add_argument("name")
+    key_commands.add_parser("remove", help="delete a key (the gateway drops it on SIGHUP)").add_argument("name")
     return parser
 
 
@@ -143,23 +148,27 @@ def _read_password(path):
 
 
 def cmd_add(args, config, store, out):
-    password = _read_password(args.password_file) if args.password_file else None
-    base = f"{config.base_url}/console" if args.console_type == store_module.XVP else f"{config.base_url}/vnc.html"
-    instance = args.instance or f"{args.host}:{args.port}"
+    if args.domain:
+        if args.host or args.port or args.password_file or args.internal_path:
+            raise UsageError("add --domain takes no --host, --port, --password-file or --internal-path")
+        try:
+            console = libvirt.console_of(args.domain, args.libvirt)
+        except libvirt.DomainError as error:
+            raise CommandFailed(str(error)) from None
+        host, port, password, instance = console.host, console.port, console.password, args.instance or args.domain
+    elif args.host and args.port:
+        if args.libvirt:
+            raise UsageError("--libvirt goes with --domain")
+        password = _read_password(args.password_file) if args.password_file else None
+        host, port, instance = args.host, args.port, args.instance
+    else:
+        raise UsageError("add takes --host H --port P, or --domain NAME")
     policy = policy_module.Policy(view_only=args.view_only, single_use=args.single_use,
                                   paste_as_keys=args.paste_as_keys, input_idle=args.input_idle or 0.0)
-    token = store.add_connection_details(instance, args.console_type, args.host, args.port,
-                                         internal_access_path=args.internal_path, access_url=base,
-                                         ttl=args.ttl, backend_password=password, policy=policy.to_json())
-    details = store.get_connection_details(token)
-    url = store_module.access_url(config.base_url, args.console_type, token)
+    token, details, url = api.mint(config, store, args.console_type, host, port, instance, args.internal_path,
+                                   args.ttl, password, policy.to_json())
     if args.json:
-        json.dump({"token": token, "token_id": details.token_id, "access_url": url,
-                   "console_type": details.console_type, "instance_id": details.instance_id,
-                   "host": details.host, "port": details.port,
-                   "internal_access_path": details.internal_access_path,
-                   "expires_at": _iso(details.expires_at), "has_password": details.has_password,
-                   "policy": _policy_fields(details)}, out)
+        json.dump(api.console_json(token, details, url), out)
         out.write("\n")
     else:
         out.write(url + "\n")
@@ -170,23 +179,13 @@ def cmd_list(args, config, store, out):
                               include_expired=args.include_expired, only_idle=args.only_idle)
     now = store.clock()
     if args.json:
-        json.dump([{"token_id": row.token_id, "instance_id": row.instance_id,
-                    "console_type": row.console_type, "host": row.host, "port": row.port,
-                    "internal_access_path": row.internal_access_path,
-                    "created_at": _iso(row.created_at), "updated_at": _iso(row.updated_at),
-                    "expires_at": _iso(row.expires_at), "state": row.state(now, config.idle_timeout),
-                    "has_password": row.has_password, "policy": _policy_fields(row)} for row in rows], out)
+        json.dump([api.token_json(row, now, config.idle_timeout) for row in rows], out)
         out.write("\n")
         return
     _write_table(out, ("ID", "TYPE", "INSTANCE", "BACKEND", "STATE", "EXPIRES (UTC)", "IDLE"),
                  [(row.token_id, row.console_type, row.instance_id, f"{row.host}:{row.port}",
-                   row.state(now, config.idle_timeout), _iso(row.expires_at), f"{now - row.updated_at:.0f}s")
+                   row.state(now, config.idle_timeout), api.iso(row.expires_at), f"{now - row.updated_at:.0f}s")
                   for row in rows])
-
-
-def _policy_fields(details):
-    """The policy as JSON shows it: every field, with its value."""
-    return dataclasses.asdict(policy_module.Policy.from_json(details.policy))
 
 
 def _write_table(out, header, rows):
@@ -253,16 +252,12 @@ def cmd_purge(args, config, store, out):
 def cmd_sessions(args, config, store, out):
     rows = store.list_sessions(instance_id=args.instance)
     if args.json:
-        json.dump([{"session_id": row.session_id, "gateway_id": row.gateway_id, "token_id": row.token_hash[:8],
-                    "instance_id": row.instance_id, "console_type": row.console_type, "client": row.client,
-                    "started_at": _iso(row.started_at), "updated_at": _iso(row.updated_at),
-                    "bytes_up": row.bytes_up, "bytes_down": row.bytes_down,
-                    "kill_requested": bool(row.kill_requested)} for row in rows], out)
+        json.dump([api.session_json(row, store.clock()) for row in rows], out)
         out.write("\n")
         return
     _write_table(out, ("SESSION", "INSTANCE", "TYPE", "CLIENT", "TOKEN", "GATEWAY", "STARTED (UTC)", "UP", "DOWN"),
                  [(row.session_id, row.instance_id, row.console_type, row.client, row.token_hash[:8],
-                   row.gateway_id, _iso(row.started_at), str(row.bytes_up), str(row.bytes_down)) for row in rows])
+                   row.gateway_id, api.iso(row.started_at), str(row.bytes_up), str(row.bytes_down)) for row in rows])
 
 
 def cmd_kill(args, config, store, out):
@@ -292,6 +287,19 @@ def cmd_migrate(args, config, store, out):
               f" ({skipped} garbage skipped); point database at it, then restart the gateways\n")
 
 
+def cmd_api_key(args, config, _store, out):
+    if not config.api_keys_file:
+        raise CommandFailed(f"api_keys_file is not set in [gateway] of {config.source or 'the built-in defaults'}")
+    try:
+        if args.key_command == "add":
+            out.write(api.add_key(config.api_keys_file, args.name) + "\n")
+        else:
+            api.remove_key(config.api_keys_file, args.name)
+            out.write(f"removed API key {args.name}; send SIGHUP to running gateways\n")
+    except api.KeyFileError as error:
+        raise CommandFailed(str(error)) from None
+
+
 COMMANDS = {"add": cmd_add, "list": cmd_list, "revoke": cmd_revoke, "touch": cmd_touch, "purge": cmd_purge,
             "sessions": cmd_sessions, "kill": cmd_kill, "migrate": cmd_migrate}
 
@@ -318,6 +326,9 @@ def token_main(argv=None, out=None):
     def body():
         args = token_parser().parse_args(argv)
         config = config_module.load(args.config)
+        if args.command == "api-key":  # the key file only, not the store
+            cmd_api_key(args, config, None, out or sys.stdout)
+            return
         store = open_store(config)
         try:
             COMMANDS[args.command](args, config, store, out or sys.stdout)
@@ -371,7 +382,7 @@ def serve_main(argv=None):
             gateway = server.Gateway(config, store, audit)
         except OSError as error:
             raise CommandFailed(f"cannot listen on {config.listen}:{config.port}: {error.strerror}") from None
-        except tls.TlsConfigError as error:
+        except (tls.TlsConfigError, api.KeyFileError) as error:
             raise CommandFailed(str(error)) from None
 
         def on_signal(signum, _frame):
@@ -382,7 +393,7 @@ def serve_main(argv=None):
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGHUP, lambda _signum, _frame: threading.Thread(
-            target=gateway.reload_tls, name="tls-reload").start())
+            target=gateway.reload, name="reload").start())
         host, port = gateway.server_address[:2]
         print(f"vncgate listening on {host}:{port}", file=sys.stderr, flush=True)
         try:

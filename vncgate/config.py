@@ -104,6 +104,9 @@ SCHEMA = {
     "resume_grace": (_positive(float), 30.0),
     "paste_max_chars": (_positive(int), 4096),
     "input_idle_timeout": (_not_negative, 0.0),
+    "api_keys_file": (_text, ""),
+    "api_burst": (_positive(int), 60),
+    "api_rate": (_positive(float), 10.0),
 }
 
 # Where an installed noVNC is found when web_root = auto.
@@ -135,6 +138,9 @@ class Config:
     resume_grace: float = 30.0
     paste_max_chars: int = 4096
     input_idle_timeout: float = 0.0  # 0: off
+    api_keys_file: str = ""
+    api_burst: int = 60
+    api_rate: float = 10.0
     source: str = ""  # the file read, "" when built-in defaults only
 
     @property
@@ -202,7 +208,7 @@ def _finish(raw, base_dir, source):
         values.setdefault(key, default)
 
     check_database(values["database"], f"{source}: [{SECTION}] database")
-    for key in ("database", "cert", "key", "audit_log"):
+    for key in ("database", "cert", "key", "audit_log", "api_keys_file"):
         if values[key] and not os.path.isabs(values[key]) and not store.is_redis_url(values[key]):
             values[key] = os.path.join(base_dir, values[key])
     values["web_root"] = _resolve_web_root(values["web_root"], base_dir)

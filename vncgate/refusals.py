@@ -51,6 +51,20 @@ REASONS = {
     "backend-needs-password": Answer(502, "The console asks for a password the gateway does not hold for it."),
     # console policies
     "refused-consumed": Answer(403, "This console link was used already; ask for a new one."),
+    # the control-plane API (/api/v1/): its errors are JSON {"error": sentence}. The detail of
+    # invalid-request is the API's own word on the caller's input, so the caller reads it too.
+    "invalid-request": Answer(400, "The request is not valid."),
+    "bad-api-key": Answer(401, "A valid API key is required."),
+    "method-not-allowed": Answer(405, "This method is not allowed here."),
+    "body-too-large": Answer(413, "The request body is larger than 64 KiB."),
+    "not-json": Answer(415, "The request body must be application/json."),
+    "ambiguous-token-id": Answer(409, "More than one token has this id; revoke them by instance."),
+    "api-rate-limited": Answer(429, "Too many requests with this API key; try again shortly."),
+    # minting by libvirt domain name
+    "domain-unknown": Answer(404, "No such libvirt domain."),
+    "domain-not-running": Answer(409, "The libvirt domain is not running."),
+    "domain-no-vnc": Answer(409, "The libvirt domain has no VNC console on a TCP port."),
+    "libvirt-unavailable": Answer(502, "libvirt cannot be reached right now."),
     # a fault of the gateway's own, never expected
     "internal-error": Answer(500, "The gateway failed to handle this request."),
 }

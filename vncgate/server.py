@@ -13,7 +13,7 @@ import socketserver
 import threading
 import time
 
-from vncgate import http, sessions, throttle, tls, web, websocket, xvp
+from vncgate import api, http, sessions, throttle, tls, web, websocket, xvp
 from vncgate.refusals import Refused
 
 log = logging.getLogger("vncgate.server")
@@ -33,6 +33,9 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             if request.method == "CONNECT":
                 path = "xvp"
                 xvp.serve(gateway, conn, request, leftover, client)
+            elif gateway.api and gateway.api.claims(request):
+                path = "web"  # the API answers and audits its own errors; the admin page's are the web side's
+                gateway.api.serve(conn, request, leftover, client)
             elif request.method == "GET" and _asks_for_websocket(request):
                 path = "websocket"
                 websocket.serve(gateway, conn, request, leftover, client)
@@ -107,6 +110,7 @@ class Gateway(socketserver.ThreadingTCPServer):
         self.housekeeper = sessions.Housekeeper(self.sessions, config.touch_interval,
                                                 config.housekeeping_interval)
         self.tls_context = tls.server_context(config.cert, config.key) if config.cert else None
+        self.api = api.ControlPlane(self) if config.api_keys_file else None
         self._connections = {}  # accepted socket -> what it is now (itself, or its TLS wrapper)
         self._lock = threading.Lock()
         self.address_family = socket.AF_INET6 if ":" in config.listen else socket.AF_INET
@@ -145,6 +149,12 @@ class Gateway(socketserver.ThreadingTCPServer):
         with self._lock:
             if plain in self._connections:
                 self._connections[plain] = wrapped
+
+    def reload(self):
+        """SIGHUP: the TLS certificate and the API keys, read again."""
+        self.reload_tls()
+        if self.api:
+            self.api.reload_keys()
 
     def reload_tls(self):
         """Load cert and key again (SIGHUP); live sessions keep the TLS state they have."""

@@ -28,12 +28,24 @@ class FailureThrottle:
         with self._lock:
             return self._level(address, self.clock()) >= 1
 
+    def take(self, key):
+        """Spend one token of key's bucket if it has one (a request rate limit); False when empty."""
+        now = self.clock()
+        with self._lock:
+            if self._level(key, now) < 1:
+                return False
+            self._spend(key, now)
+            return True
+
     def failed(self, address):
         now = self.clock()
         with self._lock:
-            if len(self._buckets) >= self.max_addresses:
-                self._forget_full(now)
-            self._buckets[address] = (max(0.0, self._level(address, now) - 1), now)
+            self._spend(address, now)
+
+    def _spend(self, key, now):
+        if len(self._buckets) >= self.max_addresses:
+            self._forget_full(now)
+        self._buckets[key] = (max(0.0, self._level(key, now) - 1), now)
 
     def _forget_full(self, now):
         for address in [address for address in self._buckets if self._level(address, now) >= self.burst]:

@@ -40,14 +40,14 @@ def serve(gateway, conn, request, client):
     page = {"/healthz": health, "/metrics": metrics}.get(request.path)
     if page:
         status, content_type, body = page(gateway, client)
-        _reply(conn, request, deadline, status, [("Content-Type", content_type),
-                                                 ("Content-Length", str(len(body))),
-                                                 ("Cache-Control", "no-store")], body)
+        reply(conn, request, deadline, status, [("Content-Type", content_type),
+                                                ("Content-Length", str(len(body))),
+                                                ("Cache-Control", "no-store")], body)
     else:
-        _send_file(conn, request, deadline, file_path(gateway.config.web_root, request.path))
+        send_file(conn, request, deadline, file_path(gateway.config.web_root, request.path))
 
 
-def _reply(conn, request, deadline, status, headers, body=b"", file=None):
+def reply(conn, request, deadline, status, headers, body=b"", file=None):
     """One whole reply; HEAD gets the same head and no body. One request per connection."""
     _send_by(conn, deadline, http.response(status, [*headers, ("Connection", "close")],
                                            b"" if request.method == "HEAD" else body))
@@ -103,19 +103,19 @@ def open_regular(name):
         raise
 
 
-def _send_file(conn, request, deadline, name):
+def send_file(conn, request, deadline, name, extra_headers=()):
     file, info = open_regular(name)
     with file:
         etag = f'"{info.st_mtime_ns:x}-{info.st_size:x}"'
         # no-cache: browsers keep the files but ask each time, so a noVNC upgrade shows at once.
         validators = [("Last-Modified", email.utils.formatdate(info.st_mtime, usegmt=True)), ("ETag", etag),
-                      ("Cache-Control", "no-cache")]
+                      ("Cache-Control", "no-cache"), *extra_headers]
         if _unchanged(request, etag, info.st_mtime):
-            _reply(conn, request, deadline, 304, validators)
+            reply(conn, request, deadline, 304, validators)
             return
-        _reply(conn, request, deadline, 200, [("Content-Type", content_type(name)),
-                                              ("Content-Length", str(info.st_size)),
-                                              ("X-Content-Type-Options", "nosniff"), *validators], file=file)
+        reply(conn, request, deadline, 200, [("Content-Type", content_type(name)),
+                                             ("Content-Length", str(info.st_size)),
+                                             ("X-Content-Type-Options", "nosniff"), *validators], file=file)
 
 
 def _unchanged(request, etag, mtime):

@@ -1,0 +1,171 @@
+// The operator's page: live sessions (Kill), tokens by instance (Revoke), the store's state.
+// Plain JS, no build step. The API key lives in this tab's sessionStorage only; every call
+// sends it as a Bearer token to this gateway's /api/v1/. Text goes in with textContent only.
+"use strict";
+
+const KEY_NAME = "vncgate-api-key";
+const API = new URL("../api/v1/", window.location.href);
+const REFRESH_MS = 2000;
+let timer = null;
+
+function $(id) { return document.getElementById(id); }
+
+function say(text) { $("status").textContent = text || ""; }
+
+async function call(method, path) {
+  const key = window.sessionStorage.getItem(KEY_NAME);
+  const response = await fetch(new URL(path, API), {
+    method, headers: { "Authorization": "Bearer " + key }, cache: "no-store", credentials: "omit",
+  });
+  const body = await response.json().catch(() => ({ error: response.statusText }));
+  if (response.status === 401) {
+    signOut(body.error);
+    throw new Error(body.error);
+  }
+  if (!response.ok) throw new Error(body.error || String(response.status));
+  return body;
+}
+
+function cell(row, text, className) {
+  const td = row.insertCell();
+  td.textContent = text;
+  if (className) td.className = className;
+  return td;
+}
+
+function button(row, label, onClick) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = "danger";
+  b.textContent = label;
+  b.addEventListener("click", onClick);
+  row.insertCell().appendChild(b);
+  return b;
+}
+
+function duration(seconds) {
+  const s = Math.floor(seconds);
+  const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60);
+  return (h ? h + "h " : "") + (h || m ? m + "m " : "") + (s % 60) + "s";
+}
+
+function emptyRow(body, columns, text) {
+  const row = body.insertRow();
+  row.className = "empty";
+  const td = cell(row, text);
+  td.colSpan = columns;
+}
+
+function showSessions(sessions) {
+  const body = $("sessions").tBodies[0];
+  body.replaceChildren();
+  for (const s of sessions) {
+    const row = body.insertRow();
+    row.dataset.sessionId = s.session_id;
+    cell(row, s.instance_id, "instance");
+    cell(row, s.client, "client");
+    cell(row, s.path);
+    cell(row, s.gateway_id);
+    cell(row, duration(s.duration));
+    cell(row, s.bytes_up.toLocaleString(), "number");
+    cell(row, s.bytes_down.toLocaleString(), "number");
+    const kill = button(row, s.kill_requested ? "Ending…" : "Kill", () => act(kill,
+      "DELETE", "sessions/" + encodeURIComponent(s.session_id)));
+    kill.disabled = s.kill_requested;
+  }
+  if (!sessions.length) emptyRow(body, 8, "No live sessions.");
+}
+
+function showTokens(tokens) {
+  const body = $("tokens").tBodies[0];
+  body.replaceChildren();
+  const byInstance = new Map();
+  for (const t of tokens) {
+    if (!byInstance.has(t.instance_id)) byInstance.set(t.instance_id, []);
+    byInstance.get(t.instance_id).push(t);
+  }
+  for (const [instance, rows] of [...byInstance].sort((a, b) => a[0].localeCompare(b[0]))) {
+    const head = body.insertRow();
+    head.className = "instance";
+    head.dataset.instance = instance;
+    const name = cell(head, instance);
+    name.colSpan = 6;
+    const revokeAll = button(head, "Revoke all", () => act(revokeAll,
+      "DELETE", "consoles?instance=" + encodeURIComponent(instance)));
+    for (const t of rows) {
+      const row = body.insertRow();
+      row.dataset.tokenId = t.token_id;
+      cell(row, "");
+      cell(row, t.token_id);
+      cell(row, t.console_type);
+      cell(row, t.host + ":" + t.port);
+      cell(row, t.state);
+      cell(row, t.expires_at.replace("T", " ").replace("Z", ""));
+      const revoke = button(row, "Revoke", () => act(revoke,
+        "DELETE", "consoles/" + encodeURIComponent(t.token_id)));
+    }
+  }
+  if (!tokens.length) emptyRow(body, 7, "No tokens.");
+}
+
+function showStore(state) {
+  const badge = $("store");
+  badge.textContent = state.up
+    ? "store: up · " + Object.entries(state.tokens).map(([k, v]) => v + " " + k).join(", ")
+    : "store: unavailable";
+  badge.className = "store " + (state.up ? "up" : "down");
+}
+
+async function act(control, method, path) {
+  control.disabled = true;
+  try {
+    await call(method, path);
+    say("");
+  } catch (error) {
+    say(error.message);
+  }
+  await refresh();
+}
+
+async function refresh() {
+  if (!window.sessionStorage.getItem(KEY_NAME)) return;
+  try {
+    const [sessions, tokens, state] = await Promise.all([call("GET", "sessions"), call("GET", "consoles"),
+      call("GET", "store")]);
+    showSessions(sessions);
+    showTokens(tokens);
+    showStore(state);
+    $("updated").textContent = "updated " + new Date().toLocaleTimeString();
+  } catch (error) {
+    say(error.message);
+  }
+}
+
+function signedIn() {
+  $("signin").hidden = true;
+  $("board").hidden = false;
+  $("signout").hidden = false;
+  refresh();
+  timer = window.setInterval(refresh, REFRESH_MS);
+}
+
+function signOut(message) {
+  window.sessionStorage.removeItem(KEY_NAME);
+  window.clearInterval(timer);
+  $("board").hidden = true;
+  $("signout").hidden = true;
+  $("signin").hidden = false;
+  say(message || "");
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("signin").addEventListener("submit", (event) => {
+    event.preventDefault();
+    window.sessionStorage.setItem(KEY_NAME, $("key").value.trim());
+    $("key").value = "";
+    say("");
+    signedIn();
+  });
+  $("signout").addEventListener("click", () => signOut(""));
+  if (window.sessionStorage.getItem(KEY_NAME)) signedIn();
+});
