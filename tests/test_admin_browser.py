@@ -1,0 +1,55 @@
+"""The operator's page in Chromium: sign in with an API key, see another page's live noVNC
+session, Kill it, and watch that page show it disconnected within 2 s."""
+
+import time
+
+from playwright.sync_api import sync_playwright
+
+from tests import harness
+
+
+def test_operator_kills_a_live_novnc_session_from_admin(api_gateway, qemu):
+    status, _, console = api_gateway.api.call("POST", "/consoles", {"host": "127.0.0.1", "port": qemu.port,
+                                                                    "instance": "vm-watched"})
+    assert status == 201
+    with sync_playwright() as playwright:
+        browser = harness.launch_chromium(playwright)
+        try:
+            user = browser.new_page(viewport={"width": 1024, "height": 768})
+            user.goto(console["access_url"])
+            harness.wait_for_console_text(user, harness.artifact("admin-user-before.png"))
+
+            admin = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
+            errors = []
+            admin.on("pageerror", lambda error: errors.append(error))
+            violations = []
+            admin.on("console", lambda message: violations.append(message.text)
+                     if "Content Security Policy" in message.text else None)
+            response = admin.goto(f"http://127.0.0.1:{api_gateway.port}/admin/")
+            policy = response.headers["content-security-policy"]
+            assert "script-src 'self'" in policy and "default-src 'none'" in policy and "unsafe" not in policy
+            admin.fill("#key", api_gateway.key)
+            admin.click("#signin button[type=submit]")
+            row = admin.locator("#sessions tbody tr", has_text="vm-watched")
+            row.wait_for(timeout=10_000)
+            assert row.locator("td.client").inner_text().startswith("127.0.0.1:")
+            assert "websocket" in row.inner_text()
+            assert admin.evaluate("sessionStorage.getItem('vncgate-api-key')") == api_gateway.key
+            assert admin.evaluate("localStorage.length") == 0 and admin.context.cookies() == []
+            admin.locator("#tokens tr.instance", has_text="vm-watched").wait_for(timeout=10_000)
+            admin.screenshot(path=harness.artifact("admin-page.png"), full_page=True)
+
+            row.get_by_role("button", name="Kill").click()
+            clicked = time.monotonic()
+            user.wait_for_function("!document.documentElement.classList.contains('noVNC_connected')",
+                                   timeout=5_000)
+            assert time.monotonic() - clicked < 2.0
+            admin.locator("#sessions tbody tr.empty").wait_for(timeout=10_000)
+            admin.screenshot(path=harness.artifact("admin-page-after-kill.png"), full_page=True)
+            assert errors == [] and violations == []
+        finally:
+            browser.close()
+    ends = [line for line in api_gateway.audit() if line["event"] == "session-end"]
+    assert [line["reason"] for line in ends] == ["killed"]
+    kills = [line for line in api_gateway.audit() if line["event"] == "api" and line["action"] == "kill-session"]
+    assert [(line["key"], line["instance"], line["result"]) for line in kills] == [("ops", "vm-watched", "ok")]
