@@ -1,3 +1,4 @@
+import os
 import subprocess
 
 import pytest
@@ -101,3 +102,22 @@ def api_gateway(tmp_path):
     yield gateway
     assert gateway.stop() == 0
     check_openapi(gateway.api.responses)
+
+
+@pytest.fixture(scope="session")
+def libvirtd():
+    """A real libvirtd on qemu:///system, started without systemd by scripts/libvirtd-start."""
+    script = os.path.join(harness.REPO, "scripts", "libvirtd-start")
+    argv = [script] if os.geteuid() == 0 else ["sudo", "-n", script]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"libvirtd did not start: {done.stderr}"
+    return "qemu:///system"
+
+
+@pytest.fixture
+def domain(libvirtd, tmp_path):
+    """A running 32 MiB disk-less TCG domain whose VNC console on 127.0.0.1 has a password."""
+    machine = harness.LibvirtDomain(libvirtd, tmp_path, password=harness.random_vnc_password())
+    machine.create()
+    yield machine
+    machine.destroy()
