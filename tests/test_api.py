@@ -5,6 +5,7 @@ the OpenAPI document (the api_gateway fixture's teardown)."""
 import json
 import os
 import signal
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -185,5 +186,28 @@ def test_without_api_keys_file_there_is_no_api(tmp_path):
         assert refused.value.code == 404
         done = gateway.token_cli("api-key", "add", "x")
         assert done.returncode == 1 and "api_keys_file is not set" in done.stderr
+    finally:
+        assert gateway.stop() == 0
+
+
+def test_with_tls_only_the_api_is_never_served_in_clear(tmp_path):
+    cert, key_file = harness.make_certificate(str(tmp_path), "api")
+    keys = tmp_path / "keys"
+    keys.write_text("")
+    gateway = harness.GatewayProcess(str(tmp_path), api_keys_file=str(keys), cert=cert, key=key_file,
+                                     tls_only="true")
+    try:
+        key = gateway.token_cli("api-key", "add", "ops").stdout.strip()
+        gateway.reload_keys(1)
+        with pytest.raises(urllib.error.HTTPError) as clear:
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{gateway.port}/api/v1/sessions",
+                                                          headers={"Authorization": f"Bearer {key}"}), timeout=10)
+        assert clear.value.code == 400 and b"TLS only" in clear.value.read()
+        context = ssl.create_default_context(cafile=cert)
+        with urllib.request.urlopen(urllib.request.Request(f"https://127.0.0.1:{gateway.port}/api/v1/sessions",
+                                                           headers={"Authorization": f"Bearer {key}"}),
+                                    timeout=10, context=context) as response:
+            assert response.status == 200 and json.loads(response.read()) == []
+        assert not [line for line in gateway.audit() if line["event"] == "api" and line["status"] != 200]
     finally:
         assert gateway.stop() == 0
