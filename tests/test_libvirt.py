@@ -5,7 +5,10 @@ import glob
 import json
 import os
 
+import pytest
+
 from tests import harness, vnc_client
+from vncgate import libvirt
 
 
 def everything_written(gateway):
@@ -71,3 +74,35 @@ def test_a_domain_unknown_stopped_or_without_vnc_is_a_clear_error(api_gateway, l
     assert bad_uri.returncode == 1 and "is not one vncgate uses" in bad_uri.stderr
     assert api.call("GET", "/consoles")[2] == []
     assert "pw123456" not in everything_written(api_gateway)
+
+
+def test_uris_and_names_an_api_caller_may_not_choose():
+    for uri in ("qemu+ext:///system?command=/bin/sh", "qemu:///system?socket=/tmp/x", "xen:///system",
+                "qemu+ssh://host/system?keyfile=/root/.ssh/id_rsa", "qemu:///elsewhere"):
+        with pytest.raises(libvirt.DomainError) as refused:
+            libvirt.check_uri(uri)
+        assert refused.value.reason == "invalid-request"
+    for uri in ("qemu:///system", "qemu:///session", "qemu+ssh://kvm3/system", "qemu+tls://kvm3:16514/system"):
+        assert libvirt.check_uri(uri) == uri
+    for name in ("", "-rf", "a/b", "x\n", "x" * 201):
+        with pytest.raises(libvirt.DomainError):
+            libvirt.check_name(name)
+
+
+def test_the_console_address_is_read_from_the_domain_xml():
+    xml = ("<domain><devices><graphics type='vnc' port='5903' listen='{listen}' passwd='pw'>"
+           "<listen type='address' address='{listen}'/></graphics></devices></domain>")
+    local, remote = "qemu:///system", "qemu+ssh://kvm3/system"
+    assert libvirt._vnc_console("d", local, xml.format(listen="0.0.0.0")) == ("127.0.0.1", 5903, b"pw")
+    assert libvirt._vnc_console("d", remote, xml.format(listen="0.0.0.0")).host == "kvm3"
+    assert libvirt._vnc_console("d", remote, xml.format(listen="10.1.0.7")).host == "10.1.0.7"
+    for uri, domain_xml, reason in [
+            (remote, xml.format(listen="127.0.0.1"), "domain-no-vnc"),
+            (local, "<domain><devices><graphics type='spice' port='5900'/></devices></domain>", "domain-no-vnc"),
+            (local, "<domain><devices><graphics type='vnc' port='-1'/></devices></domain>", "domain-no-vnc"),
+            (local, "<domain><devices><graphics type='vnc'><listen type='socket' socket='/x'/></graphics>"
+                    "</devices></domain>", "domain-no-vnc"),
+            (local, "<domain", "libvirt-unavailable")]:
+        with pytest.raises(libvirt.DomainError) as refused:
+            libvirt._vnc_console("d", uri, domain_xml)
+        assert refused.value.reason == reason

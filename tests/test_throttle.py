@@ -28,3 +28,12 @@ def test_memory_is_bounded():
     assert len(throttle._buckets) <= 100
     throttle.failed("10.9.9.9")
     assert throttle.allowed("10.9.9.9") and not (throttle.failed("10.9.9.9") or throttle.allowed("10.9.9.9"))
+
+
+def test_take_is_a_request_rate_limit_per_key():
+    clock = FakeClock()
+    limit = FailureThrottle(burst=2, per_second=0.5, clock=clock)
+    assert [limit.take("ops"), limit.take("ops"), limit.take("ops")] == [True, True, False]
+    assert limit.take("panel")  # each key has its own bucket
+    clock.advance(2)  # one request back
+    assert [limit.take("ops"), limit.take("ops")] == [True, False]
