@@ -431,7 +431,7 @@ class ControlPlane:
 
 def _sentence(refusal):
     if refusal.reason == "invalid-request" and refusal.detail:
-        return f"{refusal.sentence}: {refusal.detail}."
+        return f"{refusal.sentence[:-1]}: {refusal.detail}."
     return refusal.sentence
 
 
