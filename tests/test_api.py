@@ -98,6 +98,7 @@ def test_every_error_status(api_gateway):
         (400, "POST", "/consoles", {"body": {**console, "type": "rdp"}}),
         (400, "POST", "/consoles", {"body": {**console, "ttl": -1}}),
         (400, "POST", "/consoles", {"body": {**console, "colour": "blue"}}),
+        (400, "POST", "/consoles", {"body": {**console, "view_only": "yes"}}),
         (400, "POST", "/consoles", {"body": {"port": 5900}}),
         (400, "POST", "/consoles", {"body": [1, 2]}),
         (400, "POST", "/consoles", {"body": {"domain": "vm", "libvirt": "qemu+ext:///system?command=/bin/sh"}}),
@@ -211,3 +212,14 @@ def test_with_tls_only_the_api_is_never_served_in_clear(tmp_path):
         assert not [line for line in gateway.audit() if line["event"] == "api" and line["status"] != 200]
     finally:
         assert gateway.stop() == 0
+
+
+def test_a_console_policy_is_minted_and_listed(api_gateway, vnc):
+    api = api_gateway.api
+    status, _, console = api.call("POST", "/consoles", {"host": "127.0.0.1", "port": vnc.port, "view_only": True,
+                                                         "input_idle": 30, "instance": "vm-policy"})
+    assert status == 201
+    assert console["policy"] == {"view_only": True, "single_use": False, "paste_as_keys": False, "input_idle": 30}
+    assert api.call("GET", "/consoles?instance=vm-policy")[2][0]["policy"] == console["policy"]
+    listed = json.loads(api_gateway.token_cli("list", "--json").stdout)
+    assert listed[0]["policy"] == console["policy"]  # the CLI and the API show one shape
