@@ -86,6 +86,8 @@ def token_parser():
     add.add_argument("--input-idle", type=_seconds, metavar="SECONDS",
                      help="close the session after this long without a key or pointer event "
                           "(default: input_idle_timeout)")
+    add.add_argument("--backend-tls", action="store_true", help="the console speaks VeNCrypt: the gateway does "
+                     "TLS to it, checking its certificate against backend_ca")
     add.add_argument("--json", action="store_true", help="print one JSON object")
 
     listing = commands.add_parser("list", help="list tokens (never the tokens themselves)")
@@ -150,7 +152,8 @@ def cmd_add(args, config, store, out):
                                   paste_as_keys=args.paste_as_keys, input_idle=args.input_idle or 0.0)
     token = store.add_connection_details(instance, args.console_type, args.host, args.port,
                                          internal_access_path=args.internal_path, access_url=base,
-                                         ttl=args.ttl, backend_password=password, policy=policy.to_json())
+                                         ttl=args.ttl, backend_password=password, policy=policy.to_json(),
+                                         backend_tls=args.backend_tls)
     details = store.get_connection_details(token)
     url = store_module.access_url(config.base_url, args.console_type, token)
     if args.json:
@@ -159,7 +162,8 @@ def cmd_add(args, config, store, out):
                    "host": details.host, "port": details.port,
                    "internal_access_path": details.internal_access_path,
                    "expires_at": _iso(details.expires_at), "has_password": details.has_password,
-                   "policy": _policy_fields(details)}, out)
+                   "policy": _policy_fields(details),
+                   "backend_tls": details.backend_tls}, out)
         out.write("\n")
     else:
         out.write(url + "\n")
@@ -175,7 +179,8 @@ def cmd_list(args, config, store, out):
                     "internal_access_path": row.internal_access_path,
                     "created_at": _iso(row.created_at), "updated_at": _iso(row.updated_at),
                     "expires_at": _iso(row.expires_at), "state": row.state(now, config.idle_timeout),
-                    "has_password": row.has_password, "policy": _policy_fields(row)} for row in rows], out)
+                    "has_password": row.has_password, "policy": _policy_fields(row),
+                    "backend_tls": row.backend_tls} for row in rows], out)
         out.write("\n")
         return
     _write_table(out, ("ID", "TYPE", "INSTANCE", "BACKEND", "STATE", "EXPIRES (UTC)", "IDLE"),

@@ -104,6 +104,9 @@ SCHEMA = {
     "resume_grace": (_positive(float), 30.0),
     "paste_max_chars": (_positive(int), 4096),
     "input_idle_timeout": (_not_negative, 0.0),
+    "backend_ca": (_text, ""),
+    "backend_cert": (_text, ""),
+    "backend_key": (_text, ""),
 }
 
 # Where an installed noVNC is found when web_root = auto.
@@ -135,6 +138,9 @@ class Config:
     resume_grace: float = 30.0
     paste_max_chars: int = 4096
     input_idle_timeout: float = 0.0  # 0: off
+    backend_ca: str = ""  # empty: the system's trust store checks consoles' certificates
+    backend_cert: str = ""
+    backend_key: str = ""
     source: str = ""  # the file read, "" when built-in defaults only
 
     @property
@@ -202,12 +208,13 @@ def _finish(raw, base_dir, source):
         values.setdefault(key, default)
 
     check_database(values["database"], f"{source}: [{SECTION}] database")
-    for key in ("database", "cert", "key", "audit_log"):
+    for key in ("database", "cert", "key", "audit_log", "backend_ca", "backend_cert", "backend_key"):
         if values[key] and not os.path.isabs(values[key]) and not store.is_redis_url(values[key]):
             values[key] = os.path.join(base_dir, values[key])
     values["web_root"] = _resolve_web_root(values["web_root"], base_dir)
-    if bool(values["cert"]) != bool(values["key"]):
-        raise ConfigError(f"{source}: [{SECTION}] cert and key must be set together")
+    for cert, key in (("cert", "key"), ("backend_cert", "backend_key")):
+        if bool(values[cert]) != bool(values[key]):
+            raise ConfigError(f"{source}: [{SECTION}] {cert} and {key} must be set together")
     if values["tls_only"] and not values["cert"]:
         raise ConfigError(f"{source}: [{SECTION}] tls_only: needs cert and key")
     parts = urllib.parse.urlsplit(values["public_url"])
