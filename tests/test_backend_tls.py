@@ -173,6 +173,16 @@ def test_vncdotool_over_xvp_to_a_tls_console(pki, tls_qemu, tmp_path):
         assert gateway.stop() == 0
 
 
+def test_a_console_policy_reads_the_stream_out_of_the_tls(pki, tls_qemu, tmp_path):
+    """--view-only: the gateway filters the client's messages and writes them into the TLS."""
+    gateway = GatewayProcess(str(tmp_path), **gateway_settings(pki))
+    try:
+        token = gateway.mint("127.0.0.1", tls_qemu.port, "xvp-vnc", "--backend-tls", "--view-only")
+        xvp_shows_seabios(gateway, token, harness.artifact("backend-tls-view-only.png"))
+    finally:
+        assert gateway.stop() == 0
+
+
 def test_vncdotool_over_xvp_to_a_tls_console_with_a_password(pki, tls_password_qemu, tmp_path):
     (tmp_path / "pw").write_text(PASSWORD + "\n")
     gateway = GatewayProcess(str(tmp_path), **gateway_settings(pki))
