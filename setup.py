@@ -16,5 +16,6 @@ setup(
     entry_points={"console_scripts": [
         "vncgate = vncgate.cli:serve_main_exit",
         "vncgate-token = vncgate.cli:token_main_exit",
+        "vncgate-connect = vncgate.connect:main_exit",
     ]},
 )

@@ -98,13 +98,18 @@ def port_open(port, host="127.0.0.1"):
 class Qemu:
     """qemu-system-x86_64 with no disk: SeaBIOS shows its text and stays there."""
 
-    def __init__(self, extra_vnc="", monitor=False, trace_keys=None):
-        """trace_keys: a file where qemu logs every key event its VNC server takes (see key_events)."""
+    def __init__(self, extra_vnc="", monitor=False, trace_keys=None, tls_dir=None):
+        """trace_keys: a file where qemu logs every key event its VNC server takes (see key_events).
+        tls_dir: a folder of x509 credentials (CertificateAuthority.qemu_dir): the console
+        speaks VeNCrypt and asks its clients for a certificate from the same authority."""
         self.port = free_port()
         self.display = self.port - 5900
         self.trace_keys = trace_keys
-        argv = ["qemu-system-x86_64", "-display", "none", "-nodefaults", "-vga", "std", "-m", "32",
-                "-vnc", f"127.0.0.1:{self.display}{extra_vnc}"]
+        argv = ["qemu-system-x86_64", "-display", "none", "-nodefaults", "-vga", "std", "-m", "32"]
+        if tls_dir:
+            argv += ["-object", f"tls-creds-x509,id=tls0,dir={tls_dir},endpoint=server,verify-peer=on"]
+            extra_vnc += ",tls-creds=tls0"
+        argv += ["-vnc", f"127.0.0.1:{self.display}{extra_vnc}"]
         if monitor:
             argv += ["-monitor", "stdio"]
         if trace_keys:
@@ -172,6 +177,74 @@ class Qemu:
             reply = self.monitor("change vnc password", answers=[password])
         refused = "error" in reply.lower() or "unknown command" in reply
         assert not refused, f"qemu refused the VNC password: {reply}"
+
+
+class CertificateAuthority:
+    """A certificate authority made with openssl in folder, issuing certificates for 127.0.0.1."""
+
+    def __init__(self, folder, name="ca"):
+        self.folder = folder
+        self.name = name
+        self.cert, self.key = self._path(f"{name}-cert.pem"), self._path(f"{name}-key.pem")
+        self._openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", self.key, "-out", self.cert,
+                      "-days", "2", "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
+                      "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+
+    def _path(self, name):
+        return os.path.join(self.folder, name)
+
+    @staticmethod
+    def _openssl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    def issue(self, name, usage="serverAuth", host="127.0.0.1"):
+        """A certificate for host signed by this authority, and its key: (cert path, key path)."""
+        cert, key, request, extensions = (self._path(f"{self.name}-{name}{suffix}")
+                                          for suffix in ("-cert.pem", "-key.pem", ".csr", ".ext"))
+        with open(extensions, "w") as handle:
+            handle.write(f"basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+                         f"extendedKeyUsage={usage}\nsubjectAltName=IP:{host}\n")
+        self._openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", request, "-subj", f"/CN={name}")
+        self._openssl("x509", "-req", "-in", request, "-CA", self.cert, "-CAkey", self.key, "-days", "2",
+                      "-set_serial", str(int.from_bytes(os.urandom(8), "big")), "-extfile", extensions, "-out", cert)
+        return cert, key
+
+    def qemu_dir(self):
+        """The folder qemu's tls-creds-x509 reads: ca-cert.pem, server-cert.pem, server-key.pem."""
+        folder = self._path(f"{self.name}-qemu")
+        os.makedirs(folder, exist_ok=True)
+        cert, key = self.issue("server")
+        for source, name in ((self.cert, "ca-cert.pem"), (cert, "server-cert.pem"), (key, "server-key.pem")):
+            shutil.copy(source, os.path.join(folder, name))
+        return folder
+
+
+class Xvfb:
+    """A virtual X display for real X clients (TigerVNC's vncviewer), captured with ImageMagick."""
+
+    def __init__(self, size="1024x768"):
+        if not os.path.isdir("/tmp/.X11-unix"):  # a fresh container; only root's Xvfb makes it itself
+            os.makedirs("/tmp/.X11-unix", exist_ok=True)
+            os.chmod("/tmp/.X11-unix", 0o1777)
+        # -displayfd: Xvfb picks a free display itself and writes its number once it is ready.
+        self.proc = subprocess.Popen(["Xvfb", "-displayfd", "1", "-screen", "0", f"{size}x24", "-nolisten", "tcp"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        poller = select.poll()
+        poller.register(self.proc.stdout.fileno(), select.POLLIN)
+        number = poller.poll(20_000) and os.read(self.proc.stdout.fileno(), 64).strip()
+        assert number, f"Xvfb did not start: {self.proc.stderr.read1() if self.proc.poll() is not None else 'silent'}"
+        self.display = f":{number.decode()}"
+        self.env = {**os.environ, "DISPLAY": self.display}
+
+    def capture(self, path):
+        """The whole screen as a PNG at path."""
+        subprocess.run(["import", "-display", self.display, "-window", "root", path], check=True,
+                       capture_output=True, timeout=60)
+        return path
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait(10)
 
 
 # A token as minted (43 URL-safe characters) or guessed alike, standing alone: hashes (64 hex

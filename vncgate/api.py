@@ -120,12 +120,12 @@ def remove_key(path, name):
 # -- minting, shared with the CLI -------------------------------------------------------------
 
 def mint(config, store, console_type, host, port, instance=None, internal_path="", ttl=None, password=None,
-         policy=""):
+         policy="", backend_tls=False):
     """A new token for one console; returns (token, details, access URL). policy: Policy.to_json()."""
     base = f"{config.base_url}/console" if console_type == store_module.XVP else f"{config.base_url}/vnc.html"
     token = store.add_connection_details(instance or f"{host}:{port}", console_type, host, port,
                                          internal_access_path=internal_path, access_url=base, ttl=ttl,
-                                         backend_password=password, policy=policy)
+                                         backend_password=password, policy=policy, backend_tls=backend_tls)
     return token, store.get_connection_details(token), store_module.access_url(config.base_url, console_type, token)
 
 
@@ -133,7 +133,8 @@ def console_json(token, details, url):
     return {"token": token, "token_id": details.token_id, "access_url": url, "console_type": details.console_type,
             "instance_id": details.instance_id, "host": details.host, "port": details.port,
             "internal_access_path": details.internal_access_path, "expires_at": iso(details.expires_at),
-            "has_password": details.has_password, "policy": policy_fields(details)}
+            "has_password": details.has_password, "policy": policy_fields(details),
+            "backend_tls": details.backend_tls}
 
 
 def policy_fields(details):
@@ -146,7 +147,7 @@ def token_json(row, now, idle_timeout):
             "host": row.host, "port": row.port, "internal_access_path": row.internal_access_path,
             "created_at": iso(row.created_at), "updated_at": iso(row.updated_at),
             "expires_at": iso(row.expires_at), "state": row.state(now, idle_timeout),
-            "has_password": row.has_password, "policy": policy_fields(row)}
+            "has_password": row.has_password, "policy": policy_fields(row), "backend_tls": row.backend_tls}
 
 
 def session_json(row, now):
@@ -335,6 +336,7 @@ class ControlPlane:
         policy = policy_module.Policy(view_only=fields.flag("view_only"), single_use=fields.flag("single_use"),
                                       paste_as_keys=fields.flag("paste_as_keys"),
                                       input_idle=fields.number("input_idle") or 0.0)
+        backend_tls = fields.flag("backend_tls")
         if "domain" in body:
             domain, uri = fields.text("domain"), fields.text("libvirt", "")
             call.audit["instance"] = instance = fields.text("instance", domain)
@@ -352,7 +354,7 @@ class ControlPlane:
             fields.done()
             password = password.encode() if password else None
         token, details, url = mint(self.config, self.gateway.store, console_type, host, port, instance,
-                                   internal_path, ttl, password, policy.to_json())
+                                   internal_path, ttl, password, policy.to_json(), backend_tls)
         call.audit["token_id"] = details.token_id
         return 201, console_json(token, details, url)
 

@@ -85,6 +85,8 @@ def token_parser():
     add.add_argument("--input-idle", type=_seconds, metavar="SECONDS",
                      help="close the session after this long without a key or pointer event "
                           "(default: input_idle_timeout)")
+    add.add_argument("--backend-tls", action="store_true", help="the console speaks VeNCrypt: the gateway does "
+                     "TLS to it, checking its certificate against backend_ca")
     add.add_argument("--json", action="store_true", help="print one JSON object")
 
     listing = commands.add_parser("list", help="list tokens (never the tokens themselves)")
@@ -166,7 +168,7 @@ def cmd_add(args, config, store, out):
     policy = policy_module.Policy(view_only=args.view_only, single_use=args.single_use,
                                   paste_as_keys=args.paste_as_keys, input_idle=args.input_idle or 0.0)
     token, details, url = api.mint(config, store, args.console_type, host, port, instance, args.internal_path,
-                                   args.ttl, password, policy.to_json())
+                                   args.ttl, password, policy.to_json(), args.backend_tls)
     if args.json:
         json.dump(api.console_json(token, details, url), out)
         out.write("\n")

@@ -107,6 +107,9 @@ SCHEMA = {
     "api_keys_file": (_text, ""),
     "api_burst": (_positive(int), 60),
     "api_rate": (_positive(float), 10.0),
+    "backend_ca": (_text, ""),
+    "backend_cert": (_text, ""),
+    "backend_key": (_text, ""),
 }
 
 # Where an installed noVNC is found when web_root = auto.
@@ -141,6 +144,9 @@ class Config:
     api_keys_file: str = ""
     api_burst: int = 60
     api_rate: float = 10.0
+    backend_ca: str = ""  # empty: the system's trust store checks consoles' certificates
+    backend_cert: str = ""
+    backend_key: str = ""
     source: str = ""  # the file read, "" when built-in defaults only
 
     @property
@@ -208,12 +214,13 @@ def _finish(raw, base_dir, source):
         values.setdefault(key, default)
 
     check_database(values["database"], f"{source}: [{SECTION}] database")
-    for key in ("database", "cert", "key", "audit_log", "api_keys_file"):
+    for key in ("database", "cert", "key", "audit_log", "api_keys_file", "backend_ca", "backend_cert", "backend_key"):
         if values[key] and not os.path.isabs(values[key]) and not store.is_redis_url(values[key]):
             values[key] = os.path.join(base_dir, values[key])
     values["web_root"] = _resolve_web_root(values["web_root"], base_dir)
-    if bool(values["cert"]) != bool(values["key"]):
-        raise ConfigError(f"{source}: [{SECTION}] cert and key must be set together")
+    for cert, key in (("cert", "key"), ("backend_cert", "backend_key")):
+        if bool(values[cert]) != bool(values[key]):
+            raise ConfigError(f"{source}: [{SECTION}] {cert} and {key} must be set together")
     if values["tls_only"] and not values["cert"]:
         raise ConfigError(f"{source}: [{SECTION}] tls_only: needs cert and key")
     parts = urllib.parse.urlsplit(values["public_url"])

@@ -48,6 +48,7 @@ REASONS = {
     "backend-bad-rfb": Answer(502, _CONSOLE_DOWN),
     "backend-no-vnc-auth": Answer(502, _CONSOLE_DOWN),
     "backend-auth-failed": Answer(502, "The console refused the credentials the gateway holds for it."),
+    "backend-tls-failed": Answer(502, "The console's TLS identity could not be verified."),
     "backend-needs-password": Answer(502, "The console asks for a password the gateway does not hold for it."),
     # console policies
     "refused-consumed": Answer(403, "This console link was used already; ask for a new one."),

@@ -201,12 +201,13 @@ class Relay:
 
     @classmethod
     def raw(cls, client_sock, backend_sock, backend_leftover=b"", client_leftover=b"", upstream_sink=None):
-        """A byte-for-byte relay (the XVP path): spliced where the kernel can, else copied.
+        """A byte-for-byte relay (the XVP path): spliced where the kernel can, else copied (a TLS
+        side, as an SSLSocket or a TlsStream, has its bytes in OpenSSL, not the kernel).
         upstream_sink(sink): the Sink the client's bytes go to in front of the backend's (a
         console policy reading them); that direction is then copied, the other still spliced."""
-        splice = CAN_SPLICE and not isinstance(client_sock, ssl.SSLSocket)
-        if isinstance(client_sock, ssl.SSLSocket):
-            client_sock = tls.TlsStream(client_sock)
+        client_sock, backend_sock = (tls.TlsStream(sock) if isinstance(sock, ssl.SSLSocket) else sock
+                                     for sock in (client_sock, backend_sock))
+        splice = CAN_SPLICE and not any(isinstance(sock, tls.TlsStream) for sock in (client_sock, backend_sock))
         if upstream_sink is not None:
             upstream = CopyDirection("client", SocketSource(client_sock, client_leftover),
                                      upstream_sink(SocketSink(backend_sock)))

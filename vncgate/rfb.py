@@ -2,10 +2,12 @@
 
 With the backend the gateway is the client: it answers VNC Authentication's DES
 challenge with the password sealed in the token, or chooses security type None for a
-token with a console policy and no password (authenticate_backend). With the user's
-client it is the server and offers security type None (offer_no_auth), or tells it in
-RFB why there is no console (refuse_client). After both, the rest of the stream
-(ClientInit onwards) is relayed untouched, or through the policy's filter (policy.py).
+token with a console policy and no password (authenticate_backend), or does VeNCrypt
+first (vencrypt_backend: TLS checked against the operator's CA, then VNC Authentication
+inside it when the token holds a password). With the user's client it is the server and
+offers security type None (offer_no_auth), or tells it in RFB why there is no console
+(refuse_client). After both, the rest of the stream (ClientInit onwards) is relayed
+untouched, or through the policy's filter (policy.py).
 
 VNC Authentication needs single DES, which the standard library lacks, so a small
 pure-Python DES written from FIPS 46-3 lives here, checked against published test
@@ -15,10 +17,12 @@ and speed is irrelevant because DES here only encrypts one 16-byte challenge per
 
 import re
 import socket
+import ssl
 import struct
 import time
 
-NONE, VNC_AUTH = 1, 2  # RFB security types
+NONE, VNC_AUTH, VENCRYPT = 1, 2, 19  # RFB security types
+X509_NONE, X509_VNC = 260, 261  # VeNCrypt sub-types
 RFB_3_3, RFB_3_7, RFB_3_8 = b"RFB 003.003\n", b"RFB 003.007\n", b"RFB 003.008\n"
 MAX_REASON = 4096  # longer failure reasons are cut: they only go to a log line and a client's dialog
 _VERSION = re.compile(rb"RFB (\d{3})\.(\d{3})\n")
@@ -171,7 +175,7 @@ class _Backend:
         self.deadline = deadline
         self.pending = bytes(initial)
 
-    def _budget(self):
+    def budget(self):
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise RfbError("backend-timeout", "the VNC server's security handshake did not finish in time")
@@ -179,11 +183,11 @@ class _Backend:
 
     def read_exact(self, count):
         while len(self.pending) < count:
-            self._budget()
+            self.budget()
             try:  # never more than asked: what follows the handshake belongs to the relay
                 chunk = self.sock.recv(count - len(self.pending))
             except socket.timeout:
-                continue  # _budget() raises on the next turn
+                continue  # budget() raises on the next turn
             if not chunk:
                 raise RfbError("backend-closed", "the VNC server closed the connection during the handshake")
             self.pending += chunk
@@ -191,7 +195,7 @@ class _Backend:
         return data
 
     def write(self, data):
-        self._budget()
+        self.budget()
         try:
             self.sock.sendall(data)
         except socket.timeout:
@@ -224,51 +228,150 @@ def authenticate_backend(sock, password, deadline, initial=b""):
     backend-needs-password (no password, and type None not offered),
     backend-auth-failed (password refused, the server's reason in detail), backend-timeout
     or backend-closed."""
-    saved_timeout = sock.gettimeout()
+    def handshake(backend):
+        minor, offered = _security_types(backend)
+        if password is not None:
+            _choose(backend, minor, offered, VNC_AUTH, "backend-no-vnc-auth", "2 (VNC Authentication)")
+            _vnc_authentication(backend, minor, password)
+            return version_line(minor)
+        _choose(backend, minor, offered, NONE, "backend-needs-password", "1 (None), and the token holds no password")
+        if minor == 8:  # RFC 6143: before 3.8 there is no SecurityResult for type None
+            _security_result(backend, minor, "backend-auth-failed", "the VNC server refused the password")
+        return version_line(minor)
+    return _as_client(sock, deadline, initial, handshake)
+
+
+def vencrypt_backend(sock, context, hostname, password, deadline, initial=b""):
+    """Be the client of the backend's VeNCrypt handshake (security type 19): TLS with the
+    console's x509 certificate checked by context for hostname, then, inside the TLS,
+    nothing more (X509None) or VNC Authentication with password (X509Vnc, when the gateway
+    holds one). Returns (ProtocolVersion line agreed, the TLS socket, blocking): from here
+    on the backend is only reached through it; sock must not be used again. On failure
+    the TLS socket, if there was one yet, is closed.
+
+    Raises RfbError as authenticate_backend does, plus backend-tls-failed: no VeNCrypt,
+    no sub-type the gateway can do (anonymous TLS is not one: it proves nothing), or a
+    TLS handshake that failed (the console's certificate did not verify, say)."""
+    def handshake(backend):
+        minor, offered = _security_types(backend)
+        if minor == 3:  # 3.3 cannot name VeNCrypt: the server picks a type, and only 1 or 2
+            raise RfbError("backend-tls-failed", "the VNC server speaks RFB 3.3, which has no VeNCrypt")
+        _choose(backend, minor, offered, VENCRYPT, "backend-tls-failed", "19 (VeNCrypt)")
+        subtype = _vencrypt_subtype(backend, password is not None)
+        if backend.pending:  # the server waits for our ClientHello: it cannot have said more
+            raise RfbError("backend-bad-rfb", f"{len(backend.pending)} unexpected bytes before TLS")
+        backend.sock = _tls_handshake(backend, context, hostname)
+        try:
+            if subtype == X509_VNC:
+                _vnc_authentication(backend, minor, password)
+            else:
+                _security_result(backend, minor, "backend-refused", "the VNC server refused the connection")
+        except ssl.SSLError as error:
+            raise RfbError("backend-tls-failed", f"TLS with the VNC server failed: {error}") from None
+        except RfbError as error:
+            if error.reason != "backend-closed":
+                raise
+            # TLS 1.3: the server checks the gateway's certificate after the client's handshake is done.
+            raise RfbError("backend-tls-failed", "the VNC server closed the TLS connection at once: it may not "
+                                                 "accept the gateway's certificate (backend_cert)") from None
+        if backend.sock.pending():
+            raise RfbError("backend-bad-rfb", "unexpected bytes after SecurityResult")
+        return version_line(minor), backend.sock
+    return _as_client(sock, deadline, initial, handshake)
+
+
+def _as_client(sock, deadline, initial, handshake):
+    """Run handshake(_Backend) on sock; OSError becomes backend-closed, the timeout is restored."""
     backend = _Backend(sock, deadline, initial)
+    saved_timeout = sock.gettimeout()
     try:
-        minor = _authenticate(backend.read_exact, backend.write, password)
+        result = handshake(backend)
         if backend.pending:  # the server must wait for ClientInit: it cannot have said more
             raise RfbError("backend-bad-rfb", f"{len(backend.pending)} unexpected bytes after SecurityResult")
-        return version_line(minor)
-    except OSError as error:
+        return result
+    except (RfbError, OSError) as error:
+        if backend.sock is not sock:  # a TLS wrapper owns the descriptor now: sock cannot close it
+            backend.sock.close()
+        if isinstance(error, RfbError):
+            raise
         raise RfbError("backend-closed", f"the VNC server's connection failed during the handshake: {error}") from None
     finally:
         try:
-            sock.settimeout(saved_timeout)
+            backend.sock.settimeout(saved_timeout)
         except OSError:
             pass  # closed meanwhile: nothing to restore
 
 
-def _authenticate(read_exact, write, password):
-    minor = _minor(read_exact(12), "backend")
-    write(version_line(minor))
+def _security_types(backend):
+    """The versions, then the security types the server offers: (minor, [types])."""
+    minor = _minor(backend.read_exact(12), "backend")
+    backend.write(version_line(minor))
     if minor == 3:
-        offered = [_U32.unpack(read_exact(4))[0]]  # 3.3: the server decides, one u32
+        offered = [_U32.unpack(backend.read_exact(4))[0]]  # 3.3: the server decides, one u32
     else:
-        offered = list(read_exact(read_exact(1)[0]))  # 3.7/3.8: a counted list to choose from
+        offered = list(backend.read_exact(backend.read_exact(1)[0]))  # 3.7/3.8: a counted list
     if offered in ([], [0]):  # no types: a reason string follows and the server hangs up
-        reason = _failure_reason(read_exact, "no reason given")
+        reason = _failure_reason(backend.read_exact, "no reason given")
         raise RfbError("backend-refused", f"the VNC server refused the connection: {reason}")
-    wanted = NONE if password is None else VNC_AUTH
+    return minor, offered
+
+
+def _choose(backend, minor, offered, wanted, reason, name):
     if wanted not in offered:
-        if password is None:
-            raise RfbError("backend-needs-password", f"the VNC server offers security types {offered}, "
-                                                     "not 1 (None), and the token holds no password")
-        raise RfbError("backend-no-vnc-auth", f"the VNC server offers security types {offered}, not 2 "
-                                              "(VNC Authentication)")
+        raise RfbError(reason, f"the VNC server offers security types {offered}, not {name}")
     if minor != 3:
-        write(bytes((wanted,)))
-    if wanted == NONE:
-        if minor != 8:
-            return minor  # RFC 6143: before 3.8 there is no SecurityResult for type None
-    else:
-        write(vnc_auth_response(password, read_exact(16)))
-    # SecurityResult: sent for VNC Authentication in every version, for None in 3.8; 3.8 adds a reason.
-    if _U32.unpack(read_exact(4))[0] != 0:
-        fallback = "the VNC server refused the password"
-        raise RfbError("backend-auth-failed", _failure_reason(read_exact, fallback) if minor == 8 else fallback)
-    return minor
+        backend.write(bytes((wanted,)))
+
+
+def _vnc_authentication(backend, minor, password):
+    backend.write(vnc_auth_response(password, backend.read_exact(16)))
+    _security_result(backend, minor, "backend-auth-failed", "the VNC server refused the password")
+
+
+def _security_result(backend, minor, reason, fallback):
+    """SecurityResult: sent for VNC Authentication and VeNCrypt in every version, for None in
+    3.8; only 3.8 adds a reason to a failure."""
+    if _U32.unpack(backend.read_exact(4))[0] != 0:
+        raise RfbError(reason, _failure_reason(backend.read_exact, fallback) if minor == 8 else fallback)
+
+
+def _vencrypt_subtype(backend, have_password):
+    """VeNCrypt 0.2's version and sub-type negotiation; returns the sub-type chosen, which the
+    server has accepted: the TLS handshake comes next."""
+    major, minor = backend.read_exact(2)
+    if (major, minor) < (0, 2):
+        raise RfbError("backend-tls-failed", f"the VNC server speaks VeNCrypt {major}.{minor}, not 0.2")
+    backend.write(b"\0\2")
+    if backend.read_exact(1) != b"\0":
+        raise RfbError("backend-tls-failed", "the VNC server refused VeNCrypt 0.2")
+    count = backend.read_exact(1)[0]
+    offered = [_U32.unpack(backend.read_exact(4))[0] for _ in range(count)]
+    wanted = (X509_VNC, X509_NONE) if have_password else (X509_NONE,)
+    subtype = next((choice for choice in wanted if choice in offered), None)
+    if subtype is None:
+        raise RfbError("backend-tls-failed", f"the VNC server offers VeNCrypt sub-types {offered}; the gateway "
+                                             f"does {list(wanted)}" + ("" if have_password else
+                                                                       " (it holds no VNC password)"))
+    backend.write(_U32.pack(subtype))
+    if backend.read_exact(1) != b"\1":
+        raise RfbError("backend-tls-failed", f"the VNC server refused VeNCrypt sub-type {subtype}")
+    return subtype
+
+
+def _tls_handshake(backend, context, hostname):
+    """The client side of TLS on the backend's socket, by the deadline; returns the SSLSocket."""
+    wrapped = context.wrap_socket(backend.sock, server_hostname=hostname, do_handshake_on_connect=False)
+    backend.sock = wrapped  # from here on only the wrapper may be used, and restored
+    backend.budget()
+    try:
+        wrapped.do_handshake()
+    except socket.timeout:
+        raise RfbError("backend-timeout", "the VNC server's TLS handshake did not finish in time") from None
+    except ssl.SSLCertVerificationError as error:
+        raise RfbError("backend-tls-failed", f"the VNC server's certificate does not verify: {error.verify_message}") from None
+    except ssl.SSLError as error:
+        raise RfbError("backend-tls-failed", f"TLS with the VNC server failed: {error}") from None
+    return wrapped
 
 
 # -- with the client: the gateway is the RFB server, sans-IO ----------------------------------

@@ -106,7 +106,8 @@ class Gateway(socketserver.ThreadingTCPServer):
         self.sessions = sessions.SessionManager(
             store, audit, backend_timeout=config.handshake_timeout,
             throttle=throttle.FailureThrottle(config.failed_token_burst, config.failed_token_rate),
-            heartbeat=config.touch_interval, settings=config)
+            heartbeat=config.touch_interval, settings=config,
+            backend_tls=tls.backend_context(config.backend_ca, config.backend_cert, config.backend_key))
         self.housekeeper = sessions.Housekeeper(self.sessions, config.touch_interval,
                                                 config.housekeeping_interval)
         self.tls_context = tls.server_context(config.cert, config.key) if config.cert else None

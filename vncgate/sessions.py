@@ -79,14 +79,16 @@ class Session:
 
 
 class SessionManager:
-    def __init__(self, store, audit, backend_timeout, throttle, heartbeat, settings):
-        """settings: the policy keys of the config (resume_grace, paste_max_chars, input_idle_timeout)."""
+    def __init__(self, store, audit, backend_timeout, throttle, heartbeat, settings, backend_tls=None):
+        """settings: the policy keys of the config (resume_grace, paste_max_chars, input_idle_timeout);
+        backend_tls: the ssl context for consoles that speak VeNCrypt (tls.backend_context)."""
         self.store = store
         self.settings = settings
         self.audit = audit
         self.backend_timeout = backend_timeout
         self.throttle = throttle
         self.heartbeat_interval = heartbeat
+        self.backend_tls = backend_tls
         self.gateway_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         self._live = {}
         self._lock = threading.Lock()
@@ -114,9 +116,9 @@ class SessionManager:
         session.policy = policy_module.Policy.from_json(details.policy)
         if session.policy.reads_stream(self.settings):
             session.enforcement = policy_module.Enforcement(session.policy, self.settings, session.stop)
-        if details.backend_password is not None or session.enforcement:
+        if details.backend_tls or details.backend_password is not None or session.enforcement:
             # The gateway reads a policy's stream from ClientInit on: it does the handshake itself.
-            session.security = self._authenticate_backend(session)
+            session.security = self._authenticate_backend(session, fields)
         if session.policy.single_use and not isinstance(session.security, rfb.RfbError):
             session.use = self._consume(session, address, resume_cookie, fields)
             session.resume_cookie = resume_cookie
@@ -144,16 +146,27 @@ class SessionManager:
         if session.use:
             self._shared(self.store.release, session.details.token_hash)
 
-    def _authenticate_backend(self, session):
+    def _authenticate_backend(self, session, fields):
+        """The gateway's RFB security handshake with the backend: VeNCrypt for a backend_tls
+        token, else VNC Authentication (or None). Returns the version line agreed, or the RfbError to
+        tell the client in RFB; a console whose TLS fails is refused here (502) instead."""
+        details, deadline = session.details, time.monotonic() + self.backend_timeout
+        # A XenServer's banner may have come with its CONNECT reply: the handshake reads it.
+        leftover, session.backend_leftover = session.backend_leftover, b""
         try:
-            # A XenServer's banner may have come with its CONNECT reply: the handshake reads it.
-            leftover, session.backend_leftover = session.backend_leftover, b""
-            return rfb.authenticate_backend(session.backend, session.details.backend_password,
-                                            time.monotonic() + self.backend_timeout, initial=leftover)
+            if not details.backend_tls:
+                return rfb.authenticate_backend(session.backend, details.backend_password, deadline, initial=leftover)
+            version, secured = rfb.vencrypt_backend(session.backend, self.backend_tls, details.host,
+                                                    details.backend_password, deadline, initial=leftover)
+            session.backend = tls.TlsStream(secured)
+            return version
         except rfb.RfbError as error:
-            log.warning("session %s: VNC authentication with %s:%s failed: %s", session.id,
-                        session.details.host, session.details.port, error)
-            return error
+            log.warning("session %s: RFB security with %s:%s failed: %s", session.id,
+                        details.host, details.port, error)
+            if error.reason != "backend-tls-failed":
+                return error
+            session.backend.close()
+            raise Refused(error.reason, error.detail, **fields) from None
 
     def greet(self, session, read_exact, write):
         """The client's half of the RFB security handshake, after its 200 or 101. False when

@@ -31,6 +31,22 @@ def server_context(cert, key):
     return context
 
 
+def backend_context(ca, cert, key):
+    """The client context for consoles' VeNCrypt: their certificate must chain to ca (the
+    system's trust store when ca is empty) and name the host the token gives; cert and key
+    are presented when a console asks for a client certificate."""
+    try:
+        context = ssl.create_default_context(cafile=ca or None)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if cert:
+            context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as error:
+        files = " and ".join(name for name in (ca, cert, key) if name)
+        raise TlsConfigError(f"cannot load the consoles' TLS files {files}: "
+                             f"{getattr(error, 'strerror', None) or error}") from None
+    return context
+
+
 def is_client_hello(first_byte):
     return first_byte == b"\x16"  # a TLS handshake record
 

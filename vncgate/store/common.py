@@ -72,6 +72,7 @@ class ConnectionDetails:
     updated_at: float
     expires_at: float
     has_password: bool
+    backend_tls: bool = False  # the console speaks VeNCrypt: the gateway does TLS to it
     backend_password: bytes = None  # opened only by validate(), which holds the token
     policy: str = ""  # the console policy, JSON text that vncgate.policy reads; "" for none
 
@@ -158,7 +159,8 @@ class Store:
         self.clock = clock
 
     def add_connection_details(self, instance_id, console_type, host, port, internal_access_path="",
-                               access_url="", ttl=None, backend_password=None, policy=""):
+                               access_url="", ttl=None, backend_password=None, policy="",
+                               backend_tls=False):
         """Mint a token for one console and return it; only its hash is kept. policy: the
         console policy's JSON text (vncgate.policy.Policy.to_json)."""
         if console_type not in CONSOLE_TYPES:
@@ -168,7 +170,8 @@ class Store:
         sealed = sealing.seal(token, backend_password) if backend_password is not None else None
         self._insert([(ConnectionDetails(
             hash_token(token), instance_id, console_type, host, int(port), access_url, internal_access_path or "",
-            now, now, now + (self.token_ttl if ttl is None else ttl), sealed is not None, policy=policy), sealed)])
+            now, now, now + (self.token_ttl if ttl is None else ttl), sealed is not None, policy=policy,
+            backend_tls=bool(backend_tls)), sealed)])
         return token
 
     def get_connection_details(self, token):

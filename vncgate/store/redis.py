@@ -311,6 +311,8 @@ class RedisStore(Store):
                     fields += ["secret", sealed]
                 if details.policy:
                     fields += ["policy", details.policy]
+                if details.backend_tls:  # absent means plain: tokens minted before it read so
+                    fields += ["backend_tls", "1"]
                 args += [details.token_hash, len(fields), *fields]
             self._script("insert", args, client=pipe)
         wait = self.busy_timeout / 2  # the other half is the writes' own, within the socket timeout
@@ -538,7 +540,8 @@ def _details(token_hash, fields):
         token_hash, values["instance_id"], values["console_type"], values["host"], int(values["port"]),
         values["access_url"], values["internal_access_path"], float(values["created_at"]),
         float(values["updated_at"]), float(values["expires_at"]), has_password=sealed is not None,
-        policy=text.get("policy", b"").decode()), sealed
+        policy=text.get("policy", b"").decode(),
+        backend_tls=text.get("backend_tls") == b"1"), sealed
 
 
 def _session(fields):

@@ -18,11 +18,12 @@ _POOL_SIZE = 16
 
 
 _COLUMNS = ("token_hash, instance_id, console_type, host, port, access_url, internal_access_path, "
-            "created_at, updated_at, expires_at, backend_secret IS NOT NULL, policy")
+            "created_at, updated_at, expires_at, backend_secret IS NOT NULL, policy, backend_tls")
 
 
 def _details(row):
-    return ConnectionDetails(*row[:10], has_password=bool(row[10]), policy=row[11])
+    return ConnectionDetails(*row[:10], has_password=bool(row[10]), policy=row[11],
+                             backend_tls=bool(row[12]))
 
 
 def _migrate_1(db):
@@ -71,8 +72,12 @@ def _migrate_4(db):
     db.execute("ALTER TABLE console_tokens ADD COLUMN released_at REAL")
 
 
+def _migrate_5(db):
+    db.execute("ALTER TABLE console_tokens ADD COLUMN backend_tls INTEGER NOT NULL DEFAULT 0")
+
+
 # MIGRATIONS[n] takes a database from user_version n to n + 1. Append, never edit.
-MIGRATIONS = (_migrate_1, _migrate_2, _migrate_3, _migrate_4)
+MIGRATIONS = (_migrate_1, _migrate_2, _migrate_3, _migrate_4, _migrate_5)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -218,8 +223,9 @@ class SqliteStore(Store):
         with self._db() as db:
             db.executemany("INSERT OR REPLACE INTO console_tokens (token_hash, instance_id, console_type, host, "
                            "port, access_url, internal_access_path, created_at, updated_at, expires_at, "
-                           "backend_secret, policy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                           [(*dataclasses.astuple(details)[:10], sealed, details.policy) for details, sealed in rows])
+                           "backend_secret, policy, backend_tls) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           [(*dataclasses.astuple(details)[:10], sealed, details.policy, int(details.backend_tls))
+                            for details, sealed in rows])
 
     def _find(self, token_hash):
         return self._select("token_hash = ?", (token_hash,), include_expired=True)
@@ -234,12 +240,12 @@ class SqliteStore(Store):
             details = _details(row)
             if not details.is_expired(now) and details.console_type == console_type:
                 db.execute("UPDATE console_tokens SET updated_at = ? WHERE token_hash = ?", (now, token_hash))
-        return details, row[12]
+        return details, row[13]
 
     def _dump(self):
         with self._db() as db:
             rows = db.execute(f"SELECT {_COLUMNS}, backend_secret FROM console_tokens").fetchall()
-        return [(_details(row), row[12]) for row in rows]
+        return [(_details(row), row[13]) for row in rows]
 
     # -- beyond the blueprint: what the gateway and the CLI need --------------------
 

@@ -1,0 +1,234 @@
+"""vncgate-connect: a native VNC client (TigerVNC, Remmina, RealVNC) through an XVP console URL.
+
+Such clients speak plain RFB to a host and port and cannot send XVP's CONNECT. This
+command listens on localhost; for each viewer that connects it opens the gateway URL
+(TLS for https://, checked against the system's trust store or --cacert), sends
+`CONNECT /console?token=T`, and relays once the gateway answers 200. When the console
+cannot be had (the link is refused, expired or revoked, the gateway is unreachable),
+the user reads why twice: one line on the terminal, and the same sentence as an RFB
+failure reason in the viewer's own dialog. Standard library only, like the gateway.
+"""
+
+import argparse
+import os
+import socket
+import ssl
+import sys
+import threading
+import time
+import urllib.parse
+
+from vncgate import http, relay, rfb
+from vncgate.refusals import Refused
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+TIMEOUT = 15.0  # seconds to reach the gateway and read its answer
+MAX_REPLY = 8192  # a refusal's head and body are a few hundred bytes
+
+
+class ConnectError(Exception):
+    """The console cannot be had through this URL; str() is one line for the terminal,
+    .viewer the shorter sentence a viewer's dialog shows."""
+
+    def __init__(self, message, viewer=None):
+        super().__init__(message)
+        self.viewer = viewer or message
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConnectError(f"{message} (see {self.prog} --help)")
+
+
+def parser():
+    commands = _Parser(prog="vncgate-connect", description="Serve a vncgate console URL (xvp-vnc) to a native "
+                       "VNC viewer on localhost.")
+    commands.add_argument("url", metavar="URL", help="the console URL: http(s)://GATEWAY/console?token=T; "
+                          "- reads it from standard input (a command line is visible to every local user)")
+    commands.add_argument("--listen", metavar="ADDR:PORT", default="127.0.0.1:0", type=_address,
+                          help="where the viewer connects (default: 127.0.0.1 and a free port)")
+    commands.add_argument("--once", action="store_true", help="serve one viewer, then exit")
+    commands.add_argument("--cacert", metavar="F", help="trust this CA file for an https URL "
+                          "(default: the system's trust store)")
+    return commands
+
+
+def console_url(text):
+    """The URL's parts, checked; ConnectError (a usage error) when it is not a console URL.
+    The URL itself is never repeated: it holds the token."""
+    parts = urllib.parse.urlsplit(text.strip())
+    try:
+        parts.port  # raises ValueError for a bad port
+    except ValueError:
+        raise ConnectError("not a console URL: bad port") from None
+    if (parts.scheme not in ("http", "https") or not parts.hostname
+            or not urllib.parse.parse_qs(parts.query).get("token")):
+        raise ConnectError("not a console URL: expected http(s)://GATEWAY/console?token=…")
+    return parts
+
+
+def _address(text):
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid address {text!r}: must be ADDR:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class Target:
+    """The gateway and the CONNECT request of a console URL."""
+
+    def __init__(self, parts, cacert=None):
+        """parts: the URL as urllib.parse.urlsplit gives it, checked by the parser."""
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.host = parts.hostname
+        self.netloc = parts.netloc
+        self.request = (f"CONNECT {parts.path or '/'}?{parts.query} HTTP/1.1\r\nHost: {parts.netloc}\r\n\r\n"
+                        ).encode("latin-1")
+        self.context = None
+        if parts.scheme == "https":
+            try:
+                self.context = ssl.create_default_context(cafile=cacert)
+            except (OSError, ssl.SSLError) as error:
+                raise ConnectError(f"cannot load CA file {cacert}: {getattr(error, 'strerror', None) or error}"
+                                   ) from None
+
+    def open(self):
+        """A connection to the gateway that has answered 200; returns (socket, bytes after the head)."""
+        deadline = time.monotonic() + TIMEOUT
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=TIMEOUT)
+        except OSError as error:
+            raise ConnectError(f"cannot reach the gateway {self.netloc}: {error.strerror or error}") from None
+        try:
+            if self.context is not None:
+                sock = self.context.wrap_socket(sock, server_hostname=self.host)
+            sock.sendall(self.request)
+            status, leftover = http.read_response_status(sock, deadline, MAX_REPLY)
+        except ssl.SSLCertVerificationError as error:
+            sock.close()
+            raise ConnectError(f"the gateway {self.netloc} has a certificate that does not verify: "
+                               f"{error.verify_message}") from None
+        except (OSError, Refused) as error:
+            sock.close()
+            raise ConnectError(f"the gateway {self.netloc} did not answer the console request: "
+                               f"{getattr(error, 'detail', None) or error}") from None
+        if status != 200:
+            sentence = _refusal_sentence(sock, leftover, deadline) or str(status)
+            sock.close()
+            # "401 Unauthorized: This console link is not valid: …": the viewer gets the sentence.
+            raise ConnectError(f"the gateway refused the console link: {sentence}", sentence.partition(": ")[2])
+        return sock, leftover
+
+
+def _refusal_sentence(sock, body, deadline):
+    """The gateway's one-line refusal ("401 Unauthorized: This console link is not valid…")."""
+    try:
+        while b"\n" not in body and len(body) < MAX_REPLY and time.monotonic() < deadline:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = sock.recv(MAX_REPLY)
+            if not chunk:
+                break
+            body += chunk
+    except OSError:
+        pass  # what arrived is what there is
+    return body.split(b"\n")[0].decode("utf-8", "replace").strip()
+
+
+class Connector:
+    """Accepts viewers on a local port and relays each through its own gateway connection."""
+
+    def __init__(self, target, listen, once=False, err=sys.stderr):
+        self.target = target
+        self.once = once
+        self.err = err
+        self.failure = None  # the first ConnectError: the URL is done for, and so is this command
+        self._stopping = threading.Event()
+        family = socket.AF_INET6 if ":" in listen[0] else socket.AF_INET
+        try:
+            self.listener = socket.create_server(listen, family=family)
+        except OSError as error:
+            why = os.strerror(error.errno) if error.errno else error  # create_server adds the address
+            raise ConnectError(f"cannot listen on {listen[0]}:{listen[1]}: {why}") from None
+        self.port = self.listener.getsockname()[1]
+
+    def serve(self):
+        """Until a failure, --once's session ends, or stop(); returns the exit status. Sessions
+        still running when another viewer's connection fails are let finish first."""
+        sessions = []
+        try:
+            while not self._stopping.is_set():
+                try:
+                    viewer, _ = self.listener.accept()
+                except OSError:
+                    break  # stop() closed the listener
+                if self.once:
+                    self._session(viewer)
+                    break
+                thread = threading.Thread(target=self._session, args=(viewer,), name="viewer", daemon=True)
+                thread.start()
+                sessions.append(thread)
+        finally:
+            self.listener.close()
+        for thread in sessions:
+            thread.join()
+        return EXIT_FAILURE if self.failure else EXIT_OK
+
+    def _session(self, viewer):
+        try:
+            gateway, leftover = self.target.open()
+        except ConnectError as error:
+            self._fail(error)
+            _tell_viewer(viewer, f"vncgate: {error.viewer}")
+            return
+        relay.Relay.raw(viewer, gateway, backend_leftover=leftover).run()
+
+    def _fail(self, error):
+        if self.failure is None:
+            self.failure = error
+            print(f"vncgate-connect: error: {error}", file=self.err, flush=True)
+        self.stop()
+
+    def stop(self):
+        self._stopping.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        except OSError:
+            pass
+        self.listener.close()
+
+
+def _tell_viewer(viewer, reason):
+    """Be the viewer's RFB server just long enough to refuse it with reason, which it shows."""
+    viewer.settimeout(5)
+    try:
+        reader = relay.ChunkReader(relay.SocketSource(viewer))
+        rfb.refuse_client(reader.read_exact, viewer.sendall, rfb.RFB_3_8, reason)
+    except rfb.RfbError:
+        pass  # not an RFB viewer, or gone: the terminal line is the message
+    finally:
+        viewer.close()
+
+
+def main(argv=None, out=None, err=None):
+    out, err = out or sys.stdout, err or sys.stderr
+    try:
+        args = parser().parse_args(argv)
+        url = console_url(sys.stdin.readline() if args.url == "-" else args.url)
+    except ConnectError as error:
+        print(f"vncgate-connect: error: {error}", file=err)
+        return EXIT_USAGE
+    try:
+        connector = Connector(Target(url, args.cacert), args.listen, once=args.once, err=err)
+    except ConnectError as error:
+        print(f"vncgate-connect: error: {error}", file=err)
+        return EXIT_FAILURE
+    host = connector.listener.getsockname()[0]
+    print(f"vncviewer {host}::{connector.port}", file=out, flush=True)
+    try:
+        return connector.serve()
+    except KeyboardInterrupt:
+        return 130
+
+
+def main_exit():
+    sys.exit(main())
