@@ -267,7 +267,9 @@ def test_websocket_over_tls(tmp_path, vnc):
     try:
         token = gateway.mint("127.0.0.1", vnc.port, "ws-vnc")
         payload = os.urandom(1 << 20)
-        with connect(url(gateway.port, token, "wss"), ssl=client_context(cert), max_size=None,
+        # max_queue=None: the pong comes after the echo's messages, and a client that stops reading
+        # at its default 16 queued messages would never see it.
+        with connect(url(gateway.port, token, "wss"), ssl=client_context(cert), max_size=None, max_queue=None,
                      open_timeout=10, subprotocols=["binary"]) as ws:
             assert receive(ws, len(BANNER)) == BANNER
             ws.send(payload)  # both relay threads share the TLS stream while this is echoed

@@ -23,5 +23,6 @@ def test_vncdotool_sees_seabios_through_xvp(qemu, gateway, tmp_path):
     harness.wait_for(screen_has_text, timeout=60, interval=0.5, message="SeaBIOS text on the console")
     count, size = bright_pixels(shot)
     assert size[0] >= 640 and count > 200
-    ends = [line for line in gateway.audit() if line["event"] == "session-end"]
-    assert ends and ends[-1]["bytes_down"] > 100_000  # a whole framebuffer came through
+    ends = harness.wait_for(lambda: [line for line in gateway.audit() if line["event"] == "session-end"],
+                            message="the session-end line")
+    assert ends[-1]["bytes_down"] > 100_000  # a whole framebuffer came through
