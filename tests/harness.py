@@ -255,7 +255,8 @@ TOKEN_SHAPED = re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])
 class GatewayProcess:
     """`vncgate` in a subprocess on a free port (or bind_port), with its own ini, audit log and stderr file."""
 
-    def __init__(self, folder, name="gw", database="tokens.db", bind_port=0, **settings):
+    def __init__(self, folder, name="gw", database="tokens.db", bind_port=0, wrapper=(), **settings):
+        """wrapper: a command that execs the gateway (e.g. prlimit), so that its pid is the gateway's."""
         self.folder = folder
         self.ini = os.path.join(folder, f"{name}.ini")
         self.audit_path = os.path.join(folder, f"{name}-audit.jsonl")
@@ -265,8 +266,9 @@ class GatewayProcess:
             ini.write("[gateway]\n" + "".join(f"{key} = {value}\n" for key, value in values.items()))
         self.stderr = open(self.stderr_path, "w")
         # DEBUG, so that every gateway of the suite proves no log level ever shows a token (stop()).
-        self.proc = subprocess.Popen([console_script("vncgate"), "-c", self.ini, "--port", str(bind_port),
-                                      "--log-level", "DEBUG"], stdout=subprocess.DEVNULL, stderr=self.stderr, cwd=folder)
+        self.proc = subprocess.Popen([*wrapper, console_script("vncgate"), "-c", self.ini, "--port", str(bind_port),
+                                      "--log-level", "DEBUG"],
+                                     stdout=subprocess.DEVNULL, stderr=self.stderr, cwd=folder)
         line = wait_for(self._listening_line, 15, message="the 'vncgate listening on' line")
         self.port = int(line.rsplit(":", 1)[1])
         self.host = values.get("listen", "127.0.0.1")
@@ -304,6 +306,12 @@ class GatewayProcess:
                         self.read_stderr().rsplit("reloaded ", 1)[1], message="the API keys reloaded")
         assert line.startswith(f"{count} API keys"), line
 
+    def cpu_seconds(self):
+        """User and system CPU time the gateway has used so far."""
+        with open(f"/proc/{self.proc.pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def threads(self):
         return len(os.listdir(f"/proc/{self.proc.pid}/task"))
 
@@ -323,6 +331,10 @@ class GatewayProcess:
                 pass  # closed while we looked
         return sorted(targets)
 
+    def session_fds(self):
+        """The fds that sessions hold (sockets): database files and splice pipes belong to bounded pools."""
+        return [fd for fd in self.fds() if "tokens.db" not in fd and not fd.startswith("pipe:")]
+
     def stop(self, sig=signal.SIGTERM, timeout=10):
         """Stop the gateway; its exit code. Fails if its log or audit lines ever showed a token."""
         if self.proc.poll() is None:
@@ -338,9 +350,11 @@ class GatewayProcess:
                     assert not leaked, f"{path} shows token-shaped words: {leaked[:3]}"
 
 
-def xvp_connect(port, token, timeout=10.0, host="127.0.0.1"):
-    """Open an XVP session; returns (socket, status line, bytes after the head)."""
-    sock = socket.create_connection((host, port), timeout=timeout)
+def xvp_connect(port, token, timeout=10.0, host="127.0.0.1", source=None):
+    """Open an XVP session (from the source address, if given); returns (socket, status line,
+    bytes after the head)."""
+    sock = socket.create_connection((host, port), timeout=timeout,
+                                    source_address=(source, 0) if source else None)
     target = f"/console?token={token}" if token is not None else "/console"
     sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: gateway\r\n\r\n".encode())
     status, rest = read_head(sock)

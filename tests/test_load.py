@@ -8,6 +8,7 @@ import pytest
 
 from tests import harness
 from tests.harness import FakeBackend, GatewayProcess, xvp_connect
+from vncgate import relay
 
 LIVE_SESSIONS = 500
 HANDSHAKES_PER_SECOND = 50
@@ -24,11 +25,11 @@ def enough_file_descriptors():
 
 def test_live_sessions_plus_steady_handshakes(tmp_path):
     backend = FakeBackend(harness.rfb_banner_then_echo)
-    gateway = GatewayProcess(str(tmp_path), touch_interval=1)
+    gateway = GatewayProcess(str(tmp_path), touch_interval=1, max_sessions_per_token=1000)
     try:
         token = gateway.mint("127.0.0.1", backend.port, "xvp-vnc", "--ttl", "3600")
         baseline_threads = gateway.threads()
-        baseline_fds = [fd for fd in gateway.fds() if "tokens.db" not in fd]
+        baseline_fds = gateway.session_fds()
         live = []
         for _ in range(LIVE_SESSIONS):
             sock, status, rest = xvp_connect(gateway.port, token)
@@ -63,8 +64,10 @@ def test_live_sessions_plus_steady_handshakes(tmp_path):
             sock.close()
         harness.wait_for(lambda: gateway.threads() == baseline_threads, timeout=20,
                          message=f"threads back to {baseline_threads}")
-        harness.wait_for(lambda: [fd for fd in gateway.fds() if "tokens.db" not in fd] == baseline_fds,
+        harness.wait_for(lambda: gateway.session_fds() == baseline_fds,
                          timeout=20, message="file descriptors back to where they were")
+        pipes = [fd for fd in gateway.fds() if fd.startswith("pipe:")]
+        assert len(pipes) <= 2 * relay.PIPES.keep
         print(f"\n{handshakes} handshakes, p99 {sorted(latencies)[int(len(latencies) * 0.99)] * 1e3:.1f} ms")
     finally:
         backend.stop()

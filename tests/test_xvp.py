@@ -8,6 +8,7 @@ import pytest
 
 from tests import harness
 from tests.harness import FakeBackend, GatewayProcess, closed_by_peer, xvp_connect
+from vncgate import relay
 
 
 @pytest.fixture
@@ -181,19 +182,19 @@ def test_1000_sequential_sessions_leave_threads_and_fds_as_they_were(gateway, vn
         harness.recv_exactly(sock, 12 - len(rest))
         sock.close()
 
-    def session_fds():  # sockets and pipes; database files belong to the store's bounded pool
-        return [fd for fd in gateway.fds() if "tokens.db" not in fd]
     session()
     harness.wait_for(lambda: gateway.threads() <= 3, message="the warm-up session's threads to end")
-    threads, fds = gateway.threads(), session_fds()
+    threads, fds = gateway.threads(), gateway.session_fds()
     for _ in range(1000):
         session()
     try:
-        harness.wait_for(lambda: gateway.threads() == threads and session_fds() == fds, timeout=15)
+        harness.wait_for(lambda: gateway.threads() == threads and gateway.session_fds() == fds, timeout=15)
     except AssertionError:
-        raise AssertionError(f"threads {threads} -> {gateway.threads()}, fds {fds} -> {session_fds()}") from None
+        raise AssertionError(f"threads {threads} -> {gateway.threads()}, "
+                             f"fds {fds} -> {gateway.session_fds()}") from None
     database_fds = [fd for fd in gateway.fds() if "tokens.db" in fd]
     assert len(database_fds) <= 3 * sqlite._POOL_SIZE  # db, -wal, -shm per pooled connection
+    assert len([fd for fd in gateway.fds() if fd.startswith("pipe:")]) <= 2 * relay.PIPES.keep
     ends = [line for line in gateway.audit() if line["event"] == "session-end"]
     assert len(ends) == 1001
 
@@ -217,8 +218,8 @@ def test_audit_has_one_line_per_attempt_and_never_a_token(gateway, vnc):
 
 
 def test_sigterm_with_live_sessions_exits_0_within_5_seconds(gateway, vnc):
-    token = gateway.mint("127.0.0.1", vnc.port)
-    socks = [xvp_connect(gateway.port, token)[0] for _ in range(20)]
+    tokens = [gateway.mint("127.0.0.1", vnc.port) for _ in range(2)]  # 10 sessions a token by default
+    socks = [xvp_connect(gateway.port, tokens[number % 2])[0] for number in range(20)]
     slow = socket.create_connection(("127.0.0.1", gateway.port))  # mid-handshake
     slow.sendall(b"CONNECT /console")
     started = time.monotonic()

@@ -10,7 +10,7 @@ import select
 import socket
 import time
 
-from vncgate import http
+from vncgate import fds, http
 from vncgate.refusals import Refused
 
 XEN_REPLY_LIMIT = 4096
@@ -27,7 +27,7 @@ def open_backend(details, timeout):
     except socket.timeout:
         raise Refused("backend-timeout", f"no connection to {details.host}:{details.port} in {timeout}s") from None
     except OSError as error:
-        raise Refused("backend-unreachable", str(error)) from None
+        raise Refused("no-free-fds" if fds.is_exhaustion(error) else "backend-unreachable", str(error)) from None
     try:
         leftover = _xen_connect(sock, details.internal_access_path, deadline) if details.internal_access_path else b""
         if not leftover:

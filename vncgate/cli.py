@@ -128,10 +128,10 @@ def token_parser():
     return parser
 
 
-def open_store(config, busy_timeout=5.0, database=None):
+def open_store(config, busy_timeout=5.0, database=None, checkpoint_on_commit=True):
     return store_module.TokenStore(database or config.database, token_ttl=config.token_ttl,
                                    idle_timeout=config.idle_timeout, busy_timeout=busy_timeout,
-                                   key_prefix=config.key_prefix)
+                                   key_prefix=config.key_prefix, checkpoint_on_commit=checkpoint_on_commit)
 
 
 def _shown(database):
@@ -375,7 +375,8 @@ def serve_main(argv=None):
                      if value is not None}
         config = dataclasses.replace(config, **overrides)
         # A handshake waits for a locked database no longer than it may take as a whole.
-        store = open_store(config, busy_timeout=min(5.0, config.handshake_timeout))
+        # Checkpoints are the housekeeper's (sessions.Housekeeper), never a handshake's commit.
+        store = open_store(config, busy_timeout=min(5.0, config.handshake_timeout), checkpoint_on_commit=False)
         try:
             audit = audit_module.Audit.open(config.audit_log)
         except OSError as error:

@@ -95,6 +95,8 @@ SCHEMA = {
     "key": (_text, ""),
     "tls_only": (_bool, False),
     "max_connections": (_positive(int), 1000),
+    "max_pending_per_address": (_positive(int), 50),
+    "max_sessions_per_token": (_positive(int), 10),
     "failed_token_burst": (_positive(int), 10),
     "failed_token_rate": (_positive(float), 1.0),
     "handshake_timeout": (_positive(float), 10.0),
@@ -133,6 +135,8 @@ class Config:
     key: str = ""
     tls_only: bool = False
     max_connections: int = 1000
+    max_pending_per_address: int = 50
+    max_sessions_per_token: int = 10
     failed_token_burst: int = 10
     failed_token_rate: float = 1.0
     handshake_timeout: float = 10.0

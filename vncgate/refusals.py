@@ -37,6 +37,9 @@ REASONS = {
     # capacity and outages
     "max-connections": Answer(503, _BUSY),
     "store-unavailable": Answer(503, _BUSY),
+    "no-free-fds": Answer(503, _BUSY),
+    "too-many-pending": Answer(429, "Too many connections from this address are still opening; try again shortly."),
+    "too-many-sessions": Answer(409, "This console link already has as many open sessions as it may have."),
     # the console's VNC server: TCP, XenServer CONNECT, and the gateway's RFB handshake with it
     "backend-refused": Answer(502, _CONSOLE_DOWN),
     "backend-timeout": Answer(502, _CONSOLE_DOWN),

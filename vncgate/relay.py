@@ -6,10 +6,17 @@ stall on a slow reader without holding up the other. A direction is a Source
 and a Sink, so the websocket path plugs in its framing without the relay
 knowing about it. stop() from any thread wakes both directions by shutting the
 sockets down.
+
+A spliced direction waits for its socket to be readable holding nothing but the
+socket: the kernel pipe it splices through is lent by a small shared pool while
+bytes move and given back once drained, so an idle session holds two file
+descriptors, not six, and the pipes in use are bounded. When every pipe is lent
+(or none can be made), the chunk is copied through user space instead.
 """
 
 import fcntl
 import os
+import select
 import socket
 import ssl
 import threading
@@ -18,8 +25,10 @@ import time
 from vncgate import tls
 
 BUFFER_SIZE = 256 * 1024
+COPY_SIZE = 64 * 1024  # a spliced direction's chunk when no pipe is free
 PIPE_SIZE = 1024 * 1024
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux; named in fcntl from Python 3.10
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 CAN_SPLICE = hasattr(os, "splice")
 
 
@@ -29,6 +38,55 @@ class Ended(OSError):
     def __init__(self, reason, detail=""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+class PipePool:
+    """Splice pipes lent while bytes move. At most `limit` exist at once (2 fds each: the
+    gateway's fd budget counts them); up to `keep` drained ones wait for the next chunk."""
+
+    def __init__(self, limit=64, keep=16, size=PIPE_SIZE):
+        self.limit = limit
+        self.keep = keep
+        self.size = size
+        self._free = []  # (read end, write end, capacity)
+        self._lent = 0
+        self._lock = threading.Lock()
+
+    def take(self):
+        """A drained pipe, or None when all are lent or the process has no fds to make one."""
+        with self._lock:
+            if self._free:
+                self._lent += 1
+                return self._free.pop()
+            if self._lent >= self.limit:
+                return None
+            self._lent += 1
+        try:
+            read_end, write_end = os.pipe()
+        except OSError:
+            self._returned()
+            return None
+        try:
+            fcntl.fcntl(write_end, F_SETPIPE_SZ, self.size)
+        except OSError:
+            pass  # past the user's pipe-page allowance: the default size still works
+        return read_end, write_end, fcntl.fcntl(write_end, F_GETPIPE_SZ)
+
+    def give_back(self, pipe, drained=True):
+        with self._lock:
+            self._lent -= 1
+            if drained and len(self._free) < self.keep:
+                self._free.append(pipe)
+                return
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+    def _returned(self):
+        with self._lock:
+            self._lent -= 1
+
+
+PIPES = PipePool()
 
 
 class SocketSource:
@@ -154,33 +212,49 @@ class CopyDirection(Direction):
 
 
 class SpliceDirection(Direction):
-    """Socket to socket through a kernel pipe with os.splice: the bytes never enter Python."""
+    """Socket to socket through a pooled kernel pipe with os.splice: the bytes never enter
+    Python. Between chunks it waits in poll() holding no pipe."""
 
-    def __init__(self, name, source_sock, sink_sock, initial=b""):
+    def __init__(self, name, source_sock, sink_sock, initial=b"", pipes=PIPES):
         super().__init__(name)
-        self.source_fd = source_sock.fileno()
+        self.source_sock = source_sock
         self.sink_sock = sink_sock
         self.initial = initial
+        self.pipes = pipes
 
     def move(self, relay):
         if self.initial:
             self.sink_sock.sendall(self.initial)
             self.bytes += len(self.initial)
-        pipe_out, pipe_in = os.pipe()
+        readable = select.poll()
+        readable.register(self.source_sock.fileno(), select.POLLIN)
+        while True:
+            readable.poll()
+            pipe = self.pipes.take()
+            count = self._copy() if pipe is None else self._splice(pipe)
+            if not count:
+                return
+            self.bytes += count
+            relay.last_active = time.monotonic()
+
+    def _splice(self, pipe):
+        """One chunk through the pipe: as much as is there, then all of it out."""
+        read_end, write_end, capacity = pipe
+        drained = False
         try:
-            fcntl.fcntl(pipe_in, F_SETPIPE_SZ, PIPE_SIZE)
-            splice, source, sink = os.splice, self.source_fd, self.sink_sock.fileno()
-            while True:
-                count = splice(source, pipe_in, PIPE_SIZE, flags=os.SPLICE_F_MOVE)
-                if not count:
-                    return
-                self.bytes += count
-                relay.last_active = time.monotonic()
-                while count:
-                    count -= splice(pipe_out, sink, count, flags=os.SPLICE_F_MOVE)
+            count = left = os.splice(self.source_sock.fileno(), write_end, capacity, flags=os.SPLICE_F_MOVE)
+            sink = self.sink_sock.fileno()
+            while left:
+                left -= os.splice(read_end, sink, left, flags=os.SPLICE_F_MOVE)
+            drained = True
+            return count
         finally:
-            os.close(pipe_out)
-            os.close(pipe_in)
+            self.pipes.give_back(pipe, drained)  # a pipe with bytes left in it is closed, not reused
+
+    def _copy(self):
+        data = self.source_sock.recv(COPY_SIZE)
+        self.sink_sock.sendall(data)
+        return len(data)
 
     def close_write(self):
         self.sink_sock.shutdown(socket.SHUT_WR)
@@ -237,7 +311,7 @@ class Relay:
         for sock in self.sockets:
             sock.settimeout(None)
             tune(sock)
-        helper = threading.Thread(target=self.downstream.pump, args=(self,), name="relay-down")
+        helper = threading.Thread(target=self.downstream.pump, args=(self,), name="relay-down", daemon=True)
         helper.start()
         self.upstream.pump(self)
         helper.join()
@@ -246,15 +320,16 @@ class Relay:
         return self.end_reason
 
     def ended(self, direction):
-        with self._lock:
-            if self.end_reason is None:
-                self.end_reason = f"{direction.name}-closed"
+        self.ended_by(f"{direction.name}-closed")
 
-    def stop(self, reason):
-        """End the relay from any thread: both blocked reads return at once."""
+    def ended_by(self, reason):
         with self._lock:
             if self.end_reason is None:
                 self.end_reason = reason
+
+    def stop(self, reason):
+        """End the relay from any thread: both blocked reads return at once."""
+        self.ended_by(reason)
         for sock in self.sockets:
             tls.wake(sock)
 

@@ -5,15 +5,23 @@ path, a GET with Upgrade: websocket to the websocket path, any other GET or HEAD
 to the web side; anything else is answered with an HTTP error. A connection beyond
 max_connections is refused at once, and every connection is tracked so that
 stop() can end handshakes and sessions alike within moments.
+
+Fair shares: max_connections is lowered at start to what the fd limit holds, one
+client address may have at most max_pending_per_address connections that are not
+relaying yet (an address's idle sockets cannot take every slot), and an accept that
+fails for want of fds or memory answers 503 or backs off instead of spinning.
 """
 
+import collections
+import dataclasses
+import gc
 import logging
 import socket
 import socketserver
 import threading
 import time
 
-from vncgate import api, http, sessions, throttle, tls, web, websocket, xvp
+from vncgate import api, fds, http, relay, sessions, throttle, tls, web, websocket, xvp
 from vncgate.refusals import Refused
 
 log = logging.getLogger("vncgate.server")
@@ -95,8 +103,13 @@ def _asks_for_websocket(request):
 
 class Gateway(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
-    daemon_threads = False  # stop() ends every connection; server_close() joins their threads
-    block_on_close = True
+    # Daemon threads, waited for by stop() through the connection registry: CPython scans every
+    # live non-daemon thread each time one starts (and socketserver its list of them), which
+    # cost a handshake ~20 ms with 9,500 sessions open.
+    daemon_threads = True
+    block_on_close = False
+    stop_wait = 30.0  # seconds stop() waits for the connections it ended to finish
+    pause = staticmethod(time.sleep)  # the accept back-off's (tests record it instead)
     request_queue_size = 512
 
     def __init__(self, config, store, audit):
@@ -107,43 +120,110 @@ class Gateway(socketserver.ThreadingTCPServer):
             store, audit, backend_timeout=config.handshake_timeout,
             throttle=throttle.FailureThrottle(config.failed_token_burst, config.failed_token_rate),
             heartbeat=config.touch_interval, settings=config,
-            backend_tls=tls.backend_context(config.backend_ca, config.backend_cert, config.backend_key))
+            backend_tls=tls.backend_context(config.backend_ca, config.backend_cert, config.backend_key),
+            on_relaying=self._handshake_over)
         self.housekeeper = sessions.Housekeeper(self.sessions, config.touch_interval,
                                                 config.housekeeping_interval)
         self.tls_context = tls.server_context(config.cert, config.key) if config.cert else None
         self.api = api.ControlPlane(self) if config.api_keys_file else None
         self._connections = {}  # accepted socket -> what it is now (itself, or its TLS wrapper)
+        self._pending = collections.Counter()  # client address -> its connections not relaying yet
+        self._handshaking = {}  # accepted socket -> client address, until it relays
+        self._handshake = threading.local()  # .request: this handler thread's, until it relays
         self._lock = threading.Lock()
+        self._all_ended = threading.Condition(self._lock)
+        self._spare = fds.Spare()
+        self._accept_failing = False
+        self._accept_backoff = 0.0
         self.address_family = socket.AF_INET6 if ":" in config.listen else socket.AF_INET
         super().__init__((config.listen, config.port), ConnectionHandler)
+        # Once started for sure (a bad certificate or a busy port is one error line, nothing else).
+        self.config = fit_to_fd_limit(config)
 
-    def serve_forever(self, poll_interval=0.5):
+    def serve_forever(self, poll_interval=0.1):
         self.housekeeper.start()
         super().serve_forever(poll_interval)
 
-    def process_request(self, request, client_address):
-        with self._lock:
-            admitted = len(self._connections) < self.config.max_connections
-            if admitted:
-                self._connections[request] = request
-        if not admitted:
-            refusal = Refused("max-connections")
-            self.audit.record("attempt", client=f"{client_address[0]}:{client_address[1]}", path="-",
-                              result="rejected", **refusal.audit_fields())
+    def get_request(self):
+        try:
+            request = super().get_request()
+        except OSError as error:
+            if error.errno in fds.ACCEPT_SHORTAGES:
+                self._accept_failed(error)
+            raise  # serve_forever's loop skips this round
+        if self._accept_failing:
+            log.info("accepting connections again")
+            self._accept_failing, self._accept_backoff = False, 0.0
+        return request
+
+    def _accept_failed(self, error):
+        """Out of fds or buffers: answer the waiting client 503 through the spare fd, else back
+        off (never spin on a listening socket that stays readable)."""
+        if not self._accept_failing:
+            log.warning("cannot accept connections: %s; answering 503 and backing off until it clears",
+                        error.strerror)
+            self._accept_failing = True
+        if error.errno in fds.EXHAUSTION and self._spare.release():
             try:
-                request.sendall(http.error_response(refusal.status, refusal.sentence))
+                request, client_address = self.socket.accept()
             except OSError:
                 pass
-            self.shutdown_request(request)
+            else:
+                self._reject(request, client_address, Refused("no-free-fds", error.strerror))
+                return
+            finally:
+                self._spare.restore()
+        self._accept_backoff = min(0.5, max(0.01, 2 * self._accept_backoff))
+        self.pause(self._accept_backoff)  # short enough for shutdown() to stay prompt
+
+    def process_request(self, request, client_address):
+        address = client_address[0]
+        with self._lock:
+            if len(self._connections) >= self.config.max_connections:
+                refusal = Refused("max-connections")
+            elif self._pending[address] >= self.config.max_pending_per_address:
+                refusal = Refused("too-many-pending", f"{self._pending[address]} connections in handshake")
+            else:
+                refusal = None
+                self._connections[request] = request
+                self._pending[address] += 1
+                self._handshaking[request] = address
+        if refusal is not None:
+            self._reject(request, client_address, refusal)
             return
         super().process_request(request, client_address)
 
+    def _reject(self, request, client_address, refusal):
+        """Refused before any thread is started for it: one audit line, the answer, closed."""
+        self.audit.record("attempt", client=f"{client_address[0]}:{client_address[1]}", path="-",
+                          result="rejected", **refusal.audit_fields())
+        try:
+            request.sendall(http.error_response(refusal.status, refusal.sentence))
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
     def process_request_thread(self, request, client_address):
+        self._handshake.request = request
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self._handshake_over()
             with self._lock:
                 self._connections.pop(request, None)
+                if not self._connections:
+                    self._all_ended.notify_all()
+
+    def _handshake_over(self):
+        """This handler thread's connection relays now (or ended): its address has one fewer pending."""
+        request, self._handshake.request = getattr(self._handshake, "request", None), None
+        if request is None:
+            return
+        with self._lock:
+            address = self._handshaking.pop(request)
+            self._pending[address] -= 1
+            if not self._pending[address]:
+                del self._pending[address]
 
     def track(self, plain, wrapped):
         """Follow a connection into its TLS wrapper, so that stop() can still wake it."""
@@ -175,13 +255,35 @@ class Gateway(socketserver.ThreadingTCPServer):
             return len(self._connections)
 
     def stop(self):
-        """Stop accepting, end every session and handshake, join every thread."""
+        """Stop accepting, end every session and handshake, wait for their threads."""
         self.shutdown()
-        self.sessions.stop_all("shutdown")
-        with self._lock:
-            pending = list(self._connections.values())
-        for conn in pending:
-            tls.wake(conn)
-        if self.housekeeper.is_alive():
-            self.housekeeper.stop()
+        # Thousands of threads end: no full garbage collection (60 ms each with 9,500
+        # sessions) meanwhile.
+        gc.disable()
+        try:
+            self.sessions.stop_all("shutdown")
+            with self._lock:  # the sessions' connections are woken by stop_all: these are the others
+                pending = [self._connections[request] for request in self._handshaking]
+            for conn in pending:
+                tls.wake(conn)
+            with self._lock:
+                if not self._all_ended.wait_for(lambda: not self._connections, self.stop_wait):
+                    log.warning("%d connections still open after %.0f s", len(self._connections), self.stop_wait)
+        finally:
+            gc.enable()
         self.server_close()
+        if self.housekeeper.is_alive():
+            self.housekeeper.stop()  # after every session ended: it writes their end to the store
+        self._spare.close()
+
+
+def fit_to_fd_limit(config):
+    """The config with max_connections no larger than the fd limit holds; says so in one line."""
+    room, fd_limit, reserved = fds.connections_allowed(2 * relay.PIPES.limit)
+    fit = (f"fd limit {fd_limit} holds {room} connections ({fds.PER_CONNECTION} fds each, {reserved} "
+           f"reserved for splice pipes, the store and files)")
+    if config.max_connections > room:
+        log.warning("%s: max_connections lowered from %d to %d", fit, config.max_connections, room)
+        return dataclasses.replace(config, max_connections=room)
+    log.info("%s: max_connections = %d", fit, config.max_connections)
+    return config

@@ -4,8 +4,14 @@ The client paths (xvp, websocket) only speak their protocol; this module turns a
 token into a backend connection, runs the relay as a registered session, and
 writes the audit lines. The housekeeper thread keeps live tokens from going idle,
 ends sessions whose token was revoked and deletes garbage.
+
+A handshake never writes the shared session list itself: a session's start and end
+are queued and the housekeeper writes them moments later, so a slow store write
+(or a checkpoint it triggers) never delays a client, and a session that ends
+before it was written costs no write at all.
 """
 
+import collections
 import logging
 import os
 import secrets
@@ -13,10 +19,12 @@ import socket
 import threading
 import time
 
-from vncgate import backends, policy as policy_module, refusals, rfb, store as store_module, tls
+from vncgate import backends, fds, policy as policy_module, refusals, rfb, store as store_module, tls
 from vncgate.refusals import Refused
 
 log = logging.getLogger("vncgate.sessions")
+
+CHECKPOINT_INTERVAL = 1.0  # seconds between the housekeeper's checkpoints, at most
 
 
 class Session:
@@ -79,9 +87,11 @@ class Session:
 
 
 class SessionManager:
-    def __init__(self, store, audit, backend_timeout, throttle, heartbeat, settings, backend_tls=None):
-        """settings: the policy keys of the config (resume_grace, paste_max_chars, input_idle_timeout);
-        backend_tls: the ssl context for consoles that speak VeNCrypt (tls.backend_context)."""
+    def __init__(self, store, audit, backend_timeout, throttle, heartbeat, settings, backend_tls=None,
+                 on_relaying=lambda: None):
+        """settings: the policy keys of the config (resume_grace, paste_max_chars, input_idle_timeout)
+        and max_sessions_per_token; backend_tls: the ssl context for consoles that speak VeNCrypt
+        (tls.backend_context); on_relaying: called in a session's thread as its relay starts."""
         self.store = store
         self.settings = settings
         self.audit = audit
@@ -89,10 +99,16 @@ class SessionManager:
         self.throttle = throttle
         self.heartbeat_interval = heartbeat
         self.backend_tls = backend_tls
+        self.on_relaying = on_relaying
         self.gateway_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         self._live = {}
+        self._per_token = collections.Counter()  # token hash -> sessions open or opening
+        self._to_record = {}  # session id -> Session, not in the shared list yet
+        self._to_remove = set()  # session ids to take out of it
+        self.store_work = threading.Event()  # set when there is something to write
         self._lock = threading.Lock()
         self._store_down = False
+        self._next_checkpoint = 0.0
 
     def open(self, token, console_type, path, client, conn=None, resume_cookie=None):
         """Validate the token and reach its backend; returns a Session or raises Refused.
@@ -107,6 +123,23 @@ class SessionManager:
         fields["token_id"] = store_module.hash_token(token)[:8]
         details = self._validate(token, console_type, address, fields)
         fields["instance_id"] = details.instance_id
+        self._take_token_share(details.token_hash, fields)
+        try:
+            session = self._reach(details, client, path, conn, address, resume_cookie, fields)
+        except Refused:
+            self._give_back_token_share(details.token_hash)
+            raise
+        with self._lock:
+            self._live[session.id] = session
+            self._to_record[session.id] = session
+        self.store_work.set()
+        if not isinstance(session.security, rfb.RfbError):
+            self.audit.record("attempt", **session.audit_fields(), result="accepted", status=200,
+                              **({"single_use": session.use} if session.use else {}))
+        return session
+
+    def _reach(self, details, client, path, conn, address, resume_cookie, fields):
+        """The session with its backend connected (and secured, and a single use taken), or Refused."""
         try:
             backend, leftover = backends.open_backend(details, self.backend_timeout)
         except Refused as error:
@@ -122,13 +155,6 @@ class SessionManager:
         if session.policy.single_use and not isinstance(session.security, rfb.RfbError):
             session.use = self._consume(session, address, resume_cookie, fields)
             session.resume_cookie = resume_cookie
-        with self._lock:
-            self._live[session.id] = session
-        self._shared(self.store.record_session, session.id, self.gateway_id, details.token_hash,
-                     details.instance_id, console_type, client, self.heartbeat_interval)
-        if not isinstance(session.security, rfb.RfbError):
-            self.audit.record("attempt", **session.audit_fields(), result="accepted", status=200,
-                              **({"single_use": session.use} if session.use else {}))
         return session
 
     def _consume(self, session, address, resume_cookie, fields):
@@ -145,6 +171,18 @@ class SessionManager:
     def _release(self, session):
         if session.use:
             self._shared(self.store.release, session.details.token_hash)
+
+    def _take_token_share(self, token_hash, fields):
+        with self._lock:
+            if self._per_token[token_hash] >= self.settings.max_sessions_per_token:
+                raise Refused("too-many-sessions", f"{self._per_token[token_hash]} sessions open", **fields)
+            self._per_token[token_hash] += 1
+
+    def _give_back_token_share(self, token_hash):
+        with self._lock:
+            self._per_token[token_hash] -= 1
+            if not self._per_token[token_hash]:
+                del self._per_token[token_hash]
 
     def _authenticate_backend(self, session, fields):
         """The gateway's RFB security handshake with the backend: VeNCrypt for a backend_tls
@@ -189,11 +227,11 @@ class SessionManager:
 
     @staticmethod
     def _shared(call, *args):
-        """Keep the shared session list; an outage must not end or refuse sessions over it."""
+        """A store write after a session ended: an outage must not fail the session's end over it."""
         try:
             return call(*args)
         except store_module.StoreError as error:
-            log.warning("live-session list not updated: %s", error)
+            log.warning("single-use state not released: %s", error)
             return None
 
     def _validate(self, token, console_type, address, fields):
@@ -203,6 +241,8 @@ class SessionManager:
             self.throttle.failed(address)
             raise Refused(rejected.reason, **fields) from None
         except store_module.StoreError as error:
+            if fds.exhausted():  # the store could not open a file: not its outage
+                raise Refused("no-free-fds", str(error), **fields) from None
             if not self._store_down:  # one line per outage, not one per handshake
                 log.error("token store unavailable, answering 503: %s", error)
                 self._store_down = True
@@ -215,6 +255,7 @@ class SessionManager:
     def run(self, session, relay):
         """Relay the session to its end, then unregister and audit it."""
         session.start(relay)
+        self.on_relaying()
         if session.enforcement:
             session.enforcement.start()
         try:
@@ -222,9 +263,7 @@ class SessionManager:
         finally:
             if session.enforcement:
                 session.enforcement.cancel()
-            with self._lock:
-                self._live.pop(session.id, None)
-            self._shared(self.store.remove_session, session.id)
+            self._forget(session)
             self._release(session)
         violation = session.enforcement.violation if session.enforcement else None
         self.audit.record("session-end", **session.audit_fields(), reason=reason,
@@ -234,11 +273,45 @@ class SessionManager:
 
     def discard(self, session):
         """A session whose client went away before the relay started."""
-        with self._lock:
-            self._live.pop(session.id, None)
-        self._shared(self.store.remove_session, session.id)
+        self._forget(session)
         self._release(session)
         session.backend.close()
+
+    def _forget(self, session):
+        with self._lock:
+            if self._live.pop(session.id, None) is None:
+                return
+            if self._to_record.pop(session.id, None) is None:  # written already: remove its row
+                self._to_remove.add(session.id)
+        self._give_back_token_share(session.details.token_hash)
+        self.store_work.set()
+
+    def write_session_list(self):
+        """Write the sessions that started and ended since the last call to the shared list, then
+        let the store fold its log (at most once a CHECKPOINT_INTERVAL), off the handshakes' path."""
+        with self._lock:
+            self.store_work.clear()
+            records, self._to_record = list(self._to_record.values()), {}
+            removals, self._to_remove = sorted(self._to_remove), set()
+        recorded = removed = 0
+        try:
+            for session in records:
+                details = session.details
+                self.store.record_session(session.id, self.gateway_id, details.token_hash, details.instance_id,
+                                          details.console_type, session.client, self.heartbeat_interval)
+                recorded += 1
+            for session_id in removals:
+                self.store.remove_session(session_id)
+                removed += 1
+            if time.monotonic() >= self._next_checkpoint:
+                self._next_checkpoint = time.monotonic() + CHECKPOINT_INTERVAL
+                self.store.checkpoint()
+        except store_module.StoreError:
+            with self._lock:  # written on the next round; one that ended meanwhile has no row to write
+                self._to_record.update((session.id, session) for session in records[recorded:]
+                                       if session.id in self._live)
+                self._to_remove.update(removals[removed:])
+            raise
 
     def live(self):
         with self._lock:
@@ -251,6 +324,7 @@ class SessionManager:
     def heartbeat(self):
         """Touch the tokens in use and report the sessions' bytes; end the sessions whose
         token is gone (revoked) or that someone asked to kill."""
+        self.write_session_list()
         sessions = self.live()
         existing = self.store.touch_hashes(sorted({session.details.token_hash for session in sessions}))
         to_kill = self.store.update_sessions({session.id: session.byte_counts() for session in sessions})
@@ -289,8 +363,9 @@ class Listener(threading.Thread):
 
 
 class Housekeeper(threading.Thread):
-    """Every touch_interval: the sessions' heartbeat; every housekeeping_interval: purge garbage
-    tokens and the session rows of gateways that died. Owns the Listener, when the store pushes."""
+    """As sessions start and end: write them to the shared list; every touch_interval: the
+    sessions' heartbeat; every housekeeping_interval: purge garbage tokens and the session rows
+    of gateways that died. Owns the Listener, when the store pushes."""
 
     def __init__(self, manager, touch_interval, housekeeping_interval):
         super().__init__(name="housekeeper")
@@ -311,13 +386,19 @@ class Housekeeper(threading.Thread):
                 self.listener.join()
 
     def _loop(self):
-        next_purge = time.monotonic()
+        next_beat = next_purge = time.monotonic()
         while not self._stopping.is_set():
-            self._guarded(self.manager.heartbeat)
+            if time.monotonic() >= next_beat:
+                self._guarded(self.manager.heartbeat)
+                next_beat = time.monotonic() + self.touch_interval
+            else:
+                self._guarded(self.manager.write_session_list)
             if time.monotonic() >= next_purge:
                 self._guarded(self._purge)
                 next_purge = time.monotonic() + self.housekeeping_interval
-            self._stopping.wait(min(self.touch_interval, max(0.0, next_purge - time.monotonic())))
+            # Woken early by a session starting or ending (or by stop()), to write it down.
+            self.manager.store_work.wait(max(0.0, min(next_beat, next_purge) - time.monotonic()))
+        self._guarded(self.manager.write_session_list)  # the sessions that ended at shutdown
 
     def _purge(self):
         deleted = self.manager.store.purge()
@@ -343,4 +424,5 @@ class Housekeeper(threading.Thread):
 
     def stop(self):
         self._stopping.set()
+        self.manager.store_work.set()
         self.join()

@@ -20,11 +20,12 @@ __all__ = ["CONSOLE_TYPES", "STATES", "TOKEN_BYTES", "WEBSOCKET", "XVP", "Connec
 
 
 def TokenStore(database, token_ttl=300.0, idle_timeout=600.0, clock=time.time, busy_timeout=5.0,  # noqa: N802
-               key_prefix=DEFAULT_PREFIX):
+               key_prefix=DEFAULT_PREFIX, checkpoint_on_commit=True):
     """Open the store `database` names: a Redis URL, else an SQLite file path.
-    busy_timeout bounds how long one call waits for the store."""
+    busy_timeout bounds how long one call waits for the store; checkpoint_on_commit=False
+    leaves SQLite's checkpoints to whoever calls checkpoint()."""
     if is_redis_url(database):
         return RedisStore(RedisTarget.parse(database), token_ttl=token_ttl, idle_timeout=idle_timeout,
                           clock=clock, busy_timeout=busy_timeout, key_prefix=key_prefix)
     return SqliteStore(database, token_ttl=token_ttl, idle_timeout=idle_timeout, clock=clock,
-                       busy_timeout=busy_timeout)
+                       busy_timeout=busy_timeout, checkpoint_on_commit=checkpoint_on_commit)

@@ -214,6 +214,10 @@ class Store:
                 raise TokenRejected("sealed-password-unreadable") from None
         return dataclasses.replace(details, updated_at=now, backend_password=password)
 
+    def checkpoint(self):
+        """Fold a write-ahead log into the store, off the handshakes' path (the housekeeper calls
+        it); nothing to do for an engine without one."""
+
     def copy_tokens_to(self, other):
         """Copy every token that is not garbage, hashes and sealed secrets as they are, into
         another store (migrate); returns (copied, garbage skipped)."""

@@ -87,9 +87,13 @@ _SESSION_COLUMNS = ", ".join(field.name for field in dataclasses.fields(LiveSess
 class SqliteStore(Store):
     """Thread-safe; several processes may share the file (WAL, busy timeout)."""
 
-    def __init__(self, path, token_ttl=300.0, idle_timeout=600.0, clock=time.time, busy_timeout=5.0):
+    def __init__(self, path, token_ttl=300.0, idle_timeout=600.0, clock=time.time, busy_timeout=5.0,
+                 checkpoint_on_commit=True):
+        """checkpoint_on_commit=False: commits never fold the WAL into the file (SQLite's
+        autocheckpoint, up to tens of ms at random commits); the owner calls checkpoint()."""
         super().__init__(token_ttl, idle_timeout, clock)
         self.path = path
+        self.checkpoint_on_commit = checkpoint_on_commit
         self.busy_timeout = busy_timeout
         self._pool = queue.LifoQueue(maxsize=_POOL_SIZE)
         self._generation = 0  # bumped when the file is replaced; older connections are dropped
@@ -116,6 +120,8 @@ class SqliteStore(Store):
                                  check_same_thread=False)
             db.execute("PRAGMA synchronous=NORMAL")
             db.create_function("stale_after", 1, stale_after, deterministic=True)
+            if not self.checkpoint_on_commit:
+                db.execute("PRAGMA wal_autocheckpoint=0")
             return db
         except sqlite3.Error as error:
             if db is not None:
@@ -372,6 +378,11 @@ class SqliteStore(Store):
         with self._db() as db:
             return db.execute("DELETE FROM live_sessions WHERE ? - updated_at > stale_after(heartbeat)",
                               (now,)).rowcount
+
+    def checkpoint(self):
+        """Fold the write-ahead log into the database file, without waiting for readers or writers."""
+        with self._db() as db:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def ping(self):
         with self._db() as db:

@@ -1,0 +1,74 @@
+"""The process's file descriptors: how many sessions they hold, and what to do when they run out.
+
+A session holds two sockets (client and backend); the splice pipes are a bounded
+pool (relay.PIPES) and the rest (store connections, audit log, files the web side
+sends) fits in a fixed reserve. From the fd limit the gateway works out how many
+connections it can hold and never admits more, so fds normally never run out. When
+they do anyway (another process shares ENFILE, the limit was lowered at runtime),
+a spare descriptor kept open for the purpose lets the gateway accept the waiting
+client and answer it 503 instead of leaving it in the backlog.
+"""
+
+import errno
+import os
+import resource
+
+PER_CONNECTION = 2  # the client's socket and the backend's
+RESERVED = 96  # store connections (16 pooled SQLite connections x 3 files), audit, web files, TLS
+EXHAUSTION = (errno.EMFILE, errno.ENFILE)
+ACCEPT_SHORTAGES = EXHAUSTION + (errno.ENOBUFS, errno.ENOMEM)
+
+
+def limit():
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 1 << 20 if soft == resource.RLIM_INFINITY else soft
+
+
+def open_count():
+    return len(os.listdir("/proc/self/fd")) - 1  # less the one listdir held
+
+
+def connections_allowed(pipe_fds):
+    """(connections the fd limit holds, the limit, fds set aside for everything else)."""
+    fd_limit = limit()
+    reserved = open_count() + pipe_fds + RESERVED
+    return max(1, (fd_limit - reserved) // PER_CONNECTION), fd_limit, reserved
+
+
+def is_exhaustion(error):
+    return isinstance(error, OSError) and error.errno in EXHAUSTION
+
+
+def exhausted():
+    """True when the process cannot open one more descriptor (probed only on an error path)."""
+    try:
+        os.close(os.open(os.devnull, os.O_RDONLY))
+        return False
+    except OSError as error:
+        return is_exhaustion(error)
+
+
+class Spare:
+    """One descriptor held back, to be given up for a moment when every other one is taken."""
+
+    def __init__(self):
+        self._fd = None
+        self.restore()
+
+    def release(self):
+        """Close the spare; False when there was none to close."""
+        if self._fd is None:
+            return False
+        os.close(self._fd)
+        self._fd = None
+        return True
+
+    def restore(self):
+        if self._fd is None:
+            try:
+                self._fd = os.open(os.devnull, os.O_RDONLY)
+            except OSError:
+                pass  # still short: the next release() finds none and the caller backs off
+
+    def close(self):
+        self.release()
