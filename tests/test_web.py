@@ -3,6 +3,8 @@
 import email.utils
 import http.client
 import os
+import socket
+import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -202,5 +204,37 @@ def test_healthz_is_503_and_metrics_say_so_when_the_store_does_not_answer(tmp_pa
         families = metrics(gateway.port)
         assert value(families, "vncgate_store_up") == 0
         assert "vncgate_tokens" not in families
+    finally:
+        assert gateway.stop() == 0
+
+
+def test_a_slow_reader_of_a_file_is_cut_at_the_reply_deadline(tmp_path):
+    """Each send has a timeout, and so does the whole reply: a client that reads 1 KiB every
+    0.2 s is cut at handshake_timeout, not served for as long as it keeps reading."""
+    root = tmp_path / "web"
+    root.mkdir()
+    (root / "big.js").write_bytes(bytes(8 << 20))
+    gateway = GatewayProcess(str(tmp_path), web_root="web", handshake_timeout=2)
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", gateway.port))
+        sock.sendall(b"GET /big.js HTTP/1.1\r\nHost: x\r\n\r\n")
+        started, received = time.monotonic(), 0
+        sock.settimeout(5)
+        while time.monotonic() - started < 15:
+            try:
+                chunk = sock.recv(1024)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            received += len(chunk)
+            time.sleep(0.2)
+        elapsed = time.monotonic() - started
+        sock.close()
+        assert elapsed < 8, f"still served after {elapsed:.1f} s"
+        assert 0 < received < 8 << 20
+        assert fetch(gateway.port, "/healthz")[0] == 200
     finally:
         assert gateway.stop() == 0

@@ -14,6 +14,7 @@ import mimetypes
 import os
 import socket
 import stat
+import struct
 import time
 import urllib.parse
 
@@ -60,10 +61,16 @@ def _send_by(conn, deadline, data):
     view = memoryview(data)
     while view:
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise socket.timeout("the reply was not taken in time")
-        conn.settimeout(remaining)
-        view = view[conn.send(view):]
+        try:
+            if remaining <= 0:
+                raise socket.timeout("the reply was not taken in time")
+            conn.settimeout(remaining)
+            view = view[conn.send(view):]
+        except socket.timeout:
+            # Cut, not closed: a graceful close would let the kernel go on delivering what
+            # its buffers hold to this slow reader. Linger 0 makes the close a reset.
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            raise
 
 
 # -- files ------------------------------------------------------------------------------
