@@ -43,7 +43,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TOKEN_ID = re.compile(r"[0-9a-f]{8,64}")
 _SESSION_ID = re.compile(r"[0-9a-f]{1,64}")
 # The path a console type arrives on (live session rows keep the type).
-_PATH_OF_TYPE = {store_module.XVP: "xvp", store_module.WEBSOCKET: "websocket"}
+_PATH_OF_TYPE = {store_module.XVP: "xvp", store_module.WEBSOCKET: "websocket", store_module.SERIAL: "serial"}
 
 
 def iso(timestamp):
@@ -122,7 +122,8 @@ def remove_key(path, name):
 def mint(config, store, console_type, host, port, instance=None, internal_path="", ttl=None, password=None,
          policy="", backend_tls=False):
     """A new token for one console; returns (token, details, access URL). policy: Policy.to_json()."""
-    base = f"{config.base_url}/console" if console_type == store_module.XVP else f"{config.base_url}/vnc.html"
+    base = {store_module.XVP: f"{config.base_url}/console",
+            store_module.SERIAL: f"{config.base_url}/serial.html"}.get(console_type, f"{config.base_url}/vnc.html")
     token = store.add_connection_details(instance or f"{host}:{port}", console_type, host, port,
                                          internal_access_path=internal_path, access_url=base, ttl=ttl,
                                          backend_password=password, policy=policy, backend_tls=backend_tls)

@@ -20,14 +20,7 @@ def open_backend(details, timeout):
     """Connect to the console of details; returns (socket, bytes already read from it).
     Raises Refused with a backend-… reason."""
     deadline = time.monotonic() + timeout
-    try:
-        sock = socket.create_connection((details.host, details.port), timeout=timeout)
-    except ConnectionRefusedError as error:
-        raise Refused("backend-refused", str(error)) from None
-    except socket.timeout:
-        raise Refused("backend-timeout", f"no connection to {details.host}:{details.port} in {timeout}s") from None
-    except OSError as error:
-        raise Refused("no-free-fds" if fds.is_exhaustion(error) else "backend-unreachable", str(error)) from None
+    sock = connect(details.host, details.port, timeout)
     try:
         leftover = _xen_connect(sock, details.internal_access_path, deadline) if details.internal_access_path else b""
         if not leftover:
@@ -36,6 +29,18 @@ def open_backend(details, timeout):
     except BaseException:
         sock.close()
         raise
+
+
+def connect(host, port, timeout):
+    """A TCP connection to host:port; Refused with a backend-… reason when there is none."""
+    try:
+        return socket.create_connection((host, port), timeout=timeout)
+    except ConnectionRefusedError as error:
+        raise Refused("backend-refused", str(error)) from None
+    except socket.timeout:
+        raise Refused("backend-timeout", f"no connection to {host}:{port} in {timeout}s") from None
+    except OSError as error:
+        raise Refused("no-free-fds" if fds.is_exhaustion(error) else "backend-unreachable", str(error)) from None
 
 
 def _xen_connect(sock, path, deadline):

@@ -1,5 +1,5 @@
 """The console scripts: vncgate (serve) and vncgate-token (mint, list, revoke, touch, purge,
-sessions, kill, migrate)."""
+sessions, kill, migrate, follow, unfollow, log)."""
 
 import argparse
 import dataclasses
@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 
-from vncgate import api, libvirt, logs
+from vncgate import api, consoles, libvirt, logs
 from vncgate import config as config_module
 from vncgate import policy as policy_module
 from vncgate import store as store_module
@@ -56,6 +56,15 @@ def _seconds(text):
     return value
 
 
+def _instance_id(text):
+    if not text or len(text) > MAX_INSTANCE_ID:
+        raise argparse.ArgumentTypeError(f"an instance id is 1 to {MAX_INSTANCE_ID} characters")
+    return text
+
+
+MAX_INSTANCE_ID = 128  # it names the console log's file
+
+
 def token_parser():
     parser = _Parser(prog="vncgate-token", description="Mint, list, touch and revoke console tokens.")
     parser.add_argument("-c", "--config", metavar="FILE", help="config file (default: $VNCGATE_CONFIG, "
@@ -64,13 +73,13 @@ def token_parser():
     commands.required = True
 
     add = commands.add_parser("add", help="mint a token and print its access URL")
-    add.add_argument("--host", help="VNC server address on the management network")
+    add.add_argument("--host", help="VNC server (or serial endpoint) address on the management network")
     add.add_argument("--port", type=_port_in(1), help="VNC server port")
     add.add_argument("--domain", metavar="NAME", help="a running libvirt domain: its VNC address, port and "
                      "password are read from libvirt (instead of --host/--port/--password-file)")
     add.add_argument("--libvirt", metavar="URI", help=f"libvirt URI for --domain (default: {libvirt.DEFAULT_URI})")
     add.add_argument("--type", dest="console_type", default=store_module.WEBSOCKET,
-                     choices=store_module.CONSOLE_TYPES, help="console type (default: ws-vnc)")
+                     choices=store_module.CONSOLE_TYPES, help="console type (default: ws-vnc; serial: a TCP serial port)")
     add.add_argument("--instance", help='instance id (default: "HOST:PORT")')
     add.add_argument("--internal-path", default="", help="XenServer internal_access_path for a CONNECT")
     add.add_argument("--ttl", type=_seconds, help="seconds until the token expires (default: token_ttl)")
@@ -115,6 +124,19 @@ def token_parser():
     kill = commands.add_parser("kill", help="end live sessions (at once with Redis, else within touch_interval)")
     kill.add_argument("session_ids", nargs="*", metavar="SESSION")
     kill.add_argument("--instance")
+
+    follow = commands.add_parser("follow", help="keep the gateways attached to a serial console, logging it")
+    follow.add_argument("--instance", required=True, type=_instance_id)
+    follow.add_argument("--host", required=True, help="serial endpoint address (e.g. qemu -serial tcp:…,server=on)")
+    follow.add_argument("--port", required=True, type=_port_in(1), help="serial endpoint port")
+
+    unfollow = commands.add_parser("unfollow", help="stop following a serial console (its log stays)")
+    unfollow.add_argument("--instance", required=True)
+
+    console_log = commands.add_parser("log", help="print a followed serial console's log")
+    console_log.add_argument("--instance", required=True)
+    console_log.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
+    console_log.add_argument("--follow", action="store_true", help="then print new output as it comes, until ^C")
 
     migrate = commands.add_parser("migrate", help="copy every token that is not garbage to another store")
     migrate.add_argument("--to", required=True, metavar="DATABASE",
@@ -167,6 +189,8 @@ def cmd_add(args, config, store, out):
         raise UsageError("add takes --host H --port P, or --domain NAME")
     policy = policy_module.Policy(view_only=args.view_only, single_use=args.single_use,
                                   paste_as_keys=args.paste_as_keys, input_idle=args.input_idle or 0.0)
+    if args.console_type == store_module.SERIAL and policy.to_json():
+        raise UsageError("console policies read RFB: they do not apply to --type serial")
     token, details, url = api.mint(config, store, args.console_type, host, port, instance, args.internal_path,
                                    args.ttl, password, policy.to_json(), args.backend_tls)
     if args.json:
@@ -302,8 +326,38 @@ def cmd_api_key(args, config, _store, out):
         raise CommandFailed(str(error)) from None
 
 
+def cmd_follow(args, config, store, out):
+    store.add_follow(args.instance, args.host, args.port)
+    out.write(f"following {args.instance} at {args.host}:{args.port}; the gateways attach within "
+              f"touch_interval ({config.touch_interval:g}s), logging to {config.console_log_dir}\n")
+
+
+def cmd_unfollow(args, config, store, out):
+    if not store.remove_follow(args.instance):
+        raise CommandFailed(f"{args.instance} is not followed")
+    out.write(f"no longer following {args.instance}\n")
+
+
+def cmd_log(args, config, store, out):
+    if args.tail is not None and args.tail < 0:
+        raise UsageError("--tail takes a number of lines, 0 or more")
+    data = consoles.read_log(config.console_log_dir, args.instance, args.tail)
+    if data is None:
+        raise CommandFailed(f"no console log for {args.instance} in {config.console_log_dir}")
+    sink = getattr(out, "buffer", None)
+    write = sink.write if sink is not None else (lambda chunk: out.write(chunk.decode("utf-8", "replace")))
+    write(data)
+    out.flush()
+    if args.follow:
+        def write_now(chunk):
+            write(chunk)
+            out.flush()
+        consoles.follow_log(config.console_log_dir, args.instance, write_now, threading.Event())
+
+
 COMMANDS = {"add": cmd_add, "list": cmd_list, "revoke": cmd_revoke, "touch": cmd_touch, "purge": cmd_purge,
-            "sessions": cmd_sessions, "kill": cmd_kill, "migrate": cmd_migrate}
+            "sessions": cmd_sessions, "kill": cmd_kill, "migrate": cmd_migrate, "follow": cmd_follow,
+            "unfollow": cmd_unfollow, "log": cmd_log}
 
 
 def run_reporting_errors(prog, body):

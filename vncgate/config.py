@@ -112,6 +112,8 @@ SCHEMA = {
     "backend_ca": (_text, ""),
     "backend_cert": (_text, ""),
     "backend_key": (_text, ""),
+    "console_log_dir": (_text, "console-logs"),
+    "console_log_bytes": (_positive(int), 1024 * 1024),
 }
 
 # Where an installed noVNC is found when web_root = auto.
@@ -151,6 +153,8 @@ class Config:
     backend_ca: str = ""  # empty: the system's trust store checks consoles' certificates
     backend_cert: str = ""
     backend_key: str = ""
+    console_log_dir: str = "console-logs"
+    console_log_bytes: int = 1024 * 1024
     source: str = ""  # the file read, "" when built-in defaults only
 
     @property
@@ -218,7 +222,8 @@ def _finish(raw, base_dir, source):
         values.setdefault(key, default)
 
     check_database(values["database"], f"{source}: [{SECTION}] database")
-    for key in ("database", "cert", "key", "audit_log", "api_keys_file", "backend_ca", "backend_cert", "backend_key"):
+    for key in ("database", "cert", "key", "audit_log", "api_keys_file", "backend_ca", "backend_cert", "backend_key",
+                "console_log_dir"):
         if values[key] and not os.path.isabs(values[key]) and not store.is_redis_url(values[key]):
             values[key] = os.path.join(base_dir, values[key])
     values["web_root"] = _resolve_web_root(values["web_root"], base_dir)

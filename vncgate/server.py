@@ -21,7 +21,7 @@ import socketserver
 import threading
 import time
 
-from vncgate import api, fds, http, relay, sessions, throttle, tls, web, websocket, xvp
+from vncgate import api, consoles, fds, http, relay, sessions, store as store_module, throttle, tls, web, websocket, xvp
 from vncgate.refusals import Refused
 
 log = logging.getLogger("vncgate.server")
@@ -44,6 +44,9 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             elif gateway.api and gateway.api.claims(request):
                 path = "web"  # the API answers and audits its own errors; the admin page's are the web side's
                 gateway.api.serve(conn, request, leftover, client)
+            elif request.method == "GET" and _asks_for_websocket(request) and _is_serial(request):
+                path = "serial"
+                websocket.serve(gateway, conn, request, leftover, client, store_module.SERIAL, path)
             elif request.method == "GET" and _asks_for_websocket(request):
                 path = "websocket"
                 websocket.serve(gateway, conn, request, leftover, client)
@@ -101,6 +104,11 @@ def _asks_for_websocket(request):
     return "websocket" in (item.strip().lower() for item in request.header("upgrade").split(","))
 
 
+def _is_serial(request):
+    """The serial terminal's WebSocket: a path whose last segment is "serial" (any prefix)."""
+    return request.path.rsplit("/", 1)[-1] == "serial"
+
+
 class Gateway(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     # Daemon threads, waited for by stop() through the connection registry: CPython scans every
@@ -122,8 +130,12 @@ class Gateway(socketserver.ThreadingTCPServer):
             heartbeat=config.touch_interval, settings=config,
             backend_tls=tls.backend_context(config.backend_ca, config.backend_cert, config.backend_key),
             on_relaying=self._handshake_over)
-        self.housekeeper = sessions.Housekeeper(self.sessions, config.touch_interval,
-                                                config.housekeeping_interval)
+        self.consoles = consoles.Consoles(config.console_log_dir, config.console_log_bytes,
+                                          config.handshake_timeout)
+        self.sessions.backend_openers[store_module.SERIAL] = self.consoles.open_backend
+        self.housekeeper = sessions.Housekeeper(
+            self.sessions, config.touch_interval, config.housekeeping_interval,
+            tasks=(lambda: self.consoles.sync(store.list_follows()),))
         self.tls_context = tls.server_context(config.cert, config.key) if config.cert else None
         self.api = api.ControlPlane(self) if config.api_keys_file else None
         self._connections = {}  # accepted socket -> what it is now (itself, or its TLS wrapper)
@@ -274,6 +286,7 @@ class Gateway(socketserver.ThreadingTCPServer):
         self.server_close()
         if self.housekeeper.is_alive():
             self.housekeeper.stop()  # after every session ended: it writes their end to the store
+        self.consoles.stop()  # after the housekeeper, which syncs the follows
         self._spare.close()
 
 

@@ -109,6 +109,8 @@ class SessionManager:
         self._lock = threading.Lock()
         self._store_down = False
         self._next_checkpoint = 0.0
+        # console type -> open_backend(details, timeout) for types not reached by backends.open_backend
+        self.backend_openers = {}
 
     def open(self, token, console_type, path, client, conn=None, resume_cookie=None):
         """Validate the token and reach its backend; returns a Session or raises Refused.
@@ -141,13 +143,15 @@ class SessionManager:
     def _reach(self, details, client, path, conn, address, resume_cookie, fields):
         """The session with its backend connected (and secured, and a single use taken), or Refused."""
         try:
-            backend, leftover = backends.open_backend(details, self.backend_timeout)
+            opener = self.backend_openers.get(console_type, backends.open_backend)
+            backend, leftover = opener(details, self.backend_timeout)
         except Refused as error:
             log.info("backend %s:%s for %s: %s", details.host, details.port, details.instance_id, error)
             raise Refused(error.reason, error.detail, **fields) from None
         session = Session(details, client, path, backend, leftover, conn)
         session.policy = policy_module.Policy.from_json(details.policy)
-        if session.policy.reads_stream(self.settings):
+        # Policies read RFB: a serial console's bytes are not (its tokens carry none).
+        if console_type != store_module.SERIAL and session.policy.reads_stream(self.settings):
             session.enforcement = policy_module.Enforcement(session.policy, self.settings, session.stop)
         if details.backend_tls or details.backend_password is not None or session.enforcement:
             # The gateway reads a policy's stream from ClientInit on: it does the handshake itself.
@@ -367,8 +371,10 @@ class Housekeeper(threading.Thread):
     sessions' heartbeat; every housekeeping_interval: purge garbage tokens and the session rows
     of gateways that died. Owns the Listener, when the store pushes."""
 
-    def __init__(self, manager, touch_interval, housekeeping_interval):
+    def __init__(self, manager, touch_interval, housekeeping_interval, tasks=()):
+        """tasks: more calls to make every touch_interval, guarded like the heartbeat."""
         super().__init__(name="housekeeper")
+        self.tasks = tasks
         self.manager = manager
         self.touch_interval = touch_interval
         self.housekeeping_interval = housekeeping_interval
@@ -390,6 +396,8 @@ class Housekeeper(threading.Thread):
         while not self._stopping.is_set():
             if time.monotonic() >= next_beat:
                 self._guarded(self.manager.heartbeat)
+                for task in self.tasks:
+                    self._guarded(task)
                 next_beat = time.monotonic() + self.touch_interval
             else:
                 self._guarded(self.manager.write_session_list)

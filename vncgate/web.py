@@ -1,4 +1,5 @@
-"""The small web side: noVNC's files from web_root, /healthz and /metrics.
+"""The small web side: noVNC's files from web_root, the serial terminal's from the package,
+/healthz and /metrics.
 
 A file is served only from inside web_root: the decoded path may not climb or
 hide ('.', '..', empty segments, backslashes, NULs), and the file it names, links
@@ -31,6 +32,9 @@ for _extension, _type in ((".js", "text/javascript"), (".oga", "audio/ogg"), (".
 _UTF8_TYPES = ("text/", "application/json", "image/svg+xml")
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SEND_CHUNK = 64 * 1024
+# The gateway's own pages (the serial terminal and its vendored xterm.js), whatever web_root is.
+STATIC_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+STATIC_PATHS = ("/serial.html", "/serial.js", "/serial.css", "/xterm/")
 
 
 def serve(gateway, conn, request, client):
@@ -45,7 +49,8 @@ def serve(gateway, conn, request, client):
                                                 ("Content-Length", str(len(body))),
                                                 ("Cache-Control", "no-store")], body)
     else:
-        send_file(conn, request, deadline, file_path(gateway.config.web_root, request.path))
+        root = STATIC_ROOT if request.path.startswith(STATIC_PATHS) else gateway.config.web_root
+        send_file(conn, request, deadline, file_path(root, request.path))
 
 
 def reply(conn, request, deadline, status, headers, body=b"", file=None):

@@ -20,17 +20,18 @@ _DEFAULT_PORTS = {"http": "80", "https": "443"}
 _ORIGIN = re.compile(r"(https?)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::([1-9][0-9]{0,4}))?")
 
 
-def serve(gateway, conn, request, leftover, client):
+def serve(gateway, conn, request, leftover, client, console_type=store.WEBSOCKET, path=PATH):
+    """One WebSocket console session: noVNC's (ws-vnc), or the serial terminal's (serial)."""
     token = request.query_value("token") or request.cookie("token")
     origin = request.header("origin")
     if origin and not origin_allowed(origin, gateway.config):
-        raise Refused("origin-not-allowed", f"Origin {origin[:100]!r}", client=client, path=PATH,
-                      console_type=store.WEBSOCKET,
+        raise Refused("origin-not-allowed", f"Origin {origin[:100]!r}", client=client, path=path,
+                      console_type=console_type,
                       **({"token_id": store.hash_token(token)[:8]} if token else {}))
     accept, subprotocol = wsframes.check_upgrade(request)
 
     presented = request.cookie(policy.RESUME_COOKIE)
-    session = gateway.sessions.open(token, store.WEBSOCKET, PATH, client, conn,
+    session = gateway.sessions.open(token, console_type, path, client, conn,
                                     resume_cookie=presented or policy.new_resume_cookie())
     stream = tls.TlsStream(conn) if isinstance(conn, ssl.SSLSocket) else conn
     # A single-use token: its browser may come back by this cookie, from another address too.

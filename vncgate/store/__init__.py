@@ -7,13 +7,15 @@ answer the same calls (common.Store) and return the same records.
 
 import time
 
-from vncgate.store.common import (CONSOLE_TYPES, STATES, TOKEN_BYTES, WEBSOCKET, XVP, ConnectionDetails,
+from vncgate.store.common import (CONSOLE_TYPES, SERIAL, STATES, TOKEN_BYTES, WEBSOCKET, XVP, ConnectionDetails,
+                                  Follow,
                                   LiveSession, Store, StoreBusy, StoreError, TokenRejected, access_url,
                                   hash_token)
 from vncgate.store.redis import DEFAULT_PREFIX, URL_FORMS, RedisStore, RedisTarget, is_redis_url
 from vncgate.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore
 
-__all__ = ["CONSOLE_TYPES", "STATES", "TOKEN_BYTES", "WEBSOCKET", "XVP", "ConnectionDetails", "LiveSession",
+__all__ = ["CONSOLE_TYPES", "SERIAL", "Follow",
+           "STATES", "TOKEN_BYTES", "WEBSOCKET", "XVP", "ConnectionDetails", "LiveSession",
            "Store", "StoreBusy", "StoreError", "TokenRejected", "access_url", "hash_token", "DEFAULT_PREFIX",
            "URL_FORMS", "RedisStore", "RedisTarget", "is_redis_url", "MIGRATIONS", "SCHEMA_VERSION", "SqliteStore",
            "TokenStore"]

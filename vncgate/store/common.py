@@ -15,7 +15,8 @@ from vncgate import sealing
 
 XVP = "xvp-vnc"
 WEBSOCKET = "ws-vnc"
-CONSOLE_TYPES = (XVP, WEBSOCKET)
+SERIAL = "serial"
+CONSOLE_TYPES = (XVP, WEBSOCKET, SERIAL)
 
 TOKEN_BYTES = 32  # 256 bits; the blueprint asks for at least 128
 STATES = ("live", "idle", "expired", "garbage")
@@ -50,10 +51,13 @@ def hash_token(token):
 
 
 def access_url(base_url, console_type, token):
-    """The URL a user opens: XVP's CONNECT target, or noVNC's page with the token in the fragment."""
+    """The URL a user opens: XVP's CONNECT target, or noVNC's (or the serial terminal's) page
+    with the token in the fragment."""
     base_url = base_url.rstrip("/")
     if console_type == XVP:
         return f"{base_url}/console?token={token}"
+    if console_type == SERIAL:
+        return f"{base_url}/serial.html#token={token}"
     prefix = urllib.parse.urlsplit(base_url).path.strip("/")
     ws_path = urllib.parse.quote(f"{prefix}/websockify?token={token}".lstrip("/"), safe="")
     return f"{base_url}/vnc.html#autoconnect=1&path={ws_path}"
@@ -104,6 +108,14 @@ class ConnectionDetails:
         if only_idle:
             return self.is_idle(now, idle_timeout)
         return include_idle or not self.is_idle(now, idle_timeout)
+
+
+@dataclasses.dataclass(frozen=True)
+class Follow:
+    """A serial console the gateways keep attached to, logging it with nobody watching."""
+    instance_id: str
+    host: str
+    port: int
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ Layout under key_prefix P (default "vncgate:"); H is a token's SHA-256, never th
   P session:SID        hash: one live session, expiring three missed heartbeats after its
                        gateway last reported it, so a dead gateway's sessions age out.
   P sessions           sorted set: SID scored by its start.
+  P follows            hash: instance id -> "host port" of each followed serial console.
   P events             channel: "revoke H H..." and "kill SID SID..." for every gateway.
 Every write that must see the state it changes is one Lua script, so it is atomic.
 Not for Redis Cluster (the scripts name keys they build).
@@ -28,8 +29,8 @@ import redis.exceptions
 import redis.retry
 import redis.sentinel
 
-from vncgate.store.common import (ConnectionDetails, LiveSession, Store, StoreError, TokenRejected, consumption,
-                                  stale_after)
+from vncgate.store.common import (ConnectionDetails, Follow, LiveSession, Store, StoreError, TokenRejected,
+                                  consumption, stale_after)
 
 log = logging.getLogger("vncgate.store")
 
@@ -482,6 +483,24 @@ class RedisStore(Store):
             pipe.zrem(self._key("sessions"), *gone)
             self._run(pipe.execute)
         return len(gone)
+
+    # -- followed serial consoles ------------------------------------------------------
+
+    def add_follow(self, instance_id, host, port):
+        """Follow (or re-point) one instance's serial console."""
+        self._run(self._client.hset, self._key("follows"), instance_id, f"{host} {int(port)}")
+
+    def remove_follow(self, instance_id):
+        """Stop following; False when it was not followed."""
+        return bool(self._run(self._client.hdel, self._key("follows"), instance_id))
+
+    def list_follows(self):
+        found = self._run(self._client.hgetall, self._key("follows"))
+        follows = []
+        for instance_id, value in found.items():
+            host, port = value.decode().rsplit(" ", 1)
+            follows.append(Follow(instance_id.decode(), host, int(port)))
+        return sorted(follows, key=lambda follow: follow.instance_id)
 
     # -- pushed revocations and kills --------------------------------------------------
 

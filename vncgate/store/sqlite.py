@@ -11,8 +11,8 @@ import sqlite3
 import threading
 import time
 
-from vncgate.store.common import (ConnectionDetails, LiveSession, Store, StoreBusy, StoreError, TokenRejected,
-                                  consumption, stale_after)
+from vncgate.store.common import (ConnectionDetails, Follow, LiveSession, Store, StoreBusy, StoreError,
+                                  TokenRejected, consumption, stale_after)
 
 _POOL_SIZE = 16
 
@@ -76,8 +76,16 @@ def _migrate_5(db):
     db.execute("ALTER TABLE console_tokens ADD COLUMN backend_tls INTEGER NOT NULL DEFAULT 0")
 
 
+def _migrate_6(db):
+    """Followed serial consoles (vncgate-token follow)."""
+    db.execute("""CREATE TABLE console_follows (
+        instance_id TEXT PRIMARY KEY,
+        host TEXT NOT NULL,
+        port INTEGER NOT NULL)""")
+
+
 # MIGRATIONS[n] takes a database from user_version n to n + 1. Append, never edit.
-MIGRATIONS = (_migrate_1, _migrate_2, _migrate_3, _migrate_4, _migrate_5)
+MIGRATIONS = (_migrate_1, _migrate_2, _migrate_3, _migrate_4, _migrate_5, _migrate_6)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -383,6 +391,23 @@ class SqliteStore(Store):
         """Fold the write-ahead log into the database file, without waiting for readers or writers."""
         with self._db() as db:
             db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    # -- followed serial consoles ------------------------------------------------------
+
+    def add_follow(self, instance_id, host, port):
+        """Follow (or re-point) one instance's serial console."""
+        with self._db() as db:
+            db.execute("INSERT OR REPLACE INTO console_follows (instance_id, host, port) VALUES (?, ?, ?)",
+                       (instance_id, host, int(port)))
+
+    def remove_follow(self, instance_id):
+        """Stop following; False when it was not followed."""
+        with self._db() as db:
+            return db.execute("DELETE FROM console_follows WHERE instance_id = ?", (instance_id,)).rowcount > 0
+
+    def list_follows(self):
+        with self._db() as db:
+            rows = db.execute("SELECT instance_id, host, port FROM console_follows ORDER BY instance_id").fetchall()
+        return [Follow(*row) for row in rows]
 
     def ping(self):
         with self._db() as db:
