@@ -515,11 +515,11 @@ def client_context(cert):
 
 # -- raw websocket requests, with frames that the websockets library builds and parses ---------
 
-def raw_upgrade(port, token, version="13", extra=b"", source="127.0.0.1", cookie=None):
+def raw_upgrade(port, token, version="13", extra=b"", source="127.0.0.1", cookie=None, path="/websockify"):
     """A websocket upgrade from source (any 127.0.0.0/8 address), with a Cookie header when given."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
     cookie_line = f"Cookie: {cookie}\r\n" if cookie else ""
-    sock.sendall(f"GET /websockify?token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+    sock.sendall(f"GET {path}?token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
                  f"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                  f"Sec-WebSocket-Version: {version}\r\n{cookie_line}\r\n".encode() + extra)
     status, rest = read_head(sock)
@@ -591,6 +591,65 @@ def open_console_in_chromium(url, shot, extra_args=()):
             page.goto("about:blank")
         finally:
             browser.close()
+
+# -- serial consoles ---------------------------------------------------------------------------
+
+class SerialQemu:
+    """Disk-less qemu without graphics whose serial port (and, with monitor=True, its HMP
+    monitor) is a TCP server on 127.0.0.1. wait=True: qemu waits, before it boots, for the
+    serial port's first client. serial_port= reuses a port (a restart of the same VM)."""
+
+    def __init__(self, wait=True, monitor=False, serial_port=None):
+        self.serial_port = serial_port or free_port()
+        self.monitor_port = free_port() if monitor else None
+        argv = ["qemu-system-x86_64", "-machine", "graphics=off", "-display", "none", "-nodefaults", "-m", "32",
+                "-serial", f"tcp:127.0.0.1:{self.serial_port},server=on,wait={'on' if wait else 'off'}"]
+        if monitor:
+            argv += ["-monitor", f"tcp:127.0.0.1:{self.monitor_port},server=on,wait=off"]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: self._waiting() or self.proc.poll() is not None, 20, message="qemu's serial port")
+        assert self.proc.poll() is None, f"qemu exited: {self.proc.stderr.read()}"
+
+    def _waiting(self):
+        with socket.socket() as probe:  # listening, without connecting (that would be its one client)
+            try:
+                probe.bind(("127.0.0.1", self.monitor_port or self.serial_port))
+                return False
+            except OSError:
+                return True
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def terminal_text(page):
+    """Every line of the xterm.js terminal's buffer on the serial page, read through its API."""
+    return page.evaluate("""() => {
+        const buffer = window.vncgateTerminal.buffer.active, lines = [];
+        for (let i = 0; i < buffer.length; i++) lines.push(buffer.getLine(i).translateToString(true));
+        return lines.join("\\n");
+    }""")
+
+
+class SerialPages:
+    """Chromium with `count` tabs on a serial console's access URL."""
+
+    def __init__(self, url, count=1):
+        self._playwright = sync_playwright().start()
+        self.browser = self._playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        self.errors = []
+        self.pages = []
+        for _ in range(count):
+            page = self.browser.new_page(viewport={"width": 1000, "height": 600})
+            page.on("pageerror", lambda error: self.errors.append(error))
+            page.goto(url)
+            self.pages.append(page)
+
+    def close(self):
+        self.browser.close()
+        self._playwright.stop()
 
 
 class RedisServer:
