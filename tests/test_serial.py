@@ -6,7 +6,6 @@ import socket
 import subprocess
 import time
 
-import pytest
 from websockets.sync.client import connect as ws_connect
 
 from tests import harness
@@ -125,6 +124,10 @@ def test_log_follow_and_bad_log_requests(tmp_path):
         assert gateway.stop() == 0
 
 
+def _serial_ends(gateway):
+    return [line for line in gateway.audit() if line.get("event") == "session-end" and line.get("path") == "serial"]
+
+
 def test_browser_terminal_shared_viewers_and_revocation(tmp_path):
     """qemu's HMP monitor as a followed serial endpoint: two Chromium tabs show the log's last
     lines, input from one reaches the monitor, both see the answer, revoking closes both."""
@@ -154,19 +157,16 @@ def test_browser_terminal_shared_viewers_and_revocation(tmp_path):
         first.screenshot(path=harness.artifact("serial-terminal.png"))
         assert "VM status: running" in _log(gateway, "--instance", "vm-3")
         assert pages.errors == []
-        accepted = [line for line in gateway.audit() if line.get("path") == "serial" and line.get("result") == "accepted"]
+        accepted = [line for line in gateway.audit()
+                    if line.get("path") == "serial" and line.get("result") == "accepted"]
         assert len(accepted) == 2 and all(line["console_type"] == "serial" for line in accepted)
         revoked_at = time.monotonic()
         assert gateway.token_cli("revoke", "-", input=token + "\n").returncode == 0
         for page in pages.pages:
             wait_for(lambda: "disconnected" in page.inner_text("#status"), 10, 0.05, "the tab to be closed")
         assert time.monotonic() - revoked_at < TOUCH + 2.0  # touch_interval, and a loaded machine's slack
-        ends = wait_for(lambda: [line for line in gateway.audit() if line.get("event") == "session-end"
-                                 and line.get("path") == "serial"] or None, 10, 0.1, "session-end lines")
-        wait_for(lambda: len([line for line in gateway.audit() if line.get("event") == "session-end"
-                              and line.get("path") == "serial"]) == 2, 10, 0.1, "two session-end lines")
-        assert all(line["reason"] == "revoked" for line in gateway.audit()
-                   if line.get("event") == "session-end" and line.get("path") == "serial"), ends
+        wait_for(lambda: len(_serial_ends(gateway)) == 2, 10, 0.1, "two session-end lines")
+        assert [line["reason"] for line in _serial_ends(gateway)] == ["revoked", "revoked"]
     finally:
         if pages:
             pages.close()
@@ -240,4 +240,22 @@ def test_a_flood_keeps_the_log_bounded_and_memory_flat(tmp_path):
         assert gateway.rss_kib() - before < 20 * 1024, (before, gateway.rss_kib())
     finally:
         backend.stop()
+        assert gateway.stop() == 0
+
+
+def test_an_unwritable_log_dir_is_reported_and_viewers_still_work(tmp_path):
+    (tmp_path / "not-a-folder").write_text("a file")
+    echo = FakeBackend(lambda backend, sock: harness.echo(sock))
+    gateway = GatewayProcess(str(tmp_path), touch_interval=TOUCH, console_log_dir=str(tmp_path / "not-a-folder"))
+    try:
+        assert gateway.token_cli("follow", "--instance", "vm-5", "--host", "127.0.0.1",
+                                 "--port", str(echo.port)).returncode == 0
+        wait_for(lambda: "cannot keep the console log of vm-5" in gateway.read_stderr(), 20, 0.1, "the error line")
+        token = gateway.mint("127.0.0.1", echo.port, "serial")
+        with ws_connect(f"ws://127.0.0.1:{gateway.port}/serial?token={token}") as ws:
+            ws.send(b"still served")
+            assert ws.recv(timeout=10) == b"still served"
+        assert echo.connections == 1  # the viewer shared the follower's connection
+    finally:
+        echo.stop()
         assert gateway.stop() == 0

@@ -79,7 +79,8 @@ def token_parser():
                      "password are read from libvirt (instead of --host/--port/--password-file)")
     add.add_argument("--libvirt", metavar="URI", help=f"libvirt URI for --domain (default: {libvirt.DEFAULT_URI})")
     add.add_argument("--type", dest="console_type", default=store_module.WEBSOCKET,
-                     choices=store_module.CONSOLE_TYPES, help="console type (default: ws-vnc; serial: a TCP serial port)")
+                     choices=store_module.CONSOLE_TYPES,
+                     help="console type (default: ws-vnc; serial: a TCP serial port)")
     add.add_argument("--instance", help='instance id (default: "HOST:PORT")')
     add.add_argument("--internal-path", default="", help="XenServer internal_access_path for a CONNECT")
     add.add_argument("--ttl", type=_seconds, help="seconds until the token expires (default: token_ttl)")

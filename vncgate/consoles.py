@@ -242,7 +242,10 @@ class Hub(threading.Thread):
             self.log = None
         self.follow = follow
         if follow is not None:
-            self.log = ConsoleLog(log_dir, follow.instance_id, log_bytes)
+            try:
+                self.log = ConsoleLog(log_dir, follow.instance_id, log_bytes)
+            except OSError as error:  # still followed and shared, but not logged: say so, once
+                log.error("cannot keep the console log of %s in %s: %s", follow.instance_id, log_dir, error)
             log.info("following the serial console of %s at %s:%s", follow.instance_id, self.host, self.port)
         elif not self.viewers:
             self._end()
@@ -275,10 +278,7 @@ class Hub(threading.Thread):
         self._next_try = time.monotonic() + self._delay
 
     def _from_backend(self, backend):
-        try:
-            data = backend.recv(READ_SIZE)
-        except OSError:
-            data = b""
+        data = _read(backend)
         if not data:
             log.info("serial console %s:%s closed%s", self.host, self.port,
                      "; reconnecting" if self.follow is not None else "")
@@ -292,10 +292,7 @@ class Hub(threading.Thread):
             self._send(viewer, data)
 
     def _from_viewer(self, viewer):
-        try:
-            data = viewer.recv(READ_SIZE)
-        except OSError:
-            data = b""
+        data = _read(viewer)
         if not data:
             self._drop(viewer)
             if not self.viewers and self.follow is None:
@@ -321,6 +318,14 @@ class Hub(threading.Thread):
             self.viewers.discard(viewer)
             self._selector.unregister(viewer)
         viewer.close()
+
+
+def _read(sock):
+    """What sock has, b"" at its end or on an error (the same for a hub: that peer is gone)."""
+    try:
+        return sock.recv(READ_SIZE)
+    except OSError:
+        return b""
 
 
 class Consoles:
