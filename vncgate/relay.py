@@ -336,7 +336,7 @@ class Relay:
 
 def tune(sock):
     """Low latency for input events; keepalive so a vanished peer ends its session."""
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+    if getattr(sock, "family", None) == socket.AF_UNIX:
         return  # a serial viewer's socketpair end (vncgate.consoles): nothing to tune
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
