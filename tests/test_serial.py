@@ -6,6 +6,9 @@ import socket
 import subprocess
 import time
 
+import pytest
+
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from tests import harness
@@ -256,6 +259,26 @@ def test_an_unwritable_log_dir_is_reported_and_viewers_still_work(tmp_path):
             ws.send(b"still served")
             assert ws.recv(timeout=10) == b"still served"
         assert echo.connections == 1  # the viewer shared the follower's connection
+    finally:
+        echo.stop()
+        assert gateway.stop() == 0
+
+
+def test_serial_over_tls_with_the_origin_checked(tmp_path):
+    cert, key = harness.make_certificate(str(tmp_path), "gw")
+    echo = FakeBackend(lambda backend, sock: harness.echo(sock))
+    gateway = _gateway(tmp_path, cert=cert, key=key, tls_only="true")
+    try:
+        token = gateway.mint("127.0.0.1", echo.port, "serial")
+        url = f"wss://127.0.0.1:{gateway.port}/serial?token={token}"
+        with ws_connect(url, ssl=harness.client_context(cert)) as ws:
+            ws.send("é\x00\xff".encode())
+            assert ws.recv(timeout=10) == "é\x00\xff".encode()
+        with pytest.raises(InvalidStatus) as refused:
+            ws_connect(url, ssl=harness.client_context(cert), origin="https://evil.example")
+        assert refused.value.response.status_code == 403
+        assert any(line.get("reason") == "origin-not-allowed" and line.get("path") == "serial"
+                   for line in gateway.audit())
     finally:
         echo.stop()
         assert gateway.stop() == 0
