@@ -143,7 +143,7 @@ class SessionManager:
     def _reach(self, details, client, path, conn, address, resume_cookie, fields):
         """The session with its backend connected (and secured, and a single use taken), or Refused."""
         try:
-            opener = self.backend_openers.get(console_type, backends.open_backend)
+            opener = self.backend_openers.get(details.console_type, backends.open_backend)
             backend, leftover = opener(details, self.backend_timeout)
         except Refused as error:
             log.info("backend %s:%s for %s: %s", details.host, details.port, details.instance_id, error)
@@ -151,7 +151,7 @@ class SessionManager:
         session = Session(details, client, path, backend, leftover, conn)
         session.policy = policy_module.Policy.from_json(details.policy)
         # Policies read RFB: a serial console's bytes are not (its tokens carry none).
-        if console_type != store_module.SERIAL and session.policy.reads_stream(self.settings):
+        if details.console_type != store_module.SERIAL and session.policy.reads_stream(self.settings):
             session.enforcement = policy_module.Enforcement(session.policy, self.settings, session.stop)
         if details.backend_tls or details.backend_password is not None or session.enforcement:
             # The gateway reads a policy's stream from ClientInit on: it does the handshake itself.

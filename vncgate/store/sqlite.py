@@ -391,6 +391,7 @@ class SqliteStore(Store):
         """Fold the write-ahead log into the database file, without waiting for readers or writers."""
         with self._db() as db:
             db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
     # -- followed serial consoles ------------------------------------------------------
 
     def add_follow(self, instance_id, host, port):
