@@ -16,6 +16,7 @@ from openapi_spec_validator import validate as validate_spec
 
 from tests import harness, vnc_client
 from tests.harness import ApiClient, closed_by_peer, xvp_connect
+from vncgate import consoles
 
 
 def token_of(access_url):
@@ -223,3 +224,23 @@ def test_a_console_policy_is_minted_and_listed(api_gateway, vnc):
     assert api.call("GET", "/consoles?instance=vm-policy")[2][0]["policy"] == console["policy"]
     listed = json.loads(api_gateway.token_cli("list", "--json").stdout)
     assert listed[0]["policy"] == console["policy"]  # the CLI and the API show one shape
+
+
+def test_the_console_log_of_a_followed_instance(api_gateway, tmp_path):
+    """GET /consoles/log serves what the console logger kept (its writing is test_serial's);
+    an instance never followed is 404, bad queries 400."""
+    folder = tmp_path / "console-logs"
+    folder.mkdir(exist_ok=True)
+    with open(consoles.log_path(str(folder), "vm/1"), "wb") as handle:
+        handle.write(b"SeaBIOS (version 1.16)\r\nBooting...\r\nNo bootable device.\r\n\xff\n")
+    status, _, body = api_gateway.api.call("GET", "/consoles/log?instance=vm/1&tail=2")
+    assert status == 200 and body == {"instance_id": "vm/1", "output": "No bootable device.\r\n\ufffd\n"}
+    status, _, body = api_gateway.api.call("GET", "/consoles/log?instance=vm/1")
+    assert status == 200 and body["output"].startswith("SeaBIOS (version 1.16)")
+    assert api_gateway.api.call("GET", "/consoles/log?instance=vm-2")[0] == 404
+    for query in ("", "?instance=vm/1&tail=0", "?instance=vm/1&tail=x", "?instance=vm/1&lines=2"):
+        assert api_gateway.api.call("GET", "/consoles/log" + query)[0] == 400, query
+    assert api_gateway.api.call("GET", "/consoles/log?instance=vm/1", key="wrong")[0] == 401
+    assert api_gateway.api.call("DELETE", "/consoles/log?instance=vm/1")[0] == 405
+    lines = [line for line in api_gateway.audit() if line["event"] == "api" and line["action"] == "console-log"]
+    assert lines and all("output" not in line for line in lines)

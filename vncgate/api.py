@@ -24,7 +24,7 @@ import secrets
 import socket
 import time
 
-from vncgate import libvirt, policy as policy_module, store as store_module, throttle, web, websocket
+from vncgate import consoles, libvirt, policy as policy_module, store as store_module, throttle, web, websocket
 from vncgate.refusals import Refused
 
 log = logging.getLogger("vncgate.api")
@@ -183,6 +183,7 @@ class ControlPlane:
         self._routes = [
             (re.compile(re.escape(PREFIX) + r"/consoles"), {"POST": self.create_console, "GET": self.list_consoles,
                                                           "DELETE": self.revoke_by_instance}),
+            (re.compile(re.escape(PREFIX) + r"/consoles/log"), {"GET": self.console_log}),
             (re.compile(re.escape(PREFIX) + r"/consoles/([^/]+)"), {"DELETE": self.revoke_token}),
             (re.compile(re.escape(PREFIX) + r"/sessions"), {"GET": self.list_sessions}),
             (re.compile(re.escape(PREFIX) + r"/sessions/([^/]+)"), {"DELETE": self.kill_session}),
@@ -366,6 +367,21 @@ class ControlPlane:
         now = store.clock()
         rows = store.list_details(instance_id=query.get("instance"), host=query.get("host"), include_expired=True)
         return 200, [token_json(row, now, self.config.idle_timeout) for row in rows]
+
+    def console_log(self, call, _body):
+        """What a followed serial console printed (Nova's get_console_output): all that is
+        kept, or its last `tail` lines."""
+        query = _Query(call.request, ("instance", "tail"))
+        instance, tail = query.get("instance"), query.get("tail")
+        if not instance:
+            raise Refused("invalid-request", "name the console: ?instance=ID")
+        call.audit["instance"] = instance
+        if tail is not None and not (tail.isdigit() and int(tail) > 0):
+            raise Refused("invalid-request", "tail must be a whole number above 0")
+        output = consoles.read_log(self.config.console_log_dir, instance, int(tail) if tail else None)
+        if output is None:
+            raise Refused("not-found", f"no console log for {instance}: it was never followed")
+        return 200, {"instance_id": instance, "output": output.decode("utf-8", "replace")}
 
     def revoke_by_instance(self, call, _body):
         query = _Query(call.request, ("instance",))
