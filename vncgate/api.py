@@ -120,13 +120,15 @@ def remove_key(path, name):
 # -- minting, shared with the CLI -------------------------------------------------------------
 
 def mint(config, store, console_type, host, port, instance=None, internal_path="", ttl=None, password=None,
-         policy="", backend_tls=False):
-    """A new token for one console; returns (token, details, access URL). policy: Policy.to_json()."""
+         policy="", backend_tls=False, record=False, replay="", replay_speed=1.0):
+    """A new token for one console; returns (token, details, access URL). policy: Policy.to_json();
+    record, replay, replay_speed: see Store.add_connection_details."""
     base = {store_module.XVP: f"{config.base_url}/console",
             store_module.SERIAL: f"{config.base_url}/serial.html"}.get(console_type, f"{config.base_url}/vnc.html")
     token = store.add_connection_details(instance or f"{host}:{port}", console_type, host, port,
                                          internal_access_path=internal_path, access_url=base, ttl=ttl,
-                                         backend_password=password, policy=policy, backend_tls=backend_tls)
+                                         backend_password=password, policy=policy, backend_tls=backend_tls,
+                                         record=record, replay=replay, replay_speed=replay_speed)
     return token, store.get_connection_details(token), store_module.access_url(config.base_url, console_type, token)
 
 
@@ -135,7 +137,7 @@ def console_json(token, details, url):
             "instance_id": details.instance_id, "host": details.host, "port": details.port,
             "internal_access_path": details.internal_access_path, "expires_at": iso(details.expires_at),
             "has_password": details.has_password, "policy": policy_fields(details),
-            "backend_tls": details.backend_tls}
+            "backend_tls": details.backend_tls, "record": details.record, "replay": details.replay or None}
 
 
 def policy_fields(details):

@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 
-from vncgate import api, consoles, libvirt, logs
+from vncgate import api, consoles, libvirt, logs, recording
 from vncgate import config as config_module
 from vncgate import policy as policy_module
 from vncgate import store as store_module
@@ -73,7 +73,8 @@ def token_parser():
     commands.required = True
 
     add = commands.add_parser("add", help="mint a token and print its access URL")
-    add.add_argument("--host", help="VNC server (or serial endpoint) address on the management network")
+    add.add_argument("--host", help="VNC server (or serial endpoint) address on the management network "
+                     "(or --domain, --replay)")
     add.add_argument("--port", type=_port_in(1), help="VNC server port")
     add.add_argument("--domain", metavar="NAME", help="a running libvirt domain: its VNC address, port and "
                      "password are read from libvirt (instead of --host/--port/--password-file)")
@@ -98,6 +99,9 @@ def token_parser():
     add.add_argument("--backend-tls", action="store_true", help="the console speaks VeNCrypt: the gateway does "
                      "TLS to it, checking its certificate against backend_ca")
     add.add_argument("--json", action="store_true", help="print one JSON object")
+    add.add_argument("--record", action="store_true", help="record the token's sessions in record_dir")
+    add.add_argument("--replay", metavar="SESSION", help="a ws-vnc URL that plays the recording of SESSION")
+    add.add_argument("--speed", type=_seconds, default=1.0, help="replay speed factor (default: 1)")
 
     listing = commands.add_parser("list", help="list tokens (never the tokens themselves)")
     listing.add_argument("--instance")
@@ -116,7 +120,12 @@ def token_parser():
     touch.add_argument("tokens", nargs="*", metavar="TOKEN", help=TOKENS_HELP)
     touch.add_argument("--token-file", metavar="F", help="read tokens from F, one per line")
 
-    commands.add_parser("purge", help="delete garbage (expired and idle) now")
+    commands.add_parser("purge", help="delete garbage (expired and idle) and recordings older than "
+                                      "record_keep_days now")
+
+    recordings = commands.add_parser("recordings", help="list the session recordings in record_dir")
+    recordings.add_argument("--instance")
+    recordings.add_argument("--json", action="store_true")
 
     sessions = commands.add_parser("sessions", help="list live sessions on every gateway sharing the database")
     sessions.add_argument("--instance")
@@ -172,8 +181,23 @@ def _read_password(path):
     return password
 
 
+def _replay_target(args, config):
+    """(host, port, instance) of a replay token, after checking the recording exists."""
+    if args.host or args.port or args.domain or args.password_file or args.internal_path or args.record:
+        raise UsageError("--replay takes no --host, --port, --domain, --password-file, --internal-path or --record")
+    if args.console_type != store_module.WEBSOCKET:
+        raise UsageError("--replay makes ws-vnc URLs only")
+    meta = recording.Recordings.from_config(config).find(args.replay)
+    if meta is None:
+        raise CommandFailed(f"no recording of session {args.replay} in {config.record_dir}")
+    return "recording", 0, args.instance or meta.get("instance_id") or args.replay
+
+
 def cmd_add(args, config, store, out):
-    if args.domain:
+    if args.replay:
+        host, port, instance = _replay_target(args, config)
+        password = None
+    elif args.domain:
         if args.host or args.port or args.password_file or args.internal_path:
             raise UsageError("add --domain takes no --host, --port, --password-file or --internal-path")
         try:
@@ -187,13 +211,14 @@ def cmd_add(args, config, store, out):
         password = _read_password(args.password_file) if args.password_file else None
         host, port, instance = args.host, args.port, args.instance
     else:
-        raise UsageError("add takes --host H --port P, or --domain NAME")
+        raise UsageError("add takes --host H --port P, --domain NAME or --replay SESSION")
     policy = policy_module.Policy(view_only=args.view_only, single_use=args.single_use,
                                   paste_as_keys=args.paste_as_keys, input_idle=args.input_idle or 0.0)
     if args.console_type == store_module.SERIAL and policy.to_json():
         raise UsageError("console policies read RFB: they do not apply to --type serial")
     token, details, url = api.mint(config, store, args.console_type, host, port, instance, args.internal_path,
-                                   args.ttl, password, policy.to_json(), args.backend_tls)
+                                   args.ttl, password, policy.to_json(), args.backend_tls, record=args.record,
+                                   replay=args.replay or "", replay_speed=args.speed)
     if args.json:
         json.dump(api.console_json(token, details, url), out)
         out.write("\n")
@@ -273,7 +298,24 @@ def cmd_touch(args, config, store, out):
 
 def cmd_purge(args, config, store, out):
     deleted = store.purge()
-    out.write(f"purged {deleted} token{'s' if deleted != 1 else ''}\n")
+    recordings = recording.Recordings.from_config(config).purge()
+    out.write(f"purged {deleted} token{'s' if deleted != 1 else ''}"
+              + (f" and {recordings} recording{'s' if recordings != 1 else ''}" if recordings else "") + "\n")
+
+
+def cmd_recordings(args, config, store, out):
+    rows = recording.Recordings.from_config(config).list(instance_id=args.instance)
+    if args.json:
+        json.dump([{"session_id": row["session_id"], "instance_id": row.get("instance_id"),
+                    "console_type": row.get("console_type"), "started_at": _iso(row["started_at"]),
+                    "duration": row.get("duration"), "bytes": row.get("bytes"),
+                    "stopped": row.get("stopped")} for row in rows], out)
+        out.write("\n")
+        return
+    _write_table(out, ("SESSION", "INSTANCE", "STARTED (UTC)", "DURATION", "BYTES", "NOTE"),
+                 [(row["session_id"], str(row.get("instance_id")), _iso(row["started_at"]),
+                   "live" if row.get("duration") is None else f"{row['duration']:.0f}s", str(row.get("bytes")),
+                   f"stopped: {row['stopped']}" if row.get("stopped") else "") for row in rows])
 
 
 def cmd_sessions(args, config, store, out):
@@ -357,8 +399,8 @@ def cmd_log(args, config, store, out):
 
 
 COMMANDS = {"add": cmd_add, "list": cmd_list, "revoke": cmd_revoke, "touch": cmd_touch, "purge": cmd_purge,
-            "sessions": cmd_sessions, "kill": cmd_kill, "migrate": cmd_migrate, "follow": cmd_follow,
-            "unfollow": cmd_unfollow, "log": cmd_log}
+            "sessions": cmd_sessions, "recordings": cmd_recordings, "kill": cmd_kill, "migrate": cmd_migrate,
+            "follow": cmd_follow, "unfollow": cmd_unfollow, "log": cmd_log}
 
 
 def run_reporting_errors(prog, body):

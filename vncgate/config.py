@@ -114,6 +114,10 @@ SCHEMA = {
     "backend_key": (_text, ""),
     "console_log_dir": (_text, "console-logs"),
     "console_log_bytes": (_positive(int), 1024 * 1024),
+    "record_dir": (_text, "recordings"),
+    "record_all": (_bool, False),
+    "record_max_bytes": (_positive(int), 1 << 30),
+    "record_keep_days": (_positive(float), 30.0),
 }
 
 # Where an installed noVNC is found when web_root = auto.
@@ -155,6 +159,10 @@ class Config:
     backend_key: str = ""
     console_log_dir: str = "console-logs"
     console_log_bytes: int = 1024 * 1024
+    record_dir: str = "recordings"
+    record_all: bool = False
+    record_max_bytes: int = 1 << 30
+    record_keep_days: float = 30.0
     source: str = ""  # the file read, "" when built-in defaults only
 
     @property
@@ -223,7 +231,7 @@ def _finish(raw, base_dir, source):
 
     check_database(values["database"], f"{source}: [{SECTION}] database")
     for key in ("database", "cert", "key", "audit_log", "api_keys_file", "backend_ca", "backend_cert", "backend_key",
-                "console_log_dir"):
+                "console_log_dir", "record_dir"):
         if values[key] and not os.path.isabs(values[key]) and not store.is_redis_url(values[key]):
             values[key] = os.path.join(base_dir, values[key])
     values["web_root"] = _resolve_web_root(values["web_root"], base_dir)

@@ -14,6 +14,7 @@ Answer = collections.namedtuple("Answer", "status sentence")
 
 _LINK_INVALID = "This console link is not valid: it is unknown, expired or revoked."
 _CONSOLE_DOWN = "The console cannot be reached right now."
+_RECORDING_BAD = "This recording cannot be played: it is damaged or not a vncgate recording."
 _BUSY = "The console service is busy or unavailable; try again shortly."
 
 REASONS = {
@@ -69,6 +70,11 @@ REASONS = {
     "domain-not-running": Answer(409, "The libvirt domain is not running."),
     "domain-no-vnc": Answer(409, "The libvirt domain has no VNC console on a TCP port."),
     "libvirt-unavailable": Answer(502, "libvirt cannot be reached right now."),
+    # replays: the recording a replay token names (told in RFB, after the upgrade)
+    "recording-missing": Answer(404, "This recording does not exist (any more)."),
+    "recording-foreign": Answer(422, _RECORDING_BAD),
+    "recording-truncated": Answer(422, _RECORDING_BAD),
+    "recording-corrupt": Answer(422, _RECORDING_BAD),
     # a fault of the gateway's own, never expected
     "internal-error": Answer(500, "The gateway failed to handle this request."),
 }

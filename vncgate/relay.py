@@ -133,6 +133,25 @@ class ChunkReader:
         yield from self._chunks
 
 
+class TappedSource:
+    """A Source whose every chunk is shown to observe(chunk) first (a session's recorder)."""
+
+    def __init__(self, source, observe):
+        self.source = source
+        self.observe = observe
+
+    def chunks(self):
+        observe = self.observe
+        for chunk in self.source.chunks():
+            observe(chunk)
+            yield chunk
+
+
+def tapped(source, observe):
+    """source, seen by observe when there is one."""
+    return source if observe is None else TappedSource(source, observe)
+
+
 class DeadlineSocket:
     """A socket whose every read and write waits only until one deadline (socket.timeout
     after): for the bytes the gateway speaks itself, which a client may drip or pad."""
@@ -274,25 +293,32 @@ class Relay:
         self._lock = threading.Lock()
 
     @classmethod
-    def raw(cls, client_sock, backend_sock, backend_leftover=b"", client_leftover=b"", upstream_sink=None):
+    def raw(cls, client_sock, backend_sock, backend_leftover=b"", client_leftover=b"", upstream_sink=None,
+            recorder=None):
         """A byte-for-byte relay (the XVP path): spliced where the kernel can, else copied (a TLS
         side, as an SSLSocket or a TlsStream, has its bytes in OpenSSL, not the kernel).
         upstream_sink(sink): the Sink the client's bytes go to in front of the backend's (a
-        console policy reading them); that direction is then copied, the other still spliced."""
+        console policy reading them); that direction is then copied, the other still spliced.
+        recorder (.client, .server): sees every chunk both ways before it is passed on; both
+        directions are then copied."""
         client_sock, backend_sock = (tls.TlsStream(sock) if isinstance(sock, ssl.SSLSocket) else sock
                                      for sock in (client_sock, backend_sock))
-        splice = CAN_SPLICE and not any(isinstance(sock, tls.TlsStream) for sock in (client_sock, backend_sock))
+        splice = (CAN_SPLICE and recorder is None
+                  and not any(isinstance(sock, tls.TlsStream) for sock in (client_sock, backend_sock)))
+        up, down = (recorder.client, recorder.server) if recorder else (None, None)
         if upstream_sink is not None:
-            upstream = CopyDirection("client", SocketSource(client_sock, client_leftover),
+            upstream = CopyDirection("client", tapped(SocketSource(client_sock, client_leftover), up),
                                      upstream_sink(SocketSink(backend_sock)))
         elif splice:
             upstream = SpliceDirection("client", client_sock, backend_sock, client_leftover)
         else:
-            upstream = CopyDirection("client", SocketSource(client_sock, client_leftover), SocketSink(backend_sock))
+            upstream = CopyDirection("client", tapped(SocketSource(client_sock, client_leftover), up),
+                                     SocketSink(backend_sock))
         if splice:
             downstream = SpliceDirection("backend", backend_sock, client_sock, backend_leftover)
         else:
-            downstream = CopyDirection("backend", SocketSource(backend_sock, backend_leftover), SocketSink(client_sock))
+            downstream = CopyDirection("backend", tapped(SocketSource(backend_sock, backend_leftover), down),
+                                       SocketSink(client_sock))
         return cls(client_sock, backend_sock, upstream, downstream)
 
     @property

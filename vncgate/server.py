@@ -21,7 +21,8 @@ import socketserver
 import threading
 import time
 
-from vncgate import api, consoles, fds, http, relay, sessions, store as store_module, throttle, tls, web, websocket, xvp
+from vncgate import (api, consoles, fds, http, recording, relay, sessions, store as store_module, throttle, tls,
+                     web, websocket, xvp)
 from vncgate.refusals import Refused
 
 log = logging.getLogger("vncgate.server")
@@ -129,7 +130,8 @@ class Gateway(socketserver.ThreadingTCPServer):
             throttle=throttle.FailureThrottle(config.failed_token_burst, config.failed_token_rate),
             heartbeat=config.touch_interval, settings=config,
             backend_tls=tls.backend_context(config.backend_ca, config.backend_cert, config.backend_key),
-            on_relaying=self._handshake_over)
+            on_relaying=self._handshake_over,
+            recordings=recording.Recordings.from_config(config))
         self.consoles = consoles.Consoles(config.console_log_dir, config.console_log_bytes,
                                           config.handshake_timeout)
         self.sessions.backend_openers[store_module.SERIAL] = self.consoles.open_backend

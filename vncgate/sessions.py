@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 
-from vncgate import backends, fds, policy as policy_module, refusals, rfb, store as store_module, tls
+from vncgate import backends, fds, policy as policy_module, recording, refusals, rfb, store as store_module, tls
 from vncgate.refusals import Refused
 
 log = logging.getLogger("vncgate.sessions")
@@ -38,6 +38,7 @@ class Session:
         self.client_conn = client_conn
         self.started = time.time()
         self.relay = None
+        self.recorder = None  # a recording.Recorder when the session is recorded
         self.stopped = None  # the reason, once stop() was called
         self._lock = threading.Lock()
         # The RFB security the gateway did with the backend: None (the client does its own),
@@ -55,7 +56,8 @@ class Session:
     def audit_fields(self):
         return {"client": self.client, "path": self.path, "console_type": self.details.console_type,
                 "instance_id": self.details.instance_id, "token_id": self.details.token_id,
-                "session_id": self.id, **({"policy": self.policy.describe()} if self.policy.describe() else {})}
+                "session_id": self.id, **({"policy": self.policy.describe()} if self.policy.describe() else {}),
+                **({"replay": self.details.replay} if self.details.replay else {})}
 
     def byte_counts(self):
         return (self.relay.bytes_up, self.relay.bytes_down) if self.relay else (0, 0)
@@ -88,12 +90,14 @@ class Session:
 
 class SessionManager:
     def __init__(self, store, audit, backend_timeout, throttle, heartbeat, settings, backend_tls=None,
-                 on_relaying=lambda: None):
+                 on_relaying=lambda: None, recordings=None):
         """settings: the policy keys of the config (resume_grace, paste_max_chars, input_idle_timeout)
         and max_sessions_per_token; backend_tls: the ssl context for consoles that speak VeNCrypt
-        (tls.backend_context); on_relaying: called in a session's thread as its relay starts."""
+        (tls.backend_context); on_relaying: called in a session's thread as its relay starts;
+        recordings: the recording.Recordings of record_dir."""
         self.store = store
         self.settings = settings
+        self.recordings = recordings or recording.Recordings("")
         self.audit = audit
         self.backend_timeout = backend_timeout
         self.throttle = throttle
@@ -137,28 +141,39 @@ class SessionManager:
         self.store_work.set()
         if not isinstance(session.security, rfb.RfbError):
             self.audit.record("attempt", **session.audit_fields(), result="accepted", status=200,
-                              **({"single_use": session.use} if session.use else {}))
+                              **({"single_use": session.use} if session.use else {}),
+                              **({"recording": session.id} if session.recorder else {}))
         return session
 
     def _reach(self, details, client, path, conn, address, resume_cookie, fields):
         """The session with its backend connected (and secured, and a single use taken), or Refused."""
-        try:
-            opener = self.backend_openers.get(details.console_type, backends.open_backend)
-            backend, leftover = opener(details, self.backend_timeout)
-        except Refused as error:
-            log.info("backend %s:%s for %s: %s", details.host, details.port, details.instance_id, error)
-            raise Refused(error.reason, error.detail, **fields) from None
+        if details.replay:  # the "backend" is a player of the recording, speaking RFB itself
+            player = self.recordings.player(details.replay, details.replay_speed)
+            backend, leftover = player.socket, b""
+        else:
+            try:
+                opener = self.backend_openers.get(details.console_type, backends.open_backend)
+                backend, leftover = opener(details, self.backend_timeout)
+            except Refused as error:
+                log.info("backend %s:%s for %s: %s", details.host, details.port, details.instance_id, error)
+                raise Refused(error.reason, error.detail, **fields) from None
         session = Session(details, client, path, backend, leftover, conn)
         session.policy = policy_module.Policy.from_json(details.policy)
-        # Policies read RFB: a serial console's bytes are not (its tokens carry none).
-        if details.console_type != store_module.SERIAL and session.policy.reads_stream(self.settings):
+        # Policies read RFB: a serial console's bytes are not (its tokens carry none); a replay has no input.
+        if (details.console_type != store_module.SERIAL and not details.replay
+                and session.policy.reads_stream(self.settings)):
             session.enforcement = policy_module.Enforcement(session.policy, self.settings, session.stop)
-        if details.backend_tls or details.backend_password is not None or session.enforcement:
+        if details.replay:
+            session.security = player.error  # None: the player greets the viewer itself
+        elif details.backend_tls or details.backend_password is not None or session.enforcement:
             # The gateway reads a policy's stream from ClientInit on: it does the handshake itself.
             session.security = self._authenticate_backend(session, fields)
         if session.policy.single_use and not isinstance(session.security, rfb.RfbError):
             session.use = self._consume(session, address, resume_cookie, fields)
             session.resume_cookie = resume_cookie
+        if self.recordings.wanted(details) and not isinstance(session.security, rfb.RfbError):
+            session.recorder = self.recordings.recorder(session, lambda reason, detail: self.audit.record(
+                "recording-stopped", **session.audit_fields(), recording=session.id, reason=reason, detail=detail))
         return session
 
     def _consume(self, session, address, resume_cookie, fields):
@@ -273,13 +288,16 @@ class SessionManager:
         self.audit.record("session-end", **session.audit_fields(), reason=reason,
                           bytes_up=relay.bytes_up, bytes_down=relay.bytes_down,
                           duration=round(time.time() - session.started, 3),
-                          **({"detail": violation} if violation else {}))
+                          **({"detail": violation} if violation else {}),
+                          **(session.recorder.finish() if session.recorder else {}))
 
     def discard(self, session):
         """A session whose client went away before the relay started."""
         self._forget(session)
         self._release(session)
         session.backend.close()
+        if session.recorder:
+            session.recorder.finish()
 
     def _forget(self, session):
         with self._lock:

@@ -53,14 +53,15 @@ def serve(gateway, conn, request, leftover, client, console_type=store.WEBSOCKET
         timed.lift()
     else:
         source = ClientSource(stream, sender, leftover)
-    backend = session.backend
+    backend, recorder = session.backend, session.recorder
     to_backend = BackendSink(backend)
     if session.client_filter:
         to_backend = session.client_filter(to_backend)
     gateway.sessions.run(session, relay.Relay(
         stream, backend,
-        upstream=relay.CopyDirection("client", source, to_backend),
-        downstream=relay.CopyDirection("backend", relay.SocketSource(backend, session.backend_leftover), sink)))
+        upstream=relay.CopyDirection("client", relay.tapped(source, recorder and recorder.client), to_backend),
+        downstream=relay.CopyDirection("backend", relay.tapped(relay.SocketSource(backend, session.backend_leftover),
+                                                               recorder and recorder.server), sink)))
 
 
 def origin_allowed(origin, config):

@@ -20,4 +20,5 @@ def serve(gateway, conn, request, leftover, client):
             return
         leftover = reader.surplus
     gateway.sessions.run(session, relay.Relay.raw(conn, session.backend, session.backend_leftover, leftover,
-                                                  upstream_sink=session.client_filter))
+                                                  upstream_sink=session.client_filter,
+                                                  recorder=session.recorder))

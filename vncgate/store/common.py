@@ -77,6 +77,9 @@ class ConnectionDetails:
     expires_at: float
     has_password: bool
     backend_tls: bool = False  # the console speaks VeNCrypt: the gateway does TLS to it
+    record: bool = False  # its sessions are recorded (recording.py)
+    replay: str = ""  # a replay token: the session id of the recording it plays, at replay_speed
+    replay_speed: float = 1.0
     backend_password: bytes = None  # opened only by validate(), which holds the token
     policy: str = ""  # the console policy, JSON text that vncgate.policy reads; "" for none
 
@@ -172,9 +175,10 @@ class Store:
 
     def add_connection_details(self, instance_id, console_type, host, port, internal_access_path="",
                                access_url="", ttl=None, backend_password=None, policy="",
-                               backend_tls=False):
+                               backend_tls=False, record=False, replay="", replay_speed=1.0):
         """Mint a token for one console and return it; only its hash is kept. policy: the
-        console policy's JSON text (vncgate.policy.Policy.to_json)."""
+        console policy's JSON text (vncgate.policy.Policy.to_json). record: its sessions are
+        recorded; replay: a session id, whose recording the token plays instead of a console."""
         if console_type not in CONSOLE_TYPES:
             raise ValueError(f"unknown console type {console_type!r}")
         token = new_token()
@@ -183,7 +187,8 @@ class Store:
         self._insert([(ConnectionDetails(
             hash_token(token), instance_id, console_type, host, int(port), access_url, internal_access_path or "",
             now, now, now + (self.token_ttl if ttl is None else ttl), sealed is not None, policy=policy,
-            backend_tls=bool(backend_tls)), sealed)])
+            backend_tls=bool(backend_tls), record=bool(record), replay=replay, replay_speed=float(replay_speed)),
+            sealed)])
         return token
 
     def get_connection_details(self, token):

@@ -42,6 +42,8 @@ URL_FORMS = ("redis://[:PASSWORD@]HOST:PORT/DB, rediss://[:PASSWORD@]HOST:PORT/D
 _BATCH = 1000  # commands per pipeline, tokens per purge step
 _TOKEN_FIELDS = ("instance_id", "console_type", "host", "port", "access_url", "internal_access_path",
                  "created_at", "updated_at", "expires_at")
+# Fields added after the first release: a token written before them reads as their default.
+_LATER_FIELDS = {"record": "0", "replay": "", "replay_speed": "1.0"}
 _SESSION_FIELDS = tuple(field.name for field in dataclasses.fields(LiveSession))
 
 
@@ -308,6 +310,8 @@ class RedisStore(Store):
             args = [repr(self.clock()), repr(float(self.idle_timeout))]
             for details, sealed in rows[start:start + _BATCH]:
                 fields = [item for name in _TOKEN_FIELDS for item in (name, str(getattr(details, name)))]
+                fields += ["record", str(int(details.record)), "replay", details.replay,
+                           "replay_speed", repr(float(details.replay_speed))]
                 if sealed is not None:
                     fields += ["secret", sealed]
                 if details.policy:
@@ -555,12 +559,13 @@ def _details(token_hash, fields):
     text = {key.decode(): value for key, value in fields.items()}
     sealed = text.pop("secret", None)
     values = {name: text[name].decode() for name in _TOKEN_FIELDS}
+    values.update({name: text[name].decode() if name in text else default for name, default in _LATER_FIELDS.items()})
     return ConnectionDetails(
         token_hash, values["instance_id"], values["console_type"], values["host"], int(values["port"]),
         values["access_url"], values["internal_access_path"], float(values["created_at"]),
         float(values["updated_at"]), float(values["expires_at"]), has_password=sealed is not None,
-        policy=text.get("policy", b"").decode(),
-        backend_tls=text.get("backend_tls") == b"1"), sealed
+        policy=text.get("policy", b"").decode(), backend_tls=text.get("backend_tls") == b"1",
+        record=values["record"] == "1", replay=values["replay"], replay_speed=float(values["replay_speed"])), sealed
 
 
 def _session(fields):

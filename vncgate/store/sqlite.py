@@ -18,12 +18,14 @@ _POOL_SIZE = 16
 
 
 _COLUMNS = ("token_hash, instance_id, console_type, host, port, access_url, internal_access_path, "
-            "created_at, updated_at, expires_at, backend_secret IS NOT NULL, policy, backend_tls")
+            "created_at, updated_at, expires_at, backend_secret IS NOT NULL, policy, backend_tls, record, replay, "
+            "replay_speed")
+_SECRET = 16  # the index of backend_secret when it is selected after _COLUMNS
 
 
 def _details(row):
-    return ConnectionDetails(*row[:10], has_password=bool(row[10]), policy=row[11],
-                             backend_tls=bool(row[12]))
+    return ConnectionDetails(*row[:10], has_password=bool(row[10]), policy=row[11], backend_tls=bool(row[12]),
+                             record=bool(row[13]), replay=row[14], replay_speed=row[15])
 
 
 def _migrate_1(db):
@@ -84,8 +86,15 @@ def _migrate_6(db):
         port INTEGER NOT NULL)""")
 
 
+def _migrate_7(db):
+    """Recording: the token's sessions are recorded; a replay token names its recording."""
+    db.execute("ALTER TABLE console_tokens ADD COLUMN record INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE console_tokens ADD COLUMN replay TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE console_tokens ADD COLUMN replay_speed REAL NOT NULL DEFAULT 1.0")
+
+
 # MIGRATIONS[n] takes a database from user_version n to n + 1. Append, never edit.
-MIGRATIONS = (_migrate_1, _migrate_2, _migrate_3, _migrate_4, _migrate_5, _migrate_6)
+MIGRATIONS = (_migrate_1, _migrate_2, _migrate_3, _migrate_4, _migrate_5, _migrate_6, _migrate_7)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -237,9 +246,10 @@ class SqliteStore(Store):
         with self._db() as db:
             db.executemany("INSERT OR REPLACE INTO console_tokens (token_hash, instance_id, console_type, host, "
                            "port, access_url, internal_access_path, created_at, updated_at, expires_at, "
-                           "backend_secret, policy, backend_tls) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                           [(*dataclasses.astuple(details)[:10], sealed, details.policy, int(details.backend_tls))
-                            for details, sealed in rows])
+                           "backend_secret, policy, backend_tls, record, replay, replay_speed) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           [(*dataclasses.astuple(details)[:10], sealed, details.policy, int(details.backend_tls),
+                             int(details.record), details.replay, details.replay_speed) for details, sealed in rows])
 
     def _find(self, token_hash):
         return self._select("token_hash = ?", (token_hash,), include_expired=True)
@@ -254,12 +264,12 @@ class SqliteStore(Store):
             details = _details(row)
             if not details.is_expired(now) and details.console_type == console_type:
                 db.execute("UPDATE console_tokens SET updated_at = ? WHERE token_hash = ?", (now, token_hash))
-        return details, row[13]
+        return details, row[_SECRET]
 
     def _dump(self):
         with self._db() as db:
             rows = db.execute(f"SELECT {_COLUMNS}, backend_secret FROM console_tokens").fetchall()
-        return [(_details(row), row[13]) for row in rows]
+        return [(_details(row), row[_SECRET]) for row in rows]
 
     # -- beyond the blueprint: what the gateway and the CLI need --------------------
 

@@ -1,0 +1,441 @@
+"""Writing sessions to files and playing them back to a browser, through the same gateway.
+
+Files in record_dir, named by the session id S:
+  S.fbs        the server-to-client stream in the FBS 001.000 format of rfbproxy and vncrec
+               (read by TightVNC's player and vncproxy): "FBS 001.000\\n", then blocks of
+               u32 length, the bytes padded to 4, u32 milliseconds since the recording began
+               (all big-endian). Like rfbproxy's files it holds a stream an RFB 3.3 viewer can
+               read from the start: "RFB 003.003\\n" and security type None, then the session's
+               ServerInit and everything the server sent after it. The security handshake the
+               session really had (its challenge, its password response) is never written.
+  S.input      the client's messages from ClientInit on, in the same blocks and on the same
+               clock, under the header "VGI 001.000\\n" (vncgate input): FBS has no direction,
+               so a separate file keeps S.fbs readable by existing players.
+  S.json       what `vncgate-token recordings` lists: session, instance, start, duration, bytes,
+               and why recording stopped early, if it did. Written at the start, again at the end.
+Neither file ever holds a token or a password: tokens never enter the RFB stream, and the
+RFB security handshake comes before what is recorded.
+
+A recorder sees each chunk before it is relayed (relay.TappedSource). When the gateway did
+not do the RFB security itself, the recorder follows the handshake in both directions to
+find ServerInit and ClientInit; a security type it cannot follow (anything but None and VNC
+Authentication) ends the recording, not the session.
+"""
+
+import json
+import logging
+import os
+import re
+import select
+import socket
+import struct
+import threading
+import time
+
+from vncgate import relay as relay_module, rfb
+
+log = logging.getLogger("vncgate.recording")
+
+FBS_MAGIC = b"FBS 001.000\n"
+INPUT_MAGIC = b"VGI 001.000\n"
+# What a 3.3 viewer reads before ServerInit: the version, then security type None.
+PREFIX = rfb.RFB_3_3 + struct.pack("!I", rfb.NONE)
+MAX_BLOCK = 64 << 20  # no writer makes larger blocks; a larger length is damage
+MAX_NAME = 4096
+_U32 = struct.Struct("!I")
+SESSION_ID = re.compile(r"[0-9a-f]{6,64}")
+
+
+class ReplayError(rfb.RfbError):
+    """A recording that cannot be played; .reason is the audit word (a refusals row)."""
+
+
+def _pad(length):
+    return -length % 4
+
+
+class BlockWriter:
+    """One file of timestamped blocks; counts the bytes it wrote."""
+
+    def __init__(self, path, magic):
+        self.file = open(path, "wb", buffering=1 << 16, opener=lambda name, flags: os.open(name, flags, 0o600))
+        self.file.write(magic)
+        self.size = len(magic)
+
+    @staticmethod
+    def block_size(length):
+        return 8 + length + _pad(length)
+
+    def write(self, data, ms):
+        length = len(data)
+        write = self.file.write
+        write(_U32.pack(length))
+        write(data)
+        write(b"\0" * _pad(length) + _U32.pack(ms))
+        self.size += self.block_size(length)
+
+    def close(self):
+        self.file.close()
+
+
+class Handshake:
+    """Follows an RFB handshake from both sides' bytes; .done gives where ServerInit and
+    ClientInit begin. Raises ValueError for a handshake it cannot follow or that failed."""
+
+    def __init__(self):
+        self.server = b""
+        self.client = b""
+
+    def offsets(self):
+        """(ServerInit's offset in the server bytes, ClientInit's in the client's), or None
+        while more bytes are needed."""
+        s, c = self.server, self.client
+        if len(s) < 12 or len(c) < 12:
+            return None
+        minor = min(_minor(s[:12]), _minor(c[:12]))
+        if minor == 3:
+            if len(s) < 16:
+                return None
+            kind, at, client_at = _U32.unpack(s[12:16])[0], 16, 12
+        else:
+            if len(s) < 13 or len(s) < 13 + s[12] or len(c) < 13:
+                return None
+            if s[12] == 0:
+                raise ValueError("the server refused the connection")
+            kind, at, client_at = c[12], 13 + s[12], 13
+        if kind == rfb.VNC_AUTH:
+            at, client_at = at + 16, client_at + 16
+        elif kind != rfb.NONE:
+            raise ValueError(f"security type {kind} cannot be followed")
+        if kind == rfb.VNC_AUTH or minor == 8:  # SecurityResult
+            if len(s) < at + 4:
+                return None
+            if _U32.unpack(s[at:at + 4])[0] != 0:
+                raise ValueError("the security handshake failed")
+            at += 4
+        if len(c) < client_at:
+            return None
+        return at, client_at
+
+
+def _minor(line):
+    match = re.fullmatch(rb"RFB (\d{3})\.(\d{3})\n", line)
+    if not match:
+        raise ValueError(f"not an RFB version line: {line!r}")
+    major, minor = int(match.group(1)), int(match.group(2))
+    return 8 if major > 3 or minor >= 8 else 7 if minor == 7 else 3
+
+
+class Recorder:
+    """Writes one session. server() and client() are called by the relay's two threads with
+    each chunk before it is passed on; finish() once the session is over."""
+
+    def __init__(self, folder, session_id, meta, max_bytes, on_stop, at_server_init, clock=time.monotonic):
+        self.folder = folder
+        self.session_id = session_id
+        self.meta = meta
+        self.max_bytes = max_bytes
+        self.on_stop = on_stop
+        self.clock = clock
+        self.started = clock()
+        self.stopped = None  # why recording ended before the session, if it did
+        self.server_bytes = self.client_bytes = 0
+        self.handshake = None if at_server_init else Handshake()
+        self._lock = threading.Lock()
+        self.output = BlockWriter(self.path(".fbs"), FBS_MAGIC)
+        self.input = BlockWriter(self.path(".input"), INPUT_MAGIC)
+        self.output.write(PREFIX, 0)
+        self._write_meta()
+
+    def path(self, suffix):
+        return os.path.join(self.folder, self.session_id + suffix)
+
+    @property
+    def size(self):
+        return self.output.size + self.input.size
+
+    def server(self, chunk):
+        self._take(chunk, True)
+
+    def client(self, chunk):
+        self._take(chunk, False)
+
+    def _take(self, chunk, from_server):
+        if self.stopped:
+            return
+        with self._lock:
+            if self.stopped:
+                return
+            if self.handshake is not None:
+                self._follow(bytes(chunk), from_server)
+                return
+            self._write(chunk, from_server)
+
+    def _follow(self, chunk, from_server):
+        handshake = self.handshake
+        if from_server:
+            handshake.server += chunk
+        else:
+            handshake.client += chunk
+        try:
+            found = handshake.offsets()
+        except ValueError as error:
+            self._stop("record-unsupported", str(error))
+            return
+        if found is not None:
+            self.handshake = None
+            server_rest, client_rest = handshake.server[found[0]:], handshake.client[found[1]:]
+            for data, side in ((server_rest, True), (client_rest, False)):
+                if data and not self.stopped:
+                    self._write(data, side)
+        elif len(handshake.server) + len(handshake.client) > 1 << 16:
+            self._stop("record-unsupported", "no ServerInit in the first 64 KiB")
+
+    def _write(self, chunk, from_server):
+        writer = self.output if from_server else self.input
+        if self.size + writer.block_size(len(chunk)) > self.max_bytes:
+            self._stop("record-max-bytes", f"record_max_bytes ({self.max_bytes}) reached")
+            return
+        writer.write(chunk, int((self.clock() - self.started) * 1000))
+        if from_server:
+            self.server_bytes += len(chunk)
+        else:
+            self.client_bytes += len(chunk)
+
+    def _stop(self, reason, detail):
+        self.stopped = reason
+        log.info("session %s: recording stopped: %s", self.session_id, detail)
+        self.on_stop(reason, detail)
+
+    def finish(self):
+        """Close the files; the fields the session's audit line adds (none when nothing of
+        the session's screen was recorded, and then no files are left)."""
+        with self._lock:
+            self.stopped = self.stopped or "session-ended"
+            for writer in (self.output, self.input):
+                writer.close()
+            if self.server_bytes == 0:
+                for suffix in (".fbs", ".input", ".json"):
+                    try:
+                        os.unlink(self.path(suffix))
+                    except FileNotFoundError:
+                        pass
+                return {}
+            self.meta["duration"] = round(self.clock() - self.started, 3)
+            self.meta["bytes"] = self.size
+            if self.stopped != "session-ended":
+                self.meta["stopped"] = self.stopped
+            self._write_meta()
+        fields = {"recording": self.session_id, "recording_bytes": self.size}
+        if self.stopped != "session-ended":
+            fields["recording_stopped"] = self.stopped
+        return fields
+
+    def _write_meta(self):
+        _write_json(self.path(".json"), self.meta)
+
+
+def _write_json(path, value):
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8", opener=lambda name, flags: os.open(name, flags, 0o600)) as handle:
+        json.dump(value, handle)
+    os.replace(temporary, path)
+
+
+class Recordings:
+    """The record_dir: starting recorders, listing, purging, and playing recordings back."""
+
+    def __init__(self, folder, record_all=False, max_bytes=1 << 30, keep_days=30.0, clock=time.time):
+        self.folder = folder
+        self.record_all = record_all
+        self.max_bytes = max_bytes
+        self.keep_days = keep_days
+        self.clock = clock
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config.record_dir, config.record_all, config.record_max_bytes, config.record_keep_days)
+
+    def wanted(self, details):
+        return not details.replay and (details.record or self.record_all)
+
+    def recorder(self, session, on_stop):
+        """A Recorder for session; None (logged) when record_dir cannot be written."""
+        meta = {"format": "vncgate-recording 1", "session_id": session.id,
+                "instance_id": session.details.instance_id, "console_type": session.details.console_type,
+                "started_at": round(session.started, 3), "duration": None, "bytes": 0}
+        try:
+            os.makedirs(self.folder, mode=0o700, exist_ok=True)
+            return Recorder(self.folder, session.id, meta, self.max_bytes, on_stop,
+                            at_server_init=session.security is not None)
+        except OSError as error:
+            log.error("session %s: cannot record in %s: %s", session.id, self.folder, error)
+            on_stop("record-failed", f"cannot write in {self.folder}: {error.strerror}")
+            return None
+
+    def list(self, instance_id=None):
+        """The recordings' metadata, oldest first."""
+        found = []
+        try:
+            names = os.listdir(self.folder)
+        except FileNotFoundError:
+            return []
+        for name in names:
+            if not name.endswith(".json"):
+                continue
+            try:
+                with open(os.path.join(self.folder, name), encoding="utf-8") as handle:
+                    meta = json.load(handle)
+                meta["session_id"], meta["started_at"]  # noqa: B018 (a usable record has both)
+            except (OSError, ValueError, KeyError, TypeError):
+                log.warning("skipping unreadable recording metadata %s", name)
+                continue
+            if instance_id is None or meta.get("instance_id") == instance_id:
+                found.append(meta)
+        return sorted(found, key=lambda meta: (meta["started_at"], meta["session_id"]))
+
+    def find(self, session_id):
+        """The metadata of one recording, or None."""
+        return next((meta for meta in self.list() if meta["session_id"] == session_id), None)
+
+    def purge(self):
+        """Delete the recordings older than keep_days; returns how many."""
+        cutoff = self.clock() - self.keep_days * 86400
+        gone = 0
+        for meta in self.list():
+            if meta["started_at"] < cutoff:
+                for suffix in (".fbs", ".input", ".json"):
+                    try:
+                        os.unlink(os.path.join(self.folder, meta["session_id"] + suffix))
+                    except FileNotFoundError:
+                        pass
+                gone += 1
+        return gone
+
+    def player(self, session_id, speed):
+        """A Player for a replay token: its .socket is the session's backend; its .error the
+        ReplayError the viewer is told instead (then nothing plays)."""
+        return Player(os.path.join(self.folder, session_id + ".fbs") if SESSION_ID.fullmatch(session_id)
+                      else None, speed)
+
+
+# -- playing back ------------------------------------------------------------------------------
+
+def read_blocks(path):
+    """Check a whole .fbs file and index it: [(offset of the data, length, ms)]. Raises ReplayError."""
+    if path is None:
+        raise ReplayError("recording-missing", "not a session id")
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        raise ReplayError("recording-missing", f"{os.path.basename(path)} does not exist") from None
+    except OSError as error:
+        raise ReplayError("recording-missing", f"{os.path.basename(path)}: {error.strerror}") from None
+    with handle:
+        size = os.fstat(handle.fileno()).st_size
+        if handle.read(len(FBS_MAGIC)) != FBS_MAGIC:
+            raise ReplayError("recording-foreign", "no FBS 001.000 header")
+        blocks, last = [], 0
+        while True:
+            head = handle.read(4)
+            if not head:
+                break
+            if len(head) < 4:
+                raise ReplayError("recording-truncated", f"a block header is cut at byte {handle.tell()}")
+            length = _U32.unpack(head)[0]
+            offset = handle.tell()
+            if length > MAX_BLOCK:
+                raise ReplayError("recording-corrupt", f"a block of {length} bytes at byte {offset - 4}")
+            end = offset + length + _pad(length)
+            if end + 4 > size:
+                raise ReplayError("recording-truncated", f"the block at byte {offset - 4} is cut")
+            handle.seek(end)
+            ms = _U32.unpack(handle.read(4))[0]
+            if ms < last:
+                raise ReplayError("recording-corrupt", f"time runs backwards at byte {end}")
+            blocks.append((offset, length, ms))
+            last = ms
+    return blocks
+
+
+class Player:
+    """Plays one recording as an RFB server on one end of a socket pair; the session relays
+    the other end (.socket) as its backend. The viewer's handshake is answered here (security
+    None, the recorded ServerInit); its input is read and dropped."""
+
+    def __init__(self, path, speed):
+        self.path = path
+        self.speed = speed
+        self.socket, self._far = socket.socketpair()
+        try:
+            self.blocks = read_blocks(path)
+            self.server_init, self.first = self._server_init()
+            self.error = None
+        except ReplayError as error:
+            self.error = error
+            self._far.close()
+            return
+        threading.Thread(target=self._run, name="replay", daemon=True).start()
+
+    def _read(self, handle, block):
+        offset, length, _ms = block
+        handle.seek(offset)
+        return handle.read(length)
+
+    def _server_init(self):
+        """ServerInit's bytes, and (index of the next block, bytes of it already used)."""
+        with open(self.path, "rb") as handle:
+            data, index = b"", 0
+            while index < len(self.blocks) and len(data) < len(PREFIX) + 24:
+                data += self._read(handle, self.blocks[index])
+                index += 1
+            if not data.startswith(PREFIX) or len(data) < len(PREFIX) + 24:
+                raise ReplayError("recording-corrupt", "no RFB stream with a ServerInit at its start")
+            init = data[len(PREFIX):]
+            width, height, bpp, name_length = struct.unpack("!HHB15xI", init[:24])
+            if not width or not height or bpp not in (8, 16, 32) or name_length > MAX_NAME:
+                raise ReplayError("recording-corrupt", "the recorded ServerInit is not one")
+            while index < len(self.blocks) and len(init) < 24 + name_length:
+                init += self._read(handle, self.blocks[index])
+                index += 1
+            if len(init) < 24 + name_length:
+                raise ReplayError("recording-truncated", "the recording ends inside its ServerInit")
+        used = len(init) - 24 - name_length  # bytes of the last block read that follow ServerInit
+        return init[:24 + name_length], (index, self.blocks[index - 1][1] - used if used else None)
+
+    def _run(self):
+        sock = self._far
+        try:
+            with sock, open(self.path, "rb") as handle:
+                reader = relay_module.ChunkReader(relay_module.SocketSource(sock))
+                rfb.offer_no_auth(reader.read_exact, sock.sendall, rfb.RFB_3_8)
+                reader.read_exact(1)  # ClientInit: shared or not, there is one screen
+                self._play(sock, handle)
+                while self._drop_input(sock, None):
+                    pass  # the last picture stays until the viewer leaves
+        except (OSError, rfb.RfbError, ConnectionError) as error:
+            log.debug("replay of %s ended: %s", os.path.basename(self.path), error)
+
+    def _play(self, sock, handle):
+        sock.sendall(self.server_init)
+        index, skip = self.first
+        origin_ms = self.blocks[index - 1][2] if index else 0
+        started = time.monotonic()
+        if skip is not None:  # the rest of the block that held ServerInit's end
+            offset, length, _ms = self.blocks[index - 1]
+            sock.sendall(self._read(handle, (offset + skip, length - skip, 0)))
+        for block in self.blocks[index:]:
+            due = started + (block[2] - origin_ms) / 1000 / self.speed
+            while (wait := due - time.monotonic()) > 0:
+                if not self._drop_input(sock, wait):
+                    return
+            sock.sendall(self._read(handle, block))
+
+    @staticmethod
+    def _drop_input(sock, timeout):
+        """Wait up to timeout (None: for ever) for viewer input and drop it; False at its end."""
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        if poller.poll(None if timeout is None else timeout * 1000):
+            return bool(sock.recv(65536))
+        return True
