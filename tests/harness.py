@@ -492,6 +492,32 @@ def fake_rfb_server(password, banner=b"RFB 003.008\n", types=(2,), fail_reason=b
     return behaviour
 
 
+SERVER_INIT = struct.pack("!HHBBBBHHHBBB3xI", 640, 480, 32, 24, 0, 1, 255, 255, 255, 16, 8, 0, 4) + b"test"
+
+
+def rfb_server_streaming(chunks, minor=8):
+    """An RFB server without security (type None) that, after ClientInit, sends SERVER_INIT and
+    then each of chunks, and then waits for the client to leave; the client's bytes after the
+    handshake go to backend.received."""
+    def behaviour(backend, sock):
+        sock.sendall(b"RFB 003.%03d\n" % minor)
+        recv_exactly(sock, 12)
+        if minor == 3:
+            sock.sendall(struct.pack("!I", 1))
+        else:
+            sock.sendall(b"\x01\x01")
+            recv_exactly(sock, 1)
+            if minor == 8:
+                sock.sendall(struct.pack("!I", 0))
+        recv_exactly(sock, 1)  # ClientInit
+        sock.sendall(SERVER_INIT)
+        for chunk in chunks:
+            sock.sendall(chunk)
+        while data := sock.recv(65536):
+            backend.received.append(data)
+    return behaviour
+
+
 def echo(sock):
     while True:
         data = sock.recv(65536)
@@ -539,6 +565,19 @@ def frames_until(sock, rest, done):
     return frames
 
 
+def masked(opcode, payload, fin=True, rsv=0, length=None):
+    """A client frame built by hand (mask key zero: the payload travels as it is)."""
+    length = len(payload) if length is None else length
+    first = (0x80 if fin else 0) | rsv | opcode
+    if length < 126:
+        head = bytes((first, 0x80 | length))
+    elif length < 65536:
+        head = struct.pack("!BBH", first, 0x80 | 126, length)
+    else:
+        head = struct.pack("!BBQ", first, 0x80 | 127, length)
+    return head + b"\0\0\0\0" + payload
+
+
 def payload_of(frames):
     return b"".join(frame.data for frame in frames if frame.opcode == Opcode.BINARY)
 
@@ -575,8 +614,9 @@ def wait_for_console_text(page, shot):
     assert page.evaluate("document.documentElement.classList.contains('noVNC_connected')")
 
 
-def open_console_in_chromium(url, shot, extra_args=()):
-    """Open an access URL as a user would, and wait for noVNC to show qemu's text."""
+def open_console_in_chromium(url, shot, extra_args=(), while_open=None):
+    """Open an access URL as a user would, and wait for noVNC to show qemu's text. Then
+    while_open(take), if given, where take() screenshots the canvas to shot again and returns it."""
     with sync_playwright() as playwright:
         browser = launch_chromium(playwright, extra_args)
         try:
@@ -585,6 +625,9 @@ def open_console_in_chromium(url, shot, extra_args=()):
             page.on("pageerror", lambda error: errors.append(error))
             page.goto(url)
             wait_for_console_text(page, shot)
+            if while_open is not None:
+                canvas = page.locator("#noVNC_container canvas")
+                while_open(lambda: canvas.screenshot(path=shot, timeout=10_000) and shot)
             assert errors == []
             # Leave as a user does: the page closes its websocket (1001) with a close handshake,
             # where closing the browser at once may reset the connection instead.

@@ -16,7 +16,7 @@ from websockets.uri import parse_uri
 
 from tests import harness
 from tests.harness import (NOVNC, FakeBackend, GatewayProcess, client_context, closed_by_peer, fake_rfb_server,
-                           frames_until, make_certificate, raw_upgrade, read_head)
+                           frames_until, masked, make_certificate, raw_upgrade, read_head)
 from vncgate import refusals, wsframes
 
 BANNER = b"RFB 003.008\n"
@@ -62,19 +62,6 @@ def recorder():
     backend = FakeBackend(harness.banner_then_record)
     yield backend
     backend.stop()
-
-
-def masked(opcode, payload, fin=True, rsv=0, length=None):
-    """A client frame built by hand (mask key zero: the payload travels as it is)."""
-    length = len(payload) if length is None else length
-    first = (0x80 if fin else 0) | rsv | opcode
-    if length < 126:
-        head = bytes((first, 0x80 | length))
-    elif length < 65536:
-        head = struct.pack("!BBH", first, 0x80 | 126, length)
-    else:
-        head = struct.pack("!BBQ", first, 0x80 | 127, length)
-    return head + b"\0\0\0\0" + payload
 
 
 def live_session_ids(gateway, token):

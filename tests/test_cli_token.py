@@ -84,7 +84,7 @@ def test_touch_and_purge(run_token):
     (["add", "--host", "h", "--port", "99999"], "invalid port 99999"),
     (["add", "--host", "h", "--port", "vnc"], "invalid port 'vnc'"),
     (["add", "--host", "h", "--port", "5900", "--type", "spice"], "invalid choice: 'spice'"),
-    (["add", "--port", "5900"], "add takes --host H --port P, or --domain NAME"),
+    (["add", "--port", "5900"], "add takes --host H --port P, --domain NAME or --replay SESSION"),
     (["add", "--host", "h", "--port", "1", "--libvirt", "qemu:///system"], "--libvirt goes with --domain"),
     (["api-key"], "required: COMMAND"),
     (["add", "--host", "h", "--port", "1", "--ttl", "-3"], "invalid seconds '-3'"),

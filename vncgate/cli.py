@@ -307,13 +307,13 @@ def cmd_recordings(args, config, store, out):
     rows = recording.Recordings.from_config(config).list(instance_id=args.instance)
     if args.json:
         json.dump([{"session_id": row["session_id"], "instance_id": row.get("instance_id"),
-                    "console_type": row.get("console_type"), "started_at": _iso(row["started_at"]),
+                    "console_type": row.get("console_type"), "started_at": api.iso(row["started_at"]),
                     "duration": row.get("duration"), "bytes": row.get("bytes"),
                     "stopped": row.get("stopped")} for row in rows], out)
         out.write("\n")
         return
     _write_table(out, ("SESSION", "INSTANCE", "STARTED (UTC)", "DURATION", "BYTES", "NOTE"),
-                 [(row["session_id"], str(row.get("instance_id")), _iso(row["started_at"]),
+                 [(row["session_id"], str(row.get("instance_id")), api.iso(row["started_at"]),
                    "live" if row.get("duration") is None else f"{row['duration']:.0f}s", str(row.get("bytes")),
                    f"stopped: {row['stopped']}" if row.get("stopped") else "") for row in rows])
 

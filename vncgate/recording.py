@@ -98,10 +98,12 @@ class Handshake:
                 return None
             kind, at, client_at = _U32.unpack(s[12:16])[0], 16, 12
         else:
-            if len(s) < 13 or len(s) < 13 + s[12] or len(c) < 13:
+            if len(s) < 13:
                 return None
             if s[12] == 0:
                 raise ValueError("the server refused the connection")
+            if len(s) < 13 + s[12] or len(c) < 13:
+                return None
             kind, at, client_at = c[12], 13 + s[12], 13
         if kind == rfb.VNC_AUTH:
             at, client_at = at + 16, client_at + 16
@@ -139,7 +141,6 @@ class Recorder:
         self.clock = clock
         self.started = clock()
         self.stopped = None  # why recording ended before the session, if it did
-        self.server_bytes = self.client_bytes = 0
         self.handshake = None if at_server_init else Handshake()
         self._lock = threading.Lock()
         self.output = BlockWriter(self.path(".fbs"), FBS_MAGIC)
@@ -193,14 +194,13 @@ class Recorder:
 
     def _write(self, chunk, from_server):
         writer = self.output if from_server else self.input
-        if self.size + writer.block_size(len(chunk)) > self.max_bytes:
+        full = self.size + writer.block_size(len(chunk)) > self.max_bytes
+        if full:  # what fits is written: the replay plays up to the cut
+            chunk = chunk[:max(0, self.max_bytes - self.size - 8) & ~3]
+        if chunk:
+            writer.write(chunk, int((self.clock() - self.started) * 1000))
+        if full:
             self._stop("record-max-bytes", f"record_max_bytes ({self.max_bytes}) reached")
-            return
-        writer.write(chunk, int((self.clock() - self.started) * 1000))
-        if from_server:
-            self.server_bytes += len(chunk)
-        else:
-            self.client_bytes += len(chunk)
 
     def _stop(self, reason, detail):
         self.stopped = reason
@@ -214,7 +214,7 @@ class Recorder:
             self.stopped = self.stopped or "session-ended"
             for writer in (self.output, self.input):
                 writer.close()
-            if self.server_bytes == 0:
+            if self.handshake is not None:  # no ServerInit was seen: nothing worth keeping
                 for suffix in (".fbs", ".input", ".json"):
                     try:
                         os.unlink(self.path(suffix))

@@ -363,7 +363,7 @@ class Relay:
 def tune(sock):
     """Low latency for input events; keepalive so a vanished peer ends its session."""
     if getattr(sock, "family", None) == socket.AF_UNIX:
-        return  # a serial viewer's socketpair end (vncgate.consoles): nothing to tune
+        return  # a serial viewer's or a replay's socketpair end: nothing to tune
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):
