@@ -106,9 +106,10 @@ def main():
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--record-dir", default="rec", help="where recordings go (e.g. on tmpfs: /dev/shm/rec)")
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix="vncgate-bench-recording-")
-    gateway = harness.GatewayProcess(folder, record_dir="rec", record_max_bytes=1 << 40)
+    gateway = harness.GatewayProcess(folder, record_dir=args.record_dir, record_max_bytes=1 << 40)
     backend = streaming_backend(args.mib * MiB)
     results = {"plain": [], "recorded": []}
     try:
