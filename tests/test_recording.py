@@ -167,7 +167,7 @@ def test_an_xvp_session_is_recorded_and_replays_over_websocket(gateway):
     minted = gateway.token_cli("add", "--replay", session, "--speed", "50", "--json")
     assert minted.returncode == 0, minted.stderr
     replay = json.loads(minted.stdout)
-    assert replay["replay"] == session and replay["instance_id"] == f"127.0.0.1:{backend.port}"
+    assert replay["instance_id"] == f"127.0.0.1:{backend.port}" and replay["host"] == "recording"
     sock, frames = rfb_over_websocket(gateway, replay["token"], [b"RFB 003.008\n", b"\x01", b"\x01"])
     want = 12 + 2 + 4 + len(SERVER_INIT) + len(updates[0]) + len(updates[1])
     frames += frames_until(sock, b"", lambda more: len(payload_of(frames + more)) >= want)

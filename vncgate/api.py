@@ -137,7 +137,7 @@ def console_json(token, details, url):
             "instance_id": details.instance_id, "host": details.host, "port": details.port,
             "internal_access_path": details.internal_access_path, "expires_at": iso(details.expires_at),
             "has_password": details.has_password, "policy": policy_fields(details),
-            "backend_tls": details.backend_tls, "record": details.record, "replay": details.replay or None}
+            "backend_tls": details.backend_tls}
 
 
 def policy_fields(details):
