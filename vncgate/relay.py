@@ -175,7 +175,9 @@ class DeadlineSocket:
         return self._armed().recv_into(view)
 
     def sendall(self, data):
-        self._armed().sendall(data)
+        view = memoryview(data)  # send by send: each waits only until the one deadline
+        while view:
+            view = view[self._armed().send(view):]
 
     def lift(self):
         """No deadline from now on: the relay waits as long as the session lasts."""

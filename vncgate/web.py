@@ -19,7 +19,7 @@ import struct
 import time
 import urllib.parse
 
-from vncgate import http, store as store_module
+from vncgate import http, relay, store as store_module
 from vncgate.refusals import Refused
 
 log = logging.getLogger("vncgate.web")
@@ -63,19 +63,13 @@ def reply(conn, request, deadline, status, headers, body=b"", file=None):
 
 
 def _send_by(conn, deadline, data):
-    view = memoryview(data)
-    while view:
-        remaining = deadline - time.monotonic()
-        try:
-            if remaining <= 0:
-                raise socket.timeout("the reply was not taken in time")
-            conn.settimeout(remaining)
-            view = view[conn.send(view):]
-        except socket.timeout:
-            # Cut, not closed: a graceful close would let the kernel go on delivering what
-            # its buffers hold to this slow reader. Linger 0 makes the close a reset.
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            raise
+    try:
+        relay.DeadlineSocket(conn, deadline - time.monotonic()).sendall(data)
+    except socket.timeout:
+        # Cut, not closed: a graceful close would let the kernel go on delivering what
+        # its buffers hold to this slow reader. Linger 0 makes the close a reset.
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        raise
 
 
 # -- files ------------------------------------------------------------------------------
