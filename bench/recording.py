@@ -1,11 +1,14 @@
 """Recording benchmark: server-to-client throughput of a recorded XVP session against the same
 run's plain (spliced) session, and the recording's size per minute of an idle and a busy qemu console.
 
-Usage: python3 bench/recording.py [--mib 256] [--rounds 5] [--seconds 30]
+Usage: python3 bench/recording.py [--mib 256] [--rounds 5] [--seconds 30] [--updates 3000]
 
 The backend is an RFB server (security None) that streams --mib MiB after ServerInit; the
-client does the handshake and reads it all. Rounds alternate plain and recorded; the best
-of each is compared. Console sizes: a python RFB client over the gateway asks qemu for
+client does the handshake and reads it all. Rounds alternate plain and recorded, after
+one warm-up pair; the best of each, and the medians, are compared. Each recording is deleted
+once its round is over (see forget()). Update latency, at console rates: a backend answers
+each one-byte request with a --update-kib KiB update; p50 and p99 of --updates round trips
+on a plain and on a recorded session (after one warm-up pair). Console sizes: a python RFB client over the gateway asks qemu for
 incremental updates for --seconds, once with the screen left alone (idle) and once while
 the monitor resets the machine every 2 s (busy); the recording's bytes are scaled to a minute.
 """
@@ -14,6 +17,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import struct
 import sys
 import tempfile
@@ -55,6 +59,34 @@ def throughput(gateway, token, total):
     elapsed = time.perf_counter() - started
     sock.close()
     return total / MiB / elapsed
+
+
+def update_latency(gateway, port, record, count, size):
+    """Microseconds from a one-byte request to the whole size-byte answer, count times: a
+    console's update round trips at console rates."""
+    token = gateway.mint("127.0.0.1", port, "xvp-vnc", *(("--record",) if record else ()))
+    sock, status, rest = harness.xvp_connect(gateway.port, token)
+    assert status.startswith("HTTP/1.1 200"), status
+    client_handshake(sock, rest)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        sock.sendall(b"\x03")
+        harness.recv_exactly(sock, size)
+        times.append((time.perf_counter() - started) * 1e6)
+    sock.close()
+    times.sort()
+    return times[len(times) // 2], times[len(times) * 99 // 100]
+
+
+def forget(gateway, token, record_dir):
+    """Once the session has ended, delete its recording: the next round's file then reuses
+    page-cache memory, as on a host that has been up a while (see docs/performance.md)."""
+    harness.wait_for(lambda: [line for line in gateway.audit() if line["event"] == "session-end"
+                              and line["token_id"] == harness.token_id(token)], timeout=30)
+    for name in os.listdir(record_dir):
+        os.unlink(os.path.join(record_dir, name))
 
 
 def console_minute(gateway, qemu, seconds, busy):
@@ -105,17 +137,31 @@ def main():
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--updates", type=int, default=3000, help="update round trips per session")
+    parser.add_argument("--update-kib", type=int, default=64, help="size of each update")
     parser.add_argument("--record-dir", default="rec", help="where recordings go (e.g. on tmpfs: /dev/shm/rec)")
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix="vncgate-bench-recording-")
     gateway = harness.GatewayProcess(folder, record_dir=args.record_dir, record_max_bytes=1 << 40)
     backend = streaming_backend(args.mib * MiB)
+    record_dir = os.path.join(folder, args.record_dir)
     results = {"plain": [], "recorded": []}
     try:
-        for _ in range(args.rounds):
+        for round_number in range(args.rounds + 1):  # round 0 warms up: not counted
             for kind, extra in (("plain", ()), ("recorded", ("--record",))):
                 token = gateway.mint("127.0.0.1", backend.port, "xvp-vnc", *extra)
-                results[kind].append(throughput(gateway, token, args.mib * MiB))
+                speed = throughput(gateway, token, args.mib * MiB)
+                if round_number:
+                    results[kind].append(speed)
+                if extra:
+                    forget(gateway, token, record_dir)
+        answering = harness.FakeBackend(harness.rfb_server_streaming([], answer=os.urandom(args.update_kib << 10)))
+        try:
+            latency = {kind: update_latency(gateway, answering.port, kind == "recorded", args.updates,
+                                            args.update_kib << 10)
+                       for _ in range(2) for kind in ("plain", "recorded")}  # the second round counts
+        finally:
+            answering.stop()
         qemu = harness.Qemu(monitor=True)
         try:
             idle = console_minute(gateway, qemu, args.seconds, busy=False)
@@ -129,6 +175,8 @@ def main():
     print(json.dumps({"plain_mib_s": [round(x) for x in results["plain"]],
                       "recorded_mib_s": [round(x) for x in results["recorded"]],
                       "ratio_best": round(recorded / plain, 3),
+                      "ratio_median": round(statistics.median(results["recorded"]) / statistics.median(results["plain"]), 3),
+                      "update_us_p50_p99": {kind: [round(x) for x in value] for kind, value in latency.items()},
                       "idle_console_bytes_per_minute": round(idle), "busy_console_bytes_per_minute": round(busy)},
                      indent=1))
 

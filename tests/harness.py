@@ -495,10 +495,10 @@ def fake_rfb_server(password, banner=b"RFB 003.008\n", types=(2,), fail_reason=b
 SERVER_INIT = struct.pack("!HHBBBBHHHBBB3xI", 640, 480, 32, 24, 0, 1, 255, 255, 255, 16, 8, 0, 4) + b"test"
 
 
-def rfb_server_streaming(chunks, minor=8):
+def rfb_server_streaming(chunks, minor=8, answer=b""):
     """An RFB server without security (type None) that, after ClientInit, sends SERVER_INIT and
     then each of chunks, and then waits for the client to leave; the client's bytes after the
-    handshake go to backend.received."""
+    handshake go to backend.received, each read of them answered with `answer`."""
     def behaviour(backend, sock):
         sock.sendall(b"RFB 003.%03d\n" % minor)
         recv_exactly(sock, 12)
@@ -515,6 +515,8 @@ def rfb_server_streaming(chunks, minor=8):
             sock.sendall(chunk)
         while data := sock.recv(65536):
             backend.received.append(data)
+            if answer:
+                sock.sendall(answer)
     return behaviour
 
 

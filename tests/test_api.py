@@ -2,6 +2,7 @@
 error status, keys reread on SIGHUP, one audit line per call. Every response is checked against
 the OpenAPI document (the api_gateway fixture's teardown)."""
 
+import itertools
 import json
 import os
 import signal
@@ -16,7 +17,9 @@ from openapi_spec_validator import validate as validate_spec
 
 from tests import harness, vnc_client
 from tests.harness import ApiClient, closed_by_peer, xvp_connect
-from vncgate import consoles
+from vncgate import consoles, store as store_module
+from vncgate.store import common as store_common
+from vncgate.store.common import hash_token
 
 
 def token_of(access_url):
@@ -244,3 +247,44 @@ def test_the_console_log_of_a_followed_instance(api_gateway, tmp_path):
     assert api_gateway.api.call("DELETE", "/consoles/log?instance=vm/1")[0] == 405
     lines = [line for line in api_gateway.audit() if line["event"] == "api" and line["action"] == "console-log"]
     assert lines and all("output" not in line for line in lines)
+
+
+def test_a_token_id_two_tokens_share_is_refused_and_a_longer_one_names_one(api_gateway, monkeypatch):
+    """A token id is its hash's first 8 hex digits, so two tokens can share one: revoking by
+    it is refused (409, both kept); a prefix long enough to tell them apart revokes one."""
+    seen = {}
+    for number in itertools.count():  # a birthday search: ~80,000 hashes, well under a second
+        candidate = f"twin-{number}"
+        twin = seen.setdefault(hash_token(candidate)[:8], candidate)
+        if twin != candidate:
+            break
+    pair = (twin, candidate)
+    minted = iter(pair)
+    monkeypatch.setattr(store_common, "new_token", lambda: next(minted))
+    store = store_module.TokenStore(os.path.join(api_gateway.folder, "tokens.db"))
+    for _ in pair:
+        store.add_connection_details("vm-twins", "xvp-vnc", "127.0.0.1", 5900)
+    first, second = (hash_token(token) for token in pair)
+    status, _headers, body = api_gateway.api.call("DELETE", f"/consoles/{first[:8]}")
+    assert status == 409 and "More than one token has this id" in body["error"]
+    assert all(store.get_connection_details(token) for token in pair)
+    apart = next(index for index in range(64) if first[index] != second[index]) + 1
+    assert api_gateway.api.call("DELETE", f"/consoles/{first[:apart]}")[::2] == (200, {"revoked": 1})
+    assert store.get_connection_details(pair[0]) is None and store.get_connection_details(pair[1])
+    refused = [line for line in api_gateway.audit() if line["event"] == "api" and line.get("status") == 409]
+    assert [line["reason"] for line in refused] == ["ambiguous-token-id"]
+
+
+def test_a_store_outage_is_a_503_and_the_api_still_answers(api_gateway):
+    api_gateway.api.call("POST", "/consoles", {"host": "127.0.0.1", "port": 5900})
+    for suffix in ("", "-wal", "-shm"):  # the database vanishes (a volume unmounted, say)
+        path = os.path.join(api_gateway.folder, "tokens.db" + suffix)
+        if os.path.exists(path):
+            os.unlink(path)
+    status, _headers, body = api_gateway.api.call("GET", "/consoles")
+    assert status == 503 and body == {"error": "The console service is busy or unavailable; try again shortly."}
+    assert api_gateway.api.call("POST", "/consoles", {"host": "127.0.0.1", "port": 5900})[0] == 503
+    assert api_gateway.api.call("GET", "/nothing")[0] == 404  # still serving
+    outages = [line for line in api_gateway.audit() if line["event"] == "api" and line.get("status") == 503]
+    assert [line["reason"] for line in outages] == ["store-unavailable", "store-unavailable"]
+    assert not os.path.exists(os.path.join(api_gateway.folder, "tokens.db"))  # never silently recreated

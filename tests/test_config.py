@@ -23,7 +23,8 @@ def test_defaults_without_a_file(tmp_path, monkeypatch):
 
 def test_the_shipped_ini_equals_the_defaults():
     shipped = config.load(os.path.join(os.path.dirname(__file__), "..", "vncgate.ini"))
-    for key, (_parse, default) in config.SCHEMA.items():
+    assert set(config.PARSERS) == set(config.DEFAULTS)  # every key has a parser and a default
+    for key, default in config.DEFAULTS.items():
         if key not in ("database", "web_root", "console_log_dir", "record_dir"):  # paths: resolved against the file
             assert getattr(shipped, key) == default, key
 

@@ -128,19 +128,25 @@ def session_end(gateway, number=1):
     return ends[0]
 
 
+def recorded_xvp_session(gateway, backend):
+    """A recorded XVP session to backend (an rfb_server_streaming), up to ClientInit sent."""
+    token = gateway.mint("127.0.0.1", backend.port, "xvp-vnc", "--record")
+    sock, status, rest = xvp_connect(gateway.port, token)
+    assert status == "HTTP/1.1 200 OK"
+    assert rest + recv_exactly(sock, 12 - len(rest)) == b"RFB 003.008\n"  # the banner may come with the 200
+    sock.sendall(b"RFB 003.008\n")
+    assert recv_exactly(sock, 2) == b"\x01\x01"
+    sock.sendall(b"\x01")
+    assert recv_exactly(sock, 4) == U32.pack(0)
+    sock.sendall(b"\x01")  # ClientInit
+    return sock
+
+
 def test_an_xvp_session_is_recorded_and_replays_over_websocket(gateway):
     updates = [b"\x00\x00\x00\x01" + bytes(12) + b"first", b"second update", b"z" * 300_000]
     backend = FakeBackend(rfb_server_streaming(updates))
     try:
-        token = gateway.mint("127.0.0.1", backend.port, "xvp-vnc", "--record")
-        sock, status, rest = xvp_connect(gateway.port, token)
-        assert status == "HTTP/1.1 200 OK"
-        assert rest + recv_exactly(sock, 12 - len(rest)) == b"RFB 003.008\n"  # the banner may come with the 200
-        sock.sendall(b"RFB 003.008\n")
-        assert recv_exactly(sock, 2) == b"\x01\x01"
-        sock.sendall(b"\x01")
-        assert recv_exactly(sock, 4) == U32.pack(0)
-        sock.sendall(b"\x01")  # ClientInit
+        sock = recorded_xvp_session(gateway, backend)
         received = recv_exactly(sock, len(SERVER_INIT) + sum(map(len, updates)))
         sock.sendall(b"\x04\x01\x00\x00\x00\x00\x00\x61")  # a KeyEvent
         harness.wait_for(lambda: backend.received, message="the key at the backend")
@@ -177,6 +183,40 @@ def test_an_xvp_session_is_recorded_and_replays_over_websocket(gateway):
     sock.close()
     replay_end = session_end(gateway, 2)
     assert replay_end["replay"] == session and "recording" not in replay_end
+
+
+def test_a_full_disk_ends_the_recording_not_the_session(tmp_path):
+    """A file size limit refuses the recording's writes as a full disk would: the session goes
+    on whole, the audit says why, and the file ends at its last whole block and replays."""
+    limit = 2 << 20  # more than one spliced chunk (at most 1 MiB), less than the stream
+    process = harness.GatewayProcess(str(tmp_path), wrapper=("prlimit", f"--fsize={limit}"),
+                                     record_dir="rec", record_max_bytes=1 << 30)
+    updates = [bytes(range(256)) * 4096] * 4  # 4 MiB
+    backend = FakeBackend(rfb_server_streaming(updates))
+    try:
+        sock = recorded_xvp_session(process, backend)
+        received = recv_exactly(sock, len(SERVER_INIT) + sum(map(len, updates)))
+        sock.close()
+        end = session_end(process)
+        assert received == SERVER_INIT + b"".join(updates)
+        assert end["recording_stopped"] == "record-failed"
+        stopped = [line for line in process.audit() if line["event"] == "recording-stopped"]
+        assert [line["reason"] for line in stopped] == ["record-failed"]
+        assert "cannot write the recording" in stopped[0]["detail"]
+        path = os.path.join(str(tmp_path), "rec", end["recording"] + ".fbs")
+        assert os.path.getsize(path) <= limit
+        with open(path, "rb") as handle:
+            data = handle.read()
+        blocks = recording.read_blocks(path)  # whole blocks only: no "truncated"
+        stream = b"".join(data[offset:offset + length] for offset, length, _ms in blocks)
+        assert len(stream) >= len(recording.PREFIX + SERVER_INIT)
+        assert stream == (recording.PREFIX + SERVER_INIT + b"".join(updates))[:len(stream)]
+        again = recorded_xvp_session(process, backend)  # still serving, still recording
+        assert recv_exactly(again, len(SERVER_INIT)) == SERVER_INIT
+        again.close()
+    finally:
+        backend.stop()
+        assert process.stop() == 0
 
 
 FBS = recording.FBS_MAGIC
@@ -240,9 +280,13 @@ def test_purge_deletes_recordings_older_than_record_keep_days(gateway):
         with open(os.path.join(folder, session + ".json"), "w") as handle:
             json.dump({"session_id": session, "instance_id": "vm", "started_at": started}, handle)
         open(os.path.join(folder, session + ".fbs"), "wb").close()
+    with open(os.path.join(folder, "forged.json"), "w") as handle:  # names a file outside record_dir
+        json.dump({"session_id": "../victim", "instance_id": "vm", "started_at": 1.0}, handle)
+    open(os.path.join(gateway.folder, "victim.fbs"), "wb").close()
     done = gateway.token_cli("purge")
     assert done.returncode == 0 and done.stdout == "purged 0 tokens and 1 recording\n"
-    assert sorted(os.listdir(folder)) == ["0000000000bb.fbs", "0000000000bb.json"]
+    assert sorted(os.listdir(folder)) == ["0000000000bb.fbs", "0000000000bb.json", "forged.json"]
+    assert os.path.exists(os.path.join(gateway.folder, "victim.fbs"))
 
 
 # -- a real console in a real browser, then its replay --------------------------------------------

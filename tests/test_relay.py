@@ -1,12 +1,14 @@
 """The relay's building blocks, over socket pairs."""
 
+import os
 import socket
 import time
 import threading
+import types
 
 import pytest
 
-from vncgate import relay
+from vncgate import recording, relay
 
 
 def tcp_pair():
@@ -97,3 +99,62 @@ def test_stop_ends_both_directions_at_once():
     runner.join(5)
     assert not runner.is_alive() and relayed.end_reason == "revoked"
     assert client_app.recv(1) == b"" and backend_app.recv(1) == b""
+
+
+@pytest.mark.skipif(not relay.CAN_TEE, reason="tee(2) is Linux's")
+def test_tee_duplicates_a_pipe_without_consuming_it():
+    first, second = os.pipe(), os.pipe()
+    os.write(first[1], b"frame update")
+    assert relay.tee(first[0], second[1], 5) == 5  # the adapter around libc's tee
+    assert os.read(second[0], 100) == b"frame"
+    assert relay.read_pipe(first[0], 12) == b"frame update"  # the first pipe still holds it all
+    with pytest.raises(OSError):
+        relay.tee(first[1], second[1], 5)  # a write end cannot be tee'd from: errno, not -1
+    for fd in (*first, *second):
+        os.close(fd)
+
+
+class UnevenPipes(relay.PipePool):
+    """Makes a one-page pipe after each full one: tee(2) then duplicates only part of a chunk."""
+
+    def __init__(self):
+        super().__init__(keep=0, size=4096)
+
+    def take(self):
+        self.size = 4096 if self.size == relay.PIPE_SIZE else relay.PIPE_SIZE
+        return super().take()
+
+
+@pytest.mark.parametrize("pipes", [relay.PipePool, lambda: relay.PipePool(limit=1), UnevenPipes],
+                         ids=["tee", "no-free-pipe", "small-copy-pipe"])
+def test_a_recorded_relay_writes_what_the_client_got(tmp_path, pipes):
+    """The server side of a recorded session reaches the client and the recording whole and
+    in order: tee'd when pipes are free, copied when not, partly each when the copy is small."""
+    client_app, client_side = tcp_pair()
+    backend_side, backend_app = tcp_pair()
+    session = types.SimpleNamespace(id="0a1b2c3d4e5f", started=1.0, security=object(),
+                                    details=types.SimpleNamespace(instance_id="vm", console_type="xvp-vnc"))
+    recorder = recording.Recordings(str(tmp_path)).recorder(session, lambda *why: None)
+    relayed = relay.Relay(client_side, backend_side,
+                          (relay.SocketSource(client_side), relay.SocketSink(backend_side)),
+                          relay.TeeDirection("backend", backend_side, client_side, recorder, b"S",
+                                             pipes=pipes()))
+    runner = threading.Thread(target=relayed.run)
+    runner.start()
+    sent = bytes(range(256)) * 12_288  # 3 MiB
+    sender = threading.Thread(target=backend_app.sendall, args=(sent,))
+    sender.start()
+    received = bytearray()
+    while len(received) < len(sent) + 1:
+        received += client_app.recv(1 << 20)
+    sender.join()
+    client_app.close()
+    backend_app.close()
+    runner.join(5)
+    assert bytes(received) == b"S" + sent
+    assert recorder.finish()["recording_bytes"] > len(sent)
+    path = str(tmp_path / "0a1b2c3d4e5f.fbs")
+    with open(path, "rb") as handle:
+        data = handle.read()
+    stream = b"".join(data[offset:offset + length] for offset, length, _ms in recording.read_blocks(path))
+    assert stream == recording.PREFIX + b"S" + sent

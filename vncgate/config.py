@@ -78,46 +78,46 @@ def _networks(value):
         raise ValueError(f"must be addresses or networks ({error})") from None
 
 
-# key -> (parser, default). Defaults are the values an empty file yields.
-SCHEMA = {
-    "listen": (_text, "127.0.0.1"),
-    "port": (_port, 6080),
-    "public_url": (_text, ""),
-    "database": (_text, "vncgate.db"),
-    "key_prefix": (_key_prefix, store.DEFAULT_PREFIX),
-    "token_ttl": (_positive(float), 300.0),
-    "idle_timeout": (_positive(float), 600.0),
-    "touch_interval": (_positive(float), 30.0),
-    "housekeeping_interval": (_positive(float), 60.0),
-    "web_root": (_text, "auto"),
-    "allowed_origins": (_origins, ()),
-    "cert": (_text, ""),
-    "key": (_text, ""),
-    "tls_only": (_bool, False),
-    "max_connections": (_positive(int), 1000),
-    "max_pending_per_address": (_positive(int), 50),
-    "max_sessions_per_token": (_positive(int), 10),
-    "failed_token_burst": (_positive(int), 10),
-    "failed_token_rate": (_positive(float), 1.0),
-    "handshake_timeout": (_positive(float), 10.0),
-    "audit_log": (_text, ""),
-    "metrics_allow": (_networks, _networks("127.0.0.0/8, ::1")),
+# key -> its parser (a ValueError says what is wrong); Config below holds the defaults.
+PARSERS = {
+    "listen": _text,
+    "port": _port,
+    "public_url": _text,
+    "database": _text,
+    "key_prefix": _key_prefix,
+    "token_ttl": _positive(float),
+    "idle_timeout": _positive(float),
+    "touch_interval": _positive(float),
+    "housekeeping_interval": _positive(float),
+    "web_root": _text,
+    "allowed_origins": _origins,
+    "cert": _text,
+    "key": _text,
+    "tls_only": _bool,
+    "max_connections": _positive(int),
+    "max_pending_per_address": _positive(int),
+    "max_sessions_per_token": _positive(int),
+    "failed_token_burst": _positive(int),
+    "failed_token_rate": _positive(float),
+    "handshake_timeout": _positive(float),
+    "audit_log": _text,
+    "metrics_allow": _networks,
     # console policies
-    "resume_grace": (_positive(float), 30.0),
-    "paste_max_chars": (_positive(int), 4096),
-    "input_idle_timeout": (_not_negative, 0.0),
-    "api_keys_file": (_text, ""),
-    "api_burst": (_positive(int), 60),
-    "api_rate": (_positive(float), 10.0),
-    "backend_ca": (_text, ""),
-    "backend_cert": (_text, ""),
-    "backend_key": (_text, ""),
-    "console_log_dir": (_text, "console-logs"),
-    "console_log_bytes": (_positive(int), 1024 * 1024),
-    "record_dir": (_text, "recordings"),
-    "record_all": (_bool, False),
-    "record_max_bytes": (_positive(int), 1 << 30),
-    "record_keep_days": (_positive(float), 30.0),
+    "resume_grace": _positive(float),
+    "paste_max_chars": _positive(int),
+    "input_idle_timeout": _not_negative,
+    "api_keys_file": _text,
+    "api_burst": _positive(int),
+    "api_rate": _positive(float),
+    "backend_ca": _text,
+    "backend_cert": _text,
+    "backend_key": _text,
+    "console_log_dir": _text,
+    "console_log_bytes": _positive(int),
+    "record_dir": _text,
+    "record_all": _bool,
+    "record_max_bytes": _positive(int),
+    "record_keep_days": _positive(float),
 }
 
 # Where an installed noVNC is found when web_root = auto.
@@ -126,6 +126,9 @@ NOVNC_DIRS = ("/usr/share/novnc", "/usr/local/share/novnc")
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """Every key of [gateway] and its default, written here only: what an empty file yields
+    before load() resolves the paths against the file's folder (and web_root = auto to an
+    installed noVNC)."""
     listen: str = "127.0.0.1"
     port: int = 6080
     public_url: str = ""
@@ -135,7 +138,7 @@ class Config:
     idle_timeout: float = 600.0
     touch_interval: float = 30.0
     housekeeping_interval: float = 60.0
-    web_root: str = ""
+    web_root: str = "auto"
     allowed_origins: tuple = ()
     cert: str = ""
     key: str = ""
@@ -147,7 +150,7 @@ class Config:
     failed_token_rate: float = 1.0
     handshake_timeout: float = 10.0
     audit_log: str = ""
-    metrics_allow: tuple = SCHEMA["metrics_allow"][1]
+    metrics_allow: tuple = _networks("127.0.0.0/8, ::1")
     resume_grace: float = 30.0
     paste_max_chars: int = 4096
     input_idle_timeout: float = 0.0  # 0: off
@@ -163,7 +166,7 @@ class Config:
     record_all: bool = False
     record_max_bytes: int = 1 << 30
     record_keep_days: float = 30.0
-    source: str = ""  # the file read, "" when built-in defaults only
+    source: str = ""  # the file read, "" when built-in defaults only (not a key)
 
     @property
     def base_url(self):
@@ -180,6 +183,9 @@ class Config:
     def public_origin(self):
         parts = urllib.parse.urlsplit(self.base_url)
         return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+DEFAULTS = {field.name: field.default for field in dataclasses.fields(Config) if field.name != "source"}
 
 
 def find_file(explicit=None):
@@ -216,18 +222,16 @@ def load(path=None):
 
 
 def _finish(raw, base_dir, source):
-    values = {}
+    values = dict(DEFAULTS)
     for key, text in raw.items():
-        if key not in SCHEMA:
+        if key not in PARSERS:
             raise ConfigError(f"{source}: [{SECTION}] {key}: unknown key")
-        parse, _default = SCHEMA[key]
+        parse = PARSERS[key]
         try:
             values[key] = parse(text)
         except ValueError as error:
             reason = str(error) if "must" in str(error) else f"must be {_kind(parse)}"
             raise ConfigError(f"{source}: [{SECTION}] {key}: {reason}, got {text!r}") from None
-    for key, (_parse, default) in SCHEMA.items():
-        values.setdefault(key, default)
 
     check_database(values["database"], f"{source}: [{SECTION}] database")
     for key in ("database", "cert", "key", "audit_log", "api_keys_file", "backend_ca", "backend_cert", "backend_key",

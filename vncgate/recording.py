@@ -16,10 +16,12 @@ Files in record_dir, named by the session id S:
 Neither file ever holds a token or a password: tokens never enter the RFB stream, and the
 RFB security handshake comes before what is recorded.
 
-A recorder sees each chunk before it is relayed (relay.TappedSource). When the gateway did
-not do the RFB security itself, the recorder follows the handshake in both directions to
-find ServerInit and ClientInit; a security type it cannot follow (anything but None and VNC
-Authentication) ends the recording, not the session.
+A recorder sees each chunk before it is relayed (relay.TappedSource), or, on a spliced
+session, has the server's chunks tee'd into a pipe it splices into S.fbs (relay.TeeDirection)
+so they never enter Python. A write the file refuses (a full disk) ends the recording, not
+the session. When the gateway did not do the RFB security itself, the recorder follows the
+handshake in both directions to find ServerInit and ClientInit; a security type it cannot
+follow (anything but None and VNC Authentication) ends the recording, not the session.
 """
 
 import json
@@ -55,27 +57,68 @@ def _pad(length):
 
 
 class BlockWriter:
-    """One file of timestamped blocks; counts the bytes it wrote."""
+    """One file of timestamped blocks; counts the bytes it wrote. A block that cannot be
+    written whole is cut off again, so the file always ends at a block's end."""
 
     def __init__(self, path, magic):
-        self.file = open(path, "wb", buffering=1 << 16, opener=lambda name, flags: os.open(name, flags, 0o600))
-        self.file.write(magic)
-        self.size = len(magic)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.size = 0
+        try:
+            self._block((magic,), len(magic))
+        except OSError:
+            os.close(self.fd)
+            raise
 
     @staticmethod
     def block_size(length):
         return 8 + length + _pad(length)
 
     def write(self, data, ms):
-        length = len(data)
-        write = self.file.write
-        write(_U32.pack(length))
-        write(data)
-        write(b"\0" * _pad(length) + _U32.pack(ms))
-        self.size += self.block_size(length)
+        self._block((_U32.pack(len(data)), data, _trailer(len(data), ms)), self.block_size(len(data)))
+
+    def splice(self, read_end, length, ms):
+        """A block whose length bytes wait in a pipe: spliced into the file, never read here."""
+        start = self.size
+        try:
+            self._put((_U32.pack(length),))
+            left = length
+            while left:
+                left -= os.splice(read_end, self.fd, left)
+            self._put((_trailer(length, ms),))
+        except OSError:
+            self._cut(start)
+            raise
+        self.size = start + self.block_size(length)
+
+    def _block(self, parts, size):
+        try:
+            self._put(parts)
+        except OSError:
+            self._cut(self.size)
+            raise
+        self.size += size
+
+    def _put(self, parts):
+        written = os.writev(self.fd, parts)
+        total = sum(len(part) for part in parts)
+        if written < total:  # a short write (the disk filling up): the rest, or the error why not
+            rest = memoryview(b"".join(parts))[written:]
+            while rest:
+                rest = rest[os.write(self.fd, rest):]
+
+    def _cut(self, size):
+        try:
+            os.ftruncate(self.fd, size)
+            os.lseek(self.fd, size, os.SEEK_SET)
+        except OSError:
+            pass  # the file stays cut mid-block: the replay says "truncated"
 
     def close(self):
-        self.file.close()
+        os.close(self.fd)
+
+
+def _trailer(length, ms):
+    return b"\0" * _pad(length) + _U32.pack(ms)
 
 
 class Handshake:
@@ -143,10 +186,18 @@ class Recorder:
         self.stopped = None  # why recording ended before the session, if it did
         self.handshake = None if at_server_init else Handshake()
         self._lock = threading.Lock()
-        self.output = BlockWriter(self.path(".fbs"), FBS_MAGIC)
-        self.input = BlockWriter(self.path(".input"), INPUT_MAGIC)
-        self.output.write(PREFIX, 0)
-        self._write_meta()
+        writers = []
+        try:
+            for suffix, magic in ((".fbs", FBS_MAGIC), (".input", INPUT_MAGIC)):
+                writers.append(BlockWriter(self.path(suffix), magic))
+            self.output, self.input = writers
+            self.output.write(PREFIX, 0)
+            self._write_meta()
+        except OSError:
+            for writer in writers:
+                writer.close()
+            _remove(folder, session_id)
+            raise
 
     def path(self, suffix):
         return os.path.join(self.folder, self.session_id + suffix)
@@ -155,8 +206,30 @@ class Recorder:
     def size(self):
         return self.output.size + self.input.size
 
+    @property
+    def following(self):
+        """True while the RFB handshake is being followed: the server's bytes must be shown
+        to server(), not to server_pipe()."""
+        return self.handshake is not None
+
     def server(self, chunk):
         self._take(chunk, True)
+
+    def server_pipe(self, read_end, count):
+        """The server's next count bytes, waiting in a pipe: spliced into the file, never read
+        here. Returns whether the pipe was drained (False only when the file refused them)."""
+        with self._lock:
+            if self.stopped or self.handshake is not None or self._too_big(self.output, count):
+                chunk = relay_module.read_pipe(read_end, count)  # the last chunk before the limit
+                if not self.stopped:
+                    self._take_locked(chunk, True)
+                return True
+            try:
+                self.output.splice(read_end, count, self._ms())
+            except OSError as error:
+                self._failed(error)
+                return False
+            return True
 
     def client(self, chunk):
         self._take(chunk, False)
@@ -165,11 +238,13 @@ class Recorder:
         if self.stopped:
             return
         with self._lock:
-            if self.stopped:
-                return
-            if self.handshake is not None:
-                self._follow(bytes(chunk), from_server)
-                return
+            if not self.stopped:
+                self._take_locked(chunk, from_server)
+
+    def _take_locked(self, chunk, from_server):
+        if self.handshake is not None:
+            self._follow(bytes(chunk), from_server)
+        else:
             self._write(chunk, from_server)
 
     def _follow(self, chunk, from_server):
@@ -192,15 +267,30 @@ class Recorder:
         elif len(handshake.server) + len(handshake.client) > 1 << 16:
             self._stop("record-unsupported", "no ServerInit in the first 64 KiB")
 
+    def _too_big(self, writer, length):
+        return self.size + writer.block_size(length) > self.max_bytes
+
+    def _ms(self):
+        return int((self.clock() - self.started) * 1000)
+
     def _write(self, chunk, from_server):
         writer = self.output if from_server else self.input
-        full = self.size + writer.block_size(len(chunk)) > self.max_bytes
+        full = self._too_big(writer, len(chunk))
         if full:  # what fits is written: the replay plays up to the cut
             chunk = chunk[:max(0, self.max_bytes - self.size - 8) & ~3]
-        if chunk:
-            writer.write(chunk, int((self.clock() - self.started) * 1000))
+        try:
+            if chunk:
+                writer.write(chunk, self._ms())
+        except OSError as error:
+            self._failed(error)
+            return
         if full:
             self._stop("record-max-bytes", f"record_max_bytes ({self.max_bytes}) reached")
+
+    def _failed(self, error):
+        """A write the file refused (a full disk, a file size limit): recording ends, the
+        session goes on; the file ends at its last whole block."""
+        self._stop("record-failed", f"cannot write the recording: {error.strerror or error}")
 
     def _stop(self, reason, detail):
         self.stopped = reason
@@ -215,17 +305,16 @@ class Recorder:
             for writer in (self.output, self.input):
                 writer.close()
             if self.handshake is not None:  # no ServerInit was seen: nothing worth keeping
-                for suffix in (".fbs", ".input", ".json"):
-                    try:
-                        os.unlink(self.path(suffix))
-                    except FileNotFoundError:
-                        pass
+                _remove(self.folder, self.session_id)
                 return {}
             self.meta["duration"] = round(self.clock() - self.started, 3)
             self.meta["bytes"] = self.size
             if self.stopped != "session-ended":
                 self.meta["stopped"] = self.stopped
-            self._write_meta()
+            try:
+                self._write_meta()
+            except OSError as error:  # the listing keeps the metadata written at the start
+                log.error("session %s: cannot update the recording's metadata: %s", self.session_id, error)
         fields = {"recording": self.session_id, "recording_bytes": self.size}
         if self.stopped != "session-ended":
             fields["recording_stopped"] = self.stopped
@@ -233,6 +322,15 @@ class Recorder:
 
     def _write_meta(self):
         _write_json(self.path(".json"), self.meta)
+
+
+def _remove(folder, session_id):
+    """A recording's files, whichever of them exist."""
+    for suffix in (".fbs", ".input", ".json"):
+        try:
+            os.unlink(os.path.join(folder, session_id + suffix))
+        except FileNotFoundError:
+            pass
 
 
 def _write_json(path, value):
@@ -286,7 +384,8 @@ class Recordings:
             try:
                 with open(os.path.join(self.folder, name), encoding="utf-8") as handle:
                     meta = json.load(handle)
-                meta["session_id"], meta["started_at"]  # noqa: B018 (a usable record has both)
+                if name != f"{meta['session_id']}.json" or not isinstance(meta["started_at"], (int, float)):
+                    raise ValueError("not a recording's metadata")  # purge deletes by session_id
             except (OSError, ValueError, KeyError, TypeError):
                 log.warning("skipping unreadable recording metadata %s", name)
                 continue
@@ -304,11 +403,7 @@ class Recordings:
         gone = 0
         for meta in self.list():
             if meta["started_at"] < cutoff:
-                for suffix in (".fbs", ".input", ".json"):
-                    try:
-                        os.unlink(os.path.join(self.folder, meta["session_id"] + suffix))
-                    except FileNotFoundError:
-                        pass
+                _remove(self.folder, meta["session_id"])
                 gone += 1
         return gone
 

@@ -12,8 +12,14 @@ socket: the kernel pipe it splices through is lent by a small shared pool while
 bytes move and given back once drained, so an idle session holds two file
 descriptors, not six, and the pipes in use are bounded. When every pipe is lent
 (or none can be made), the chunk is copied through user space instead.
+
+A recorded session's server side is spliced too (TeeDirection): tee(2) duplicates each
+chunk's pages into a second pooled pipe, which the recorder splices into its file, so the
+recorded bytes never enter Python either.
 """
 
+import ctypes
+import errno
 import fcntl
 import os
 import select
@@ -30,6 +36,45 @@ PIPE_SIZE = 1024 * 1024
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux; named in fcntl from Python 3.10
 F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 CAN_SPLICE = hasattr(os, "splice")
+
+
+def _libc_tee():
+    """libc's tee(2) through ctypes (Python's os has splice but no tee), or None."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).tee
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint)
+    function.restype = ctypes.c_ssize_t
+    return function
+
+
+_TEE = _libc_tee()
+CAN_TEE = CAN_SPLICE and _TEE is not None
+
+
+def tee(read_end, write_end, count):
+    """Up to count bytes at the front of one pipe duplicated into another; the first keeps
+    them (nothing is consumed). Returns how many; raises OSError as os.splice does."""
+    while True:
+        done = _TEE(read_end, write_end, count, 0)
+        if done >= 0:
+            return done
+        code = ctypes.get_errno()
+        if code != errno.EINTR:
+            raise OSError(code, os.strerror(code))
+
+
+def read_pipe(read_end, count):
+    """Exactly count bytes that are waiting in a pipe."""
+    parts = []
+    while count:
+        part = os.read(read_end, count)
+        if not part:
+            raise OSError(errno.EIO, "the pipe held fewer bytes than it was given")
+        parts.append(part)
+        count -= len(part)
+    return b"".join(parts)
 
 
 class Ended(OSError):
@@ -245,40 +290,95 @@ class SpliceDirection(Direction):
 
     def move(self, relay):
         if self.initial:
-            self.sink_sock.sendall(self.initial)
-            self.bytes += len(self.initial)
+            self.bytes += self._pass(self.initial)
         readable = select.poll()
         readable.register(self.source_sock.fileno(), select.POLLIN)
         while True:
             readable.poll()
-            pipe = self.pipes.take()
-            count = self._copy() if pipe is None else self._splice(pipe)
+            count = self._chunk()
             if not count:
                 return
             self.bytes += count
             relay.last_active = time.monotonic()
+
+    def _chunk(self):
+        """Moves what the source has (one chunk); returns how many bytes, 0 at its end."""
+        pipe = self.pipes.take()
+        return self._copy() if pipe is None else self._splice(pipe)
 
     def _splice(self, pipe):
         """One chunk through the pipe: as much as is there, then all of it out."""
         read_end, write_end, capacity = pipe
         drained = False
         try:
-            count = left = os.splice(self.source_sock.fileno(), write_end, capacity, flags=os.SPLICE_F_MOVE)
-            sink = self.sink_sock.fileno()
-            while left:
-                left -= os.splice(read_end, sink, left, flags=os.SPLICE_F_MOVE)
+            count = os.splice(self.source_sock.fileno(), write_end, capacity, flags=os.SPLICE_F_MOVE)
+            self._send_from(read_end, count)
             drained = True
             return count
         finally:
             self.pipes.give_back(pipe, drained)  # a pipe with bytes left in it is closed, not reused
 
+    def _send_from(self, read_end, count):
+        sink = self.sink_sock.fileno()
+        while count:
+            count -= os.splice(read_end, sink, count, flags=os.SPLICE_F_MOVE)
+
     def _copy(self):
-        data = self.source_sock.recv(COPY_SIZE)
+        return self._pass(self.source_sock.recv(COPY_SIZE))
+
+    def _pass(self, data):
         self.sink_sock.sendall(data)
         return len(data)
 
     def close_write(self):
         self.sink_sock.shutdown(socket.SHUT_WR)
+
+
+class TeeDirection(SpliceDirection):
+    """A spliced direction whose bytes a recorder also writes, still without entering Python:
+    each chunk spliced into a pipe is tee'd into a second pipe that recorder.server_pipe()
+    splices into its file. A chunk is copied instead, and shown to recorder.server(), while
+    the recorder follows an RFB handshake (it must read those bytes) or when no second pipe
+    is free; once the recorder has stopped, chunks are only spliced."""
+
+    def __init__(self, name, source_sock, sink_sock, recorder, initial=b"", pipes=PIPES):
+        super().__init__(name, source_sock, sink_sock, initial, pipes)
+        self.recorder = recorder
+
+    def _chunk(self):
+        if self.recorder.stopped:
+            return super()._chunk()
+        if self.recorder.following:
+            return self._copy()
+        pipe = self.pipes.take()
+        if pipe is None:
+            return self._copy()
+        copy = self.pipes.take()
+        if copy is None:
+            self.pipes.give_back(pipe)
+            return self._copy()
+        return self._tee(pipe, copy)
+
+    def _tee(self, pipe, copy):
+        read_end, write_end, capacity = pipe
+        drained = copy_drained = False
+        try:
+            count = os.splice(self.source_sock.fileno(), write_end, capacity, flags=os.SPLICE_F_MOVE)
+            teed = tee(read_end, copy[1], count) if count else 0
+            copy_drained = self.recorder.server_pipe(copy[0], teed)  # recorded before it is passed on
+            self._send_from(read_end, teed)
+            if teed < count:  # the copy pipe has fewer slots than this one: the rest is copied
+                self._pass(read_pipe(read_end, count - teed))
+            drained = True
+            return count
+        finally:
+            self.pipes.give_back(pipe, drained)  # a pipe with bytes left in it is closed, not reused
+            self.pipes.give_back(copy, copy_drained)
+
+    def _pass(self, data):
+        if data:
+            self.recorder.server(data)
+        return super()._pass(data)
 
 
 class Relay:
@@ -301,26 +401,25 @@ class Relay:
         side, as an SSLSocket or a TlsStream, has its bytes in OpenSSL, not the kernel).
         upstream_sink(sink): the Sink the client's bytes go to in front of the backend's (a
         console policy reading them); that direction is then copied, the other still spliced.
-        recorder (.client, .server): sees every chunk both ways before it is passed on; both
-        directions are then copied."""
+        recorder (.client, .server, .server_pipe): sees every chunk both ways before it is
+        passed on; the client's few bytes are then copied, the server's tee'd (TeeDirection)."""
         client_sock, backend_sock = (tls.TlsStream(sock) if isinstance(sock, ssl.SSLSocket) else sock
                                      for sock in (client_sock, backend_sock))
-        splice = (CAN_SPLICE and recorder is None
-                  and not any(isinstance(sock, tls.TlsStream) for sock in (client_sock, backend_sock)))
-        up, down = (recorder.client, recorder.server) if recorder else (None, None)
-        if upstream_sink is not None:
-            upstream = CopyDirection("client", tapped(SocketSource(client_sock, client_leftover), up),
-                                     upstream_sink(SocketSink(backend_sock)))
-        elif splice:
+        splice = CAN_SPLICE and not any(isinstance(sock, tls.TlsStream) for sock in (client_sock, backend_sock))
+        if upstream_sink is not None or recorder is not None or not splice:
+            watcher = recorder.client if recorder else None
+            sink = SocketSink(backend_sock)
+            upstream = CopyDirection("client", tapped(SocketSource(client_sock, client_leftover), watcher),
+                                     upstream_sink(sink) if upstream_sink else sink)
+        else:
             upstream = SpliceDirection("client", client_sock, backend_sock, client_leftover)
-        else:
-            upstream = CopyDirection("client", tapped(SocketSource(client_sock, client_leftover), up),
-                                     SocketSink(backend_sock))
-        if splice:
+        if splice and recorder is None:
             downstream = SpliceDirection("backend", backend_sock, client_sock, backend_leftover)
+        elif splice and CAN_TEE:
+            downstream = TeeDirection("backend", backend_sock, client_sock, recorder, backend_leftover)
         else:
-            downstream = CopyDirection("backend", tapped(SocketSource(backend_sock, backend_leftover), down),
-                                       SocketSink(client_sock))
+            downstream = CopyDirection("backend", tapped(SocketSource(backend_sock, backend_leftover),
+                                                         recorder and recorder.server), SocketSink(client_sock))
         return cls(client_sock, backend_sock, upstream, downstream)
 
     @property
