@@ -225,3 +225,12 @@ def test_tokens_never_start_with_a_dash(store, monkeypatch):
     draws = iter(["-looks-like-an-option", "-again", "fine-token"])
     monkeypatch.setattr(secrets, "token_urlsafe", lambda _size: next(draws))
     assert store.add_connection_details("vm", "ws-vnc", "h", 5900) == "fine-token"
+
+
+def test_sessions_are_listed_and_removed_together(store):
+    for number in range(3):
+        store.record_session(f"s{number}", "gw-1", f"hash{number}", f"vm-{number}", "xvp-vnc", "127.0.0.1:1", 30)
+    store.remove_sessions(["s0", "s2", "never-there"])
+    assert [session.session_id for session in store.list_sessions()] == ["s1"]
+    store.remove_sessions([])
+    assert [session.instance_id for session in store.list_sessions()] == ["vm-1"]

@@ -112,6 +112,7 @@ class SessionManager:
         self.store_work = threading.Event()  # set when there is something to write
         self._lock = threading.Lock()
         self._store_down = False
+        self._stopping_all = False
         self._next_checkpoint = 0.0
         # console type -> open_backend(details, timeout) for types not reached by backends.open_backend
         self.backend_openers = {}
@@ -306,7 +307,8 @@ class SessionManager:
             if self._to_record.pop(session.id, None) is None:  # written already: remove its row
                 self._to_remove.add(session.id)
         self._give_back_token_share(session.details.token_hash)
-        self.store_work.set()
+        if not self._stopping_all:  # at a stop, the housekeeper's last round writes them all
+            self.store_work.set()
 
     def write_session_list(self):
         """Write the sessions that started and ended since the last call to the shared list, then
@@ -315,16 +317,16 @@ class SessionManager:
             self.store_work.clear()
             records, self._to_record = list(self._to_record.values()), {}
             removals, self._to_remove = sorted(self._to_remove), set()
-        recorded = removed = 0
+        recorded = 0
         try:
             for session in records:
                 details = session.details
                 self.store.record_session(session.id, self.gateway_id, details.token_hash, details.instance_id,
                                           details.console_type, session.client, self.heartbeat_interval)
                 recorded += 1
-            for session_id in removals:
-                self.store.remove_session(session_id)
-                removed += 1
+            if removals:  # one transaction: at SIGTERM thousands end at once
+                self.store.remove_sessions(removals)
+                removals = []
             if time.monotonic() >= self._next_checkpoint:
                 self._next_checkpoint = time.monotonic() + CHECKPOINT_INTERVAL
                 self.store.checkpoint()
@@ -332,7 +334,7 @@ class SessionManager:
             with self._lock:  # written on the next round; one that ended meanwhile has no row to write
                 self._to_record.update((session.id, session) for session in records[recorded:]
                                        if session.id in self._live)
-                self._to_remove.update(removals[removed:])
+                self._to_remove.update(removals)
             raise
 
     def live(self):
@@ -340,6 +342,8 @@ class SessionManager:
             return list(self._live.values())
 
     def stop_all(self, reason):
+        """End every session (the gateway is stopping)."""
+        self._stopping_all = True
         for session in self.live():
             session.stop(reason)
 

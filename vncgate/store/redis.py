@@ -452,11 +452,11 @@ class RedisStore(Store):
             args += [session_id, up, down]
         return {item.decode() for item in self._script("heartbeat", args)}
 
-    def remove_session(self, session_id):
-        pipe = self._client.pipeline(transaction=True)
-        pipe.delete(self._key("session:", session_id))
-        pipe.zrem(self._key("sessions"), session_id)
-        self._run(pipe.execute)
+    def remove_sessions(self, session_ids):
+        """Take sessions out of the shared list, in pipelines of _BATCH commands."""
+        self._pipelined([command for session_id in session_ids
+                         for command in (("delete", (self._key("session:", session_id),)),
+                                         ("zrem", (self._key("sessions"), session_id)))])
 
     def _sessions(self):
         """(session id, LiveSession or None when its key has expired), oldest first."""

@@ -367,9 +367,10 @@ class SqliteStore(Store):
                 f"SELECT session_id FROM live_sessions WHERE kill_requested AND session_id IN ({marks})",
                 tuple(counts))}
 
-    def remove_session(self, session_id):
+    def remove_sessions(self, session_ids):
+        """Take sessions out of the shared list, in one transaction."""
         with self._db() as db:
-            db.execute("DELETE FROM live_sessions WHERE session_id = ?", (session_id,))
+            db.executemany("DELETE FROM live_sessions WHERE session_id = ?", [(item,) for item in session_ids])
 
     def list_sessions(self, instance_id=None):
         """Sessions of live gateways (rows left by dead ones are not shown)."""
