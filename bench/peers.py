@@ -22,6 +22,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 
 BANNER = b"RFB 003.008\n"
 CHUNK = 256 * 1024
@@ -243,6 +244,21 @@ def ws_endpoint(port, path):
         sock.close()
         raise RuntimeError(f"websocket handshake answered {status}")
     return WebSocketEndpoint(sock, rest)
+
+
+def rfb_throughput(gateway_port, console_type, token, total):
+    """Backend -> client MiB/s of an RFB session (the rfb backend) through the gateway."""
+    endpoint = (xvp_endpoint(gateway_port, token) if console_type == "xvp-vnc"
+                else ws_endpoint(gateway_port, f"/websockify?token={token}"))
+    endpoint.read_banner()
+    endpoint.rfb_handshake()
+    started = time.perf_counter()
+    endpoint.request_rfb_stream(total)
+    moved = endpoint.drain(total)
+    seconds = time.perf_counter() - started
+    endpoint.close()
+    assert moved == total
+    return total / seconds / (1 << 20)
 
 
 def ws_path_served(port, token):

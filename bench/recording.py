@@ -1,16 +1,21 @@
-"""Recording benchmark: server-to-client throughput of a recorded XVP session against the same
-run's plain (spliced) session, and the recording's size per minute of an idle and a busy qemu console.
+"""Recording benchmark: server-to-client throughput of recorded XVP and WebSocket sessions
+against the same run's plain ones, update latency, and the recording's size per minute of an
+idle and a busy qemu console.
 
 Usage: python3 bench/recording.py [--mib 256] [--rounds 5] [--seconds 30] [--updates 3000]
+                                  [--record-dir DIR]
 
-The backend is an RFB server (security None) that streams --mib MiB after ServerInit; the
-client does the handshake and reads it all. Rounds alternate plain and recorded, after
-one warm-up pair; the best of each, and the medians, are compared. Each recording is deleted
-once its round is over (see forget()). Update latency, at console rates: a backend answers
-each one-byte request with a --update-kib KiB update; p50 and p99 of --updates round trips
-on a plain and on a recorded session (after one warm-up pair). Console sizes: a python RFB client over the gateway asks qemu for
-incremental updates for --seconds, once with the screen left alone (idle) and once while
-the monitor resets the machine every 2 s (busy); the recording's bytes are scaled to a minute.
+Throughput: bench.peers' RFB backend (its own process; security None, then --mib MiB of
+updates on request) and its thin clients, as bench/relay.py's console-policy figures. For
+each console type, after one warm-up pair, each round runs a plain and a --record session
+one after the other, each going first in turn; the figure is the median of the rounds' own
+ratios, with best to best beside it. Each recording is deleted once its round is over (see
+forget()). Update latency, at console rates: a backend answers each one-byte request with an
+--update-kib KiB update; p50 and p99 of --updates round trips on a plain and on a recorded
+XVP session (after one warm-up pair). Console sizes: a Python RFB client over the gateway
+asks qemu for incremental updates for --seconds, once with the screen left alone (idle) and
+once while the monitor resets the machine every 2 s (busy); the recording's bytes are scaled
+to a minute.
 """
 
 import argparse
@@ -19,21 +24,20 @@ import os
 import socket
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
 
+from bench import peers  # noqa: E402
 from tests import harness  # noqa: E402
 
 MiB = 1 << 20
-
-
-def streaming_backend(total):
-    return harness.FakeBackend(harness.rfb_server_streaming([os.urandom(MiB)] * (total // MiB)))
 
 
 def client_handshake(sock, rest):
@@ -44,21 +48,6 @@ def client_handshake(sock, rest):
     harness.recv_exactly(sock, 4)
     sock.sendall(b"\x01")
     harness.recv_exactly(sock, len(harness.SERVER_INIT))
-
-
-def throughput(gateway, token, total):
-    sock, status, rest = harness.xvp_connect(gateway.port, token)
-    assert status.startswith("HTTP/1.1 200"), status
-    client_handshake(sock, rest)
-    buffer = bytearray(1 << 20)
-    got, started = 0, time.perf_counter()
-    while got < total:
-        count = sock.recv_into(buffer)
-        assert count, "the stream ended early"
-        got += count
-    elapsed = time.perf_counter() - started
-    sock.close()
-    return total / MiB / elapsed
 
 
 def update_latency(gateway, port, record, count, size):
@@ -132,6 +121,15 @@ def console_minute(gateway, qemu, seconds, busy):
     return end["recording_bytes"] * 60 / seconds
 
 
+def summary(samples):
+    """The rounds' figures and their ratios: the median of each round's own ratio (the two ran
+    one after the other under the same load; bench/relay.py's statistic), and best to best."""
+    plain, recorded = samples["plain"], samples["recorded"]
+    return {"plain_mib_s": [round(x) for x in plain], "recorded_mib_s": [round(x) for x in recorded],
+            "ratio_median_of_rounds": round(statistics.median(r / p for r, p in zip(recorded, plain)), 3),
+            "ratio_best": round(max(recorded) / max(plain), 3)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=256)
@@ -143,18 +141,23 @@ def main():
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix="vncgate-bench-recording-")
     gateway = harness.GatewayProcess(folder, record_dir=args.record_dir, record_max_bytes=1 << 40)
-    backend = streaming_backend(args.mib * MiB)
+    backend = subprocess.Popen([sys.executable, "-m", "bench.peers", "backend"], cwd=ROOT,
+                               stdout=subprocess.PIPE, text=True)  # its own process: not our GIL
+    rfb_port = [int(backend.stdout.readline()) for _ in range(4)][3]
     record_dir = os.path.join(folder, args.record_dir)
-    results = {"plain": [], "recorded": []}
+    results = {}
     try:
-        for round_number in range(args.rounds + 1):  # round 0 warms up: not counted
-            for kind, extra in (("plain", ()), ("recorded", ("--record",))):
-                token = gateway.mint("127.0.0.1", backend.port, "xvp-vnc", *extra)
-                speed = throughput(gateway, token, args.mib * MiB)
-                if round_number:
-                    results[kind].append(speed)
-                if extra:
-                    forget(gateway, token, record_dir)
+        for console_type in ("xvp-vnc", "ws-vnc"):
+            results[console_type] = samples = {"plain": [], "recorded": []}
+            for round_number in range(args.rounds + 1):  # round 0 warms up: not counted
+                for kind in sorted(samples, reverse=bool(round_number % 2)):  # each goes first in turn
+                    token = gateway.mint("127.0.0.1", rfb_port, console_type,
+                                         *(("--record",) if kind == "recorded" else ()))
+                    speed = peers.rfb_throughput(gateway.port, console_type, token, args.mib * MiB)
+                    if round_number:
+                        samples[kind].append(speed)
+                    if kind == "recorded":
+                        forget(gateway, token, record_dir)
         answering = harness.FakeBackend(harness.rfb_server_streaming([], answer=os.urandom(args.update_kib << 10)))
         try:
             latency = {kind: update_latency(gateway, answering.port, kind == "recorded", args.updates,
@@ -169,13 +172,10 @@ def main():
         finally:
             qemu.stop()
     finally:
-        backend.stop()
+        backend.terminate()
+        backend.wait()
         gateway.stop()
-    plain, recorded = max(results["plain"]), max(results["recorded"])
-    print(json.dumps({"plain_mib_s": [round(x) for x in results["plain"]],
-                      "recorded_mib_s": [round(x) for x in results["recorded"]],
-                      "ratio_best": round(recorded / plain, 3),
-                      "ratio_median": round(statistics.median(results["recorded"]) / statistics.median(results["plain"]), 3),
+    print(json.dumps({**{console_type: summary(samples) for console_type, samples in results.items()},
                       "update_us_p50_p99": {kind: [round(x) for x in value] for kind, value in latency.items()},
                       "idle_console_bytes_per_minute": round(idle), "busy_console_bytes_per_minute": round(busy)},
                      indent=1))

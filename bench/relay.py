@@ -154,22 +154,6 @@ def throughput(relays, relay, mode, total):
     return total / seconds / MiB
 
 
-def rfb_throughput(relays, console_type, policy, total):
-    """Backend -> client MiB/s of an RFB session through the gateway, with or without a policy."""
-    token = relays.rfb_tokens[console_type, policy]
-    endpoint = (peers.xvp_endpoint(relays.gateway_port, token) if console_type == "xvp-vnc"
-                else peers.ws_endpoint(relays.gateway_port, f"/websockify?token={token}"))
-    endpoint.read_banner()
-    endpoint.rfb_handshake()
-    started = time.perf_counter()
-    endpoint.request_rfb_stream(total)
-    moved = endpoint.drain(total)
-    seconds = time.perf_counter() - started
-    endpoint.close()
-    assert moved == total
-    return total / seconds / MiB
-
-
 def report_policy(relays, args):
     """Each round measures the plain and the policy session one after the other, so both see
     the same machine, in turns (the second runs while the first one's teardown finishes).
@@ -185,7 +169,8 @@ def report_policy(relays, args):
         samples = {"plain": [], "view-only": []}
         for round_number in range(rounds):
             for policy in sorted(samples, reverse=bool(round_number % 2)):
-                samples[policy].append(rfb_throughput(relays, console_type, policy, total))
+                samples[policy].append(peers.rfb_throughput(relays.gateway_port, console_type,
+                                                            relays.rfb_tokens[console_type, policy], total))
         ratio = statistics.median(ours / plain for ours, plain in zip(samples["view-only"], samples["plain"]))
         print(f"  {console_type:8} {ratio:5.2f}x (median of the rounds' ratios; goal >= 0.95x)   medians: plain "
               f"{statistics.median(samples['plain']):6.0f}  view-only {statistics.median(samples['view-only']):6.0f}")
