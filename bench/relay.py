@@ -64,7 +64,9 @@ class Relays:
         ini = os.path.join(folder, "bench.ini")
         with open(ini, "w") as handle:
             handle.write(f"[gateway]\nport = {self.gateway_port}\ndatabase = bench.db\n"
-                         f"audit_log = audit.jsonl\nmax_connections = 100000\ntoken_ttl = 86400\n")
+                         f"audit_log = audit.jsonl\nmax_connections = 100000\ntoken_ttl = 86400\n"
+                         # the memory and concurrency figures hold thousands of sessions of one token
+                         "max_sessions_per_token = 100000\n")
         self._fill_store(os.path.join(folder, "bench.db"), tokens)
         self.ini = ini
         self.gateway = self._spawn(["vncgate", "-c", ini, "--log-level", "WARNING"])

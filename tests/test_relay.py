@@ -137,7 +137,7 @@ def test_a_recorded_relay_writes_what_the_client_got(tmp_path, pipes):
     recorder = recording.Recordings(str(tmp_path)).recorder(session, lambda *why: None)
     relayed = relay.Relay(client_side, backend_side,
                           (relay.SocketSource(client_side), relay.SocketSink(backend_side)),
-                          relay.TeeDirection("backend", backend_side, client_side, recorder, b"S",
+                          relay.TeeDirection("backend", backend_side, relay.SocketSink(client_side), recorder, b"S",
                                              pipes=pipes()))
     runner = threading.Thread(target=relayed.run)
     runner.start()
@@ -158,3 +158,17 @@ def test_a_recorded_relay_writes_what_the_client_got(tmp_path, pipes):
         data = handle.read()
     stream = b"".join(data[offset:offset + length] for offset, length, _ms in recording.read_blocks(path))
     assert stream == recording.PREFIX + b"S" + sent
+
+
+def test_the_backend_side_is_spliced_tee_d_or_copied_as_it_may_be(tmp_path):
+    client_side, backend_side = tcp_pair()
+    sink = relay.SocketSink(client_side)
+    recorder = types.SimpleNamespace(server=lambda chunk: None)
+    chosen = [type(relay.from_backend(backend_side, sink, recorder=with_recorder, splice=splice))
+              for splice, with_recorder in ((True, None), (True, recorder), (False, None), (False, recorder))]
+    tee = relay.TeeDirection if relay.CAN_TEE else relay.CopyDirection
+    assert chosen == [relay.SpliceDirection, tee, relay.CopyDirection, relay.CopyDirection]
+    assert relay.splices(client_side, backend_side) == relay.CAN_SPLICE
+    assert not relay.splices(client_side, relay.tls.TlsStream(backend_side))  # TLS: OpenSSL has the bytes
+    client_side.close()
+    backend_side.close()

@@ -81,9 +81,7 @@ class BlockWriter:
         start = self.size
         try:
             self._put((_U32.pack(length),))
-            left = length
-            while left:
-                left -= os.splice(read_end, self.fd, left)
+            relay_module.splice_out(read_end, self.fd, length)
             self._put((_trailer(length, ms),))
         except OSError:
             self._cut(start)

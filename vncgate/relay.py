@@ -230,10 +230,21 @@ class DeadlineSocket:
         self.sock.settimeout(None)
 
 
+def splice_out(read_end, fd, count):
+    """All count bytes waiting in a pipe, spliced to fd (a socket, a file)."""
+    while count:
+        count -= os.splice(read_end, fd, count, flags=os.SPLICE_F_MOVE)
+
+
 class SocketSink:
+    """Bytes to a socket: written (write), or spliced from a pipe (write_from)."""
+
     def __init__(self, sock):
         self.sock = sock
         self.write = sock.sendall
+
+    def write_from(self, read_end, count):
+        splice_out(read_end, self.sock.fileno(), count)
 
     def close_write(self):
         self.sock.shutdown(socket.SHUT_WR)
@@ -279,13 +290,14 @@ class CopyDirection(Direction):
 
 
 class SpliceDirection(Direction):
-    """Socket to socket through a pooled kernel pipe with os.splice: the bytes never enter
-    Python. Between chunks it waits in poll() holding no pipe."""
+    """A socket to a Sink through a pooled kernel pipe with os.splice: the bytes never enter
+    Python (the Sink's write_from splices them on, maybe after a frame header of its own).
+    Between chunks it waits in poll() holding no pipe."""
 
-    def __init__(self, name, source_sock, sink_sock, initial=b"", pipes=PIPES):
+    def __init__(self, name, source_sock, sink, initial=b"", pipes=PIPES):
         super().__init__(name)
         self.source_sock = source_sock
-        self.sink_sock = sink_sock
+        self.sink = sink
         self.initial = initial
         self.pipes = pipes
 
@@ -313,26 +325,23 @@ class SpliceDirection(Direction):
         drained = False
         try:
             count = os.splice(self.source_sock.fileno(), write_end, capacity, flags=os.SPLICE_F_MOVE)
-            self._send_from(read_end, count)
+            if count:
+                self.sink.write_from(read_end, count)
             drained = True
             return count
         finally:
             self.pipes.give_back(pipe, drained)  # a pipe with bytes left in it is closed, not reused
 
-    def _send_from(self, read_end, count):
-        sink = self.sink_sock.fileno()
-        while count:
-            count -= os.splice(read_end, sink, count, flags=os.SPLICE_F_MOVE)
-
     def _copy(self):
         return self._pass(self.source_sock.recv(COPY_SIZE))
 
     def _pass(self, data):
-        self.sink_sock.sendall(data)
+        if data:
+            self.sink.write(data)
         return len(data)
 
     def close_write(self):
-        self.sink_sock.shutdown(socket.SHUT_WR)
+        self.sink.close_write()
 
 
 class TeeDirection(SpliceDirection):
@@ -342,8 +351,8 @@ class TeeDirection(SpliceDirection):
     the recorder follows an RFB handshake (it must read those bytes) or when no second pipe
     is free; once the recorder has stopped, chunks are only spliced."""
 
-    def __init__(self, name, source_sock, sink_sock, recorder, initial=b"", pipes=PIPES):
-        super().__init__(name, source_sock, sink_sock, initial, pipes)
+    def __init__(self, name, source_sock, sink, recorder, initial=b"", pipes=PIPES):
+        super().__init__(name, source_sock, sink, initial, pipes)
         self.recorder = recorder
 
     def _chunk(self):
@@ -367,7 +376,8 @@ class TeeDirection(SpliceDirection):
             count = os.splice(self.source_sock.fileno(), write_end, capacity, flags=os.SPLICE_F_MOVE)
             teed = tee(read_end, copy[1], count) if count else 0
             copy_drained = self.recorder.server_pipe(copy[0], teed)  # recorded before it is passed on
-            self._send_from(read_end, teed)
+            if teed:
+                self.sink.write_from(read_end, teed)
             if teed < count:  # the copy pipe has fewer slots than this one: the rest is copied
                 self._pass(read_pipe(read_end, count - teed))
             drained = True
@@ -380,6 +390,22 @@ class TeeDirection(SpliceDirection):
         if data:
             self.recorder.server(data)
         return super()._pass(data)
+
+
+def splices(*socks):
+    """Whether bytes between these may be spliced: the kernel has them, none is TLS."""
+    return CAN_SPLICE and not any(isinstance(sock, (ssl.SSLSocket, tls.TlsStream)) for sock in socks)
+
+
+def from_backend(backend_sock, sink, leftover=b"", recorder=None, splice=CAN_SPLICE):
+    """The backend-to-client Direction into sink: spliced when it may be (splice: see
+    splices()), tee'd as well when recorded, else copied through Python (and shown to the
+    recorder)."""
+    if splice and recorder is None:
+        return SpliceDirection("backend", backend_sock, sink, leftover)
+    if splice and CAN_TEE:
+        return TeeDirection("backend", backend_sock, sink, recorder, leftover)
+    return CopyDirection("backend", tapped(SocketSource(backend_sock, leftover), recorder and recorder.server), sink)
 
 
 class Relay:
@@ -407,21 +433,15 @@ class Relay:
         passed on; the client's few bytes are then copied, the server's tee'd (TeeDirection)."""
         client_sock, backend_sock = (tls.TlsStream(sock) if isinstance(sock, ssl.SSLSocket) else sock
                                      for sock in (client_sock, backend_sock))
-        splice = CAN_SPLICE and not any(isinstance(sock, tls.TlsStream) for sock in (client_sock, backend_sock))
+        splice = splices(client_sock, backend_sock)
         if upstream_sink is not None or recorder is not None or not splice:
             watcher = recorder.client if recorder else None
             sink = SocketSink(backend_sock)
             upstream = CopyDirection("client", tapped(SocketSource(client_sock, client_leftover), watcher),
                                      upstream_sink(sink) if upstream_sink else sink)
         else:
-            upstream = SpliceDirection("client", client_sock, backend_sock, client_leftover)
-        if splice and recorder is None:
-            downstream = SpliceDirection("backend", backend_sock, client_sock, backend_leftover)
-        elif splice and CAN_TEE:
-            downstream = TeeDirection("backend", backend_sock, client_sock, recorder, backend_leftover)
-        else:
-            downstream = CopyDirection("backend", tapped(SocketSource(backend_sock, backend_leftover),
-                                                         recorder and recorder.server), SocketSink(client_sock))
+            upstream = SpliceDirection("client", client_sock, SocketSink(backend_sock), client_leftover)
+        downstream = from_backend(backend_sock, SocketSink(client_sock), backend_leftover, recorder, splice)
         return cls(client_sock, backend_sock, upstream, downstream)
 
     @property

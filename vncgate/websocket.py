@@ -60,8 +60,10 @@ def serve(gateway, conn, request, leftover, client, console_type=store.WEBSOCKET
     gateway.sessions.run(session, relay.Relay(
         stream, backend,
         upstream=relay.CopyDirection("client", relay.tapped(source, recorder and recorder.client), to_backend),
-        downstream=relay.CopyDirection("backend", relay.tapped(relay.SocketSource(backend, session.backend_leftover),
-                                                               recorder and recorder.server), sink)))
+        # The backend's bytes are spliced (a frame header, then the payload from a kernel pipe)
+        # unless either side is TLS.
+        downstream=relay.from_backend(backend, sink, session.backend_leftover, recorder,
+                                      splice=relay.splices(stream, backend))))
 
 
 def origin_allowed(origin, config):
@@ -94,12 +96,17 @@ class ClientSource:
 
 
 class ClientSink:
-    """Backend bytes to the client, one binary message per chunk. The backend's end is
-    the session's end: a close frame (1000), then both ways stop."""
+    """Backend bytes to the client, one binary message per chunk (written, or spliced from a
+    pipe). The backend's end is the session's end: a close frame (1000), then both ways stop."""
 
     def __init__(self, sender):
         self.sender = sender
         self.write = sender.binary
+
+    def write_from(self, read_end, count):
+        """count bytes waiting in a pipe, as one binary message spliced to the client."""
+        client = self.sender.sock.fileno()
+        self.sender.binary_spliced(count, lambda: relay.splice_out(read_end, client, count))
 
     def close_write(self):
         self.sender.close(wsframes.NORMAL)

@@ -18,6 +18,7 @@ after a close frame, ours or the client's, is passed on.
 
 import base64
 import hashlib
+import socket
 import struct
 import threading
 import time
@@ -97,6 +98,15 @@ class Sender:
             if self.closed:
                 raise BrokenPipeError("the websocket is closed")
             self._send(frame_header(BINARY, len(payload)), payload)
+
+    def binary_spliced(self, length, splice_payload):
+        """A binary frame whose length payload bytes splice_payload() splices into the socket
+        itself (a plain socket's: the header goes with MSG_MORE, so both leave together)."""
+        with self._lock:
+            if self.closed:
+                raise BrokenPipeError("the websocket is closed")
+            self.sock.sendall(frame_header(BINARY, length), socket.MSG_MORE)
+            splice_payload()
 
     def pong(self, payload):
         with self._lock:
