@@ -3,7 +3,7 @@ against the same run's plain ones, update latency, and the recording's size per 
 idle and a busy qemu console.
 
 Usage: python3 bench/recording.py [--mib 256] [--rounds 5] [--seconds 30] [--updates 3000]
-                                  [--record-dir DIR]
+                                  [--record-dir DIR] [--gateway-cpus LIST]
 
 Throughput: bench.peers' RFB backend (its own process; security None, then --mib MiB of
 updates on request) and its thin clients, as bench/relay.py's console-policy figures. For
@@ -138,9 +138,12 @@ def main():
     parser.add_argument("--updates", type=int, default=3000, help="update round trips per session")
     parser.add_argument("--update-kib", type=int, default=64, help="size of each update")
     parser.add_argument("--record-dir", default="rec", help="where recordings go (e.g. on tmpfs: /dev/shm/rec)")
+    parser.add_argument("--gateway-cpus", help="run the gateway on these CPUs only (taskset -c), e.g. 1 with "
+                                               "the bench itself under taskset -c 0")
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix="vncgate-bench-recording-")
-    gateway = harness.GatewayProcess(folder, record_dir=args.record_dir, record_max_bytes=1 << 40)
+    gateway = harness.GatewayProcess(folder, record_dir=args.record_dir, record_max_bytes=1 << 40,
+                                     wrapper=("taskset", "-c", args.gateway_cpus) if args.gateway_cpus else ())
     backend = subprocess.Popen([sys.executable, "-m", "bench.peers", "backend"], cwd=ROOT,
                                stdout=subprocess.PIPE, text=True)  # its own process: not our GIL
     rfb_port = [int(backend.stdout.readline()) for _ in range(4)][3]
