@@ -215,9 +215,10 @@ class Recorder:
 
     def server_pipe(self, read_end, count):
         """The server's next count bytes, waiting in a pipe: spliced into the file, never read
-        here. Returns whether the pipe was drained (False only when the file refused them)."""
+        here (called once following is over). Returns whether the pipe was drained (False only
+        when the file refused them)."""
         with self._lock:
-            if self.stopped or self.handshake is not None or self._too_big(self.output, count):
+            if self.stopped or self._too_big(self.output, count):
                 chunk = relay_module.read_pipe(read_end, count)  # the last chunk before the limit
                 if not self.stopped:
                     self._take_locked(chunk, True)

@@ -397,7 +397,7 @@ def splices(*socks):
     return CAN_SPLICE and not any(isinstance(sock, (ssl.SSLSocket, tls.TlsStream)) for sock in socks)
 
 
-def from_backend(backend_sock, sink, leftover=b"", recorder=None, splice=CAN_SPLICE):
+def from_backend(backend_sock, sink, leftover=b"", recorder=None, *, splice):
     """The backend-to-client Direction into sink: spliced when it may be (splice: see
     splices()), tee'd as well when recorded, else copied through Python (and shown to the
     recorder)."""
@@ -441,7 +441,7 @@ class Relay:
                                      upstream_sink(sink) if upstream_sink else sink)
         else:
             upstream = SpliceDirection("client", client_sock, SocketSink(backend_sock), client_leftover)
-        downstream = from_backend(backend_sock, SocketSink(client_sock), backend_leftover, recorder, splice)
+        downstream = from_backend(backend_sock, SocketSink(client_sock), backend_leftover, recorder, splice=splice)
         return cls(client_sock, backend_sock, upstream, downstream)
 
     @property
