@@ -98,7 +98,8 @@ async def open_session(port, token, source, timeout):
 
 def percentiles(samples):
     ordered = sorted(samples)
-    pick = lambda fraction: round(1000 * ordered[min(len(ordered) - 1, int(len(ordered) * fraction))], 2)
+    def pick(fraction):
+        return round(1000 * ordered[min(len(ordered) - 1, int(len(ordered) * fraction))], 2)
     return {"p50_ms": pick(0.50), "p99_ms": pick(0.99), "max_ms": round(1000 * ordered[-1], 2),
             "mean_ms": round(1000 * statistics.fmean(ordered), 2)}
 
@@ -185,7 +186,7 @@ def start(folder, args, procs):
     env = dict(os.environ, PYTHONPATH=args.source)
     gateway = subprocess.Popen(
         ["prlimit", f"--nofile={args.fd_limit}:{args.fd_limit}", "--", sys.executable, "-c",
-         "from vncgate.cli import serve_main_exit; serve_main_exit()", "-c", ini, "--port", "0"],
+         "from vncgate.control.cli import serve_main_exit; serve_main_exit()", "-c", ini, "--port", "0"],
         cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     procs.append(gateway)
     deadline = time.monotonic() + 30

@@ -17,8 +17,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from tests.harness import (FakeBackend, GatewayProcess, RedisServer, closed_by_peer,  # noqa: E402
-                           rfb_banner_then_echo, xvp_connect)
+from tests.harness import FakeBackend, GatewayProcess, RedisServer, closed_by_peer, rfb_banner_then_echo, xvp_connect  # noqa: E402
 from vncgate.store import TokenStore  # noqa: E402
 
 

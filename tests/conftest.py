@@ -4,8 +4,17 @@ import subprocess
 import pytest
 
 from tests import harness
-from tests.harness import (ApiClient, FakeBackend, FakeClock, GatewayProcess, Qemu, RedisServer, check_openapi,
-                           console_script, rfb_banner_then_echo)
+from tests.harness import (
+    ApiClient,
+    FakeBackend,
+    FakeClock,
+    GatewayProcess,
+    Qemu,
+    RedisServer,
+    check_openapi,
+    console_script,
+    rfb_banner_then_echo,
+)
 from vncgate import store as store_module
 
 

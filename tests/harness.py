@@ -8,9 +8,9 @@ import select
 import shutil
 import signal
 import socket
+import sqlite3
 import ssl
 import struct
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -18,15 +18,15 @@ import time
 import urllib.error
 import urllib.request
 
+import redis
 from PIL import Image
 from playwright.sync_api import sync_playwright
 from websockets.client import ClientProtocol
 from websockets.frames import Opcode
 from websockets.protocol import State
-import redis
 from websockets.uri import parse_uri
 
-from vncgate import rfb
+from vncgate.console import rfb
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -958,7 +958,7 @@ class ApiClient:
 def check_openapi(responses):
     """Every (method, path, status, body) must be a response the OpenAPI document describes."""
     from openapi_schema_validator import OAS31Validator
-    with open(os.path.join(REPO, "vncgate", "openapi.json")) as handle:
+    with open(os.path.join(REPO, "vncgate", "control", "openapi.json")) as handle:
         document = json.load(handle)
     templates = [(re.compile(re.sub(r"\\{[a-z_]+\\}", "[^/]+", re.escape(template)) + "$"), operations)
                  for template, operations in document["paths"].items()]

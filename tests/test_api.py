@@ -12,12 +12,12 @@ import urllib.parse
 import urllib.request
 
 import pytest
-
 from openapi_spec_validator import validate as validate_spec
 
 from tests import harness, vnc_client
 from tests.harness import ApiClient, closed_by_peer, xvp_connect
-from vncgate import consoles, store as store_module
+from vncgate import store as store_module
+from vncgate.console import serial as consoles
 from vncgate.store import common as store_common
 from vncgate.store.common import hash_token
 
@@ -178,7 +178,7 @@ def test_wrong_missing_and_removed_keys_get_one_answer_and_sighup_rereads_keys(a
 
 def test_the_openapi_document_is_served_and_valid(api_gateway):
     status, _, document = api_gateway.api.call("GET", "/openapi.json", key=None)
-    with open(os.path.join(harness.REPO, "vncgate", "openapi.json")) as handle:
+    with open(os.path.join(harness.REPO, "vncgate", "control", "openapi.json")) as handle:
         assert status == 200 and document == json.load(handle)
     validate_spec(document)
 

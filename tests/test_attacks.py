@@ -15,9 +15,21 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from tests import harness
-from tests.harness import (NOVNC, FakeBackend, GatewayProcess, client_context, closed_by_peer, fake_rfb_server,
-                           frames_until, masked, make_certificate, raw_upgrade, read_head)
-from vncgate import refusals, wsframes
+from tests.harness import (
+    NOVNC,
+    FakeBackend,
+    GatewayProcess,
+    client_context,
+    closed_by_peer,
+    fake_rfb_server,
+    frames_until,
+    make_certificate,
+    masked,
+    raw_upgrade,
+    read_head,
+)
+from vncgate import refusals
+from vncgate.front import wsframes
 
 BANNER = b"RFB 003.008\n"
 PASSWORD = b"s3cret!8"

@@ -10,7 +10,9 @@ import pytest
 
 from tests import harness, vnc_client
 from tests.harness import NOVNC, CertificateAuthority, GatewayProcess, bright_pixels, open_console_in_chromium
-from vncgate import config, refusals, relay, rfb, tls
+from vncgate import config, refusals
+from vncgate.console import relay, rfb
+from vncgate.net import tls
 
 PASSWORD = "x509-pw1"
 

@@ -6,7 +6,6 @@ from tests import harness
 from tests.harness import NOVNC, make_certificate, open_console_in_chromium
 
 
-
 @pytest.fixture
 def gateway(tmp_path):
     # The browser's Origin names the port it loaded the page from: public_url must name it too.

@@ -4,9 +4,10 @@ import socket
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from vncgate import http
+from vncgate.net import http
 from vncgate.refusals import Refused
 
 

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from tests import harness, vnc_client
-from vncgate import libvirt
+from vncgate.control import libvirt
 
 
 def everything_written(gateway):

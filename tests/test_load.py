@@ -8,7 +8,7 @@ import pytest
 
 from tests import harness
 from tests.harness import FakeBackend, GatewayProcess, xvp_connect
-from vncgate import relay
+from vncgate.console import relay
 
 LIVE_SESSIONS = 500
 HANDSHAKES_PER_SECOND = 50

@@ -6,11 +6,14 @@ import threading
 import time
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests import harness
-from vncgate import policy, refusals, rfb, store as store_module
-from vncgate.policy import Malformed, Parser, Policy
+from vncgate import refusals
+from vncgate import store as store_module
+from vncgate.console import policy, rfb
+from vncgate.console.policy import Malformed, Parser, Policy
 
 KEY = struct.Struct("!BBxxI")
 
@@ -387,7 +390,7 @@ def tcp_pair():
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.binary(min_size=1, max_size=200), max_size=6), st.booleans())
 def test_fuzz_a_policy_relay_ends_cleanly(chunks, view_only):
-    from vncgate import relay
+    from vncgate.console import relay
     client_app, client_side = tcp_pair()
     backend_side, backend_app = tcp_pair()
     holder = {}

@@ -8,8 +8,15 @@ import time
 import pytest
 
 from tests import harness
-from tests.harness import (FakeBackend, GatewayProcess, framebuffer_update_request, read_framebuffer_update,
-                           recording_rfb_server, rfb_client_handshake, xvp_connect)
+from tests.harness import (
+    FakeBackend,
+    GatewayProcess,
+    framebuffer_update_request,
+    read_framebuffer_update,
+    recording_rfb_server,
+    rfb_client_handshake,
+    xvp_connect,
+)
 
 KEY = struct.Struct("!BBxxI")
 

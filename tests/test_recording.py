@@ -8,10 +8,23 @@ import types
 import pytest
 
 from tests import harness
-from tests.harness import (NOVNC, SERVER_INIT, FakeBackend, Qemu, bright_pixels, frames_until, masked,
-                           open_console_in_chromium, payload_of, raw_upgrade, recv_exactly, rfb_server_streaming,
-                           xvp_connect)
-from vncgate import recording, rfb, wsframes
+from tests.harness import (
+    NOVNC,
+    SERVER_INIT,
+    FakeBackend,
+    Qemu,
+    bright_pixels,
+    frames_until,
+    masked,
+    open_console_in_chromium,
+    payload_of,
+    raw_upgrade,
+    recv_exactly,
+    rfb_server_streaming,
+    xvp_connect,
+)
+from vncgate.console import recording, rfb
+from vncgate.front import wsframes
 
 U32 = struct.Struct("!I")
 

@@ -2,13 +2,13 @@
 
 import os
 import socket
-import time
 import threading
+import time
 import types
 
 import pytest
 
-from vncgate import recording, relay
+from vncgate.console import recording, relay
 
 
 def tcp_pair():

@@ -7,12 +7,13 @@ import struct
 import time
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests import harness, vnc_client
-from tests.harness import FakeBackend, GatewayProcess, fake_rfb_server
-from tests.harness import NOVNC, bright_pixels, open_console_in_chromium
-from vncgate import refusals, rfb
+from tests.harness import NOVNC, FakeBackend, GatewayProcess, bright_pixels, fake_rfb_server, open_console_in_chromium
+from vncgate import refusals
+from vncgate.console import rfb
 
 PASSWORD = b"s3cret!8"
 U32 = struct.Struct("!I")

@@ -12,7 +12,7 @@ import pytest
 
 from tests import harness
 from tests.harness import GatewayProcess, xvp_connect
-from vncgate import relay
+from vncgate.console import relay
 
 LIMIT = 512
 
@@ -190,8 +190,11 @@ def test_sessions_per_token_are_capped_with_409_and_an_audit_reason(tmp_path, ba
 
 def test_accept_short_of_buffers_backs_off_with_one_line_then_recovers(tmp_path, caplog):
     """Unit test: ENOBUFS (no spare fd can help) backs off, doubling to 0.5 s, logs once."""
-    from vncgate import audit as audit_module, config as config_module, server, store as store_module
-    caplog.set_level(logging.INFO, logger="vncgate.server")
+    from vncgate import audit as audit_module
+    from vncgate import config as config_module
+    from vncgate import store as store_module
+    from vncgate.front import server
+    caplog.set_level(logging.INFO, logger="vncgate.front.server")
     config = config_module.Config(port=0, database=str(tmp_path / "t.db"))
     gateway = server.Gateway(config, store_module.TokenStore(config.database), audit_module.Audit.open(""))
     pauses = []
@@ -210,7 +213,7 @@ def test_accept_short_of_buffers_backs_off_with_one_line_then_recovers(tmp_path,
         with socket.create_connection(listener.getsockname()):
             request, _address = gateway.get_request()
             request.close()
-        messages = [record.getMessage() for record in caplog.records if record.name == "vncgate.server"]
+        messages = [record.getMessage() for record in caplog.records if record.name == "vncgate.front.server"]
         assert len([m for m in messages if m.startswith("cannot accept connections")]) == 1
         assert messages[-1] == "accepting connections again"
         assert gateway._accept_backoff == 0.0

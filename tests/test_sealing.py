@@ -1,6 +1,6 @@
 import pytest
 
-from vncgate import sealing
+from vncgate.store import sealing
 
 
 def test_round_trip_for_many_lengths():

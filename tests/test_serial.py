@@ -7,13 +7,13 @@ import subprocess
 import time
 
 import pytest
-
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from tests import harness
 from tests.harness import FakeBackend, GatewayProcess, SerialPages, SerialQemu, raw_upgrade, terminal_text, wait_for
-from vncgate import consoles, store as store_module
+from vncgate import store as store_module
+from vncgate.console import serial as consoles
 
 TOUCH = 0.5
 
@@ -149,14 +149,14 @@ def test_browser_terminal_shared_viewers_and_revocation(tmp_path):
         pages = SerialPages(url, count=2)
         first, second = pages.pages
         for page in pages.pages:  # the log's last lines, from before either tab opened
-            wait_for(lambda: "QEMU" in terminal_text(page) and "monitor" in terminal_text(page), 30, 0.2,
+            wait_for(lambda page=page: "QEMU" in terminal_text(page) and "monitor" in terminal_text(page), 30, 0.2,
                      "the log's last lines in the terminal")
         wait_for(lambda: "connected" in first.inner_text("#status"), 30, 0.2, "the websocket")
         first.locator("#terminal").click()
         first.keyboard.type("info status")
         first.keyboard.press("Enter")
         for page in pages.pages:
-            wait_for(lambda: "VM status: running" in terminal_text(page), 30, 0.2, "the monitor's answer")
+            wait_for(lambda page=page: "VM status: running" in terminal_text(page), 30, 0.2, "the monitor's answer")
         first.screenshot(path=harness.artifact("serial-terminal.png"))
         assert "VM status: running" in _log(gateway, "--instance", "vm-3")
         assert pages.errors == []
@@ -166,7 +166,7 @@ def test_browser_terminal_shared_viewers_and_revocation(tmp_path):
         revoked_at = time.monotonic()
         assert gateway.token_cli("revoke", "-", input=token + "\n").returncode == 0
         for page in pages.pages:
-            wait_for(lambda: "disconnected" in page.inner_text("#status"), 10, 0.05, "the tab to be closed")
+            wait_for(lambda page=page: "disconnected" in page.inner_text("#status"), 10, 0.05, "the tab to be closed")
         assert time.monotonic() - revoked_at < TOUCH + 2.0  # touch_interval, and a loaded machine's slack
         wait_for(lambda: len(_serial_ends(gateway)) == 2, 10, 0.1, "two session-end lines")
         assert [line["reason"] for line in _serial_ends(gateway)] == ["revoked", "revoked"]

@@ -1,5 +1,5 @@
 from tests.harness import FakeClock
-from vncgate.throttle import FailureThrottle
+from vncgate.front.throttle import FailureThrottle
 
 
 def test_burst_then_refill_per_address():

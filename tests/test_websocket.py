@@ -14,9 +14,17 @@ from websockets.sync.client import connect
 from websockets.uri import parse_uri
 
 from tests import harness
-from vncgate import wsframes
-from tests.harness import (FakeBackend, GatewayProcess, banner_then_record, client_context, frames_until,
-                           make_certificate, payload_of, raw_upgrade)
+from tests.harness import (
+    FakeBackend,
+    GatewayProcess,
+    banner_then_record,
+    client_context,
+    frames_until,
+    make_certificate,
+    payload_of,
+    raw_upgrade,
+)
+from vncgate.front import wsframes
 
 PUBLIC = "https://vnc.example.test"
 PORTAL = "https://portal.example.test"

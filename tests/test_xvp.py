@@ -8,7 +8,7 @@ import pytest
 
 from tests import harness
 from tests.harness import FakeBackend, GatewayProcess, closed_by_peer, xvp_connect
-from vncgate import relay
+from vncgate.console import relay
 
 
 @pytest.fixture

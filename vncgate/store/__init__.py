@@ -3,22 +3,58 @@
 A file path is an SQLite database (the gateways of one host); a redis://, rediss:// or
 redis+sentinel:// URL is a Redis server shared by gateways on many hosts. Both engines
 answer the same calls (common.Store) and return the same records.
+
+The only place that speaks SQL or Redis. May import the root modules only. The Redis engine
+is imported when a redis:// database is opened, never by `import vncgate`.
 """
 
 import time
 
-from vncgate.store.common import (CONSOLE_TYPES, SERIAL, STATES, TOKEN_BYTES, WEBSOCKET, XVP, ConnectionDetails,
-                                  Follow,
-                                  LiveSession, Store, StoreBusy, StoreError, TokenRejected, access_url,
-                                  hash_token)
-from vncgate.store.redis import DEFAULT_PREFIX, URL_FORMS, RedisStore, RedisTarget, is_redis_url
+from vncgate.store.common import (
+    CONSOLE_TYPES,
+    SERIAL,
+    STATES,
+    TOKEN_BYTES,
+    WEBSOCKET,
+    XVP,
+    ConnectionDetails,
+    Follow,
+    LiveSession,
+    Store,
+    StoreBusy,
+    StoreError,
+    TokenRejected,
+    access_url,
+    hash_token,
+)
 from vncgate.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore
+from vncgate.store.targets import DEFAULT_PREFIX, URL_FORMS, RedisTarget, is_redis_url
 
 __all__ = ["CONSOLE_TYPES", "SERIAL", "Follow",
            "STATES", "TOKEN_BYTES", "WEBSOCKET", "XVP", "ConnectionDetails", "LiveSession",
            "Store", "StoreBusy", "StoreError", "TokenRejected", "access_url", "hash_token", "DEFAULT_PREFIX",
-           "URL_FORMS", "RedisStore", "RedisTarget", "is_redis_url", "MIGRATIONS", "SCHEMA_VERSION", "SqliteStore",
+           "URL_FORMS", "RedisTarget", "RedisMissing", "is_redis_url", "MIGRATIONS", "SCHEMA_VERSION", "SqliteStore",
            "TokenStore"]
+
+
+REDIS_EXTRA = "pip install 'vncgate[redis]'"
+
+
+class RedisMissing(StoreError):
+    """A redis:// database on an install without the Redis client (the [redis] extra)."""
+
+
+def redis_engine():
+    """The Redis engine's class, imported only when a redis:// database is used, so that
+    `import vncgate` and an SQLite-only install never need the `redis` package."""
+    try:
+        from vncgate.store.redis import RedisStore
+    except ImportError as error:
+        if error.name is None or not error.name.startswith("redis"):
+            raise
+        raise RedisMissing(f"a redis:// database needs the Redis client, which is not installed: "
+                           f"{REDIS_EXTRA}") from None
+    return RedisStore
 
 
 def TokenStore(database, token_ttl=300.0, idle_timeout=600.0, clock=time.time, busy_timeout=5.0,  # noqa: N802
@@ -27,6 +63,7 @@ def TokenStore(database, token_ttl=300.0, idle_timeout=600.0, clock=time.time, b
     busy_timeout bounds how long one call waits for the store; checkpoint_on_commit=False
     leaves SQLite's checkpoints to whoever calls checkpoint()."""
     if is_redis_url(database):
+        RedisStore = redis_engine()  # noqa: N806
         return RedisStore(RedisTarget.parse(database), token_ttl=token_ttl, idle_timeout=idle_timeout,
                           clock=clock, busy_timeout=busy_timeout, key_prefix=key_prefix)
     return SqliteStore(database, token_ttl=token_ttl, idle_timeout=idle_timeout, clock=clock,

@@ -10,8 +10,9 @@ import dataclasses
 import hashlib
 import secrets
 import urllib.parse
+from typing import Optional
 
-from vncgate import sealing
+from vncgate.store import sealing
 
 XVP = "xvp-vnc"
 WEBSOCKET = "ws-vnc"
@@ -80,8 +81,8 @@ class ConnectionDetails:
     record: bool = False  # its sessions are recorded (recording.py)
     replay: str = ""  # a replay token: the session id of the recording it plays, at replay_speed
     replay_speed: float = 1.0
-    backend_password: bytes = None  # opened only by validate(), which holds the token
-    policy: str = ""  # the console policy, JSON text that vncgate.policy reads; "" for none
+    backend_password: Optional[bytes] = None  # opened only by validate(), which holds the token
+    policy: str = ""  # the console policy, JSON text that vncgate.console.policy reads; "" for none
 
     @property
     def token_id(self):
@@ -177,7 +178,7 @@ class Store:
                                access_url="", ttl=None, backend_password=None, policy="",
                                backend_tls=False, record=False, replay="", replay_speed=1.0):
         """Mint a token for one console and return it; only its hash is kept. policy: the
-        console policy's JSON text (vncgate.policy.Policy.to_json). record: its sessions are
+        console policy's JSON text (vncgate.console.policy.Policy.to_json). record: its sessions are
         recorded; replay: a session id, whose recording the token plays instead of a console."""
         if console_type not in CONSOLE_TYPES:
             raise ValueError(f"unknown console type {console_type!r}")

@@ -20,7 +20,6 @@ Not for Redis Cluster (the scripts name keys they build).
 import dataclasses
 import logging
 import time
-import urllib.parse
 
 import redis
 import redis.backoff
@@ -29,16 +28,20 @@ import redis.exceptions
 import redis.retry
 import redis.sentinel
 
-from vncgate.store.common import (ConnectionDetails, Follow, LiveSession, Store, StoreError, TokenRejected,
-                                  consumption, stale_after)
+from vncgate.store.common import (
+    ConnectionDetails,
+    Follow,
+    LiveSession,
+    Store,
+    StoreError,
+    TokenRejected,
+    consumption,
+    stale_after,
+)
+from vncgate.store.targets import DEFAULT_PREFIX
 
 log = logging.getLogger("vncgate.store")
 
-SCHEMES = ("redis", "rediss", "redis+sentinel")
-DEFAULT_PREFIX = "vncgate:"
-DEFAULT_PORT, DEFAULT_SENTINEL_PORT = 6379, 26379
-URL_FORMS = ("redis://[:PASSWORD@]HOST:PORT/DB, rediss://[:PASSWORD@]HOST:PORT/DB or "
-             "redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE/DB")
 _BATCH = 1000  # commands per pipeline, tokens per purge step
 _TOKEN_FIELDS = ("instance_id", "console_type", "host", "port", "access_url", "internal_access_path",
                  "created_at", "updated_at", "expires_at")
@@ -46,65 +49,6 @@ _TOKEN_FIELDS = ("instance_id", "console_type", "host", "port", "access_url", "i
 _LATER_FIELDS = {"record": "0", "replay": "", "replay_speed": "1.0"}
 _SESSION_FIELDS = tuple(field.name for field in dataclasses.fields(LiveSession))
 
-
-def is_redis_url(database):
-    return urllib.parse.urlsplit(database).scheme in SCHEMES
-
-
-@dataclasses.dataclass(frozen=True)
-class RedisTarget:
-    """A parsed `database` URL."""
-    url: str
-    scheme: str
-    hosts: tuple  # ((host, port), ...): the server, or the sentinels
-    service: str  # the Sentinel service name, "" otherwise
-    db: int
-    username: str
-    password: str
-
-    @classmethod
-    def parse(cls, url):
-        """Raises ValueError whose text says what must change."""
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in SCHEMES:
-            raise ValueError(f"must be {URL_FORMS}")
-        credentials, _, locations = parts.netloc.rpartition("@")
-        username, _, password = credentials.partition(":")
-        sentinel = parts.scheme == "redis+sentinel"
-        hosts = tuple(_host_port(item, DEFAULT_SENTINEL_PORT if sentinel else DEFAULT_PORT)
-                      for item in locations.split(","))
-        if len(hosts) > 1 and not sentinel:
-            raise ValueError("must name one HOST:PORT (several are for redis+sentinel://)")
-        path = [item for item in parts.path.split("/") if item]
-        service = path.pop(0) if sentinel and path else ""
-        if sentinel and not service:
-            raise ValueError("must name the Sentinel service: redis+sentinel://HOST:PORT/SERVICE/DB")
-        if len(path) > 1 or (path and not path[0].isdigit()):
-            raise ValueError(f"must end in a database number, as in {URL_FORMS}")
-        return cls(url, parts.scheme, hosts, service, int(path[0]) if path else 0,
-                   urllib.parse.unquote(username), urllib.parse.unquote(password))
-
-    @property
-    def redacted(self):
-        """The URL without its password, for logs and messages."""
-        where = ",".join(f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in self.hosts)
-        path = f"/{self.service}/{self.db}" if self.service else f"/{self.db}"
-        return f"{self.scheme}://{where}{path}"
-
-
-def _host_port(text, default_port):
-    host, port = text, default_port
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest:
-            port = rest.lstrip(":")
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    if not host:
-        raise ValueError(f"must name a host, as in {URL_FORMS}")
-    if not str(port).isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"must have ports from 1 to 65535, got {port!r}")
-    return host, int(port)
 
 
 # -- the scripts ----------------------------------------------------------------------------

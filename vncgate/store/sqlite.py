@@ -11,8 +11,17 @@ import sqlite3
 import threading
 import time
 
-from vncgate.store.common import (ConnectionDetails, Follow, LiveSession, Store, StoreBusy, StoreError,
-                                  TokenRejected, consumption, stale_after)
+from vncgate.store.common import (
+    ConnectionDetails,
+    Follow,
+    LiveSession,
+    Store,
+    StoreBusy,
+    StoreError,
+    TokenRejected,
+    consumption,
+    stale_after,
+)
 
 _POOL_SIZE = 16
 

@@ -1,6 +1,7 @@
 """The XVP auth protocol of the Java console clients: CONNECT /console?token=T, then raw VNC."""
 
-from vncgate import relay, store
+from vncgate import store
+from vncgate.console import relay
 
 OK = b"HTTP/1.1 200 OK\r\n\r\n"
 

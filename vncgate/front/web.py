@@ -19,10 +19,12 @@ import struct
 import time
 import urllib.parse
 
-from vncgate import http, relay, store as store_module
+from vncgate import store as store_module
+from vncgate.console import relay
+from vncgate.net import http
 from vncgate.refusals import Refused
 
-log = logging.getLogger("vncgate.web")
+log = logging.getLogger("vncgate.front.web")
 
 # The built-in table only, so every host answers alike; plus the types noVNC needs that it lacks.
 _TYPES = mimetypes.MimeTypes()

@@ -10,7 +10,7 @@ import select
 import socket
 import time
 
-from vncgate import fds, http
+from vncgate.net import fds, http
 from vncgate.refusals import Refused
 
 XEN_REPLY_LIMIT = 4096

@@ -34,9 +34,10 @@ import struct
 import threading
 import time
 
-from vncgate import relay as relay_module, rfb
+from vncgate.console import relay as relay_module
+from vncgate.console import rfb
 
-log = logging.getLogger("vncgate.recording")
+log = logging.getLogger("vncgate.console.recording")
 
 FBS_MAGIC = b"FBS 001.000\n"
 INPUT_MAGIC = b"VGI 001.000\n"

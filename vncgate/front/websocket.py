@@ -1,6 +1,6 @@
 """The websocket path of noVNC: GET with Upgrade: websocket, then RFB bytes in binary messages.
 
-The framing is vncgate.wsframes (RFC 6455, strict, streaming). Around it this module
+The framing is vncgate.front.wsframes (RFC 6455, strict, streaming). Around it this module
 adds what a gateway needs: the token (query, else cookie), the Origin check, an
 upgrade that is checked before the backend is reached but answered only once the
 console is open, and a Source and a Sink so that the relay's two threads can share
@@ -11,7 +11,10 @@ client breaks the protocol, a close frame goes out and both directions stop.
 import re
 import ssl
 
-from vncgate import policy, relay, store, tls, wsframes
+from vncgate import store
+from vncgate.console import policy, relay
+from vncgate.front import wsframes
+from vncgate.net import tls
 from vncgate.refusals import Refused
 
 PATH = "websocket"

@@ -24,10 +24,14 @@ import secrets
 import socket
 import time
 
-from vncgate import consoles, libvirt, policy as policy_module, store as store_module, throttle, web, websocket
+from vncgate import store as store_module
+from vncgate.console import policy as policy_module
+from vncgate.console import serial as consoles
+from vncgate.control import libvirt
+from vncgate.front import throttle, web, websocket
 from vncgate.refusals import Refused
 
-log = logging.getLogger("vncgate.api")
+log = logging.getLogger("vncgate.control.api")
 
 PREFIX = "/api/v1"
 MAX_BODY = 64 * 1024
@@ -218,9 +222,9 @@ class ControlPlane:
             status, payload = refusal.status, {"error": _sentence(refusal)}
             call.audit.update(result="rejected", **refusal.audit_fields())
         except store_module.StoreError as error:
-            refusal = Refused("store-unavailable", str(error))
-            status, payload = refusal.status, {"error": refusal.sentence}
-            call.audit.update(result="rejected", **refusal.audit_fields())
+            outage = Refused("store-unavailable", str(error))
+            status, payload = outage.status, {"error": outage.sentence}
+            call.audit.update(result="rejected", **outage.audit_fields())
         self.gateway.audit.record("api", **call.audit)
         headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store"),
                    ("X-Content-Type-Options", "nosniff")]

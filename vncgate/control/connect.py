@@ -18,7 +18,8 @@ import threading
 import time
 import urllib.parse
 
-from vncgate import http, relay, rfb
+from vncgate.console import relay, rfb
+from vncgate.net import http
 from vncgate.refusals import Refused
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -58,7 +59,7 @@ def console_url(text):
     The URL itself is never repeated: it holds the token."""
     parts = urllib.parse.urlsplit(text.strip())
     try:
-        parts.port  # raises ValueError for a bad port
+        _ = parts.port  # raises ValueError for a bad port
     except ValueError:
         raise ConnectError("not a console URL: bad port") from None
     if (parts.scheme not in ("http", "https") or not parts.hostname

@@ -23,8 +23,8 @@ import struct
 import threading
 import time
 
+from vncgate.console.relay import Ended
 from vncgate.refusals import Refused
-from vncgate.relay import Ended
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA

@@ -22,10 +22,10 @@ import threading
 import time
 import urllib.parse
 
-from vncgate import backends
+from vncgate.console import backends
 from vncgate.refusals import Refused
 
-log = logging.getLogger("vncgate.consoles")
+log = logging.getLogger("vncgate.console.serial")
 
 READ_SIZE = 64 * 1024
 TAIL_BYTES = 64 * 1024  # of the log, sent to a viewer as it attaches

@@ -20,7 +20,7 @@ import struct
 import threading
 import time
 
-log = logging.getLogger("vncgate.policy")
+log = logging.getLogger("vncgate.console.policy")
 
 # Client-to-server message types (RFC 6143 section 7.5, and the extensions noVNC,
 # TigerVNC and qemu's clients send: section 7.7 of the community RFB specification).

@@ -28,7 +28,7 @@ import ssl
 import threading
 import time
 
-from vncgate import tls
+from vncgate.net import tls
 
 BUFFER_SIZE = 256 * 1024
 COPY_SIZE = 64 * 1024  # a spliced direction's chunk when no pipe is free

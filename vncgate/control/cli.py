@@ -11,10 +11,13 @@ import signal
 import sys
 import threading
 
-from vncgate import api, consoles, libvirt, logs, recording
 from vncgate import config as config_module
-from vncgate import policy as policy_module
+from vncgate import logs
 from vncgate import store as store_module
+from vncgate.console import policy as policy_module
+from vncgate.console import recording
+from vncgate.console import serial as consoles
+from vncgate.control import api, libvirt
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -411,7 +414,7 @@ def run_reporting_errors(prog, body):
     try:
         body()
         return EXIT_OK
-    except UsageError as error:
+    except (UsageError, store_module.RedisMissing) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except (CommandFailed, config_module.ConfigError, store_module.StoreError) as error:
@@ -461,7 +464,9 @@ def _prepare_process_for_many_sessions():
 
 
 def serve_main(argv=None):
-    from vncgate import audit as audit_module, server, tls  # the token CLI does not need these
+    from vncgate import audit as audit_module
+    from vncgate.front import server
+    from vncgate.net import tls  # the token CLI does not need these
 
     def body():
         args = serve_parser().parse_args(argv)
@@ -479,7 +484,8 @@ def serve_main(argv=None):
         except OSError as error:
             raise CommandFailed(f"cannot open audit log {config.audit_log}: {error.strerror}") from None
         try:
-            gateway = server.Gateway(config, store, audit)
+            gateway = server.Gateway(config, store, audit,
+                                     control_plane=api.ControlPlane if config.api_keys_file else None)
         except OSError as error:
             raise CommandFailed(f"cannot listen on {config.listen}:{config.port}: {error.strerror}") from None
         except (tls.TlsConfigError, api.KeyFileError) as error:

@@ -21,11 +21,14 @@ import socketserver
 import threading
 import time
 
-from vncgate import (api, consoles, fds, http, recording, relay, sessions, store as store_module, throttle, tls,
-                     web, websocket, xvp)
+from vncgate import store as store_module
+from vncgate.console import recording, relay, sessions
+from vncgate.console import serial as consoles
+from vncgate.front import throttle, web, websocket, xvp
+from vncgate.net import fds, http, tls
 from vncgate.refusals import Refused
 
-log = logging.getLogger("vncgate.server")
+log = logging.getLogger("vncgate.front.server")
 
 
 class ConnectionHandler(socketserver.BaseRequestHandler):
@@ -121,7 +124,9 @@ class Gateway(socketserver.ThreadingTCPServer):
     pause = staticmethod(time.sleep)  # the accept back-off's (tests record it instead)
     request_queue_size = 512
 
-    def __init__(self, config, store, audit):
+    def __init__(self, config, store, audit, control_plane=None):
+        """control_plane: a callable taking this gateway and returning the handler of the API's
+        requests (claims/serve/reload_keys), handed in by whoever builds the gateway."""
         self.config = config
         self.store = store
         self.audit = audit
@@ -139,7 +144,7 @@ class Gateway(socketserver.ThreadingTCPServer):
             self.sessions, config.touch_interval, config.housekeeping_interval,
             tasks=(lambda: self.consoles.sync(store.list_follows()),))
         self.tls_context = tls.server_context(config.cert, config.key) if config.cert else None
-        self.api = api.ControlPlane(self) if config.api_keys_file else None
+        self.api = control_plane(self) if control_plane else None
         self._connections = {}  # accepted socket -> what it is now (itself, or its TLS wrapper)
         self._pending = collections.Counter()  # client address -> its connections not relaying yet
         self._handshaking = {}  # accepted socket -> client address, until it relays

@@ -19,10 +19,14 @@ import socket
 import threading
 import time
 
-from vncgate import backends, fds, policy as policy_module, recording, refusals, rfb, store as store_module, tls
+from vncgate import refusals
+from vncgate import store as store_module
+from vncgate.console import backends, recording, rfb
+from vncgate.console import policy as policy_module
+from vncgate.net import fds, tls
 from vncgate.refusals import Refused
 
-log = logging.getLogger("vncgate.sessions")
+log = logging.getLogger("vncgate.console.sessions")
 
 CHECKPOINT_INTERVAL = 1.0  # seconds between the housekeeper's checkpoints, at most
 
