@@ -11,7 +11,6 @@ are queued and the housekeeper writes them moments later, so a slow store write
 before it was written costs no write at all.
 """
 
-import collections
 import logging
 import os
 import secrets
@@ -32,8 +31,8 @@ CHECKPOINT_INTERVAL = 1.0  # seconds between the housekeeper's checkpoints, at m
 
 
 class Session:
-    def __init__(self, details, client, path, backend, backend_leftover, client_conn=None):
-        self.id = secrets.token_hex(6)
+    def __init__(self, details, client, path, backend, backend_leftover, client_conn=None, session_id=None):
+        self.id = session_id or secrets.token_hex(6)
         self.details = details
         self.client = client
         self.path = path
@@ -110,7 +109,7 @@ class SessionManager:
         self.on_relaying = on_relaying
         self.gateway_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         self._live = {}
-        self._per_token = collections.Counter()  # token hash -> sessions open or opening
+        self._to_release = {}  # session id -> token hash: shares to give back (at a stop, in one write)
         self._to_record = {}  # session id -> Session, not in the shared list yet
         self._to_remove = set()  # session ids to take out of it
         self.store_work = threading.Event()  # set when there is something to write
@@ -120,6 +119,7 @@ class SessionManager:
         self._next_checkpoint = 0.0
         # console type -> open_backend(details, timeout) for types not reached by backends.open_backend
         self.backend_openers = {}
+        self.event_handlers = {}  # kind -> handler(ids) of the store's other pushed events
 
     def open(self, token, console_type, path, client, conn=None, resume_cookie=None):
         """Validate the token and reach its backend; returns a Session or raises Refused.
@@ -134,11 +134,12 @@ class SessionManager:
         fields["token_id"] = store_module.hash_token(token)[:8]
         details = self._validate(token, console_type, address, fields)
         fields["instance_id"] = details.instance_id
-        self._take_token_share(details.token_hash, fields)
+        session_id = secrets.token_hex(6)
+        self._take_token_share(details, session_id, fields)
         try:
-            session = self._reach(details, client, path, conn, address, resume_cookie, fields)
+            session = self._reach(details, client, path, conn, address, resume_cookie, fields, session_id)
         except Refused:
-            self._give_back_token_share(details.token_hash)
+            self._shared(self.store.release_shares, {session_id: details.token_hash}, False)
             raise
         with self._lock:
             self._live[session.id] = session
@@ -150,7 +151,7 @@ class SessionManager:
                               **({"recording": session.id} if session.recorder else {}))
         return session
 
-    def _reach(self, details, client, path, conn, address, resume_cookie, fields):
+    def _reach(self, details, client, path, conn, address, resume_cookie, fields, session_id):
         """The session with its backend connected (and secured, and a single use taken), or Refused."""
         if details.replay:  # the "backend" is a player of the recording, speaking RFB itself
             player = self.recordings.player(details.replay, details.replay_speed)
@@ -162,7 +163,7 @@ class SessionManager:
             except Refused as error:
                 log.info("backend %s:%s for %s: %s", details.host, details.port, details.instance_id, error)
                 raise Refused(error.reason, error.detail, **fields) from None
-        session = Session(details, client, path, backend, leftover, conn)
+        session = Session(details, client, path, backend, leftover, conn, session_id)
         session.policy = policy_module.Policy.from_json(details.policy)
         # Policies read RFB: a serial console's bytes are not (its tokens carry none); a replay has no input.
         if (details.console_type != store_module.SERIAL and not details.replay
@@ -184,7 +185,8 @@ class SessionManager:
     def _consume(self, session, address, resume_cookie, fields):
         cookie_hash = store_module.hash_token(resume_cookie) if resume_cookie else None
         try:
-            return self.store.consume(session.details.token_hash, address, cookie_hash, self.settings.resume_grace)
+            return self.store.consume(session.details.token_hash, address, cookie_hash, self.settings.resume_grace,
+                                      session.id)
         except store_module.TokenRejected as rejected:
             session.backend.close()
             raise Refused(rejected.reason, **fields) from None
@@ -192,21 +194,21 @@ class SessionManager:
             session.backend.close()
             raise Refused("store-unavailable", str(error), **fields) from None
 
-    def _release(self, session):
-        if session.use:
-            self._shared(self.store.release, session.details.token_hash)
+    @property
+    def share_ttl(self):
+        """How long a session's share outlives its gateway's last heartbeat: three missed ones."""
+        return store_module.stale_after(self.heartbeat_interval)
 
-    def _take_token_share(self, token_hash, fields):
-        with self._lock:
-            if self._per_token[token_hash] >= self.settings.max_sessions_per_token:
-                raise Refused("too-many-sessions", f"{self._per_token[token_hash]} sessions open", **fields)
-            self._per_token[token_hash] += 1
-
-    def _give_back_token_share(self, token_hash):
-        with self._lock:
-            self._per_token[token_hash] -= 1
-            if not self._per_token[token_hash]:
-                del self._per_token[token_hash]
+    def _take_token_share(self, details, session_id, fields):
+        """Count the session among its token's live sessions on every gateway of the store
+        (max_sessions_per_token), or refuse it."""
+        try:
+            taken, live = self.store.take_share(details.token_hash, session_id, self.settings.max_sessions_per_token,
+                                                self.share_ttl, recorded=self.recordings.wanted(details))
+        except store_module.StoreError as error:
+            raise Refused("store-unavailable", str(error), **fields) from None
+        if not taken:
+            raise Refused("too-many-sessions", f"{live} sessions open", **fields)
 
     def _authenticate_backend(self, session, fields):
         """The gateway's RFB security handshake with the backend: VeNCrypt for a backend_tls
@@ -251,11 +253,12 @@ class SessionManager:
 
     @staticmethod
     def _shared(call, *args):
-        """A store write after a session ended: an outage must not fail the session's end over it."""
+        """A store write after a session ended: an outage must not fail the session's end over it
+        (its share lapses by itself, three heartbeats later)."""
         try:
             return call(*args)
         except store_module.StoreError as error:
-            log.warning("single-use state not released: %s", error)
+            log.warning("session state not written to the store: %s", error)
             return None
 
     def _validate(self, token, console_type, address, fields):
@@ -288,7 +291,6 @@ class SessionManager:
             if session.enforcement:
                 session.enforcement.cancel()
             self._forget(session)
-            self._release(session)
         violation = session.enforcement.violation if session.enforcement else None
         self.audit.record("session-end", **session.audit_fields(), reason=reason,
                           bytes_up=relay.bytes_up, bytes_down=relay.bytes_down,
@@ -299,7 +301,6 @@ class SessionManager:
     def discard(self, session):
         """A session whose client went away before the relay started."""
         self._forget(session)
-        self._release(session)
         session.backend.close()
         if session.recorder:
             session.recorder.finish()
@@ -310,8 +311,10 @@ class SessionManager:
                 return
             if self._to_record.pop(session.id, None) is None:  # written already: remove its row
                 self._to_remove.add(session.id)
-        self._give_back_token_share(session.details.token_hash)
-        if not self._stopping_all:  # at a stop, the housekeeper's last round writes them all
+            if self._stopping_all:  # at a stop, the housekeeper's last round writes them all
+                self._to_release[session.id] = session.details.token_hash
+        if not self._stopping_all:
+            self._shared(self.store.release_shares, {session.id: session.details.token_hash})
             self.store_work.set()
 
     def write_session_list(self):
@@ -321,6 +324,7 @@ class SessionManager:
             self.store_work.clear()
             records, self._to_record = list(self._to_record.values()), {}
             removals, self._to_remove = sorted(self._to_remove), set()
+            releases, self._to_release = self._to_release, {}
         recorded = 0
         try:
             for session in records:
@@ -331,6 +335,9 @@ class SessionManager:
             if removals:  # one transaction: at SIGTERM thousands end at once
                 self.store.remove_sessions(removals)
                 removals = []
+            if releases:
+                self.store.release_shares(releases)
+                releases = {}
             if time.monotonic() >= self._next_checkpoint:
                 self._next_checkpoint = time.monotonic() + CHECKPOINT_INTERVAL
                 self.store.checkpoint()
@@ -339,6 +346,7 @@ class SessionManager:
                 self._to_record.update((session.id, session) for session in records[recorded:]
                                        if session.id in self._live)
                 self._to_remove.update(removals)
+                self._to_release.update(releases)
             raise
 
     def live(self):
@@ -358,6 +366,7 @@ class SessionManager:
         sessions = self.live()
         existing = self.store.touch_hashes(sorted({session.details.token_hash for session in sessions}))
         to_kill = self.store.update_sessions({session.id: session.byte_counts() for session in sessions})
+        self.store.renew_shares({session.id: session.details.token_hash for session in sessions}, self.share_ttl)
         for session in sessions:
             if session.details.token_hash not in existing:
                 self._end(session, "revoked")
@@ -366,7 +375,12 @@ class SessionManager:
 
     def pushed(self, kind, ids):
         """A revocation ("revoke", token hashes) or kill ("kill", session ids) pushed by the store:
-        the affected sessions here end at once."""
+        the affected sessions here end at once. Other kinds go to event_handlers[kind](ids)."""
+        if kind not in ("revoke", "kill"):
+            handler = self.event_handlers.get(kind)
+            if handler is not None:
+                handler(ids)
+            return
         for session in self.live():
             if (session.details.token_hash if kind == "revoke" else session.id) in ids:
                 self._end(session, "revoked" if kind == "revoke" else "killed")

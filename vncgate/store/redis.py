@@ -34,10 +34,10 @@ from vncgate.store.common import (
     LiveSession,
     Store,
     StoreError,
-    TokenRejected,
-    consumption,
     stale_after,
 )
+from vncgate.store.redis_consoles import RedisConsoles
+from vncgate.store.redis_shares import RedisShares
 from vncgate.store.targets import DEFAULT_PREFIX
 
 log = logging.getLogger("vncgate.store")
@@ -161,12 +161,6 @@ for i = 3, #ARGV, 3 do
 end
 return killed
 """,
-    # ARGV: p, hash, now. A single-use token's session ended: its resume grace starts now.
-    "release": """
-local key = p .. 'token:' .. ARGV[2]
-if redis.call('exists', key) == 1 then redis.call('hset', key, 'released_at', ARGV[3]) end
-return 1
-""",
     # ARGV: p, session ids... Marks those that exist, tells every gateway; returns how many.
     "kill": """
 local marked = {}
@@ -193,7 +187,7 @@ class _Subscription(redis.client.PubSub):
         self.connects += 1
 
 
-class RedisStore(Store):
+class RedisStore(RedisShares, RedisConsoles, Store):
     """Thread-safe (a connection pool); any number of processes on any number of hosts."""
 
     pushes_events = True
@@ -291,31 +285,6 @@ class RedisStore(Store):
         replies = self._pipelined([("hgetall", (self._key("token:", token_hash),)) for token_hash in token_hashes])
         return [_details(token_hash, fields) if fields else None
                 for token_hash, fields in zip(token_hashes, replies)]
-
-    # -- single-use tokens (console policies) -----------------------------------------------
-
-    def consume(self, token_hash, address, cookie_hash, grace):
-        """See common.consumption; an optimistic transaction (WATCH), retried when another
-        gateway changed the token meanwhile, so two clients at once cannot both consume."""
-        key = self._key("token:", token_hash)
-
-        def attempt(pipe):
-            state = pipe.hmget(key, "consumed_address", "consumed_cookie", "released_at")
-            if not pipe.exists(key):
-                raise TokenRejected("unknown-token")
-            address_then, cookie_then, released = (value.decode() if value is not None else None for value in state)
-            outcome = consumption((address_then, cookie_then, None if released is None else float(released)),
-                                  address, cookie_hash, grace, self.clock())
-            pipe.multi()
-            if outcome == "consumed":
-                pipe.hset(key, mapping={"consumed_address": address,
-                                        **({"consumed_cookie": cookie_hash} if cookie_hash else {})})
-            pipe.hdel(key, "released_at")
-            return outcome
-        return self._run(self._client.transaction, attempt, key, value_from_callable=True)
-
-    def release(self, token_hash):
-        self._script("release", [token_hash, repr(self.clock())])
 
     # -- beyond the blueprint: what the gateway and the CLI need --------------------------
 
@@ -437,10 +406,13 @@ class RedisStore(Store):
     def add_follow(self, instance_id, host, port):
         """Follow (or re-point) one instance's serial console."""
         self._run(self._client.hset, self._key("follows"), instance_id, f"{host} {int(port)}")
+        self._publish("follow", [instance_id])
 
     def remove_follow(self, instance_id):
         """Stop following; False when it was not followed."""
-        return bool(self._run(self._client.hdel, self._key("follows"), instance_id))
+        removed = bool(self._run(self._client.hdel, self._key("follows"), instance_id))
+        self._publish("follow", [instance_id])
+        return removed
 
     def list_follows(self):
         found = self._run(self._client.hgetall, self._key("follows"))

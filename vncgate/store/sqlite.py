@@ -18,10 +18,10 @@ from vncgate.store.common import (
     Store,
     StoreBusy,
     StoreError,
-    TokenRejected,
-    consumption,
     stale_after,
 )
+from vncgate.store.sqlite_consoles import SqliteConsoles, migrate_leases_and_recordings
+from vncgate.store.sqlite_shares import SqliteShares, migrate_shares
 
 _POOL_SIZE = 16
 
@@ -103,14 +103,15 @@ def _migrate_7(db):
 
 
 # MIGRATIONS[n] takes a database from user_version n to n + 1. Append, never edit.
-MIGRATIONS = (_migrate_1, _migrate_2, _migrate_3, _migrate_4, _migrate_5, _migrate_6, _migrate_7)
+MIGRATIONS = (_migrate_1, _migrate_2, _migrate_3, _migrate_4, _migrate_5, _migrate_6, _migrate_7, migrate_shares,
+              migrate_leases_and_recordings)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
 _SESSION_COLUMNS = ", ".join(field.name for field in dataclasses.fields(LiveSession))
 
 
-class SqliteStore(Store):
+class SqliteStore(SqliteShares, SqliteConsoles, Store):
     """Thread-safe; several processes may share the file (WAL, busy timeout)."""
 
     def __init__(self, path, token_ttl=300.0, idle_timeout=600.0, clock=time.time, busy_timeout=5.0,
@@ -328,32 +329,6 @@ class SqliteStore(Store):
             counts["garbage" if expired and idle else "expired" if expired else "idle" if idle
                    else "live"] += count
         return counts
-
-    # -- single-use tokens (console policies) -----------------------------------------
-
-    def consume(self, token_hash, address, cookie_hash, grace):
-        """See Store.consume; one write transaction, so two clients at once cannot both consume."""
-        with self._db() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                row = db.execute("SELECT consumed_address, consumed_cookie, released_at FROM console_tokens "
-                                 "WHERE token_hash = ?", (token_hash,)).fetchone()
-                if row is None:
-                    raise TokenRejected("unknown-token")
-                outcome = consumption(row, address, cookie_hash, grace, self.clock())
-                if outcome == "consumed":
-                    db.execute("UPDATE console_tokens SET consumed_address = ?, consumed_cookie = ? "
-                               "WHERE token_hash = ?", (address, cookie_hash, token_hash))
-                db.execute("UPDATE console_tokens SET released_at = NULL WHERE token_hash = ?", (token_hash,))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        return outcome
-
-    def release(self, token_hash):
-        with self._db() as db:
-            db.execute("UPDATE console_tokens SET released_at = ? WHERE token_hash = ?", (self.clock(), token_hash))
 
     # -- live sessions, shared by every gateway on the file ----------------------------
 
