@@ -34,8 +34,8 @@ import struct
 import threading
 import time
 
+from vncgate.console import recordings_index, rfb
 from vncgate.console import relay as relay_module
-from vncgate.console import rfb
 
 log = logging.getLogger("vncgate.console.recording")
 
@@ -50,7 +50,10 @@ SESSION_ID = re.compile(r"[0-9a-f]{6,64}")
 
 
 class ReplayError(rfb.RfbError):
-    """A recording that cannot be played; .reason is the audit word (a refusals row)."""
+    """A recording that cannot be played; .reason is the audit word (a refusals row); .told
+    what the viewer is told after the row's sentence, if anything."""
+
+    told = ""
 
 
 def _pad(length):
@@ -174,7 +177,10 @@ class Recorder:
     """Writes one session. server() and client() are called by the relay's two threads with
     each chunk before it is passed on; finish() once the session is over."""
 
-    def __init__(self, folder, session_id, meta, max_bytes, on_stop, at_server_init, clock=time.monotonic):
+    def __init__(self, folder, session_id, meta, max_bytes, on_stop, at_server_init, clock=time.monotonic,
+                 index=None):
+        """index: called with the metadata each time it is written (the store's recordings index)."""
+        self.index = index
         self.folder = folder
         self.session_id = session_id
         self.meta = meta
@@ -322,6 +328,8 @@ class Recorder:
 
     def _write_meta(self):
         _write_json(self.path(".json"), self.meta)
+        if self.index is not None:
+            self.index(dict(self.meta))
 
 
 def _remove(folder, session_id):
@@ -341,18 +349,24 @@ def _write_json(path, value):
 
 
 class Recordings:
-    """The record_dir: starting recorders, listing, purging, and playing recordings back."""
+    """The record_dir: starting recorders, listing, purging, and playing recordings back.
+    With a store, every recording is also in its index (recordings_index.Index), so any
+    gateway or CLI on the store lists, finds and purges every gateway's."""
 
-    def __init__(self, folder, record_all=False, max_bytes=1 << 30, keep_days=30.0, clock=time.time):
+    def __init__(self, folder, record_all=False, max_bytes=1 << 30, keep_days=30.0, clock=time.time, store=None,
+                 gateway_id="", gateway=""):
         self.folder = folder
         self.record_all = record_all
         self.max_bytes = max_bytes
         self.keep_days = keep_days
         self.clock = clock
+        self.index = recordings_index.Index(store, folder)
+        self.gateway_id, self.gateway = gateway_id, gateway
 
     @classmethod
-    def from_config(cls, config):
-        return cls(config.record_dir, config.record_all, config.record_max_bytes, config.record_keep_days)
+    def from_config(cls, config, store=None, gateway_id=""):
+        return cls(config.record_dir, config.record_all, config.record_max_bytes, config.record_keep_days,
+                   store=store, gateway_id=gateway_id, gateway=config.base_url)
 
     def wanted(self, details):
         return not details.replay and (details.record or self.record_all)
@@ -361,18 +375,24 @@ class Recordings:
         """A Recorder for session; None (logged) when record_dir cannot be written."""
         meta = {"format": "vncgate-recording 1", "session_id": session.id,
                 "instance_id": session.details.instance_id, "console_type": session.details.console_type,
-                "started_at": round(session.started, 3), "duration": None, "bytes": 0}
+                "started_at": round(session.started, 3), "duration": None, "bytes": 0,
+                "token_id": session.details.token_id, "gateway_id": self.gateway_id, "gateway": self.gateway}
         try:
             os.makedirs(self.folder, mode=0o700, exist_ok=True)
             return Recorder(self.folder, session.id, meta, self.max_bytes, on_stop,
-                            at_server_init=session.security is not None)
+                            at_server_init=session.security is not None, index=self.index.add)
         except OSError as error:
             log.error("session %s: cannot record in %s: %s", session.id, self.folder, error)
             on_stop("record-failed", f"cannot write in {self.folder}: {error.strerror}")
             return None
 
     def list(self, instance_id=None):
-        """The recordings' metadata, oldest first."""
+        """The recordings' metadata, oldest first: every gateway's (the store's index) and the
+        files of record_dir the index does not know (made before it, or during an outage)."""
+        return self.index.merged(self.files(instance_id), instance_id)
+
+    def files(self, instance_id=None):
+        """The metadata of the recordings in record_dir, oldest first."""
         found = []
         try:
             names = os.listdir(self.folder)
@@ -398,18 +418,39 @@ class Recordings:
         return next((meta for meta in self.list() if meta["session_id"] == session_id), None)
 
     def purge(self):
-        """Delete the recordings older than keep_days; returns how many."""
+        """Delete the recordings older than keep_days, on every gateway (the index tells the
+        others to delete their files); returns how many."""
         cutoff = self.clock() - self.keep_days * 86400
-        gone = 0
-        for meta in self.list():
-            if meta["started_at"] < cutoff:
-                _remove(self.folder, meta["session_id"])
-                gone += 1
-        return gone
+        gone = [meta["session_id"] for meta in self.list() if meta["started_at"] < cutoff]
+        self.remove(gone)
+        self.index.remove(gone)
+        return len(gone)
+
+    def remove(self, session_ids):
+        """Delete these recordings' files from record_dir (a purge on any gateway)."""
+        for session_id in session_ids:
+            if SESSION_ID.fullmatch(session_id):
+                _remove(self.folder, session_id)
+
+    def elsewhere(self, session_id):
+        """None when record_dir has the recording (or nobody does); else the sentence naming
+        the gateway whose record_dir holds it."""
+        if not SESSION_ID.fullmatch(session_id) or os.path.exists(os.path.join(self.folder, session_id + ".fbs")):
+            return None
+        meta = self.index.find(session_id)
+        if meta is None or not meta.get("gateway"):
+            return None
+        return (f"recording {session_id} is in the record_dir of the gateway at {meta['gateway']} "
+                f"({meta.get('gateway_id')}), which is not shared with this one")
 
     def player(self, session_id, speed):
         """A Player for a replay token: its .socket is the session's backend; its .error the
         ReplayError the viewer is told instead (then nothing plays)."""
+        where = self.elsewhere(session_id)
+        if where is not None:
+            error = ReplayError("recording-elsewhere", where)
+            error.told = where[0].upper() + where[1:] + "."
+            return Player(None, speed, error)
         return Player(os.path.join(self.folder, session_id + ".fbs") if SESSION_ID.fullmatch(session_id)
                       else None, speed)
 
@@ -458,11 +499,14 @@ class Player:
     the other end (.socket) as its backend. The viewer's handshake is answered here (security
     None, the recorded ServerInit); its input is read and dropped."""
 
-    def __init__(self, path, speed):
+    def __init__(self, path, speed, error=None):
+        """error: the ReplayError to tell instead of reading path."""
         self.path = path
         self.speed = speed
         self.socket, self._far = socket.socketpair()
         try:
+            if error is not None:
+                raise error
             self.blocks = read_blocks(path)
             self.server_init, self.first = self._server_init()
             self.error = None

@@ -22,7 +22,7 @@ import threading
 import time
 import urllib.parse
 
-from vncgate.console import backends
+from vncgate.console import backends, cluster
 from vncgate.refusals import Refused
 
 log = logging.getLogger("vncgate.console.serial")
@@ -47,6 +47,7 @@ class ConsoleLog:
 
     def __init__(self, folder, instance_id, limit):
         os.makedirs(folder, mode=0o700, exist_ok=True)
+        self.folder, self.instance_id = folder, instance_id
         self.path = log_path(folder, instance_id)
         self.half = max(1, limit // 2)
         self.file = open(self.path, "ab")
@@ -69,14 +70,17 @@ class ConsoleLog:
         self.file = open(self.path, "ab")
         self.size = 0
 
+    def tail(self, count):
+        """The log's last count bytes."""
+        return (read_log(self.folder, self.instance_id) or b"")[-count:]
+
     def close(self):
         self.file.close()
 
 
 def read_log(folder, instance_id, lines=None):
     """The console log of instance_id, oldest byte first: all that is kept, or its last
-    `lines` lines. None when the instance has never been followed. This is what the
-    HTTP API's GET /api/v1/consoles/log serves."""
+    `lines` lines. None when the instance has never been followed."""
     path = log_path(folder, instance_id)
     data, found = b"", False
     for name in (path + ".1", path):
@@ -89,6 +93,30 @@ def read_log(folder, instance_id, lines=None):
     if not found:
         return None
     return data if lines is None else last_lines(data, lines)
+
+
+def console_output(store, folder, instance_id, lines=None):
+    """What `vncgate-token log` and GET /api/v1/consoles/log answer, the same on every gateway:
+    the log in the store when it shares consoles (Redis), else the file log in folder."""
+    if not getattr(store, "shares_consoles", False):
+        return read_log(folder, instance_id, lines)
+    found = store.console_log(instance_id)
+    if found is None:
+        return None
+    return found[0] if lines is None else last_lines(found[0], lines)
+
+
+def follow_output(store, folder, instance_id, write, stopping):
+    """Write what the console prints from now on until stopping is set (`log --follow`)."""
+    if not getattr(store, "shares_consoles", False):
+        follow_log(folder, instance_id, write, stopping)
+        return
+    found = store.console_log(instance_id)
+    cursor = found[1] if found else "0-0"
+    while not stopping.is_set():
+        data, cursor = store.console_log_after(instance_id, cursor)
+        if data:
+            write(data)
 
 
 def last_lines(data, count):
@@ -170,9 +198,14 @@ class Hub(threading.Thread):
             return None
         return theirs
 
-    def set_follow(self, follow, log_dir=None, log_bytes=None):
-        """Start (a Follow) or stop (None) following; the log opens or closes with it."""
-        return self._call(self._set_follow, follow, log_dir, log_bytes)
+    def set_follow(self, follow, open_log=None):
+        """Start (a Follow) or stop (None) following; the log opens (open_log(follow): a
+        ConsoleLog or what writes the store's) or closes with it."""
+        return self._call(self._set_follow, follow, open_log)
+
+    def send(self, data):
+        """Bytes typed by a viewer on another gateway: to the console, after what came before."""
+        return self._call(self._to_backend, data)
 
     def stop(self):
         self._call(self._end)
@@ -230,22 +263,22 @@ class Hub(threading.Thread):
     def _add_viewer(self, viewer):
         viewer.settimeout(VIEWER_SEND_TIMEOUT)
         if self.log is not None:
-            tail = (read_log(os.path.dirname(self.log.path), self.follow.instance_id) or b"")[-TAIL_BYTES:]
+            tail = self.log.tail(TAIL_BYTES)
             if tail and not self._send(viewer, tail):
                 return
         self.viewers.add(viewer)
         self._selector.register(viewer, selectors.EVENT_READ, self._from_viewer)
 
-    def _set_follow(self, follow, log_dir, log_bytes):
+    def _set_follow(self, follow, open_log):
         if self.log is not None:
             self.log.close()
             self.log = None
         self.follow = follow
         if follow is not None:
             try:
-                self.log = ConsoleLog(log_dir, follow.instance_id, log_bytes)
+                self.log = open_log(follow)
             except OSError as error:  # still followed and shared, but not logged: say so, once
-                log.error("cannot keep the console log of %s in %s: %s", follow.instance_id, log_dir, error)
+                log.error("cannot keep the console log of %s: %s", follow.instance_id, error)
             log.info("following the serial console of %s at %s:%s", follow.instance_id, self.host, self.port)
         elif not self.viewers:
             self._end()
@@ -298,6 +331,9 @@ class Hub(threading.Thread):
             if not self.viewers and self.follow is None:
                 self._end()
             return
+        self._to_backend(data)
+
+    def _to_backend(self, data):
         if self.backend is not None:
             try:
                 self.backend.sendall(data)
@@ -329,20 +365,30 @@ def _read(sock):
 
 
 class Consoles:
-    """The gateway's hubs, by backend address: followed ones (synced from the store) and the
-    ones viewers opened."""
+    """The gateway's hubs, by backend address: followed ones (those whose lease it holds,
+    cluster.Follower) and the ones viewers opened; with a store that shares consoles, the
+    remote viewers of consoles another gateway follows, and the input pumps of those it does."""
 
-    def __init__(self, log_dir, log_bytes, timeout):
+    def __init__(self, log_dir, log_bytes, timeout, store=None):
         self.log_dir = log_dir
         self.log_bytes = log_bytes
         self.timeout = timeout
+        self.store = store if getattr(store, "shares_consoles", False) else None
+        self.followed = {}  # instance id -> Follow: every followed console, whoever follows it
         self._hubs = {}  # (host, port) -> Hub
+        self._pumps = {}  # instance id -> cluster.InputPump, for the consoles followed here
+        self._remote = set()  # cluster.RemoteViewer
         self._lock = threading.Lock()
 
     def open_backend(self, details, timeout):
         """For a serial session: (the viewer's socket, b""), as backends.open_backend answers.
         Raises Refused backend-… when no hub has the console and it cannot be reached."""
         key = (details.host, details.port)
+        follow = self.followed.get(details.instance_id)
+        if self.store is not None and follow is not None and (follow.host, follow.port) == key:
+            hub = self._hub(key)
+            if hub is None or hub.follow != follow:  # another gateway follows it: through the store
+                return self._remote_viewer(details.instance_id), b""
         for _attempt in range(2):  # a hub may end between finding it and attaching to it
             hub = self._hub(key)
             if hub is None:
@@ -369,9 +415,26 @@ class Consoles:
         hub.start()
         return hub
 
-    def sync(self, follows):
-        """Follow exactly these (store.Follow records); called at start and every touch_interval."""
+    def _remote_viewer(self, instance_id):
+        viewer = cluster.RemoteViewer(self.store, instance_id, self._remote.discard)
+        with self._lock:
+            self._remote.add(viewer)
+        viewer.start()
+        return viewer.theirs
+
+    def open_log(self, follow):
+        """The log of a console followed here: in the store when it shares consoles, else a file."""
+        if self.store is not None:
+            return cluster.StoreLog(self.store, follow.instance_id, self.log_bytes)
+        return ConsoleLog(self.log_dir, follow.instance_id, self.log_bytes)
+
+    def sync(self, follows, followed=None):
+        """Follow exactly these (store.Follow records: the ones this gateway holds the lease of);
+        followed: every followed console (default: these), for the viewers of the others."""
+        self.followed = {follow.instance_id: follow for follow in (follows if followed is None else followed)}
         wanted = {(follow.host, follow.port): follow for follow in follows}
+        if self.store is not None:
+            self._sync_pumps({follow.instance_id for follow in follows})
         with self._lock:
             for key, hub in list(self._hubs.items()):
                 if hub.closed:
@@ -381,12 +444,28 @@ class Consoles:
             for key, follow in wanted.items():
                 hub = self._hubs.get(key) or self._start(key)
                 if hub.follow != follow:
-                    hub.set_follow(follow, self.log_dir, self.log_bytes)
+                    hub.set_follow(follow, self.open_log)
+                pump = self._pumps.get(follow.instance_id)
+                if pump is not None:
+                    pump.send = hub.send
+
+    def _sync_pumps(self, instance_ids):
+        for instance_id in set(self._pumps) - instance_ids:
+            self._pumps.pop(instance_id).stop()
+        for instance_id in instance_ids - set(self._pumps):
+            pump = self._pumps[instance_id] = cluster.InputPump(self.store, instance_id, lambda data: None)
+            pump.start()
 
     def stop(self):
         with self._lock:
             hubs = list(self._hubs.values())
             self._hubs.clear()
+            workers = [*self._pumps.values(), *self._remote]
+            self._pumps.clear()
+        for worker in workers:
+            worker.stop()
+        for worker in workers:
+            worker.join()
         for hub in hubs:
             hub.stop()
         for hub in hubs:

@@ -157,6 +157,14 @@ def token_json(row, now, idle_timeout):
             "has_password": row.has_password, "policy": policy_fields(row), "backend_tls": row.backend_tls}
 
 
+def recording_json(row):
+    """A recording's metadata (recording.Recordings.list) as the API and `recordings --json` show it."""
+    return {"session_id": row["session_id"], "instance_id": row.get("instance_id"),
+            "token_id": row.get("token_id"), "console_type": row.get("console_type"),
+            "started_at": iso(row["started_at"]), "duration": row.get("duration"), "bytes": row.get("bytes"),
+            "stopped": row.get("stopped"), "gateway": row.get("gateway"), "gateway_id": row.get("gateway_id")}
+
+
 def session_json(row, now):
     return {"session_id": row.session_id, "gateway_id": row.gateway_id, "token_id": row.token_hash[:8],
             "instance_id": row.instance_id, "console_type": row.console_type,
@@ -194,6 +202,7 @@ class ControlPlane:
             (re.compile(re.escape(PREFIX) + r"/sessions"), {"GET": self.list_sessions}),
             (re.compile(re.escape(PREFIX) + r"/sessions/([^/]+)"), {"DELETE": self.kill_session}),
             (re.compile(re.escape(PREFIX) + r"/store"), {"GET": self.store_state}),
+            (re.compile(re.escape(PREFIX) + r"/recordings"), {"GET": self.list_recordings}),
         ]
 
     def reload_keys(self):
@@ -384,10 +393,17 @@ class ControlPlane:
         call.audit["instance"] = instance
         if tail is not None and not (tail.isdigit() and int(tail) > 0):
             raise Refused("invalid-request", "tail must be a whole number above 0")
-        output = consoles.read_log(self.config.console_log_dir, instance, int(tail) if tail else None)
+        output = consoles.console_output(self.gateway.store, self.config.console_log_dir, instance,
+                                         int(tail) if tail else None)
         if output is None:
             raise Refused("not-found", f"no console log for {instance}: it was never followed")
         return 200, {"instance_id": instance, "output": output.decode("utf-8", "replace")}
+
+    def list_recordings(self, call, _body):
+        """Every gateway's recordings (the store's index), oldest first."""
+        query = _Query(call.request, ("instance",))
+        call.audit["instance"] = query.get("instance") or "-"
+        return 200, [recording_json(row) for row in self.gateway.sessions.recordings.list(query.get("instance"))]
 
     def revoke_by_instance(self, call, _body):
         query = _Query(call.request, ("instance",))

@@ -22,7 +22,7 @@ import threading
 import time
 
 from vncgate import store as store_module
-from vncgate.console import recording, relay, sessions
+from vncgate.console import cluster, recording, relay, sessions
 from vncgate.console import serial as consoles
 from vncgate.front import throttle, web, websocket, xvp
 from vncgate.net import fds, http, tls
@@ -136,13 +136,15 @@ class Gateway(socketserver.ThreadingTCPServer):
             heartbeat=config.touch_interval, settings=config,
             backend_tls=tls.backend_context(config.backend_ca, config.backend_cert, config.backend_key),
             on_relaying=self._handshake_over,
-            recordings=recording.Recordings.from_config(config))
+)
+        self.sessions.recordings = recording.Recordings.from_config(config, store, self.sessions.gateway_id)
         self.consoles = consoles.Consoles(config.console_log_dir, config.console_log_bytes,
-                                          config.handshake_timeout)
+                                          config.handshake_timeout, store)
         self.sessions.backend_openers[store_module.SERIAL] = self.consoles.open_backend
-        self.housekeeper = sessions.Housekeeper(
-            self.sessions, config.touch_interval, config.housekeeping_interval,
-            tasks=(lambda: self.consoles.sync(store.list_follows()),))
+        self.follower = cluster.Follower(store, self.sessions.gateway_id, self.consoles.sync)
+        self.sessions.event_handlers["follow"] = self.follower.wake
+        self.sessions.event_handlers["recordings-purged"] = self.sessions.recordings.remove
+        self.housekeeper = sessions.Housekeeper(self.sessions, config.touch_interval, config.housekeeping_interval)
         self.tls_context = tls.server_context(config.cert, config.key) if config.cert else None
         self.api = control_plane(self) if control_plane else None
         self._connections = {}  # accepted socket -> what it is now (itself, or its TLS wrapper)
@@ -161,6 +163,7 @@ class Gateway(socketserver.ThreadingTCPServer):
 
     def serve_forever(self, poll_interval=0.1):
         self.housekeeper.start()
+        self.follower.start()
         super().serve_forever(poll_interval)
 
     def get_request(self):
@@ -293,7 +296,9 @@ class Gateway(socketserver.ThreadingTCPServer):
         self.server_close()
         if self.housekeeper.is_alive():
             self.housekeeper.stop()  # after every session ended: it writes their end to the store
-        self.consoles.stop()  # after the housekeeper, which syncs the follows
+        if self.follower.is_alive():
+            self.follower.stop()  # lets its leases go: another gateway follows at its next round
+        self.consoles.stop()  # after the follower, which syncs the follows
         self._spare.close()
 
 

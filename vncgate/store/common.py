@@ -168,6 +168,7 @@ class Store:
     _insert, _find, _validate_row, _dump, list_details, touch_hashes, delete_hashes."""
 
     pushes_events = False  # True when revocations and kills reach every gateway at once (listen())
+    shares_consoles = False  # True when console logs and serial I/O travel through the store (Redis)
 
     def __init__(self, token_ttl, idle_timeout, clock):
         self.token_ttl = token_ttl

@@ -107,6 +107,7 @@ class RedisConsoles:
         ids = list(instance_ids)
         if ids:
             self._consoles_script("let_go", [gateway_id, *ids])
+            self._publish("follow", ids)  # the others take over at once
 
     def follow_holder(self, instance_id: str) -> Optional[str]:
         """The gateway following instance_id now, or None."""
