@@ -8,19 +8,6 @@ from contextlib import AbstractContextManager
 from typing import Optional
 
 
-def migrate_leases_and_recordings(db: sqlite3.Connection) -> None:
-    """Who follows each console (a lease), and every gateway's recordings."""
-    db.execute("""CREATE TABLE follow_leases (
-        instance_id TEXT PRIMARY KEY,
-        gateway_id TEXT NOT NULL,
-        lapses_at REAL NOT NULL)""")
-    db.execute("""CREATE TABLE recordings (
-        session_id TEXT PRIMARY KEY,
-        instance_id TEXT,
-        started_at REAL NOT NULL,
-        meta TEXT NOT NULL)""")
-
-
 class SqliteConsoles:
     """Mixed into SqliteStore: claim_follows, release_follows, follow_holder, the recordings index."""
 

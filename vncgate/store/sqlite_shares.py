@@ -12,16 +12,6 @@ from typing import Any, Optional
 from vncgate.store.common import TokenRejected, consumption
 
 
-def migrate_shares(db: sqlite3.Connection) -> None:
-    """Per-token shares: one row per live session of a token, on every gateway."""
-    db.execute("""CREATE TABLE token_shares (
-        session_id TEXT PRIMARY KEY,
-        token_hash TEXT NOT NULL,
-        lapses_at REAL NOT NULL,
-        recorded INTEGER NOT NULL DEFAULT 0)""")
-    db.execute("CREATE INDEX token_shares_token ON token_shares (token_hash)")
-
-
 class SqliteShares:
     """Mixed into SqliteStore: take_share, renew_shares, release_shares, token_usage, consume."""
 
