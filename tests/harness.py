@@ -87,6 +87,18 @@ def free_port():
         return probe.getsockname()[1]
 
 
+def established_to(port):
+    """How many TCP connections to a local server's port are established (from /proc/net/tcp:
+    accepted or still waiting in its backlog), whoever holds their other end."""
+    count = 0
+    with open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                count += 1
+    return count
+
+
 def port_open(port, host="127.0.0.1"):
     try:
         socket.create_connection((host, port), timeout=0.5).close()
@@ -543,9 +555,10 @@ def client_context(cert):
 
 # -- raw websocket requests, with frames that the websockets library builds and parses ---------
 
-def raw_upgrade(port, token, version="13", extra=b"", source="127.0.0.1", cookie=None, path="/websockify"):
-    """A websocket upgrade from source (any 127.0.0.0/8 address), with a Cookie header when given."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+def raw_upgrade(port, token, version="13", extra=b"", source="127.0.0.1", cookie=None, path="/websockify",
+                host="127.0.0.1"):
+    """A websocket upgrade from source (any 127.0.0.0/8 address) to host, with a Cookie header when given."""
+    sock = socket.create_connection((host, port), timeout=10, source_address=(source, 0))
     cookie_line = f"Cookie: {cookie}\r\n" if cookie else ""
     sock.sendall(f"GET {path}?token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
                  f"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
@@ -930,8 +943,8 @@ class ApiClient:
     """A control-plane API client with urllib only. Every response is kept, so that a test's
     teardown can check them all against the OpenAPI document (check_openapi)."""
 
-    def __init__(self, port, key=None):
-        self.base = f"http://127.0.0.1:{port}"
+    def __init__(self, port, key=None, host="127.0.0.1"):
+        self.base = f"http://{host}:{port}"
         self.key = key
         self.responses = []  # (method, path, status, parsed body)
 
