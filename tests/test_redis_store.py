@@ -112,3 +112,16 @@ def test_with_a_replica_add_returns_only_once_the_replica_has_the_token(tmp_path
         store.close()
         replica.stop()
         primary.stop()
+
+
+def test_count_by_state_reads_no_token_and_indexes_older_tokens_once(redis_store, redis_server, clock):
+    redis_store.add_connection_details("vm-1", "xvp-vnc", "h", 5900, ttl=10)
+    redis_store.add_connection_details("vm-2", "xvp-vnc", "h", 5901, ttl=1000)
+    clock.advance(20)  # the first expired, not idle
+    assert redis_store.count_by_state() == {"live": 1, "idle": 0, "expired": 1, "garbage": 0}
+    clock.advance(700)  # the first is garbage now, the second idle
+    assert redis_store.count_by_state() == {"live": 0, "idle": 1, "expired": 0, "garbage": 1}
+    client = redis_server.client()
+    client.delete("vncgate:expiry", "vncgate:touched")  # as a store written before these sets
+    assert redis_store.count_by_state() == {"live": 0, "idle": 1, "expired": 0, "garbage": 1}
+    assert client.zcard("vncgate:expiry") == 2

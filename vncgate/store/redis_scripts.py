@@ -22,6 +22,8 @@ local function push(hash, now, idle)
   local ms = math.max(1, math.ceil((garbage_at - now) * 1000))
   redis.call('pexpire', key, ms)
   redis.call('zadd', p .. 'tokens', garbage_at, hash)
+  redis.call('zadd', p .. 'expiry', tonumber(v[1]), hash)
+  redis.call('zadd', p .. 'touched', tonumber(v[2]), hash)
   for _, index in ipairs({p .. 'instance:' .. v[3], p .. 'host:' .. v[4]}) do
     redis.call('sadd', index, hash)
     if redis.call('pttl', index) < ms then redis.call('pexpire', index, ms) end
@@ -32,6 +34,8 @@ local function drop(hash)
   local key = p .. 'token:' .. hash
   local v = redis.call('hmget', key, 'instance_id', 'host')
   redis.call('zrem', p .. 'tokens', hash)
+  redis.call('zrem', p .. 'expiry', hash)
+  redis.call('zrem', p .. 'touched', hash)
   if redis.call('del', key) == 0 then return false end
   redis.call('srem', p .. 'instance:' .. v[1], hash)
   redis.call('srem', p .. 'host:' .. v[2], hash)
