@@ -715,8 +715,10 @@ class RedisServer:
     kill() then start() is a restart on the same port and folder. sentinel=True runs it as
     redis-sentinel with a config file of those settings (Sentinel rewrites its file)."""
 
-    def __init__(self, folder, port=None, sentinel=False, tls=None, **settings):
+    def __init__(self, folder, port=None, sentinel=False, tls=None, password=None, **settings):
+        """password: its requirepass (a Sentinel's own password, with sentinel=True)."""
         self.folder = str(folder)
+        self.password = password
         self.port = port or free_port()
         self.sentinel = sentinel
         self.settings = settings if sentinel else {"save": "", "appendonly": "no", **settings}
@@ -724,6 +726,8 @@ class RedisServer:
         if tls:
             self.settings.update({"port": "0", "tls_port": str(self.port), "tls_cert_file": tls[0],
                                   "tls_key_file": tls[1], "tls_ca_cert_file": tls[0], "tls_auth_clients": "no"})
+        if password:
+            self.settings["requirepass"] = password
         self.log_path = os.path.join(self.folder, f"redis-{self.port}.log")
         self.proc = None
         self.start()
@@ -753,7 +757,7 @@ class RedisServer:
 
     def client(self):
         tls = {"ssl": True, "ssl_ca_certs": self.ca} if self.ca else {}
-        return redis.Redis(port=self.port, socket_timeout=5, socket_connect_timeout=1, **tls)
+        return redis.Redis(port=self.port, socket_timeout=5, socket_connect_timeout=1, password=self.password, **tls)
 
     def log(self):
         with open(self.log_path) as handle:
@@ -773,12 +777,16 @@ class SentinelGroup:
 
     SERVICE = "vncgate"
 
-    def __init__(self, folder):
-        self.primary = RedisServer(folder)
-        self.replica = RedisServer(folder, replicaof=f"127.0.0.1 {self.primary.port}")
+    def __init__(self, folder, tls=None, sentinel_password=None):
+        """tls: (cert, key) every server and the sentinel speak TLS with; sentinel_password: the
+        sentinel's own requirepass."""
+        self.tls, self.sentinel_password = tls, sentinel_password
+        over_tls = {"tls_replication": "yes"} if tls else {}
+        self.primary = RedisServer(folder, tls=tls)
+        self.replica = RedisServer(folder, tls=tls, replicaof=f"127.0.0.1 {self.primary.port}", **over_tls)
         wait_for(lambda: self.replica.client().info("replication").get("master_link_status") == "up", 20,
                  message="the replica to sync")
-        self.sentinel = RedisServer(folder, sentinel=True, **{
+        self.sentinel = RedisServer(folder, sentinel=True, tls=tls, password=sentinel_password, **over_tls, **{
             "sentinel monitor": f"{self.SERVICE} 127.0.0.1 {self.primary.port} 1",
             "sentinel down-after-milliseconds": f"{self.SERVICE} 500",
             "sentinel failover-timeout": f"{self.SERVICE} 5000",
@@ -788,7 +796,10 @@ class SentinelGroup:
 
     @property
     def url(self):
-        return f"redis+sentinel://127.0.0.1:{self.sentinel.port}/{self.SERVICE}/0"
+        options = [f"ssl_ca_certs={self.tls[0]}"] if self.tls else []
+        options += [f"sentinel_password={self.sentinel_password}"] if self.sentinel_password else []
+        return (f"{'rediss' if self.tls else 'redis'}+sentinel://127.0.0.1:{self.sentinel.port}/{self.SERVICE}/0"
+                + ("?" + "&".join(options) if options else ""))
 
     def primary_port(self):
         host, port = self.sentinel.client().execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.SERVICE)

@@ -141,10 +141,14 @@ def _client(target, busy_timeout):
     options = {"socket_timeout": busy_timeout, "socket_connect_timeout": min(1.0, busy_timeout),
                "retry": redis.retry.Retry(redis.backoff.ExponentialBackoff(cap=0.5, base=0.05), retries=2),
                "health_check_interval": 5, "client_name": "vncgate"}
-    if target.scheme != "redis+sentinel":
+    if not target.sentinel:
         return redis.Redis.from_url(target.url, **options)
-    sentinels = redis.sentinel.Sentinel(
-        list(target.hosts), sentinel_kwargs={key: options[key] for key in ("socket_timeout", "socket_connect_timeout")},
-        **options)
+    tls = {"ssl": True, **({"ssl_ca_certs": target.option("ssl_ca_certs")} if target.option("ssl_ca_certs") else {})} \
+        if target.tls else {}
+    to_sentinels = {key: options[key] for key in ("socket_timeout", "socket_connect_timeout")}
+    if target.option("sentinel_password"):
+        to_sentinels["password"] = target.option("sentinel_password")
+    sentinels = redis.sentinel.Sentinel(list(target.hosts), sentinel_kwargs={**to_sentinels, **tls},
+                                        **options, **tls)
     return sentinels.master_for(target.service, db=target.db, username=target.username or None,
                                 password=target.password or None)
