@@ -267,13 +267,7 @@ def test_without_a_shared_record_dir_b_names_the_gateway_that_holds_the_recordin
         token = first.mint("127.0.0.1", backend.port, "xvp-vnc", "--record")
         sock, status, rest = xvp_connect(first.port, token, host=first.host)
         assert status == "HTTP/1.1 200 OK"
-        assert rest + harness.recv_exactly(sock, 12 - len(rest)) == b"RFB 003.008\n"
-        sock.sendall(b"RFB 003.008\n")
-        harness.recv_exactly(sock, 2)
-        sock.sendall(b"\x01")
-        harness.recv_exactly(sock, 4)
-        sock.sendall(b"\x01")
-        harness.recv_exactly(sock, len(harness.SERVER_INIT))
+        harness.rfb_client_handshake(sock, rest)
         sock.close()
     finally:
         backend.stop()
