@@ -97,9 +97,15 @@ class Session:
             relay.stop(stopped)
 
 
+def new_gateway_id():
+    """A gateway's name in the store: its host, its pid (what an operator can act on) and a
+    random part, so a restarted gateway with the same pid is another gateway."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
+
+
 class SessionManager:
     def __init__(self, store, audit, backend_timeout, throttle, heartbeat, settings, backend_tls=None,
-                 on_relaying=lambda: None, recordings=None):
+                 on_relaying=lambda: None, recordings=None, gateway_id=None):
         """settings: the policy keys of the config (resume_grace, paste_max_chars, input_idle_timeout)
         and max_sessions_per_token; backend_tls: the ssl context for consoles that speak VeNCrypt
         (tls.backend_context); on_relaying: called in a session's thread as its relay starts;
@@ -113,7 +119,7 @@ class SessionManager:
         self.heartbeat_interval = heartbeat
         self.backend_tls = backend_tls
         self.on_relaying = on_relaying
-        self.gateway_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
+        self.gateway_id = gateway_id or new_gateway_id()
         self._live = {}
         self._to_release = {}  # session id -> token hash: shares to give back (at a stop, in one write)
         self._to_record = {}  # session id -> Session, not in the shared list yet

@@ -130,14 +130,14 @@ class Gateway(socketserver.ThreadingTCPServer):
         self.config = config
         self.store = store
         self.audit = audit
+        gateway_id = sessions.new_gateway_id()
         self.sessions = sessions.SessionManager(
             store, audit, backend_timeout=config.handshake_timeout,
             throttle=throttle.FailureThrottle(config.failed_token_burst, config.failed_token_rate),
             heartbeat=config.touch_interval, settings=config,
             backend_tls=tls.backend_context(config.backend_ca, config.backend_cert, config.backend_key),
             on_relaying=self._handshake_over,
-)
-        self.sessions.recordings = recording.Recordings.from_config(config, store, self.sessions.gateway_id)
+            recordings=recording.Recordings.from_config(config, store, gateway_id), gateway_id=gateway_id)
         self.consoles = consoles.Consoles(config.console_log_dir, config.console_log_bytes,
                                           config.handshake_timeout, store)
         self.sessions.backend_openers[store_module.SERIAL] = self.consoles.open_backend
