@@ -20,7 +20,7 @@ def mint_ws_url(gateway, qemu, scheme):
     minted = gateway.token_cli("add", "--host", "127.0.0.1", "--port", str(qemu.port), "--type", "ws-vnc")
     assert minted.returncode == 0, minted.stderr
     url = minted.stdout.strip()
-    assert url.startswith(f"{scheme}://127.0.0.1:{gateway.port}/vnc.html#autoconnect=1&path=websockify%3Ftoken%3D")
+    assert url.startswith(f"{scheme}://127.0.0.1:{gateway.port}/vnc.html#autoconnect=1&path=websockify&token=")
     return url
 
 

@@ -19,7 +19,9 @@ Not for Redis Cluster (the scripts name keys they build).
 
 import dataclasses
 import logging
+import secrets
 import time
+from typing import Optional
 
 import redis
 import redis.backoff
@@ -294,7 +296,8 @@ class RedisStore(Store):
 
     # -- single-use tokens (console policies) -----------------------------------------------
 
-    def consume(self, token_hash, address, cookie_hash, grace):
+    def consume(self, token_hash: str, address: str, cookie_hash: Optional[str], grace: float,
+                issued_hash: Optional[str] = None) -> str:
         """See common.consumption; an optimistic transaction (WATCH), retried when another
         gateway changed the token meanwhile, so two clients at once cannot both consume."""
         key = self._key("token:", token_hash)
@@ -307,12 +310,20 @@ class RedisStore(Store):
             outcome = consumption((address_then, cookie_then, None if released is None else float(released)),
                                   address, cookie_hash, grace, self.clock())
             pipe.multi()
-            if outcome == "consumed":
-                pipe.hset(key, mapping={"consumed_address": address,
-                                        **({"consumed_cookie": cookie_hash} if cookie_hash else {})})
+            fields = {"consumed_address": address} if outcome == "consumed" else {}
+            if issued_hash is not None:  # the cookie the gateway issues now replaces any before it
+                fields["consumed_cookie"] = issued_hash
+            if fields:
+                pipe.hset(key, mapping=fields)
             pipe.hdel(key, "released_at")
             return outcome
         return self._run(self._client.transaction, attempt, key, value_from_callable=True)
+
+    def shared_secret(self, name: str) -> str:
+        """See Store.shared_secret: made by the first gateway that asks (SET NX), one key."""
+        key = self._key("secret:", name)
+        self._run(self._client.set, key, secrets.token_hex(32), nx=True)
+        return self._run(self._client.get, key).decode()
 
     def release(self, token_hash):
         self._script("release", [token_hash, repr(self.clock())])

@@ -7,9 +7,11 @@ import contextlib
 import dataclasses
 import os
 import queue
+import secrets
 import sqlite3
 import threading
 import time
+from typing import Optional
 
 from vncgate.store.common import (
     ConnectionDetails,
@@ -102,8 +104,13 @@ def _migrate_7(db):
     db.execute("ALTER TABLE console_tokens ADD COLUMN replay_speed REAL NOT NULL DEFAULT 1.0")
 
 
+def _migrate_8(db: sqlite3.Connection) -> None:
+    """Secrets every gateway on the file shares (the key of the resume cookies' HMAC)."""
+    db.execute("CREATE TABLE shared_secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
 # MIGRATIONS[n] takes a database from user_version n to n + 1. Append, never edit.
-MIGRATIONS = (_migrate_1, _migrate_2, _migrate_3, _migrate_4, _migrate_5, _migrate_6, _migrate_7)
+MIGRATIONS = (_migrate_1, _migrate_2, _migrate_3, _migrate_4, _migrate_5, _migrate_6, _migrate_7, _migrate_8)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -331,8 +338,9 @@ class SqliteStore(Store):
 
     # -- single-use tokens (console policies) -----------------------------------------
 
-    def consume(self, token_hash, address, cookie_hash, grace):
-        """See Store.consume; one write transaction, so two clients at once cannot both consume."""
+    def consume(self, token_hash: str, address: str, cookie_hash: Optional[str], grace: float,
+                issued_hash: Optional[str] = None) -> str:
+        """See common.consumption; one write transaction, so two clients at once cannot both consume."""
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -342,14 +350,24 @@ class SqliteStore(Store):
                     raise TokenRejected("unknown-token")
                 outcome = consumption(row, address, cookie_hash, grace, self.clock())
                 if outcome == "consumed":
-                    db.execute("UPDATE console_tokens SET consumed_address = ?, consumed_cookie = ? "
-                               "WHERE token_hash = ?", (address, cookie_hash, token_hash))
+                    db.execute("UPDATE console_tokens SET consumed_address = ? WHERE token_hash = ?",
+                               (address, token_hash))
+                if issued_hash is not None:  # the cookie the gateway issues now replaces any before it
+                    db.execute("UPDATE console_tokens SET consumed_cookie = ? WHERE token_hash = ?",
+                               (issued_hash, token_hash))
                 db.execute("UPDATE console_tokens SET released_at = NULL WHERE token_hash = ?", (token_hash,))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
         return outcome
+
+    def shared_secret(self, name: str) -> str:
+        """See Store.shared_secret: made by the first gateway that asks, kept in the file."""
+        with self._db() as db:
+            db.execute("INSERT OR IGNORE INTO shared_secrets (name, value) VALUES (?, ?)",
+                       (name, secrets.token_hex(32)))
+            return db.execute("SELECT value FROM shared_secrets WHERE name = ?", (name,)).fetchone()[0]
 
     def release(self, token_hash):
         with self._db() as db:
