@@ -83,9 +83,10 @@ def page_headers(config: Config) -> list:
 
 
 def _with_token_script(page: bytes) -> bytes:
-    """noVNC's vnc.html with our script at the end of its head (before its deferred modules run)."""
+    """noVNC's vnc.html with our script at the end of its head, else of the page: a classic
+    script runs where it stands, so before noVNC's modules, which run once the page is parsed."""
     end = page.lower().find(b"</head>")
-    return page[:end] + TOKEN_SCRIPT + page[end:] if end >= 0 else TOKEN_SCRIPT + page
+    return page[:end] + TOKEN_SCRIPT + page[end:] if end >= 0 else page + TOKEN_SCRIPT
 
 
 def reply(conn, request, deadline, status, headers, body=b"", file=None):
