@@ -723,9 +723,11 @@ class SerialPages:
         self.browser = self._playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         self.errors = []
         self.pages = []
+        self.websocket_urls = []  # what each tab's WebSocket asked for: its request line's target
         for _ in range(count):
             page = self.browser.new_page(viewport={"width": 1000, "height": 600})
             page.on("pageerror", lambda error: self.errors.append(error))
+            page.on("websocket", lambda ws: self.websocket_urls.append(ws.url))
             page.goto(url)
             self.pages.append(page)
 
