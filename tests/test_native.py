@@ -280,3 +280,12 @@ def test_a_non_loopback_listen_needs_allow_remote_and_is_warned_about(gateway):
         connect.stop()
     assert connect.proc.stderr.read().splitlines()[0].startswith(
         "vncgate-connect: warning: listening on 0.0.0.0, not loopback")
+
+
+def test_sigterm_removes_the_socket_and_its_folder(gateway):
+    connect = Connect(console_url(gateway, "unknown-token"))
+    folder = os.path.dirname(connect.address)
+    assert os.path.isdir(folder)
+    connect.proc.terminate()
+    assert connect.proc.wait(30) == 143
+    assert not os.path.exists(folder)

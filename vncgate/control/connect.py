@@ -17,6 +17,7 @@ failure reason in the viewer's own dialog. Standard library only, like the gatew
 import argparse
 import ipaddress
 import os
+import signal
 import socket
 import ssl
 import sys
@@ -182,6 +183,7 @@ class Connector:
             self.address = os.path.join(self.folder, "viewer.sock")
             self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.listener.bind(self.address)
+            os.chmod(self.address, 0o600)  # the folder alone keeps others out; the socket says so too
             self.listener.listen()
             self.port = None
             return
@@ -215,7 +217,7 @@ class Connector:
                 sessions.append(thread)
         finally:
             self.listener.close()
-            self._remove_folder()
+            self.remove_folder()
         for thread in sessions:
             thread.join()
         return EXIT_FAILURE if self.failure else EXIT_OK
@@ -223,7 +225,11 @@ class Connector:
     def _admitted(self, viewer: socket.socket) -> bool:
         """A viewer of this user's, with a free slot; anyone else is closed (and told why, when
         it is this user's viewer and only the slots are taken)."""
-        peer = viewer.getpeername() if viewer.family != socket.AF_UNIX else None
+        try:
+            peer = viewer.getpeername() if viewer.family != socket.AF_UNIX else None
+        except OSError:  # gone already
+            viewer.close()
+            return False
         if peer is None or is_loopback(peer[0]):
             uid = peercred.peer_uid(viewer)
             if uid != os.getuid():
@@ -250,7 +256,8 @@ class Connector:
         finally:
             self._slots.release()
 
-    def _remove_folder(self) -> None:
+    def remove_folder(self) -> None:
+        """The Unix socket and its folder, gone (once; again is harmless)."""
         if self.folder is not None:
             try:
                 os.unlink(self.address)
@@ -311,12 +318,16 @@ def main(argv=None, out=None, err=None):
     except ConnectError as error:
         print(f"vncgate-connect: error: {error}", file=err)
         return EXIT_FAILURE
-    print(f"vncviewer {connector.address}", file=out, flush=True)
     try:
+        print(f"vncviewer {connector.address}", file=out, flush=True)
         return connector.serve()
     except KeyboardInterrupt:
         return 130
+    finally:
+        connector.remove_folder()  # also when a signal came before serve() began
 
 
-def main_exit():
+def main_exit() -> None:
+    # SIGTERM ends it as Ctrl-C does: the Unix socket's folder is removed on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(main())
