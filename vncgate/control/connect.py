@@ -51,8 +51,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser():
-    commands = _Parser(prog="vncgate-connect", description="Serve a vncgate console URL (xvp-vnc) to a native "
-                       "VNC viewer on localhost.")
+    commands = _Parser(prog="vncgate-connect", description="Serve a vncgate console URL (xvp-vnc) to your native "
+                       "VNC viewer, on a Unix socket only you can reach (or --listen: a TCP port that serves your "
+                       "uid only).")
     commands.add_argument("url", metavar="URL", help="the console URL: http(s)://GATEWAY/console?token=T; "
                           "- reads it from standard input (a command line is visible to every local user)")
     commands.add_argument("--listen", metavar="ADDR:PORT", type=_address,
