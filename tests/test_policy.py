@@ -304,11 +304,11 @@ def mint(store, **fields):
     return store_module.hash_token(token)
 
 
-def use(store, token_hash, session_id, address, cookie_hash=None, grace=30):
+def use(store, token_hash, session_id, address, cookie_hash=None, grace=30, issued_hash=None):
     """What the gateway does for a session of a single-use token: take its share, then consume."""
     assert store.take_share(token_hash, session_id, 10, 60) == (True, store.token_usage(token_hash)[0] - 1)
     try:
-        return store.consume(token_hash, address, cookie_hash, grace, session_id)
+        return store.consume(token_hash, address, cookie_hash, grace, issued_hash, session_id)
     except store_module.TokenRejected:
         store.release_shares({session_id: token_hash}, ended=False)
         raise
@@ -372,12 +372,26 @@ def test_the_grace_of_sessions_whose_gateway_died_starts_when_their_shares_lapse
 
 def test_single_use_resumes_by_cookie_from_another_address(store, clock):
     token_hash = mint(store)
-    assert use(store, token_hash, "s1", "10.0.0.1", "cookie-hash") == "consumed"
+    assert use(store, token_hash, "s1", "10.0.0.1", "planted", issued_hash="cookie-hash") == "consumed"
     store.release_shares({"s1": token_hash})
     clock.advance(5)
-    assert use(store, token_hash, "s2", "10.9.9.9", "cookie-hash") == "resumed"
+    # A cookie the consumer presented (planted in its browser, say) is never recorded: only the
+    # one the gateway issued lets another address in.
     with pytest.raises(store_module.TokenRejected):
-        use(store, token_hash, "s3", "10.9.9.8", "another")
+        use(store, token_hash, "s2", "10.9.9.7", "planted")
+    assert use(store, token_hash, "s3", "10.9.9.9", "cookie-hash", issued_hash="next") == "resumed"
+    with pytest.raises(store_module.TokenRejected):
+        use(store, token_hash, "s4", "10.9.9.8", "another")
+    # Every use issues a new cookie: the one before it no longer opens anything.
+    with pytest.raises(store_module.TokenRejected):
+        use(store, token_hash, "s5", "10.9.9.8", "cookie-hash")
+    assert use(store, token_hash, "s6", "10.9.9.8", "next") == "resumed"
+
+
+def test_the_store_keeps_one_shared_secret_per_name(store):
+    secret = store.shared_secret("resume-cookie")
+    assert len(secret) == 64 and store.shared_secret("resume-cookie") == secret
+    assert store.shared_secret("another") != secret
 
 
 def test_the_policy_is_kept_with_the_token(store):

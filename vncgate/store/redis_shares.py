@@ -130,9 +130,10 @@ class RedisShares:
         return int(count), int(recorded)
 
     def consume(self, token_hash: str, address: str, cookie_hash: Optional[str], grace: float,
-                session_id: str = "") -> str:
+                issued_hash: Optional[str] = None, session_id: str = "") -> str:
         """See common.consumption. The session session_id (its share taken already) is the one
-        asking: a session of the token is live when another share is. An optimistic transaction
+        asking: a session of the token is live when another share is. issued_hash: the resume
+        cookie the gateway issues now, which replaces any before it. An optimistic transaction
         (WATCH), retried when another gateway changed the token meanwhile."""
         key, shares = self._key("token:", token_hash), self._key("shares:", token_hash)
 
@@ -147,9 +148,11 @@ class RedisShares:
             released_at = _released_at(released, others, now)
             outcome = consumption((address_then, cookie_then, released_at), address, cookie_hash, grace, now)
             pipe.multi()
-            if outcome == "consumed":
-                pipe.hset(key, mapping={"consumed_address": address,
-                                        **({"consumed_cookie": cookie_hash} if cookie_hash else {})})
+            fields = {"consumed_address": address} if outcome == "consumed" else {}
+            if issued_hash is not None:
+                fields["consumed_cookie"] = issued_hash
+            if fields:
+                pipe.hset(key, mapping=fields)
             pipe.hdel(key, "released_at")
             return outcome
         return self._run(self._client.transaction, attempt, key, shares, value_from_callable=True)

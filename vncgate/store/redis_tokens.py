@@ -4,6 +4,9 @@ consumption is read from its shares (redis_shares). A mixin of RedisStore (redis
 client, the scripts (_script, _pipelined, _run) and the clock.
 """
 
+import secrets
+from typing import Any, Callable
+
 from vncgate.store.common import ConnectionDetails, StoreError
 from vncgate.store.redis_scripts import _BATCH
 
@@ -15,6 +18,12 @@ _LATER_FIELDS = {"record": "0", "replay": "", "replay_speed": "1.0"}
 
 class RedisTokens:
     """RedisStore's tokens and single-use consumption (see Store for each call)."""
+
+    # What RedisStore brings (declared for the type checker only).
+    _client: Any
+    _run: Callable[..., Any]
+    _key: Callable[..., str]
+    clock: Callable[[], float]
 
     # -- what the shared calls are made of -----------------------------------------------
 
@@ -64,6 +73,12 @@ class RedisTokens:
         replies = self._pipelined([("hgetall", (self._key("token:", token_hash),)) for token_hash in token_hashes])
         return [_details(token_hash, fields) if fields else None
                 for token_hash, fields in zip(token_hashes, replies)]
+
+    def shared_secret(self, name: str) -> str:
+        """See Store.shared_secret: made by the first gateway that asks (SET NX), one key."""
+        key = self._key("secret:", name)
+        self._run(self._client.set, key, secrets.token_hex(32), nx=True)
+        return self._run(self._client.get, key).decode()
 
     # -- beyond the blueprint: what the gateway and the CLI need --------------------------
 

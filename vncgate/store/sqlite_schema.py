@@ -3,6 +3,8 @@ version to the next, in order, and the version this vncgate writes. SqliteStore 
 when it opens a file (sqlite.py); nothing else speaks DDL.
 """
 
+import sqlite3
+
 
 def _migrate_1(db):
     db.execute("""CREATE TABLE console_tokens (
@@ -69,7 +71,12 @@ def _migrate_7(db):
     db.execute("ALTER TABLE console_tokens ADD COLUMN replay_speed REAL NOT NULL DEFAULT 1.0")
 
 
-def _migrate_8(db):
+def _migrate_8(db: sqlite3.Connection) -> None:
+    """Secrets every gateway on the file shares (the key of the resume cookies' HMAC)."""
+    db.execute("CREATE TABLE shared_secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
+def _migrate_9(db):
     """Per-token shares: one row per live session of a token, on every gateway."""
     db.execute("""CREATE TABLE token_shares (
         session_id TEXT PRIMARY KEY,
@@ -79,7 +86,7 @@ def _migrate_8(db):
     db.execute("CREATE INDEX token_shares_token ON token_shares (token_hash)")
 
 
-def _migrate_9(db):
+def _migrate_10(db):
     """Who follows each console (a lease), and every gateway's recordings."""
     db.execute("""CREATE TABLE follow_leases (
         instance_id TEXT PRIMARY KEY,
@@ -94,5 +101,5 @@ def _migrate_9(db):
 
 # MIGRATIONS[n] takes a database from user_version n to n + 1. Append, never edit.
 MIGRATIONS = (_migrate_1, _migrate_2, _migrate_3, _migrate_4, _migrate_5, _migrate_6, _migrate_7, _migrate_8,
-              _migrate_9)
+              _migrate_9, _migrate_10)
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -77,7 +77,7 @@ class SqliteShares:
         return int(row[0]), int(row[1])
 
     def consume(self, token_hash: str, address: str, cookie_hash: Optional[str], grace: float,
-                session_id: str = "") -> str:
+                issued_hash: Optional[str] = None, session_id: str = "") -> str:
         """See RedisShares.consume; one write transaction, so two clients at once cannot both consume."""
         now = self.clock()
         with self._write() as db:
@@ -90,7 +90,10 @@ class SqliteShares:
                                 (token_hash, session_id)).fetchone()[0]
             outcome = consumption((row[0], row[1], None if others else row[2]), address, cookie_hash, grace, now)
             if outcome == "consumed":
-                db.execute("UPDATE console_tokens SET consumed_address = ?, consumed_cookie = ? "
-                           "WHERE token_hash = ?", (address, cookie_hash, token_hash))
+                db.execute("UPDATE console_tokens SET consumed_address = ? WHERE token_hash = ?",
+                           (address, token_hash))
+            if issued_hash is not None:  # the cookie the gateway issues now replaces any before it
+                db.execute("UPDATE console_tokens SET consumed_cookie = ? WHERE token_hash = ?",
+                           (issued_hash, token_hash))
             db.execute("UPDATE console_tokens SET released_at = NULL WHERE token_hash = ?", (token_hash,))
         return outcome

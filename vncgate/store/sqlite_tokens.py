@@ -5,6 +5,10 @@ its shares (sqlite_shares). A mixin of SqliteStore (sqlite.py), which brings the
 """
 
 import dataclasses
+import secrets
+import sqlite3
+from contextlib import AbstractContextManager
+from typing import Callable
 
 from vncgate.store.common import ConnectionDetails
 
@@ -21,6 +25,10 @@ def _details(row):
 
 class SqliteTokens:
     """SqliteStore's token rows and single-use consumption (see Store for each call)."""
+
+    # What SqliteStore brings (declared for the type checker only).
+    _db: Callable[[], AbstractContextManager[sqlite3.Connection]]
+    clock: Callable[[], float]
 
     # -- what the shared calls are made of ---------------------------------------------
 
@@ -102,6 +110,13 @@ class SqliteTokens:
             counts["garbage" if expired and idle else "expired" if expired else "idle" if idle
                    else "live"] += count
         return counts
+
+    def shared_secret(self, name: str) -> str:
+        """See Store.shared_secret: made by the first gateway that asks, kept in the file."""
+        with self._db() as db:
+            db.execute("INSERT OR IGNORE INTO shared_secrets (name, value) VALUES (?, ?)",
+                       (name, secrets.token_hex(32)))
+            return db.execute("SELECT value FROM shared_secrets WHERE name = ?", (name,)).fetchone()[0]
 
     # -- helpers ---------------------------------------------------------------
 
