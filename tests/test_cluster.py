@@ -287,7 +287,8 @@ def test_without_a_shared_record_dir_b_names_the_gateway_that_holds_the_recordin
     told = harness.payload_of(frames)
     assert b"kept by another gateway" in told and where.encode() in told
     sock.close()
-    assert any(line.get("reason") == "recording-elsewhere" for line in second.audit())
+    wait_for(lambda: any(line.get("reason") == "recording-elsewhere" for line in second.audit()), 5, 0.05,
+             "the refusal's audit line")
     kept = tmp_path / "a" / "rec" / f"{session}.fbs"
     assert kept.exists()
     time.sleep(1)  # older than record_keep_days now
