@@ -157,6 +157,7 @@ def test_serial_viewers_on_both_gateways_see_the_same_output_and_type_once(clust
         wait_for(lambda: group.holder("vm-3") is not None and "(qemu)" in (cli_log(first, "vm-3") or ""), 10, 0.05,
                  "a follower")
         token = first.mint("127.0.0.1", vm.monitor_port, "serial", "--instance", "vm-3")
+        idle_threads = second.threads()
         with serial_viewer(first, token) as on_a, serial_viewer(second, token) as on_b:
             for ws in (on_a, on_b):
                 assert "QEMU" in read_until(ws, "(qemu)")  # the log's tail, from before either attached
@@ -165,6 +166,10 @@ def test_serial_viewers_on_both_gateways_see_the_same_output_and_type_once(clust
             assert all(answer.count("VM status: running") == 1 for answer in answers)  # typed once
         assert established_to(vm.monitor_port) == 1
         assert cli_log(second, "vm-3").count("VM status: running") == 1
+        # B's reader of the log (and the viewer's typing thread) end with its last viewer.
+        wait_for(lambda: second.threads() <= idle_threads, 10, 0.1, "B's threads of the viewer to end")
+        with serial_viewer(second, token) as again:  # and a new viewer gets a new reader
+            assert read_until(again, "VM status: running")
     finally:
         vm.stop()
 

@@ -108,48 +108,39 @@ class InputPump(_Worker):
             self.send(data)
 
 
-class RemoteViewer(_Worker):
-    """A viewer of a console another gateway follows: its socket pair's far end is the
-    session's backend. This thread sends the log's tail, then each new chunk; a second one
-    (Typing) sends what the viewer types to the store."""
+def _position(cursor: str) -> tuple:
+    """A stream cursor ("MS-SEQ") as something that orders."""
+    ms, _, seq = cursor.partition("-")
+    return int(ms), int(seq or 0)
 
-    def __init__(self, store: Any, instance_id: str, on_end: Callable[["RemoteViewer"], None]) -> None:
-        super().__init__(f"serial-remote-{instance_id}")
-        self.store, self.instance_id, self.on_end = store, instance_id, on_end
+
+class RemoteViewer:
+    """A viewer of a console another gateway follows: its socket pair's far end (.theirs) is
+    the session's backend. The console's RemoteFeed sends it what comes after its cursor;
+    its Typing thread sends what it types to the store."""
+
+    def __init__(self, store: Any, instance_id: str) -> None:
+        self.store, self.instance_id = store, instance_id
         self.mine, self.theirs = socket.socketpair()
         self.mine.settimeout(SEND_TIMEOUT)
-        self.cursor: Optional[str] = None
+        self.cursor = "0-0"  # what it has been sent up to
+        self.ended = threading.Event()
         self.typing = Typing(self)
 
-    def start(self) -> None:
-        super().start()
-        self.typing.start()
-
-    def step(self) -> None:
-        if self.cursor is None:
-            found = self.store.console_log(self.instance_id)
-            data, self.cursor = found if found else (b"", "0-0")
-            data = data[-TAIL_BYTES:]
-        else:
-            data, self.cursor = self.store.console_log_after(self.instance_id, self.cursor)
-        if data:
-            try:
-                self.mine.sendall(data)
-            except OSError:  # the session ended, or its client stopped reading
-                self.stop()
-
-    def stop(self) -> None:
-        super().stop()
+    def send(self, data: bytes) -> bool:
         try:
-            self.mine.shutdown(socket.SHUT_RDWR)  # wakes Typing's recv
+            self.mine.sendall(data)
+            return True
+        except OSError:  # the session ended, or its client stopped reading: it goes, the others stay
+            self.end()
+            return False
+
+    def end(self) -> None:
+        self.ended.set()
+        try:
+            self.mine.shutdown(socket.SHUT_RDWR)  # wakes Typing's recv, which closes it
         except OSError:
             pass
-
-    def finish(self) -> None:
-        self.stop()
-        self.typing.join(SEND_TIMEOUT)
-        self.mine.close()
-        self.on_end(self)
 
 
 class Typing(threading.Thread):
@@ -161,20 +152,94 @@ class Typing(threading.Thread):
 
     def run(self) -> None:
         viewer = self.viewer
-        while not viewer.stopping.is_set():
-            try:
-                data = viewer.mine.recv(4096)
-            except socket.timeout:
-                continue
-            except OSError:
-                data = b""
-            if not data:  # the session ended
-                viewer.stop()
+        try:
+            while not viewer.ended.is_set():
+                try:
+                    data = viewer.mine.recv(4096)
+                except socket.timeout:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:  # the session ended
+                    return
+                try:
+                    viewer.store.send_console_input(viewer.instance_id, data)
+                except store_module.StoreError as error:  # lost, like keys typed into a cut line
+                    log.warning("serial console %s: typed input lost: %s", viewer.instance_id, error)
+        finally:
+            viewer.end()
+            viewer.mine.close()
+
+
+class RemoteFeed(_Worker):
+    """The remote viewers of one console on this gateway: one reader of the store's log for
+    all of them, each sent every chunk after its own cursor, in order. It ends with its last viewer."""
+
+    def __init__(self, store: Any, instance_id: str, on_end: Callable[["RemoteFeed"], None]) -> None:
+        super().__init__(f"serial-feed-{instance_id}")
+        self.store, self.instance_id, self.on_end = store, instance_id, on_end
+        self.viewers: list = []
+        self.cursor: Optional[str] = None
+        self._rewind: Optional[str] = None  # a new viewer's cursor, behind what was read already
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def attach(self) -> Optional[socket.socket]:
+        """A new viewer: the log's tail sent, then fed from where the tail ends. None when the
+        feed has ended (the caller makes another)."""
+        viewer = RemoteViewer(self.store, self.instance_id)
+        found = self.store.console_log(self.instance_id)
+        data, viewer.cursor = found if found else (b"", "0-0")
+        with self._lock:
+            if self.closed:
+                viewer.theirs.close()
+                viewer.mine.close()
+                return None
+            viewer.typing.start()
+            if not viewer.send(data[-TAIL_BYTES:]):
+                return viewer.theirs
+            self.viewers.append(viewer)
+            if self.cursor is None:
+                self.cursor = viewer.cursor
+            elif self._rewind is None or _position(viewer.cursor) < _position(self._rewind):
+                self._rewind = viewer.cursor
+        return viewer.theirs
+
+    def step(self) -> None:
+        with self._lock:
+            self.viewers = [viewer for viewer in self.viewers if not viewer.ended.is_set()]
+            if not self.viewers:  # its last viewer left: the feed ends (a newcomer makes another)
+                self.closed = True
+                self.stopping.set()
                 return
-            try:
-                viewer.store.send_console_input(viewer.instance_id, data)
-            except store_module.StoreError as error:  # lost, like keys typed into a cut line
-                log.warning("serial console %s: typed input lost: %s", viewer.instance_id, error)
+            if self._rewind is not None and _position(self._rewind) < _position(self.cursor or "0-0"):
+                self.cursor = self._rewind
+            self._rewind = None
+            cursor = self.cursor or "0-0"
+        entries = self.store.console_log_entries(self.instance_id, cursor)
+        with self._lock:
+            viewers = list(self.viewers)
+            if entries:
+                self.cursor = entries[-1][0]
+        for entry_id, data in entries:
+            position = _position(entry_id)
+            for viewer in viewers:
+                if position > _position(viewer.cursor) and viewer.send(data):
+                    viewer.cursor = entry_id
+
+    def stop(self) -> None:
+        super().stop()
+        with self._lock:
+            self.closed = True
+            viewers = list(self.viewers)
+        for viewer in viewers:
+            viewer.end()
+
+    def finish(self) -> None:
+        self.stop()
+        for viewer in list(self.viewers):
+            viewer.typing.join(SEND_TIMEOUT)
+        self.on_end(self)
 
 
 class Follower(threading.Thread):

@@ -377,7 +377,7 @@ class Consoles:
         self.followed = {}  # instance id -> Follow: every followed console, whoever follows it
         self._hubs = {}  # (host, port) -> Hub
         self._pumps = {}  # instance id -> cluster.InputPump, for the consoles followed here
-        self._remote = set()  # cluster.RemoteViewer
+        self._feeds = {}  # instance id -> cluster.RemoteFeed: the remote viewers of consoles followed elsewhere
         self._lock = threading.Lock()
 
     def open_backend(self, details, timeout):
@@ -416,11 +416,23 @@ class Consoles:
         return hub
 
     def _remote_viewer(self, instance_id):
-        viewer = cluster.RemoteViewer(self.store, instance_id, self._remote.discard)
+        for _attempt in range(2):  # a feed may end between finding it and attaching to it
+            with self._lock:
+                feed = self._feeds.get(instance_id)
+                new = feed is None or feed.closed
+                if new:
+                    feed = self._feeds[instance_id] = cluster.RemoteFeed(self.store, instance_id, self._feed_ended)
+            viewer = feed.attach()
+            if new:  # started once it has a viewer: a feed without one ends
+                feed.start()
+            if viewer is not None:
+                return viewer
+        raise Refused("backend-closed", "the serial console's feed ended as the viewer attached")
+
+    def _feed_ended(self, feed):
         with self._lock:
-            self._remote.add(viewer)
-        viewer.start()
-        return viewer.theirs
+            if self._feeds.get(feed.instance_id) is feed:
+                del self._feeds[feed.instance_id]
 
     def open_log(self, follow):
         """The log of a console followed here: in the store when it shares consoles, else a file."""
@@ -460,7 +472,7 @@ class Consoles:
         with self._lock:
             hubs = list(self._hubs.values())
             self._hubs.clear()
-            workers = [*self._pumps.values(), *self._remote]
+            workers = [*self._pumps.values(), *self._feeds.values()]
             self._pumps.clear()
         for worker in workers:
             worker.stop()

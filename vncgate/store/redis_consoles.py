@@ -137,6 +137,10 @@ class RedisConsoles:
         for something; (b"", cursor) when nothing came."""
         return self._read_after(self._key("log:", instance_id), cursor)
 
+    def console_log_entries(self, instance_id: str, cursor: str) -> list:
+        """console_log_after's chunks one by one: [(cursor after it, bytes)], [] when none came."""
+        return self._entries_after(self._key("log:", instance_id), cursor)
+
     # -- typed input, for the follower --
 
     def send_console_input(self, instance_id: str, data: bytes) -> None:
@@ -152,11 +156,12 @@ class RedisConsoles:
         return self._read_after(self._key("input:", instance_id), cursor)
 
     def _read_after(self, key: str, cursor: str) -> tuple[bytes, str]:
+        entries = self._entries_after(key, cursor)
+        return b"".join(data for _, data in entries), entries[-1][0] if entries else cursor
+
+    def _entries_after(self, key: str, cursor: str) -> list:
         found = self._run(self._client.xread, {key: cursor}, block=self._block_ms)
-        if not found:
-            return b"", cursor
-        entries = found[0][1]
-        return b"".join(fields[b"d"] for _, fields in entries), entries[-1][0].decode()
+        return [(entry_id.decode(), fields[b"d"]) for entry_id, fields in found[0][1]] if found else []
 
     # -- the recordings index --
 
