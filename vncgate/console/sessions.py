@@ -233,7 +233,8 @@ class SessionManager:
             taken, live = self.store.take_share(details.token_hash, session_id, self.settings.max_sessions_per_token,
                                                 self.share_ttl, recorded=self.recordings.wanted(details))
         except store_module.StoreError as error:
-            raise Refused("store-unavailable", str(error), **fields) from None
+            reason = "no-free-fds" if fds.exhausted() else "store-unavailable"  # as _validate tells them apart
+            raise Refused(reason, str(error), **fields) from None
         if not taken:
             raise Refused("too-many-sessions", f"{live} sessions open", **fields)
 
