@@ -12,6 +12,7 @@ Minting is shared with the CLI (mint, console_json), so both hand out the same U
 and the same JSON.
 """
 
+import collections
 import dataclasses
 import datetime
 import hashlib
@@ -25,9 +26,11 @@ import socket
 import time
 
 from vncgate import store as store_module
+from vncgate import text as text_module
 from vncgate.console import policy as policy_module
 from vncgate.console import serial as consoles
 from vncgate.control import libvirt
+from vncgate.control import scope as scope_module
 from vncgate.front import throttle, web, websocket
 from vncgate.refusals import Refused
 
@@ -64,8 +67,12 @@ def hash_key(key):
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+ApiKey = collections.namedtuple("ApiKey", "digest scope")
+
+
 def read_keys(path):
-    """{name: sha256 hex} from the key file; blank lines and # comments are skipped."""
+    """{name: ApiKey(sha256 hex, scope.KeyScope)} from the key file: NAME:SHA256-HEX, then the
+    key's scope as words (networks=…, types=…, max-ttl=…); blank lines and # comments are skipped."""
     try:
         with open(path, encoding="utf-8") as handle:
             lines = handle.read().splitlines()
@@ -78,17 +85,22 @@ def read_keys(path):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        name, _, digest = line.partition(":")
+        name, _, rest = line.partition(":")
+        digest, *words = rest.split()
         if not _NAME.fullmatch(name) or not _HEX64.fullmatch(digest.lower()):
-            raise KeyFileError(f"{path}:{number}: not NAME:SHA256-HEX")
+            raise KeyFileError(f"{path}:{number}: not NAME:SHA256-HEX [SCOPE]")
         if name in keys:
             raise KeyFileError(f"{path}:{number}: key name {name!r} appears twice")
-        keys[name] = digest.lower()
+        try:
+            keys[name] = ApiKey(digest.lower(), scope_module.KeyScope.parse(words, store_module.CONSOLE_TYPES))
+        except ValueError as error:
+            raise KeyFileError(f"{path}:{number}: bad scope: {error}") from None
     return keys
 
 
-def add_key(path, name):
-    """A new key named name, its hash appended to the file (made 0600); returns the key."""
+def add_key(path, name, scope=None):
+    """A new key named name, its hash (and scope.KeyScope) appended to the file (made 0600);
+    returns the key."""
     if not _NAME.fullmatch(name):
         raise KeyFileError(f"key name {name!r}: letters, digits, '.', '_', '-' (at most 64), "
                            "starting with a letter or digit")
@@ -99,7 +111,8 @@ def add_key(path, name):
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with os.fdopen(fd, "a", encoding="utf-8") as handle:
-            handle.write(f"{name}:{hash_key(key)}\n")
+            words = scope.words() if scope else ""
+            handle.write(f"{name}:{hash_key(key)}{' ' + words if words else ''}\n")
     except OSError as error:
         raise KeyFileError(f"cannot write api_keys_file {path}: {error.strerror}") from None
     return key
@@ -168,6 +181,23 @@ def session_json(row, now):
 
 # -- the HTTP side ----------------------------------------------------------------------------
 
+class _Route:
+    """One API path: its template (/consoles/{token_id}), the handlers by method, and the shape
+    of its id. The audit line names the template, with the id only when it has that shape
+    (a token sent where a token id goes is not written down)."""
+
+    def __init__(self, template, handlers, id_shape=None):
+        self.template = PREFIX + template
+        self.handlers = handlers
+        self.id_shape = id_shape
+        self.pattern = re.compile(re.sub(r"\\\{[a-z_]+\\\}", "([^/]+)", re.escape(self.template)))
+
+    def audit_path(self, groups):
+        if groups and self.id_shape is not None and self.id_shape.fullmatch(groups[0]):
+            return self.template.rsplit("/", 1)[0] + "/" + groups[0]
+        return self.template
+
+
 class _Call:
     """One API request as it is handled: what the audit line will say of it."""
 
@@ -176,6 +206,7 @@ class _Call:
         self.audit = {"client": client, "method": request.method, "path": request.path, "key": "-",
                       "action": "-"}
         self.body_unread = False
+        self.scope = scope_module.KeyScope()  # the key's, once it is known
 
 
 class ControlPlane:
@@ -187,13 +218,13 @@ class ControlPlane:
         self._keys = read_keys(self.config.api_keys_file)  # KeyFileError: the gateway does not start
         self._rate = throttle.FailureThrottle(self.config.api_burst, self.config.api_rate)
         self._routes = [
-            (re.compile(re.escape(PREFIX) + r"/consoles"), {"POST": self.create_console, "GET": self.list_consoles,
-                                                          "DELETE": self.revoke_by_instance}),
-            (re.compile(re.escape(PREFIX) + r"/consoles/log"), {"GET": self.console_log}),
-            (re.compile(re.escape(PREFIX) + r"/consoles/([^/]+)"), {"DELETE": self.revoke_token}),
-            (re.compile(re.escape(PREFIX) + r"/sessions"), {"GET": self.list_sessions}),
-            (re.compile(re.escape(PREFIX) + r"/sessions/([^/]+)"), {"DELETE": self.kill_session}),
-            (re.compile(re.escape(PREFIX) + r"/store"), {"GET": self.store_state}),
+            _Route("/consoles", {"POST": self.create_console, "GET": self.list_consoles,
+                                 "DELETE": self.revoke_by_instance}),
+            _Route("/consoles/log", {"GET": self.console_log}),
+            _Route("/consoles/{token_id}", {"DELETE": self.revoke_token}, _TOKEN_ID),
+            _Route("/sessions", {"GET": self.list_sessions}),
+            _Route("/sessions/{session_id}", {"DELETE": self.kill_session}, _SESSION_ID),
+            _Route("/store", {"GET": self.store_state}),
         ]
 
     def reload_keys(self):
@@ -225,6 +256,11 @@ class ControlPlane:
             outage = Refused("store-unavailable", str(error))
             status, payload = outage.status, {"error": outage.sentence}
             call.audit.update(result="rejected", **outage.audit_fields())
+        except Exception as error:  # the gateway's own fault: still a JSON answer and an audit line
+            log.exception("%s %s: unexpected error in the API", request.method, call.audit["path"])
+            fault = Refused("internal-error", type(error).__name__)
+            status, payload = fault.status, {"error": fault.sentence}
+            call.audit.update(result="rejected", **fault.audit_fields())
         self.gateway.audit.record("api", **call.audit)
         headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store"),
                    ("X-Content-Type-Options", "nosniff")]
@@ -249,8 +285,8 @@ class ControlPlane:
                        ("Referrer-Policy", "no-referrer")])
 
     def _methods(self, path):
-        return sorted({method for pattern, handlers in self._routes if pattern.fullmatch(path)
-                       for method in handlers})
+        return sorted({method for route in self._routes if route.pattern.fullmatch(path)
+                       for method in route.handlers})
 
     def _handle(self, call, conn, leftover, deadline):
         request = call.request
@@ -272,9 +308,11 @@ class ControlPlane:
 
     def _route(self, call):
         path, method = call.request.path, call.request.method
-        for pattern, handlers in self._routes:
-            match = pattern.fullmatch(path)
+        for route in self._routes:
+            match = route.pattern.fullmatch(path)
             if match:
+                call.audit["path"] = route.audit_path(match.groups())
+                handlers = route.handlers
                 handler = handlers.get(method)
                 call.audit["action"] = (handler or next(iter(handlers.values()))).__name__.replace("_", "-")
                 if handler is None:
@@ -293,8 +331,9 @@ class ControlPlane:
         digest = hash_key(presented.strip() if scheme.lower() == "bearer" else "")
         name = None
         for candidate, expected in self._keys.items():
-            if hmac.compare_digest(digest, expected):
+            if hmac.compare_digest(digest, expected.digest):
                 name = candidate
+                call.scope = expected.scope
         if name is None:
             failures.failed(address)
             raise Refused("bad-api-key", "missing, unknown or removed API key")
@@ -306,10 +345,7 @@ class ControlPlane:
         request = call.request
         if request.header("transfer-encoding"):
             raise Refused("invalid-request", "send the body with Content-Length, not Transfer-Encoding")
-        length_text = request.header("content-length").strip() or "0"
-        if not length_text.isdigit():
-            raise Refused("invalid-request", "Content-Length is not a number")
-        length = int(length_text)
+        length = _whole_number(request.header("content-length").strip() or "0", "Content-Length")
         if length > MAX_BODY:
             raise Refused("body-too-large", f"Content-Length {length}")
         if request.header("content-type").split(";")[0].strip().lower() != "application/json":
@@ -358,9 +394,15 @@ class ControlPlane:
             host, port = fields.text("host"), fields.port("port")
             call.audit["instance"] = instance = fields.text("instance", f"{host}:{port}")
             internal_path = fields.text("internal_path", "")
-            password = fields.text("password", "")
+            password = fields.text("password", "", secret=True)
             fields.done()
             password = password.encode() if password else None
+        try:
+            ttl = scope_module.check_mint(self.gateway.sessions.backend_allow, self.config.token_ttl, console_type,
+                                          host, port, policy, ttl, scope=call.scope,
+                                          names={"instance": instance, "internal_path": internal_path})
+        except scope_module.Invalid as error:
+            raise Refused("invalid-request", str(error)) from None
         token, details, url = mint(self.config, self.gateway.store, console_type, host, port, instance,
                                    internal_path, ttl, password, policy.to_json(), backend_tls)
         call.audit["token_id"] = details.token_id
@@ -382,9 +424,8 @@ class ControlPlane:
         if not instance:
             raise Refused("invalid-request", "name the console: ?instance=ID")
         call.audit["instance"] = instance
-        if tail is not None and not (tail.isdigit() and int(tail) > 0):
-            raise Refused("invalid-request", "tail must be a whole number above 0")
-        output = consoles.read_log(self.config.console_log_dir, instance, int(tail) if tail else None)
+        lines = None if tail is None else _whole_number(tail, "tail", lowest=1)
+        output = consoles.read_log(self.config.console_log_dir, instance, lines)
         if output is None:
             raise Refused("not-found", f"no console log for {instance}: it was never followed")
         return 200, {"instance_id": instance, "output": output.decode("utf-8", "replace")}
@@ -460,6 +501,17 @@ def _sentence(refusal):
     return refusal.sentence
 
 
+_DIGITS = re.compile(r"[0-9]{1,15}")
+
+
+def _whole_number(text, name, lowest=0):
+    """A number the request spells in ASCII digits (never int()'s Unicode digits, signs,
+    underscores or thousands of digits), at most 15 of them; else invalid-request."""
+    if not _DIGITS.fullmatch(text) or int(text) < lowest:
+        raise Refused("invalid-request", f"{name} must be a whole number from {lowest} written in digits")
+    return int(text)
+
+
 def _no_constants(name):
     raise ValueError(f"{name} is not JSON")
 
@@ -495,12 +547,17 @@ class _Fields:
             return default, False
         return self.body[name], True
 
-    def text(self, name, default=None):
+    def text(self, name, default=None, secret=False):
+        """A name (vncgate.text's rule), or with secret=True a password (no C0 control characters)."""
         default = _REQUIRED if default is None else default
         value, given = self._take(name, default)
-        if given and (not isinstance(value, str) or not value or len(value) > 1024
-                      or any(ord(char) < 32 for char in value)):
-            raise Refused("invalid-request", f"{name} must be a non-empty string without control characters")
+        if not given:
+            return value
+        if not isinstance(value, str):
+            raise Refused("invalid-request", f"{name} must be a string")
+        problem = _secret_problem(value) if secret else text_module.name_problem(value)
+        if problem:
+            raise Refused("invalid-request", f"{name} {problem}")
         return value
 
     def port(self, name):
@@ -535,6 +592,12 @@ class _Fields:
 
 
 _REQUIRED = object()
+
+
+def _secret_problem(value):
+    if not value or len(value) > text_module.MAX_NAME:
+        return f"must be 1 to {text_module.MAX_NAME} characters"
+    return "holds a control character" if any(ord(char) < 32 for char in value) else ""
 
 
 class _Query:

@@ -11,13 +11,14 @@ import signal
 import sys
 import threading
 
+from vncgate import addresses, logs
 from vncgate import config as config_module
-from vncgate import logs
 from vncgate import store as store_module
+from vncgate import text as text_module
+from vncgate.console import allow, recording
 from vncgate.console import policy as policy_module
-from vncgate.console import recording
 from vncgate.console import serial as consoles
-from vncgate.control import api, libvirt
+from vncgate.control import api, libvirt, scope
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -57,6 +58,20 @@ def _seconds(text):
     if value <= 0:
         raise argparse.ArgumentTypeError(f"invalid seconds {text!r}: must be a number above 0")
     return value
+
+
+def _networks(text):
+    try:
+        return addresses.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"invalid networks: {error}") from None
+
+
+def _types(text):
+    try:
+        return scope.check_types(text, store_module.CONSOLE_TYPES)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _instance_id(text):
@@ -150,6 +165,8 @@ def token_parser():
     console_log.add_argument("--instance", required=True)
     console_log.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
     console_log.add_argument("--follow", action="store_true", help="then print new output as it comes, until ^C")
+    console_log.add_argument("--raw", action="store_true", help="the bytes as they are, also on a terminal "
+                             "(where control characters are otherwise shown as escapes)")
 
     migrate = commands.add_parser("migrate", help="copy every token that is not garbage to another store")
     migrate.add_argument("--to", required=True, metavar="DATABASE",
@@ -158,7 +175,13 @@ def token_parser():
     keys = commands.add_parser("api-key", help="keys of the control-plane API (api_keys_file)")
     key_commands = keys.add_subparsers(dest="key_command", metavar="COMMAND", parser_class=_Parser)
     key_commands.required = True
-    key_commands.add_parser("add", help="make a key, print it once, keep its hash").add_argument("name")
+    key_add = key_commands.add_parser("add", help="make a key, print it once, keep its hash (and scope)")
+    key_add.add_argument("name")
+    key_add.add_argument("--networks", metavar="CIDRS", type=_networks,
+                         help="the key mints consoles at these addresses only (networks with optional "
+                              ":PORT or :LOW-HIGH, comma-separated; within backend_allow)")
+    key_add.add_argument("--types", metavar="T,...", type=_types, help="the key mints these console types only")
+    key_add.add_argument("--max-ttl", metavar="S", type=_seconds, help="the key's tokens live at most S seconds")
     key_commands.add_parser("remove", help="delete a key (the gateway drops it on SIGHUP)").add_argument("name")
     return parser
 
@@ -217,10 +240,15 @@ def cmd_add(args, config, store, out):
         raise UsageError("add takes --host H --port P, --domain NAME or --replay SESSION")
     policy = policy_module.Policy(view_only=args.view_only, single_use=args.single_use,
                                   paste_as_keys=args.paste_as_keys, input_idle=args.input_idle or 0.0)
-    if args.console_type == store_module.SERIAL and policy.to_json():
-        raise UsageError("console policies read RFB: they do not apply to --type serial")
+    try:
+        ttl = scope.check_mint(allow.BackendAllow.from_config(config), config.token_ttl, args.console_type,
+                               host, port, policy, args.ttl,
+                               names={"instance": instance, "internal_path": args.internal_path},
+                               replay=bool(args.replay))
+    except scope.Invalid as error:
+        raise UsageError(str(error)) from None
     token, details, url = api.mint(config, store, args.console_type, host, port, instance, args.internal_path,
-                                   args.ttl, password, policy.to_json(), args.backend_tls, record=args.record,
+                                   ttl, password, policy.to_json(), args.backend_tls, record=args.record,
                                    replay=args.replay or "", replay_speed=args.speed)
     if args.json:
         json.dump(api.console_json(token, details, url), out)
@@ -244,7 +272,11 @@ def cmd_list(args, config, store, out):
 
 
 def _write_table(out, header, rows):
+    """Columns; on a terminal every control character in a cell is shown as an escape (a name a
+    stranger chose cannot move the cursor, recolour or reverse what the operator reads)."""
     table = [header] + rows
+    if _is_terminal(out):
+        table = [tuple(text_module.escape(cell) for cell in line) for line in table]
     widths = [max(len(line[column]) for line in table) for column in range(len(header))]
     for line in table:
         out.write("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() + "\n")
@@ -364,15 +396,26 @@ def cmd_api_key(args, config, _store, out):
         raise CommandFailed(f"api_keys_file is not set in [gateway] of {config.source or 'the built-in defaults'}")
     try:
         if args.key_command == "add":
-            out.write(api.add_key(config.api_keys_file, args.name) + "\n")
+            if args.max_ttl is not None:
+                scope.check_ttl(args.max_ttl)
+            key_scope = scope.KeyScope(args.networks or (), args.types or (), args.max_ttl or 0.0)
+            out.write(api.add_key(config.api_keys_file, args.name, key_scope) + "\n")
         else:
             api.remove_key(config.api_keys_file, args.name)
             out.write(f"removed API key {args.name}; send SIGHUP to running gateways\n")
     except api.KeyFileError as error:
         raise CommandFailed(str(error)) from None
+    except scope.Invalid as error:
+        raise UsageError(str(error)) from None
 
 
 def cmd_follow(args, config, store, out):
+    try:
+        scope.check_name("instance", args.instance)
+        scope.check_mint(allow.BackendAllow.from_config(config), config.token_ttl, store_module.SERIAL,
+                         args.host, args.port, policy_module.Policy())
+    except scope.Invalid as error:
+        raise UsageError(str(error)) from None
     store.add_follow(args.instance, args.host, args.port)
     out.write(f"following {args.instance} at {args.host}:{args.port}; the gateways attach within "
               f"touch_interval ({config.touch_interval:g}s), logging to {config.console_log_dir}\n")
@@ -384,14 +427,31 @@ def cmd_unfollow(args, config, store, out):
     out.write(f"no longer following {args.instance}\n")
 
 
+def _is_terminal(out):
+    isatty = getattr(out, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _log_writer(out, raw):
+    """Where a console's bytes go: as they are to a file or pipe (or with --raw), but on a
+    terminal with every control character but line ends shown as an escape, so that a guest's
+    escape sequences (OSC 52 sets the clipboard, ESC[2J forges the screen) never reach it."""
+    sink = getattr(out, "buffer", None)
+    if _is_terminal(out) and not raw:
+        terminal = text_module.TerminalWriter()
+        return lambda chunk: out.write(terminal.feed(chunk))
+    if sink is not None:
+        return sink.write
+    return lambda chunk: out.write(chunk.decode("utf-8", "replace"))
+
+
 def cmd_log(args, config, store, out):
     if args.tail is not None and args.tail < 0:
         raise UsageError("--tail takes a number of lines, 0 or more")
     data = consoles.read_log(config.console_log_dir, args.instance, args.tail)
     if data is None:
         raise CommandFailed(f"no console log for {args.instance} in {config.console_log_dir}")
-    sink = getattr(out, "buffer", None)
-    write = sink.write if sink is not None else (lambda chunk: out.write(chunk.decode("utf-8", "replace")))
+    write = _log_writer(out, args.raw)
     write(data)
     out.flush()
     if args.follow:
