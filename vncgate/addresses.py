@@ -24,10 +24,12 @@ class Reach:
         return ip is not None and ip in self.network and self.low <= port <= self.high
 
     def __str__(self) -> str:
+        single = self.network.prefixlen == self.network.max_prefixlen
+        network = str(self.network.network_address) if single else str(self.network)
         if (self.low, self.high) == (1, 65535):
-            return str(self.network)
+            return network
         ports = str(self.low) if self.low == self.high else f"{self.low}-{self.high}"
-        return f"[{self.network}]:{ports}" if self.network.version == 6 else f"{self.network}:{ports}"
+        return f"[{network}]:{ports}" if self.network.version == 6 else f"{network}:{ports}"
 
 
 def parse_address(text: str) -> Optional[Union[ipaddress.IPv4Address, ipaddress.IPv6Address]]:

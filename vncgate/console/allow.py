@@ -29,11 +29,14 @@ class BackendAllow:
         ports; store: the store's (host, port) pairs, resolved here once."""
         self.listed = tuple(listed)
         self.own_ports = set(own_ports)
-        self.store = set()
+        self.store = set()  # (address, port) of a store on another machine
+        self.store_ports = set()  # ports of a store on this one: at any of its addresses
         for host, port in store:
             for address in resolve(host, port) or [host]:
                 ip = addresses.parse_address(address)
-                if ip is not None:
+                if ip is not None and _is_local(ip):
+                    self.store_ports.add(port)
+                elif ip is not None:
                     self.store.add((ip, port))
         self._lock = threading.Lock()
 
@@ -56,7 +59,7 @@ class BackendAllow:
             return f"{address} is not an address"
         if ip.is_unspecified or ip.is_multicast or ip == ipaddress.ip_address("255.255.255.255"):
             return f"{ip} is no console's address"
-        if (ip, port) in self.store:
+        if (ip, port) in self.store or (port in self.store_ports and _is_local(ip)):
             return f"{ip}:{port} is the token store"
         if port in self.own_ports and _is_local(ip):
             return f"{ip}:{port} is this gateway's own port"

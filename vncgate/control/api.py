@@ -86,7 +86,7 @@ def read_keys(path):
         if not line or line.startswith("#"):
             continue
         name, _, rest = line.partition(":")
-        digest, *words = rest.split()
+        digest, *words = rest.split() or [""]
         if not _NAME.fullmatch(name) or not _HEX64.fullmatch(digest.lower()):
             raise KeyFileError(f"{path}:{number}: not NAME:SHA256-HEX [SCOPE]")
         if name in keys:
