@@ -1,77 +1,38 @@
 """The console scripts: vncgate (serve) and vncgate-token (mint, list, revoke, touch, purge,
-sessions, kill, migrate, follow, unfollow, log)."""
+sessions, kill, migrate, follow, unfollow, log).
+
+This module keeps vncgate-token: its parser and its commands. The serve command is in
+cli_serve, what both share (errors, exit codes, argument types, opening the store) in
+cli_common; both entry points stay importable from here (setup.py names them here).
+"""
 
 import argparse
-import dataclasses
 import json
-import logging
-import os
-import resource
-import signal
 import sys
 import threading
 
-from vncgate import addresses, logs
 from vncgate import config as config_module
 from vncgate import store as store_module
-from vncgate import text as text_module
 from vncgate.console import allow, recording
 from vncgate.console import policy as policy_module
 from vncgate.console import serial as consoles
 from vncgate.control import api, libvirt, scope
+from vncgate.control.cli_common import (
+    CommandFailed,
+    UsageError,
+    _networks,
+    _Parser,
+    _port_in,
+    _seconds,
+    _types,
+    open_store,
+    run_reporting_errors,
+)
+from vncgate.control.cli_output import log_writer, write_table
+from vncgate.control.cli_serve import serve_main, serve_main_exit
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(Exception):
-    """Bad command-line usage: exit 2 with one line."""
-
-
-class CommandFailed(Exception):
-    """The command could not do what was asked: exit 1 with one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line instead of usage + error."""
-
-    def error(self, message):
-        raise UsageError(f"{message} (see {self.prog} --help)")
-
-
-def _port_in(lowest):
-    def parse(text):
-        try:
-            port = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid port {text!r}: not a whole number") from None
-        if not lowest <= port <= 65535:
-            raise argparse.ArgumentTypeError(f"invalid port {port}: must be from {lowest} to 65535")
-        return port
-    return parse
-
-
-def _seconds(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"invalid seconds {text!r}: must be a number above 0")
-    return value
-
-
-def _networks(text):
-    try:
-        return addresses.parse(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"invalid networks: {error}") from None
-
-
-def _types(text):
-    try:
-        return scope.check_types(text, store_module.CONSOLE_TYPES)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+# serve_main_exit is the vncgate console script's entry point (setup.py names it here).
+__all__ = ["serve_main", "serve_main_exit", "token_main", "token_main_exit"]
 
 
 def _instance_id(text):
@@ -186,12 +147,6 @@ def token_parser():
     return parser
 
 
-def open_store(config, busy_timeout=5.0, database=None, checkpoint_on_commit=True):
-    return store_module.TokenStore(database or config.database, token_ttl=config.token_ttl,
-                                   idle_timeout=config.idle_timeout, busy_timeout=busy_timeout,
-                                   key_prefix=config.key_prefix, checkpoint_on_commit=checkpoint_on_commit)
-
-
 def _shown(database):
     return store_module.RedisTarget.parse(database).redacted if store_module.is_redis_url(database) else database
 
@@ -265,21 +220,10 @@ def cmd_list(args, config, store, out):
         json.dump([api.token_json(row, now, config.idle_timeout) for row in rows], out)
         out.write("\n")
         return
-    _write_table(out, ("ID", "TYPE", "INSTANCE", "BACKEND", "STATE", "EXPIRES (UTC)", "IDLE"),
+    write_table(out, ("ID", "TYPE", "INSTANCE", "BACKEND", "STATE", "EXPIRES (UTC)", "IDLE"),
                  [(row.token_id, row.console_type, row.instance_id, f"{row.host}:{row.port}",
                    row.state(now, config.idle_timeout), api.iso(row.expires_at), f"{now - row.updated_at:.0f}s")
                   for row in rows])
-
-
-def _write_table(out, header, rows):
-    """Columns; on a terminal every control character in a cell is shown as an escape (a name a
-    stranger chose cannot move the cursor, recolour or reverse what the operator reads)."""
-    table = [header] + rows
-    if _is_terminal(out):
-        table = [tuple(text_module.escape(cell) for cell in line) for line in table]
-    widths = [max(len(line[column]) for line in table) for column in range(len(header))]
-    for line in table:
-        out.write("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() + "\n")
 
 
 TOKENS_HELP = "tokens; - reads them from standard input, one per line (keeps them out of ps)"
@@ -347,7 +291,7 @@ def cmd_recordings(args, config, store, out):
                     "stopped": row.get("stopped")} for row in rows], out)
         out.write("\n")
         return
-    _write_table(out, ("SESSION", "INSTANCE", "STARTED (UTC)", "DURATION", "BYTES", "NOTE"),
+    write_table(out, ("SESSION", "INSTANCE", "STARTED (UTC)", "DURATION", "BYTES", "NOTE"),
                  [(row["session_id"], str(row.get("instance_id")), api.iso(row["started_at"]),
                    "live" if row.get("duration") is None else f"{row['duration']:.0f}s", str(row.get("bytes")),
                    f"stopped: {row['stopped']}" if row.get("stopped") else "") for row in rows])
@@ -359,7 +303,7 @@ def cmd_sessions(args, config, store, out):
         json.dump([api.session_json(row, store.clock()) for row in rows], out)
         out.write("\n")
         return
-    _write_table(out, ("SESSION", "INSTANCE", "TYPE", "CLIENT", "TOKEN", "GATEWAY", "STARTED (UTC)", "UP", "DOWN"),
+    write_table(out, ("SESSION", "INSTANCE", "TYPE", "CLIENT", "TOKEN", "GATEWAY", "STARTED (UTC)", "UP", "DOWN"),
                  [(row.session_id, row.instance_id, row.console_type, row.client, row.token_hash[:8],
                    row.gateway_id, api.iso(row.started_at), str(row.bytes_up), str(row.bytes_down)) for row in rows])
 
@@ -427,31 +371,13 @@ def cmd_unfollow(args, config, store, out):
     out.write(f"no longer following {args.instance}\n")
 
 
-def _is_terminal(out):
-    isatty = getattr(out, "isatty", None)
-    return bool(isatty and isatty())
-
-
-def _log_writer(out, raw):
-    """Where a console's bytes go: as they are to a file or pipe (or with --raw), but on a
-    terminal with every control character but line ends shown as an escape, so that a guest's
-    escape sequences (OSC 52 sets the clipboard, ESC[2J forges the screen) never reach it."""
-    sink = getattr(out, "buffer", None)
-    if _is_terminal(out) and not raw:
-        terminal = text_module.TerminalWriter()
-        return lambda chunk: out.write(terminal.feed(chunk))
-    if sink is not None:
-        return sink.write
-    return lambda chunk: out.write(chunk.decode("utf-8", "replace"))
-
-
 def cmd_log(args, config, store, out):
     if args.tail is not None and args.tail < 0:
         raise UsageError("--tail takes a number of lines, 0 or more")
     data = consoles.read_log(config.console_log_dir, args.instance, args.tail)
     if data is None:
         raise CommandFailed(f"no console log for {args.instance} in {config.console_log_dir}")
-    write = _log_writer(out, args.raw)
+    write = log_writer(out, args.raw)
     write(data)
     out.flush()
     if args.follow:
@@ -464,24 +390,6 @@ def cmd_log(args, config, store, out):
 COMMANDS = {"add": cmd_add, "list": cmd_list, "revoke": cmd_revoke, "touch": cmd_touch, "purge": cmd_purge,
             "sessions": cmd_sessions, "recordings": cmd_recordings, "kill": cmd_kill, "migrate": cmd_migrate,
             "follow": cmd_follow, "unfollow": cmd_unfollow, "log": cmd_log}
-
-
-def run_reporting_errors(prog, body):
-    """Run body(); turn every expected failure into one stderr line and an exit code.
-    Every file either program creates (database, its WAL, audit log) is the owner's only:
-    the umask says so once, here, whatever the caller's umask was."""
-    os.umask(0o077)
-    try:
-        body()
-        return EXIT_OK
-    except (UsageError, store_module.RedisMissing) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except (CommandFailed, config_module.ConfigError, store_module.StoreError) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        return 130
 
 
 def token_main(argv=None, out=None):
@@ -501,75 +409,3 @@ def token_main(argv=None, out=None):
 
 def token_main_exit():
     sys.exit(token_main())
-
-
-def serve_parser():
-    parser = _Parser(prog="vncgate", description="Run the VNC console gateway until SIGINT or SIGTERM.")
-    parser.add_argument("-c", "--config", metavar="FILE", help="config file (default: $VNCGATE_CONFIG, "
-                        "else ./vncgate.ini, else built-in defaults)")
-    parser.add_argument("--listen", metavar="ADDR", help="address to bind (overrides listen)")
-    parser.add_argument("--port", type=_port_in(0), help="port to bind, 0 for any free one (overrides port)")
-    parser.add_argument("--log-level", default="INFO", type=str.upper,
-                        choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    return parser
-
-
-def _prepare_process_for_many_sessions():
-    """Each session holds two sockets (and two splice pipes) and two threads: lift the fd soft
-    limit to the hard one, and give threads a small stack (relay loops are shallow)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    threading.stack_size(512 * 1024)
-
-
-def serve_main(argv=None):
-    from vncgate import audit as audit_module
-    from vncgate.front import server
-    from vncgate.net import tls  # the token CLI does not need these
-
-    def body():
-        args = serve_parser().parse_args(argv)
-        logs.setup(args.log_level)
-        _prepare_process_for_many_sessions()
-        config = config_module.load(args.config)
-        overrides = {key: value for key, value in (("listen", args.listen), ("port", args.port))
-                     if value is not None}
-        config = dataclasses.replace(config, **overrides)
-        # A handshake waits for a locked database no longer than it may take as a whole.
-        # Checkpoints are the housekeeper's (sessions.Housekeeper), never a handshake's commit.
-        store = open_store(config, busy_timeout=min(5.0, config.handshake_timeout), checkpoint_on_commit=False)
-        try:
-            audit = audit_module.Audit.open(config.audit_log)
-        except OSError as error:
-            raise CommandFailed(f"cannot open audit log {config.audit_log}: {error.strerror}") from None
-        try:
-            gateway = server.Gateway(config, store, audit,
-                                     control_plane=api.ControlPlane if config.api_keys_file else None)
-        except OSError as error:
-            raise CommandFailed(f"cannot listen on {config.listen}:{config.port}: {error.strerror}") from None
-        except (tls.TlsConfigError, api.KeyFileError) as error:
-            raise CommandFailed(str(error)) from None
-
-        def on_signal(signum, _frame):
-            logging.getLogger("vncgate").info("%s: stopping", signal.Signals(signum).name)
-            # shutdown() waits for serve_forever, which runs in this (the main) thread.
-            threading.Thread(target=gateway.shutdown, name="stopper").start()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGHUP, lambda _signum, _frame: threading.Thread(
-            target=gateway.reload, name="reload").start())
-        host, port = gateway.server_address[:2]
-        print(f"vncgate listening on {host}:{port}", file=sys.stderr, flush=True)
-        try:
-            gateway.serve_forever()
-        finally:
-            gateway.stop()
-            store.close()
-            audit.close()
-    return run_reporting_errors("vncgate", body)
-
-
-def serve_main_exit():
-    sys.exit(serve_main())
