@@ -201,6 +201,7 @@ def test_item5_a_tiny_ttl_is_refused_and_an_internal_fault_is_a_json_500_with_it
         assert (line["key"], line["action"], line["status"], line["reason"]) == ("ops", "console-log", 500,
                                                                                   "internal-error")
         assert "Traceback" not in json.dumps(body)
+        harness.check_openapi(client.responses)
     finally:
         assert gateway.stop() == 0
 
@@ -313,6 +314,7 @@ def test_item2_a_serial_token_cannot_reach_the_store_or_the_gateway_itself(tmp_p
         assert refused.value.response.status_code == 502
         line = wait_for(lambda: [line for line in gateway.audit() if line.get("reason") == "backend-not-allowed"])
         assert line[0]["instance_id"] == "vm-pivot" and "token store" in line[0]["detail"]
+        harness.check_openapi(client.responses)
         # the store never ran what came through the pivot (the gateway itself sends no CONFIG)
         assert "cmdstat_config" not in redis.client().info("commandstats")
     finally:
@@ -357,6 +359,7 @@ def test_item2_backend_allow_and_a_key_scope_narrow_where_consoles_are(tmp_path)
             assert status == 400 and message in answer["error"], (body, answer)
         lines = [line for line in gateway.audit() if line["event"] == "api" and line["key"] == "narrow"]
         assert [line["result"] for line in lines] == ["ok", "rejected", "rejected", "rejected", "rejected"]
+        harness.check_openapi(wide.responses + narrow.responses)
     finally:
         console.stop()
         other.stop()
