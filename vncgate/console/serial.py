@@ -155,6 +155,7 @@ class Hub(threading.Thread):
         self._selector.register(self._wake_in, selectors.EVENT_READ, self._woken)
         self._next_try = 0.0
         self._delay = BACKOFF_FIRST
+        self._refused_warned = False
         self._ending = False
         if backend is not None:
             self._adopt(backend)
@@ -258,7 +259,11 @@ class Hub(threading.Thread):
             self._adopt(backends.connect(self.host, self.port, self.timeout, allow=self.allow))
         except Refused as error:
             self._next_try = time.monotonic() + self._delay
-            log.debug("serial console %s:%s: %s; again in %.2fs", self.host, self.port, error, self._delay)
+            # Outside backend_allow (a name that resolves elsewhere now): the operator must know, once.
+            warn = error.reason == "backend-not-allowed" and not self._refused_warned
+            self._refused_warned = self._refused_warned or warn
+            (log.warning if warn else log.debug)("serial console %s:%s: %s; again in %.2fs", self.host, self.port,
+                                                 error, self._delay)
             self._delay = min(BACKOFF_MOST, self._delay * 2)
             return
         log.info("serial console %s:%s connected", self.host, self.port)
