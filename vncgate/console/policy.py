@@ -10,6 +10,9 @@ extensions real clients send), so a small strict parser suffices: a message is
 passed on, changed or dropped only when it is complete, and a message the parser does
 not know, or one larger than any client needs, ends the session. The server-to-client
 stream is never read.
+
+A serial console's bytes are not RFB: there every byte a viewer sends is input, and view-only
+drops them all (StreamFilter), so that each policy means the same on every console type.
 """
 
 import dataclasses
@@ -19,6 +22,8 @@ import secrets
 import struct
 import threading
 import time
+
+from vncgate.store.common import SERIAL
 
 log = logging.getLogger("vncgate.console.policy")
 
@@ -46,7 +51,6 @@ RETURN, TAB, SHIFT_L = 0xFF0D, 0xFF09, 0xFFE1
 _SHIFTED = set('~!@#$%^&*()_+{}|:"<>?ABCDEFGHIJKLMNOPQRSTUVWXYZ') | {
     chr(code) for code in range(0xC0, 0xDF) if code != 0xD7}
 PASTE_CHARS_PER_SECOND = 50  # BIOS screens and installers drop keys that come faster
-SERIAL = "serial"  # store.SERIAL: a console type whose bytes are not RFB
 MIN_INPUT_IDLE, MAX_SECONDS = 0.1, 10 * 365 * 86400
 # The websocket path's cookie that lets a single-use token's browser back in from another address.
 RESUME_COOKIE = "vncgate_resume"
