@@ -304,16 +304,19 @@ def test_item2_a_serial_token_cannot_reach_the_store_or_the_gateway_itself(tmp_p
         # now) is checked again as it connects.
         store = store_module.TokenStore(redis.url)
         try:
-            token = store.add_connection_details("vm-pivot", "serial", "localhost", redis.port)
+            tokens = {why: store.add_connection_details(f"vm-{why}", "serial", "localhost", port)
+                      for port, why in ((redis.port, "token store"), (gateway.port, "own port"))}
         finally:
             store.close()
-        with pytest.raises(InvalidStatus) as refused:
-            with ws_connect(f"ws://127.0.0.1:{gateway.port}/serial?token={token}") as ws:
-                ws.send(b"INFO\r\nCONFIG GET dir\r\n")
-                ws.recv(timeout=5)
-        assert refused.value.response.status_code == 502
-        line = wait_for(lambda: [line for line in gateway.audit() if line.get("reason") == "backend-not-allowed"])
-        assert line[0]["instance_id"] == "vm-pivot" and "token store" in line[0]["detail"]
+        for why, token in tokens.items():
+            with pytest.raises(InvalidStatus) as refused:
+                with ws_connect(f"ws://127.0.0.1:{gateway.port}/serial?token={token}") as ws:
+                    ws.send(b"INFO\r\nCONFIG GET dir\r\nGET /metrics HTTP/1.0\r\n\r\n")
+                    ws.recv(timeout=5)
+            assert refused.value.response.status_code == 502
+            line = wait_for(lambda why=why: [line for line in gateway.audit() if line.get("instance_id") == f"vm-{why}"
+                                             and line.get("reason") == "backend-not-allowed"])
+            assert why in line[0]["detail"]
         harness.check_openapi(client.responses)
         # the store never ran what came through the pivot (the gateway itself sends no CONFIG)
         assert "cmdstat_config" not in redis.client().info("commandstats")
