@@ -36,6 +36,10 @@ def test_backend_allow_refuses_link_local_the_gateway_and_the_store_and_keeps_lo
     assert "own port" in rule.refusal("::ffff:127.0.0.1", 6080)
     assert "token store" in rule.refusal("127.0.0.1", 6379)
     assert "no console's address" in rule.refusal("0.0.0.0", 5900)
+    # Spellings the resolver turns into the same addresses are judged by what they resolve to.
+    for spelling in ("2852039166", "0xa9.0xfe.0xa9.0xfe", "169.254.43518"):
+        assert "link-local" in rule.check_target(spelling, 80), spelling
+    assert "own port" in rule.check_target("0x7f.1", 6080)
     listed = allow.BackendAllow(addresses.parse("10.0.0.0/8:5900-5999, [fd00::/8]:5900, 127.0.0.1"),
                                 own_ports=(6080,))
     assert listed.refusal("10.9.9.9", 5999) is None and listed.refusal("fd00::7", 5900) is None
