@@ -25,6 +25,7 @@ from vncgate import refusals
 from vncgate import store as store_module
 from vncgate.console import allow, backends, recording, rfb
 from vncgate.console import policy as policy_module
+from vncgate.console import shares as shares_module
 from vncgate.console.housekeeping import Housekeeper, Listener
 from vncgate.net import fds, tls
 from vncgate.refusals import Refused
@@ -120,6 +121,7 @@ class SessionManager:
         self.backend_timeout = backend_timeout
         self.throttle = throttle
         self.heartbeat_interval = heartbeat
+        self.shares = shares_module.TokenShares(store, heartbeat, settings.max_sessions_per_token)
         self.backend_tls = backend_tls
         self.on_relaying = on_relaying
         self.gateway_id = gateway_id or new_gateway_id()
@@ -156,12 +158,12 @@ class SessionManager:
         details = self._validate(token, console_type, address, fields)
         fields["instance_id"] = details.instance_id
         session_id = secrets.token_hex(6)
-        self._take_token_share(details, session_id, fields)
+        self.shares.take(details.token_hash, session_id, self.recordings.wanted(details), fields)
         try:
             session = self._reach(details, client, path, conn, address, (token, resume_cookie), fields,
                                   session_id)
         except Refused:
-            self._shared(self.store.release_shares, {session_id: details.token_hash}, False)
+            self.shares.give_back({session_id: details.token_hash}, ended=False)
             raise
         with self._lock:
             self._live[session.id] = session
@@ -227,23 +229,6 @@ class SessionManager:
             session.backend.close()
             raise Refused("store-unavailable", str(error), **fields) from None
 
-    @property
-    def share_ttl(self):
-        """How long a session's share outlives its gateway's last heartbeat: three missed ones."""
-        return store_module.stale_after(self.heartbeat_interval)
-
-    def _take_token_share(self, details, session_id, fields):
-        """Count the session among its token's live sessions on every gateway of the store
-        (max_sessions_per_token), or refuse it."""
-        try:
-            taken, live = self.store.take_share(details.token_hash, session_id, self.settings.max_sessions_per_token,
-                                                self.share_ttl, recorded=self.recordings.wanted(details))
-        except store_module.StoreError as error:
-            reason = "no-free-fds" if fds.exhausted() else "store-unavailable"  # as _validate tells them apart
-            raise Refused(reason, str(error), **fields) from None
-        if not taken:
-            raise Refused("too-many-sessions", f"{live} sessions open", **fields)
-
     def _authenticate_backend(self, session, fields):
         """The gateway's RFB security handshake with the backend: VeNCrypt for a backend_tls
         token, else VNC Authentication (or None). Returns the version line agreed, or the RfbError to
@@ -285,16 +270,6 @@ class SessionManager:
                               reason=getattr(error, "reason", "client-closed"))
         self.discard(session)
         return False
-
-    @staticmethod
-    def _shared(call, *args):
-        """A store write after a session ended: an outage must not fail the session's end over it
-        (its share lapses by itself, three heartbeats later)."""
-        try:
-            return call(*args)
-        except store_module.StoreError as error:
-            log.warning("session state not written to the store: %s", error)
-            return None
 
     def _validate(self, token, console_type, address, fields):
         try:
@@ -349,7 +324,7 @@ class SessionManager:
             if self._stopping_all:  # at a stop, the housekeeper's last round writes them all
                 self._to_release[session.id] = session.details.token_hash
         if not self._stopping_all:
-            self._shared(self.store.release_shares, {session.id: session.details.token_hash})
+            self.shares.give_back({session.id: session.details.token_hash})
             self.store_work.set()
 
     def write_session_list(self):
@@ -401,7 +376,7 @@ class SessionManager:
         sessions = self.live()
         existing = self.store.touch_hashes(sorted({session.details.token_hash for session in sessions}))
         to_kill = self.store.update_sessions({session.id: session.byte_counts() for session in sessions})
-        self.store.renew_shares({session.id: session.details.token_hash for session in sessions}, self.share_ttl)
+        self.shares.renew({session.id: session.details.token_hash for session in sessions})
         for session in sessions:
             if session.details.token_hash not in existing:
                 self._end(session, "revoked")
