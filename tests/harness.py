@@ -87,16 +87,13 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def established_to(port):
-    """How many TCP connections to a local server's port are established (from /proc/net/tcp:
-    accepted or still waiting in its backlog), whoever holds their other end."""
-    count = 0
+def established_to(port, host="127.0.0.1"):
+    """How many TCP connections to a server on host:port are established (from /proc/net/tcp:
+    accepted or still waiting in its backlog), whoever holds their other end. (Other tests'
+    clients may have the same port number as their own end on another loopback address.)"""
+    local = f"{socket.htonl(int.from_bytes(socket.inet_aton(host), 'big')):08X}:{port:04X}"
     with open("/proc/net/tcp") as table:
-        for line in list(table)[1:]:
-            fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
-                count += 1
-    return count
+        return sum(1 for line in list(table)[1:] if line.split()[1] == local and line.split()[3] == "01")
 
 
 def port_open(port, host="127.0.0.1"):

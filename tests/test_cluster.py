@@ -5,6 +5,7 @@ starts when the token's last live session ends (issue 24, 7(b))."""
 
 import json
 import os
+import subprocess
 import time
 
 import pytest
@@ -158,12 +159,21 @@ def test_serial_viewers_on_both_gateways_see_the_same_output_and_type_once(clust
                  "a follower")
         token = first.mint("127.0.0.1", vm.monitor_port, "serial", "--instance", "vm-3")
         idle_threads = second.threads()
-        with serial_viewer(first, token) as on_a, serial_viewer(second, token) as on_b:
-            for ws in (on_a, on_b):
-                assert "QEMU" in read_until(ws, "(qemu)")  # the log's tail, from before either attached
-            on_b.send(b"info status\r")
-            answers = [read_until(ws, "VM status: running") for ws in (on_a, on_b)]
-            assert all(answer.count("VM status: running") == 1 for answer in answers)  # typed once
+        following = subprocess.Popen([harness.console_script("vncgate-token"), "-c", second.ini, "log",
+                                      "--instance", "vm-3", "--follow"], stdout=subprocess.PIPE)
+        try:
+            with serial_viewer(first, token) as on_a, serial_viewer(second, token) as on_b:
+                for ws in (on_a, on_b):
+                    assert "QEMU" in read_until(ws, "(qemu)")  # the log's tail, from before either attached
+                on_b.send(b"info status\r")
+                answers = [read_until(ws, "VM status: running") for ws in (on_a, on_b)]
+                assert all(answer.count("VM status: running") == 1 for answer in answers)  # typed once
+            followed = b""
+            while b"VM status: running" not in followed:  # log --follow through the store, too
+                followed += following.stdout.read1(4096)
+        finally:
+            following.kill()
+            following.wait(10)
         assert established_to(vm.monitor_port) == 1
         assert cli_log(second, "vm-3").count("VM status: running") == 1
         # B's reader of the log (and the viewer's typing thread) end with its last viewer.
@@ -301,3 +311,32 @@ def test_without_a_shared_record_dir_b_names_the_gateway_that_holds_the_recordin
     assert purged.stdout.endswith("and 1 recording\n"), purged.stdout
     wait_for(lambda: not kept.exists(), 5, 0.05, "A's files deleted by a purge on B")
     assert recordings_of(first) == []
+
+
+def test_gateways_on_one_sqlite_file_follow_each_console_once(tmp_path):
+    """The same calls on SQLite, one host: one follower by the lease, the other takes over."""
+    vm = SerialQemu(wait=False, monitor=True)
+    settings = {"touch_interval": 5, "console_log_dir": str(tmp_path / "logs"), "database": str(tmp_path / "t.db")}
+    gateways = [GatewayProcess(str(tmp_path), name=name, **settings) for name in ("a", "b")]
+    try:
+        assert gateways[0].token_cli("follow", "--instance", "vm-1", "--host", "127.0.0.1",
+                                     "--port", str(vm.monitor_port)).returncode == 0
+        wait_for(lambda: "(qemu)" in (cli_log(gateways[1], "vm-1") or ""), 10, 0.05, "the banner in the log")
+        for _ in range(3):
+            assert established_to(vm.monitor_port) == 1
+            time.sleep(0.5)
+        store = store_module.TokenStore(settings["database"])
+        holder = int(store.follow_holder("vm-1").split(":")[1])
+        follower = next(gateway for gateway in gateways if gateway.proc.pid == holder)
+        other = gateways[1 - gateways.index(follower)]
+        follower.proc.kill()
+        killed = time.monotonic()
+        wait_for(lambda: cli_log(other, "vm-1").count("(qemu)") == 2, 10, 0.05, "the other to follow")
+        assert time.monotonic() - killed < 5
+        assert int(store.follow_holder("vm-1").split(":")[1]) == other.proc.pid
+        store.close()
+    finally:
+        for gateway in gateways:
+            if gateway.proc.poll() is None:
+                assert gateway.stop() == 0
+        vm.stop()
