@@ -19,12 +19,13 @@ import socket
 import threading
 import time
 
-from vncgate import refusals
+from vncgate import refusals, supervise
 from vncgate import store as store_module
 from vncgate.console import backends, recording, rfb
 from vncgate.console import policy as policy_module
 from vncgate.net import fds, tls
 from vncgate.refusals import Refused
+from vncgate.store import watch
 
 log = logging.getLogger("vncgate.console.sessions")
 
@@ -52,6 +53,12 @@ class Session:
         self.enforcement = None  # a policy_module.Enforcement when the policy reads the client's stream
         self.use = None  # a single-use token's use: "consumed" or "resumed"
         self.resume_cookie = None  # the cookie its client may come back with (the websocket path)
+
+    @property
+    def extra_fds(self):
+        """The fds this session holds besides its two sockets."""
+        return ((fds.RECORDED_EXTRA if self.recorder else 0)
+                + (fds.SERIAL_EXTRA if self.details.console_type == store_module.SERIAL else 0))
 
     @property
     def needs_greeting(self):
@@ -93,7 +100,7 @@ class Session:
 
 
 class SessionManager:
-    def __init__(self, store, audit, backend_timeout, throttle, heartbeat, settings, backend_tls=None,
+    def __init__(self, store, audit, backend_timeout, heartbeat, settings, backend_tls=None,
                  on_relaying=lambda: None, recordings=None):
         """settings: the policy keys of the config (resume_grace, paste_max_chars, input_idle_timeout)
         and max_sessions_per_token; backend_tls: the ssl context for consoles that speak VeNCrypt
@@ -104,18 +111,19 @@ class SessionManager:
         self.recordings = recordings or recording.Recordings("")
         self.audit = audit
         self.backend_timeout = backend_timeout
-        self.throttle = throttle
         self.heartbeat_interval = heartbeat
         self.backend_tls = backend_tls
         self.on_relaying = on_relaying
         self.gateway_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         self._live = {}
         self._per_token = collections.Counter()  # token hash -> sessions open or opening
+        self.extra_fds = 0  # fds the live sessions hold beyond their two sockets (fds.RECORDED_EXTRA...)
         self._to_record = {}  # session id -> Session, not in the shared list yet
         self._to_remove = set()  # session ids to take out of it
         self.store_work = threading.Event()  # set when there is something to write
         self._lock = threading.Lock()
         self._store_down = False
+        self.breaker = watch.Breaker()  # handshakes answered 503 at once while the store hangs
         self._stopping_all = False
         self._next_checkpoint = 0.0
         # console type -> open_backend(details, timeout) for types not reached by backends.open_backend
@@ -123,26 +131,27 @@ class SessionManager:
 
     def open(self, token, console_type, path, client, conn=None, resume_cookie=None):
         """Validate the token and reach its backend; returns a Session or raises Refused.
-        resume_cookie: what lets a single-use token's client back in from another address."""
+        resume_cookie: what lets a single-use token's client back in from another address.
+        Whatever fails on the way (Refused or not), the token's share, the backend, the single
+        use and the recorder taken so far are given back before it is raised. Failed attempts
+        are counted against the client's address by the caller (the throttle is the front's)."""
         fields = {"client": client, "path": path, "console_type": console_type}
         address = client.rsplit(":", 1)[0]
-        if not self.throttle.allowed(address):
-            raise Refused("throttled", **fields)
         if not token:
-            self.throttle.failed(address)
             raise Refused("no-token", **fields)
         fields["token_id"] = store_module.hash_token(token)[:8]
-        details = self._validate(token, console_type, address, fields)
+        details = self._validate(token, console_type, fields)
         fields["instance_id"] = details.instance_id
         self._take_token_share(details.token_hash, fields)
         try:
             session = self._reach(details, client, path, conn, address, resume_cookie, fields)
-        except Refused:
+        except BaseException:
             self._give_back_token_share(details.token_hash)
             raise
         with self._lock:
             self._live[session.id] = session
             self._to_record[session.id] = session
+            self.extra_fds += session.extra_fds
         self.store_work.set()
         if not isinstance(session.security, rfb.RfbError):
             self.audit.record("attempt", **session.audit_fields(), result="accepted", status=200,
@@ -163,12 +172,22 @@ class SessionManager:
                 log.info("backend %s:%s for %s: %s", details.host, details.port, details.instance_id, error)
                 raise Refused(error.reason, error.detail, **fields) from None
         session = Session(details, client, path, backend, leftover, conn)
+        try:
+            self._prepare(session, player if details.replay else None, address, resume_cookie, fields)
+        except BaseException:
+            self._abandon(session)
+            raise
+        return session
+
+    def _prepare(self, session, player, address, resume_cookie, fields):
+        """The session's policy, backend security, single use and recorder."""
+        details = session.details
         session.policy = policy_module.Policy.from_json(details.policy)
         # Policies read RFB: a serial console's bytes are not (its tokens carry none); a replay has no input.
         if (details.console_type != store_module.SERIAL and not details.replay
                 and session.policy.reads_stream(self.settings)):
             session.enforcement = policy_module.Enforcement(session.policy, self.settings, session.stop)
-        if details.replay:
+        if player is not None:
             session.security = player.error  # None: the player greets the viewer itself
         elif details.backend_tls or details.backend_password is not None or session.enforcement:
             # The gateway reads a policy's stream from ClientInit on: it does the handshake itself.
@@ -179,17 +198,23 @@ class SessionManager:
         if self.recordings.wanted(details) and not isinstance(session.security, rfb.RfbError):
             session.recorder = self.recordings.recorder(session, lambda reason, detail: self.audit.record(
                 "recording-stopped", **session.audit_fields(), recording=session.id, reason=reason, detail=detail))
-        return session
+
+    def _abandon(self, session):
+        """Give back what a session that never registered took: its use, backend, recorder."""
+        try:
+            self._release(session)
+        finally:
+            session.backend.close()
+            if session.recorder:
+                session.recorder.finish()
 
     def _consume(self, session, address, resume_cookie, fields):
         cookie_hash = store_module.hash_token(resume_cookie) if resume_cookie else None
         try:
             return self.store.consume(session.details.token_hash, address, cookie_hash, self.settings.resume_grace)
         except store_module.TokenRejected as rejected:
-            session.backend.close()
             raise Refused(rejected.reason, **fields) from None
         except store_module.StoreError as error:
-            session.backend.close()
             raise Refused("store-unavailable", str(error), **fields) from None
 
     def _release(self, session):
@@ -227,7 +252,6 @@ class SessionManager:
                         details.host, details.port, error)
             if error.reason != "backend-tls-failed":
                 return error
-            session.backend.close()
             raise Refused(error.reason, error.detail, **fields) from None
 
     def greet(self, session, read_exact, write):
@@ -258,11 +282,10 @@ class SessionManager:
             log.warning("single-use state not released: %s", error)
             return None
 
-    def _validate(self, token, console_type, address, fields):
+    def _validate(self, token, console_type, fields):
         try:
-            details = self.store.validate(token, console_type)
+            details = self.breaker.call(self.store.validate, token, console_type)
         except store_module.TokenRejected as rejected:
-            self.throttle.failed(address)
             raise Refused(rejected.reason, **fields) from None
         except store_module.StoreError as error:
             if fds.exhausted():  # the store could not open a file: not its outage
@@ -274,45 +297,51 @@ class SessionManager:
         if self._store_down:
             log.warning("token store available again")
             self._store_down = False
+        self.breaker = watch.Breaker()  # handshakes answered 503 at once while the store hangs
         return details
 
     def run(self, session, relay):
-        """Relay the session to its end, then unregister and audit it."""
-        session.start(relay)
-        self.on_relaying()
-        if session.enforcement:
-            session.enforcement.start()
+        """Relay the session to its end, then unregister and audit it (whatever ended it)."""
+        reason = "internal-error"
         try:
+            session.start(relay)
+            self.on_relaying()
+            if session.enforcement:
+                session.enforcement.start()
             reason = relay.run()
         finally:
             if session.enforcement:
                 session.enforcement.cancel()
             self._forget(session)
-            self._release(session)
-        violation = session.enforcement.violation if session.enforcement else None
-        self.audit.record("session-end", **session.audit_fields(), reason=reason,
-                          bytes_up=relay.bytes_up, bytes_down=relay.bytes_down,
-                          duration=round(time.time() - session.started, 3),
-                          **({"detail": violation} if violation else {}),
-                          **(session.recorder.finish() if session.recorder else {}))
+            try:
+                self._release(session)
+            finally:
+                session.backend.close()  # closed by the relay already, unless it failed
+                violation = session.enforcement.violation if session.enforcement else None
+                self.audit.record("session-end", **session.audit_fields(), reason=reason,
+                                  bytes_up=relay.bytes_up, bytes_down=relay.bytes_down,
+                                  duration=round(time.time() - session.started, 3),
+                                  **({"detail": violation} if violation else {}),
+                                  **(session.recorder.finish() if session.recorder else {}))
 
     def discard(self, session):
-        """A session whose client went away before the relay started."""
-        self._forget(session)
-        self._release(session)
-        session.backend.close()
-        if session.recorder:
-            session.recorder.finish()
+        """A session whose client went away before the relay started (or whose path failed
+        before it): given back once, however often this is called."""
+        if self._forget(session):
+            self._abandon(session)
 
     def _forget(self, session):
+        """Unregister a session; False when it was not registered (any more)."""
         with self._lock:
             if self._live.pop(session.id, None) is None:
-                return
+                return False
             if self._to_record.pop(session.id, None) is None:  # written already: remove its row
                 self._to_remove.add(session.id)
+            self.extra_fds -= session.extra_fds
         self._give_back_token_share(session.details.token_hash)
         if not self._stopping_all:  # at a stop, the housekeeper's last round writes them all
             self.store_work.set()
+        return True
 
     def write_session_list(self):
         """Write the sessions that started and ended since the last call to the shared list, then
@@ -381,21 +410,30 @@ class SessionManager:
 class Listener(threading.Thread):
     """Revocations and kills pushed by a store that pushes them (Redis), for as long as the
     housekeeper runs. After a lost connection, every live session is checked again (the
-    heartbeat), since messages may have been missed; the heartbeat stays the fallback anyway."""
+    heartbeat), since messages may have been missed; the heartbeat stays the fallback anyway.
+    An error listen() lets out is logged once and listening starts again after a backoff."""
 
     def __init__(self, manager, stopping):
         super().__init__(name="listener")
         self.manager = manager
         self.stopping = stopping
+        self.guard = supervise.Guard("revocation listener", log, quiet=(store_module.StoreError,))
+
+    @property
+    def up(self):
+        return self.is_alive() and self.guard.up
 
     def run(self):
-        self.manager.store.listen(self.manager.pushed, self.manager.heartbeat, self.stopping)
+        supervise.loop(self.guard, lambda: self.manager.store.listen(
+            self.manager.pushed, self.manager.heartbeat, self.stopping), self.stopping)
 
 
 class Housekeeper(threading.Thread):
     """As sessions start and end: write them to the shared list; every touch_interval: the
     sessions' heartbeat; every housekeeping_interval: purge garbage tokens and the session rows
-    of gateways that died. Owns the Listener, when the store pushes."""
+    of gateways that died. Owns the Listener, when the store pushes. It survives any error of
+    its own (supervise.Guard): a store outage pauses it quietly, anything else is logged once
+    with its traceback, retried with backoff and makes .up False (/healthz answers 503)."""
 
     def __init__(self, manager, touch_interval, housekeeping_interval, tasks=()):
         """tasks: more calls to make every touch_interval, guarded like the heartbeat."""
@@ -405,8 +443,17 @@ class Housekeeper(threading.Thread):
         self.touch_interval = touch_interval
         self.housekeeping_interval = housekeeping_interval
         self._stopping = threading.Event()
-        self._failing = False
+        self.guard = supervise.Guard("housekeeping", log, quiet=(store_module.StoreError,))
         self.listener = Listener(manager, self._stopping) if manager.store.pushes_events else None
+
+    @property
+    def up(self):
+        """Running, and its last round worked (a store outage aside)."""
+        return self.is_alive() and self.guard.up
+
+    def threads(self):
+        """{name: up} of this thread and the one it owns."""
+        return {"housekeeper": self.up, **({"listener": self.listener.up} if self.listener else {})}
 
     def run(self):
         if self.listener is not None:
@@ -418,21 +465,26 @@ class Housekeeper(threading.Thread):
                 self.listener.join()
 
     def _loop(self):
-        next_beat = next_purge = time.monotonic()
+        self._next_beat = self._next_purge = time.monotonic()
         while not self._stopping.is_set():
-            if time.monotonic() >= next_beat:
-                self._guarded(self.manager.heartbeat)
-                for task in self.tasks:
-                    self._guarded(task)
-                next_beat = time.monotonic() + self.touch_interval
-            else:
-                self._guarded(self.manager.write_session_list)
-            if time.monotonic() >= next_purge:
-                self._guarded(self._purge)
-                next_purge = time.monotonic() + self.housekeeping_interval
-            # Woken early by a session starting or ending (or by stop()), to write it down.
-            self.manager.store_work.wait(max(0.0, min(next_beat, next_purge) - time.monotonic()))
-        self._guarded(self.manager.write_session_list)  # the sessions that ended at shutdown
+            if not self.guard.run(self._round) and self.guard.backoff:
+                self._stopping.wait(self.guard.backoff)
+        self.guard.run(self.manager.write_session_list)  # the sessions that ended at shutdown
+
+    def _round(self):
+        """One wake-up: what is due, then the wait for the next. The first failing step ends the round."""
+        if time.monotonic() >= self._next_beat:
+            self._next_beat = time.monotonic() + self.touch_interval
+            self.manager.heartbeat()
+            for task in self.tasks:
+                task()
+        else:
+            self.manager.write_session_list()
+        if time.monotonic() >= self._next_purge:
+            self._next_purge = time.monotonic() + self.housekeeping_interval
+            self._purge()
+        # Woken early by a session starting or ending (or by stop()), to write it down.
+        self.manager.store_work.wait(max(0.0, min(self._next_beat, self._next_purge) - time.monotonic()))
 
     def _purge(self):
         deleted = self.manager.store.purge()
@@ -441,20 +493,6 @@ class Housekeeper(threading.Thread):
         stale = self.manager.store.purge_stale_sessions()
         if stale:
             log.info("housekeeping deleted %d sessions left by gateways that stopped", stale)
-
-    def _guarded(self, task):
-        """A store outage must not kill the thread: live sessions keep running. One line when
-        housekeeping starts failing, one when it works again, none in between."""
-        try:
-            task()
-        except store_module.StoreError as error:
-            if not self._failing:
-                log.warning("housekeeping paused: %s", error)
-                self._failing = True
-            return
-        if self._failing:
-            log.info("housekeeping resumed")
-            self._failing = False
 
     def stop(self):
         self._stopping.set()
