@@ -1,8 +1,8 @@
 """Faults and floods against a running gateway: it keeps serving and loses nothing."""
 
 import contextlib
-import re
 import pathlib
+import re
 import socket
 import sqlite3
 import threading

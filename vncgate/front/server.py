@@ -167,7 +167,7 @@ class Gateway(socketserver.ThreadingTCPServer):
         self.sessions.backend_openers[store_module.SERIAL] = self.consoles.open_backend
         self.housekeeper = sessions.Housekeeper(
             self.sessions, config.touch_interval, config.housekeeping_interval,
-            tasks=(lambda: self.consoles.sync(store.list_follows()),))
+            tasks=(lambda: self.consoles.sync(store.list_follows()), self.sessions.recordings.prune))
         self.prober = store_watch.Prober(store.ping)  # /healthz's bounded look at the store
         self.prober = store_watch.Prober(store.ping)  # /healthz's bounded look at the store
         self.tls_context = tls.server_context(config.cert, config.key) if config.cert else None

@@ -36,15 +36,23 @@ def serve(gateway, conn, request, leftover, client, console_type=store.WEBSOCKET
     presented = request.cookie(policy.RESUME_COOKIE)
     session = gateway.sessions.open(token, console_type, path, client, conn,
                                     resume_cookie=presented or policy.new_resume_cookie())
+    try:  # whatever fails before the relay runs, the session is given back (discard: once)
+        relayed = _relay(gateway, conn, session, presented, leftover, accept, subprotocol)
+    except BaseException:
+        gateway.sessions.discard(session)
+        raise
+    if relayed is not None:
+        gateway.sessions.run(session, relayed)
+
+
+def _relay(gateway, conn, session, presented, leftover, accept, subprotocol):
+    """The upgrade's answer, the gateway's RFB greeting if it does one, and the session's Relay;
+    None when the session ended in its greeting."""
     stream = tls.TlsStream(conn) if isinstance(conn, ssl.SSLSocket) else conn
     # A single-use token: its browser may come back by this cookie, from another address too.
     cookie = ([policy.resume_cookie_header(session.resume_cookie, stream is not conn)]
               if session.use and not presented else [])
-    try:
-        stream.sendall(wsframes.upgrade_response(accept, subprotocol, cookie))
-    except OSError:
-        gateway.sessions.discard(session)
-        raise
+    stream.sendall(wsframes.upgrade_response(accept, subprotocol, cookie))
     sender = wsframes.Sender(stream)
     sink = ClientSink(sender)
     if session.needs_greeting:
@@ -52,7 +60,7 @@ def serve(gateway, conn, request, leftover, client, console_type=store.WEBSOCKET
         timed = relay.DeadlineSocket(stream, gateway.config.handshake_timeout)
         source = relay.ChunkReader(ClientSource(timed, sender, leftover))
         if not gateway.sessions.greet(session, source.read_exact, sink.write):
-            return
+            return None
         timed.lift()
     else:
         source = ClientSource(stream, sender, leftover)
@@ -60,13 +68,13 @@ def serve(gateway, conn, request, leftover, client, console_type=store.WEBSOCKET
     to_backend = BackendSink(backend)
     if session.client_filter:
         to_backend = session.client_filter(to_backend)
-    gateway.sessions.run(session, relay.Relay(
+    return relay.Relay(
         stream, backend,
         upstream=relay.CopyDirection("client", relay.tapped(source, recorder and recorder.client), to_backend),
         # The backend's bytes are spliced (a frame header, then the payload from a kernel pipe)
         # unless either side is TLS.
         downstream=relay.from_backend(backend, sink, session.backend_leftover, recorder,
-                                      splice=relay.splices(stream, backend))))
+                                      splice=relay.splices(stream, backend)))
 
 
 def origin_allowed(origin, config):
