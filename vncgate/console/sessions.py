@@ -123,7 +123,9 @@ class SessionManager:
         self.store_work = threading.Event()  # set when there is something to write
         self._lock = threading.Lock()
         self._store_down = False
-        self.breaker = watch.Breaker()  # handshakes answered 503 at once while the store hangs
+        # Handshakes answered 503 at once while the store hangs; a Redis call bounded as a whole
+        # (its client's retries and reconnects each have a timeout of their own).
+        self.breaker = watch.Breaker(deadline=0.8 * backend_timeout if store.pushes_events else None)
         self._stopping_all = False
         self._next_checkpoint = 0.0
         # console type -> open_backend(details, timeout) for types not reached by backends.open_backend
@@ -297,7 +299,6 @@ class SessionManager:
         if self._store_down:
             log.warning("token store available again")
             self._store_down = False
-        self.breaker = watch.Breaker()  # handshakes answered 503 at once while the store hangs
         return details
 
     def run(self, session, relay):

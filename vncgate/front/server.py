@@ -361,6 +361,7 @@ class Gateway(socketserver.ThreadingTCPServer):
             self.housekeeper.stop()  # after every session ended: it writes their end to the store
         self.consoles.stop()  # after the housekeeper, which syncs the follows
         self._spare.close()
+        self.sessions.breaker.close()
 
 
 def fit_to_fd_limit(config):

@@ -11,6 +11,7 @@ The Prober pings the store from a thread of its own, so that /healthz can wait f
 answer at most a bound of its own (one second) whatever the store does.
 """
 
+import concurrent.futures
 import threading
 import time
 from typing import Callable, Optional, TypeVar
@@ -28,10 +29,18 @@ class BreakerOpen(StoreError):
     """The store is not asked: it timed out repeatedly just before."""
 
 
+WORKERS = 16  # threads that make deadline-bound store calls (hung ones included)
+
+
 class Breaker:
     def __init__(self, clock: Callable[[], float] = time.monotonic, break_after: int = BREAK_AFTER,
-                 slow: float = SLOW, cool_down: float = COOL_DOWN) -> None:
+                 slow: float = SLOW, cool_down: float = COOL_DOWN, deadline: Optional[float] = None) -> None:
+        """deadline: seconds a call may take as a whole, retries and reconnects included (a store
+        whose client cannot bound them itself: Redis); the call is then made by a worker thread
+        and the caller told StoreError when the deadline passes (the worker finishes on its own)."""
         self.clock = clock
+        self.deadline = deadline
+        self._workers: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self.break_after = break_after
         self.slow = slow
         self.cool_down = cool_down
@@ -55,7 +64,7 @@ class Breaker:
                 self._trying = trial = True
         started = self.clock()
         try:
-            result = function(*args)
+            result = self._bounded(function, *args) if self.deadline else function(*args)
         except StoreError:
             self._failed(self.clock() - started >= self.slow, trial)
             raise
@@ -67,6 +76,22 @@ class Breaker:
         with self._lock:
             self._slow_failures, self._open_until, self._trying = 0, None, False
         return result
+
+    def _bounded(self, function: Callable[..., T], *args: object) -> T:
+        if self._workers is None:
+            with self._lock:
+                if self._workers is None:
+                    self._workers = concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="store-call")
+        future = self._workers.submit(function, *args)
+        try:
+            return future.result(timeout=self.deadline)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise StoreError(f"the token store did not answer within {self.deadline:g} s") from None
+
+    def close(self) -> None:
+        if self._workers is not None:
+            self._workers.shutdown(wait=False, cancel_futures=True)
 
     def _failed(self, slow: bool, trial: bool) -> None:
         with self._lock:
