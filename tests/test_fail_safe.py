@@ -142,7 +142,7 @@ def test_a_full_disk_answers_every_user_and_the_token_works_again_once_space_ret
     backend = FakeBackend(harness.rfb_banner_then_echo)
     gateway = GatewayProcess(str(tmp_path), database=str(small_disk / "tokens.db"),
                              audit_log=str(small_disk / "audit.jsonl"), record_dir=str(small_disk / "rec"),
-                             record_all="true", record_min_free=0, max_sessions_per_token=5)
+                             record_all="true", max_sessions_per_token=5)
     try:
         token = gateway.mint("127.0.0.1", backend.port, "xvp-vnc", "--ttl", "600")
         filler = _fill(small_disk)

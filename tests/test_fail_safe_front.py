@@ -147,7 +147,7 @@ def test_recorded_sessions_count_their_files_so_fds_never_run_out(tmp_path, back
     """Old code: recorded sessions were counted as 2 fds (they hold 4): under 512 fds some valid
     connects failed on the handshake path with an OSError or no-free-fds."""
     gateway = GatewayProcess(str(tmp_path), wrapper=("prlimit", "--nofile=512:512"), record_all="true",
-                             record_min_free=0, max_sessions_per_token=1000)
+                             max_sessions_per_token=1000)
     held = int(re.search(r"holds (\d+) connections", gateway.read_stderr()).group(1))
     tokens = [gateway.mint("127.0.0.1", backend.port, "xvp-vnc", "--ttl", "600") for _ in range(4)]
     sessions, statuses = [], []
