@@ -103,9 +103,8 @@ class Breaker:
 
 class Prober:
     """store.ping() in a daemon thread of its own; alive(within) waits for an answer at most within
-    seconds. While a ping hangs, no second one is started: every waiter gets False in time."""
-
-    FRESH = 0.5  # seconds an answer is reused
+    seconds. While a ping hangs, no second one is started: every waiter gets False in time (and
+    waiters that come while one runs share its answer)."""
 
     def __init__(self, ping: Callable[[], object], clock: Callable[[], float] = time.monotonic) -> None:
         self.ping = ping
@@ -119,8 +118,6 @@ class Prober:
     def alive(self, within: float = 1.0) -> bool:
         deadline = self.clock() + within
         with self._answered:
-            if self._result is not None and self.clock() - self._when < self.FRESH:
-                return self._result
             if not self._running:
                 self._running = True
                 started = self.clock()
