@@ -1039,3 +1039,12 @@ def http_get(port, path, source=None, timeout=10.0, headers=""):
             data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     return head.split(b"\r\n")[0].decode("latin-1"), body
+
+
+def xvp_session(port, token):
+    """An XVP session's socket, or None (closed) when the gateway did not answer 200."""
+    sock, status, _ = xvp_connect(port, token)
+    if status != "HTTP/1.1 200 OK":
+        sock.close()
+        return None
+    return sock

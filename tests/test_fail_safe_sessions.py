@@ -99,11 +99,7 @@ def test_a_failure_at_any_step_gives_back_the_share_fds_and_threads(in_process, 
 
 
 def _session(gateway, token):
-    sock, status, rest = xvp_connect(gateway.port, token)
-    if status != "HTTP/1.1 200 OK":
-        sock.close()
-        return None
-    return sock
+    return harness.xvp_session(gateway.port, token)
 
 
 # -- item 7: a session ends when its client goes -----------------------------------------------

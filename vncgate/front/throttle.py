@@ -70,14 +70,7 @@ class FailureThrottle:
     def charge(self, key: str, reason: str) -> bool:
         """Count a refusal against key's bucket when it is the client's own failure (FAILURES);
         False when the bucket was empty already: the client is then told "throttled" instead."""
-        if reason not in FAILURES:
-            return True
-        now = self.clock()
-        with self._lock:
-            if self._level(key, now) < 1:
-                return False
-            self._spend(key, now)
-        return True
+        return reason not in FAILURES or self.take(key)
 
     def _spend(self, key, now):
         if len(self._buckets) >= self.max_addresses:
