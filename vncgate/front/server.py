@@ -118,7 +118,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         except OSError:
             pass  # the client is gone; the audit line says what it was told
 
-    def _audit_failure(self, reason, event, **fields):
+    def _audit_failure(self, reason, event, /, **fields):
         """An audit line of a failure no answer can be sent for: charged, sampled once throttled."""
         gateway = self.server
         key = gateway.address_key(self.client_address[0])
