@@ -126,13 +126,14 @@ def small_disk(tmp_path):
 def _fill(folder):
     """Fill the filesystem: returns the filler file's path."""
     filler = folder / "filler"
-    with open(filler, "wb") as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 65536)
-                handle.flush()
-        except OSError as error:
-            assert error.errno == errno.ENOSPC
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as error:
+        assert error.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
     return filler
 
 

@@ -17,6 +17,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -34,6 +35,25 @@ def bounded(value: Any) -> Any:
     """value, with a string longer than MAX_FIELD cut and marked."""
     if isinstance(value, str) and len(value) > MAX_FIELD:
         return value[:MAX_FIELD] + CUT_MARK.format(len(value) - MAX_FIELD)
+    return value
+
+# A word with a token's shape: 43 URL-safe characters standing alone (what a token, or an API
+# key after its vgk_, looks like), holding upper and lower case letters as random ones do. Hashes
+# (64 hex digits), token ids (8), session ids (12) and lower-case names never match.
+_TOKEN_SHAPED = re.compile(r"(?<![A-Za-z0-9-])(vgk_)?(?=[A-Za-z0-9_-]{0,42}[a-z])(?=[A-Za-z0-9_-]{0,42}[A-Z])"
+                           r"[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])")
+REDACTED = "<redacted>"
+
+
+def redact(value):
+    """A field's value with every token-shaped word replaced: whatever a client sent where a
+    name or an id goes (DELETE /api/v1/consoles/TOKEN), a token never reaches the audit file."""
+    if isinstance(value, str):
+        return _TOKEN_SHAPED.sub(REDACTED, value)
+    if isinstance(value, dict):
+        return {key: redact(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(item) for item in value]
     return value
 
 
@@ -108,7 +128,7 @@ class Audit:
     def _write(self, event: str, fields: dict) -> None:
         stamp = datetime.datetime.fromtimestamp(self.clock(), datetime.timezone.utc)
         line = json.dumps({"time": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                           "event": event, **{key: bounded(value) for key, value in fields.items()}},
+                           "event": event, **{key: bounded(redact(value)) for key, value in fields.items()}},
                           separators=(",", ":"))
         data = memoryview((line + "\n").encode())
         try:

@@ -9,9 +9,10 @@ import configparser
 import dataclasses
 import ipaddress
 import os
+import re
 import urllib.parse
 
-from vncgate import store
+from vncgate import addresses, store
 
 SECTION = "gateway"
 ENV_VAR = "VNCGATE_CONFIG"
@@ -88,6 +89,19 @@ def _origins(value):
     return tuple(item for item in (part.strip() for part in value.replace(",", " ").split()) if item)
 
 
+# A CSP host-source: scheme://host[:port], the host may start with "*."; or 'self' / 'none'.
+_SOURCE = re.compile(r"(?:https?://)?(?:\*\.)?[a-z0-9.-]+(?::(?:[0-9]{1,5}|\*))?|'self'|'none'")
+
+
+def _frame_ancestors(value: str) -> tuple:
+    """Sources allowed to frame the console pages (Content-Security-Policy frame-ancestors)."""
+    sources = _origins(value.lower())
+    bad = [item for item in sources if not _SOURCE.fullmatch(item)]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not an origin such as https://panel.example.com")
+    return sources
+
+
 def _key_prefix(value):
     value = value.strip()
     if not value or any(char.isspace() for char in value):
@@ -103,6 +117,14 @@ def _networks(value):
         raise ValueError(f"must be addresses or networks ({error})") from None
 
 
+def _backend_allow(value):
+    """Networks and port ranges where consoles live (vncgate.addresses' syntax)."""
+    try:
+        return addresses.parse(value)
+    except ValueError as error:
+        raise ValueError(f"must be networks with optional ports ({error})") from None
+
+
 # key -> its parser (a ValueError says what is wrong); Config below holds the defaults.
 PARSERS = {
     "listen": _text,
@@ -116,6 +138,7 @@ PARSERS = {
     "housekeeping_interval": _positive(float),
     "web_root": _text,
     "allowed_origins": _origins,
+    "frame_ancestors": _frame_ancestors,
     "cert": _text,
     "key": _text,
     "tls_only": _bool,
@@ -132,6 +155,7 @@ PARSERS = {
     "audit_max_bytes": _bytes,
     "audit_keep": _positive(int),
     "metrics_allow": _networks,
+    "backend_allow": _backend_allow,
     # console policies
     "resume_grace": _positive(float),
     "paste_max_chars": _positive(int),
@@ -172,6 +196,7 @@ class Config:
     housekeeping_interval: float = 60.0
     web_root: str = "auto"
     allowed_origins: tuple = ()
+    frame_ancestors: tuple = ()  # besides 'self': the panels that may embed the console pages
     cert: str = ""
     key: str = ""
     tls_only: bool = False
@@ -188,6 +213,9 @@ class Config:
     audit_max_bytes: int = 100 << 20  # the audit file rotated past this; 0: never (logrotate's job)
     audit_keep: int = 5  # rotated audit files kept
     metrics_allow: tuple = _networks("127.0.0.0/8, ::1")
+    # Where consoles may be reached (addresses.Reach items); empty: anywhere but link-local,
+    # the gateway's own port and the store (console.allow).
+    backend_allow: tuple = ()
     resume_grace: float = 30.0
     paste_max_chars: int = 4096
     input_idle_timeout: float = 0.0  # 0: off

@@ -9,6 +9,8 @@ A handshake never writes the shared session list itself: a session's start and e
 are queued and the housekeeper writes them moments later, so a slow store write
 (or a checkpoint it triggers) never delays a client, and a session that ends
 before it was written costs no write at all.
+
+The housekeeper thread (and the Listener it owns) is in housekeeping.py.
 """
 
 import collections
@@ -18,14 +20,19 @@ import secrets
 import socket
 import threading
 import time
+from typing import Optional
 
-from vncgate import refusals, supervise
+from vncgate import refusals
 from vncgate import store as store_module
-from vncgate.console import backends, recording, rfb
+from vncgate.console import allow, backends, recording, rfb
 from vncgate.console import policy as policy_module
+from vncgate.console.housekeeping import Housekeeper, Listener
 from vncgate.net import fds, tls
 from vncgate.refusals import Refused
 from vncgate.store import watch
+
+# The housekeeper moved to housekeeping.py; it stays importable from here (front.server uses it).
+__all__ = ["CHECKPOINT_INTERVAL", "Housekeeper", "Listener", "Session", "SessionManager"]
 
 log = logging.getLogger("vncgate.console.sessions")
 
@@ -101,14 +108,16 @@ class Session:
 
 class SessionManager:
     def __init__(self, store, audit, backend_timeout, heartbeat, settings, backend_tls=None,
-                 on_relaying=lambda: None, recordings=None):
+                 on_relaying=lambda: None, recordings=None, backend_allow=None):
         """settings: the policy keys of the config (resume_grace, paste_max_chars, input_idle_timeout)
         and max_sessions_per_token; backend_tls: the ssl context for consoles that speak VeNCrypt
         (tls.backend_context); on_relaying: called in a session's thread as its relay starts;
-        recordings: the recording.Recordings of record_dir."""
+        recordings: the recording.Recordings of record_dir; backend_allow: the allow.BackendAllow
+        every backend connection is checked against (default: the one settings make)."""
         self.store = store
         self.settings = settings
         self.recordings = recordings or recording.Recordings("")
+        self.backend_allow = backend_allow or allow.BackendAllow.from_config(settings)
         self.audit = audit
         self.backend_timeout = backend_timeout
         self.heartbeat_interval = heartbeat
@@ -130,10 +139,16 @@ class SessionManager:
         self._next_checkpoint = 0.0
         # console type -> open_backend(details, timeout) for types not reached by backends.open_backend
         self.backend_openers = {}
+        self._resume_key = None  # the store's shared secret for the resume cookies, once read
 
-    def open(self, token, console_type, path, client, conn=None, resume_cookie=None):
+    def _open_backend(self, details: store_module.ConnectionDetails, timeout: float) -> tuple:
+        return backends.open_backend(details, timeout, allow=self.backend_allow)
+
+    def open(self, token: str, console_type: str, path: str, client: str, conn: object = None,
+             resume_cookie: Optional[str] = None) -> "Session":
         """Validate the token and reach its backend; returns a Session or raises Refused.
-        resume_cookie: what lets a single-use token's client back in from another address.
+        resume_cookie: the cookie the client presented, which lets a single-use token's client
+        back in from another address when it is the one a gateway issued last for this token.
         Whatever fails on the way (Refused or not), the token's share, the backend, the single
         use and the recorder taken so far are given back before it is raised. Failed attempts
         are counted against the client's address by the caller (the throttle is the front's)."""
@@ -146,7 +161,7 @@ class SessionManager:
         fields["instance_id"] = details.instance_id
         self._take_token_share(details.token_hash, fields)
         try:
-            session = self._reach(details, client, path, conn, address, resume_cookie, fields)
+            session = self._reach(details, client, path, conn, address, (token, resume_cookie), fields)
         except BaseException:
             self._give_back_token_share(details.token_hash)
             raise
@@ -161,42 +176,42 @@ class SessionManager:
                               **({"recording": session.id} if session.recorder else {}))
         return session
 
-    def _reach(self, details, client, path, conn, address, resume_cookie, fields):
+    def _reach(self, details, client, path, conn, address, resume, fields):
         """The session with its backend connected (and secured, and a single use taken), or Refused."""
         if details.replay:  # the "backend" is a player of the recording, speaking RFB itself
             player = self.recordings.player(details.replay, details.replay_speed)
             backend, leftover = player.socket, b""
         else:
             try:
-                opener = self.backend_openers.get(details.console_type, backends.open_backend)
+                opener = self.backend_openers.get(details.console_type, self._open_backend)
                 backend, leftover = opener(details, self.backend_timeout)
             except Refused as error:
                 log.info("backend %s:%s for %s: %s", details.host, details.port, details.instance_id, error)
                 raise Refused(error.reason, error.detail, **fields) from None
         session = Session(details, client, path, backend, leftover, conn)
         try:
-            self._prepare(session, player if details.replay else None, address, resume_cookie, fields)
+            self._prepare(session, player if details.replay else None, address, resume, fields)
         except BaseException:
             self._abandon(session)
             raise
         return session
 
-    def _prepare(self, session, player, address, resume_cookie, fields):
+    def _prepare(self, session, player, address, resume, fields):
         """The session's policy, backend security, single use and recorder."""
         details = session.details
         session.policy = policy_module.Policy.from_json(details.policy)
-        # Policies read RFB: a serial console's bytes are not (its tokens carry none); a replay has no input.
-        if (details.console_type != store_module.SERIAL and not details.replay
-                and session.policy.reads_stream(self.settings)):
-            session.enforcement = policy_module.Enforcement(session.policy, self.settings, session.stop)
+        # A replay has no input. A serial console's bytes are not RFB: they are enforced as a stream.
+        serial = details.console_type == store_module.SERIAL
+        if not details.replay and session.policy.reads_stream(self.settings):
+            session.enforcement = policy_module.Enforcement(session.policy, self.settings, session.stop,
+                                                            stream=serial)
         if player is not None:
             session.security = player.error  # None: the player greets the viewer itself
-        elif details.backend_tls or details.backend_password is not None or session.enforcement:
+        elif details.backend_tls or details.backend_password is not None or (session.enforcement and not serial):
             # The gateway reads a policy's stream from ClientInit on: it does the handshake itself.
             session.security = self._authenticate_backend(session, fields)
         if session.policy.single_use and not isinstance(session.security, rfb.RfbError):
-            session.use = self._consume(session, address, resume_cookie, fields)
-            session.resume_cookie = resume_cookie
+            session.use = self._consume(session, address, resume, fields)
         if self.recordings.wanted(details) and not isinstance(session.security, rfb.RfbError):
             session.recorder = self.recordings.recorder(session, lambda reason, detail: self.audit.record(
                 "recording-stopped", **session.audit_fields(), recording=session.id, reason=reason, detail=detail))
@@ -210,10 +225,21 @@ class SessionManager:
             if session.recorder:
                 session.recorder.finish()
 
-    def _consume(self, session, address, resume_cookie, fields):
-        cookie_hash = store_module.hash_token(resume_cookie) if resume_cookie else None
+    def _consume(self, session: "Session", address: str, resume: tuple, fields: dict) -> str:
+        """One use of a single-use token. resume: (token, the cookie presented or None). Each use
+        is given a new cookie of the gateway's (session.resume_cookie), which the store records;
+        a presented cookie counts only when its HMAC shows a gateway issued it for this token."""
+        token, presented = resume
         try:
-            return self.store.consume(session.details.token_hash, address, cookie_hash, self.settings.resume_grace)
+            key = self._resume_key or self.store.shared_secret(policy_module.RESUME_SECRET)
+            self._resume_key = key
+            valid = bool(presented) and policy_module.resume_cookie_valid(key, token, presented)
+            issued = policy_module.issue_resume_cookie(key, token)
+            use = self.store.consume(session.details.token_hash, address,
+                                     store_module.hash_token(presented) if valid else None,
+                                     self.settings.resume_grace, issued_hash=store_module.hash_token(issued))
+            session.resume_cookie = issued
+            return use
         except store_module.TokenRejected as rejected:
             raise Refused(rejected.reason, **fields) from None
         except store_module.StoreError as error:
@@ -406,96 +432,3 @@ class SessionManager:
         log.info("session %s: %s, closing", session.id,
                  f"token {session.details.token_id} revoked" if reason == "revoked" else "killed on request")
         session.stop(reason)
-
-
-class Listener(threading.Thread):
-    """Revocations and kills pushed by a store that pushes them (Redis), for as long as the
-    housekeeper runs. After a lost connection, every live session is checked again (the
-    heartbeat), since messages may have been missed; the heartbeat stays the fallback anyway.
-    An error listen() lets out is logged once and listening starts again after a backoff."""
-
-    def __init__(self, manager, stopping):
-        super().__init__(name="listener")
-        self.manager = manager
-        self.stopping = stopping
-        self.guard = supervise.Guard("revocation listener", log, quiet=(store_module.StoreError,))
-
-    @property
-    def up(self):
-        return self.is_alive() and self.guard.up
-
-    def run(self):
-        supervise.loop(self.guard, lambda: self.manager.store.listen(
-            self.manager.pushed, self.manager.heartbeat, self.stopping), self.stopping)
-
-
-class Housekeeper(threading.Thread):
-    """As sessions start and end: write them to the shared list; every touch_interval: the
-    sessions' heartbeat; every housekeeping_interval: purge garbage tokens and the session rows
-    of gateways that died. Owns the Listener, when the store pushes. It survives any error of
-    its own (supervise.Guard): a store outage pauses it quietly, anything else is logged once
-    with its traceback, retried with backoff and makes .up False (/healthz answers 503)."""
-
-    def __init__(self, manager, touch_interval, housekeeping_interval, tasks=()):
-        """tasks: more calls to make every touch_interval, guarded like the heartbeat."""
-        super().__init__(name="housekeeper")
-        self.tasks = tasks
-        self.manager = manager
-        self.touch_interval = touch_interval
-        self.housekeeping_interval = housekeeping_interval
-        self._stopping = threading.Event()
-        self.guard = supervise.Guard("housekeeping", log, quiet=(store_module.StoreError,))
-        self.listener = Listener(manager, self._stopping) if manager.store.pushes_events else None
-
-    @property
-    def up(self):
-        """Running, and its last round worked (a store outage aside)."""
-        return self.is_alive() and self.guard.up
-
-    def threads(self):
-        """{name: up} of this thread and the one it owns."""
-        return {"housekeeper": self.up, **({"listener": self.listener.up} if self.listener else {})}
-
-    def run(self):
-        if self.listener is not None:
-            self.listener.start()
-        try:
-            self._loop()
-        finally:
-            if self.listener is not None:
-                self.listener.join()
-
-    def _loop(self):
-        self._next_beat = self._next_purge = time.monotonic()
-        while not self._stopping.is_set():
-            if not self.guard.run(self._round) and self.guard.backoff:
-                self._stopping.wait(self.guard.backoff)
-        self.guard.run(self.manager.write_session_list)  # the sessions that ended at shutdown
-
-    def _round(self):
-        """One wake-up: what is due, then the wait for the next. The first failing step ends the round."""
-        if time.monotonic() >= self._next_beat:
-            self._next_beat = time.monotonic() + self.touch_interval
-            self.manager.heartbeat()
-            for task in self.tasks:
-                task()
-        else:
-            self.manager.write_session_list()
-        if time.monotonic() >= self._next_purge:
-            self._next_purge = time.monotonic() + self.housekeeping_interval
-            self._purge()
-        # Woken early by a session starting or ending (or by stop()), to write it down.
-        self.manager.store_work.wait(max(0.0, min(self._next_beat, self._next_purge) - time.monotonic()))
-
-    def _purge(self):
-        deleted = self.manager.store.purge()
-        if deleted:
-            log.info("housekeeping deleted %d garbage tokens", deleted)
-        stale = self.manager.store.purge_stale_sessions()
-        if stale:
-            log.info("housekeeping deleted %d sessions left by gateways that stopped", stale)
-
-    def stop(self):
-        self._stopping.set()
-        self.manager.store_work.set()
-        self.join()

@@ -1,62 +1,38 @@
 """The console scripts: vncgate (serve) and vncgate-token (mint, list, revoke, touch, purge,
-sessions, kill, migrate, follow, unfollow, log)."""
+sessions, kill, migrate, follow, unfollow, log).
+
+This module keeps vncgate-token: its parser and its commands. The serve command is in
+cli_serve, what both share (errors, exit codes, argument types, opening the store) in
+cli_common; both entry points stay importable from here (setup.py names them here).
+"""
 
 import argparse
-import dataclasses
 import json
-import logging
-import os
-import resource
-import signal
 import sys
 import threading
 
 from vncgate import config as config_module
-from vncgate import logs
 from vncgate import store as store_module
+from vncgate.console import allow, recording
 from vncgate.console import policy as policy_module
-from vncgate.console import recording
 from vncgate.console import serial as consoles
-from vncgate.control import api, libvirt
+from vncgate.control import api, libvirt, scope
+from vncgate.control.cli_common import (
+    CommandFailed,
+    UsageError,
+    _networks,
+    _Parser,
+    _port_in,
+    _seconds,
+    _types,
+    open_store,
+    run_reporting_errors,
+)
+from vncgate.control.cli_output import log_writer, write_table
+from vncgate.control.cli_serve import serve_main, serve_main_exit
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(Exception):
-    """Bad command-line usage: exit 2 with one line."""
-
-
-class CommandFailed(Exception):
-    """The command could not do what was asked: exit 1 with one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line instead of usage + error."""
-
-    def error(self, message):
-        raise UsageError(f"{message} (see {self.prog} --help)")
-
-
-def _port_in(lowest):
-    def parse(text):
-        try:
-            port = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid port {text!r}: not a whole number") from None
-        if not lowest <= port <= 65535:
-            raise argparse.ArgumentTypeError(f"invalid port {port}: must be from {lowest} to 65535")
-        return port
-    return parse
-
-
-def _seconds(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"invalid seconds {text!r}: must be a number above 0")
-    return value
+# serve_main_exit is the vncgate console script's entry point (setup.py names it here).
+__all__ = ["serve_main", "serve_main_exit", "token_main", "token_main_exit"]
 
 
 def _instance_id(text):
@@ -150,6 +126,8 @@ def token_parser():
     console_log.add_argument("--instance", required=True)
     console_log.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
     console_log.add_argument("--follow", action="store_true", help="then print new output as it comes, until ^C")
+    console_log.add_argument("--raw", action="store_true", help="the bytes as they are, also on a terminal "
+                             "(where control characters are otherwise shown as escapes)")
 
     migrate = commands.add_parser("migrate", help="copy every token that is not garbage to another store")
     migrate.add_argument("--to", required=True, metavar="DATABASE",
@@ -158,15 +136,15 @@ def token_parser():
     keys = commands.add_parser("api-key", help="keys of the control-plane API (api_keys_file)")
     key_commands = keys.add_subparsers(dest="key_command", metavar="COMMAND", parser_class=_Parser)
     key_commands.required = True
-    key_commands.add_parser("add", help="make a key, print it once, keep its hash").add_argument("name")
+    key_add = key_commands.add_parser("add", help="make a key, print it once, keep its hash (and scope)")
+    key_add.add_argument("name")
+    key_add.add_argument("--networks", metavar="CIDRS", type=_networks,
+                         help="the key mints consoles at these addresses only (networks with optional "
+                              ":PORT or :LOW-HIGH, comma-separated; within backend_allow)")
+    key_add.add_argument("--types", metavar="T,...", type=_types, help="the key mints these console types only")
+    key_add.add_argument("--max-ttl", metavar="S", type=_seconds, help="the key's tokens live at most S seconds")
     key_commands.add_parser("remove", help="delete a key (the gateway drops it on SIGHUP)").add_argument("name")
     return parser
-
-
-def open_store(config, busy_timeout=5.0, database=None, checkpoint_on_commit=True):
-    return store_module.TokenStore(database or config.database, token_ttl=config.token_ttl,
-                                   idle_timeout=config.idle_timeout, busy_timeout=busy_timeout,
-                                   key_prefix=config.key_prefix, checkpoint_on_commit=checkpoint_on_commit)
 
 
 def _shown(database):
@@ -217,10 +195,15 @@ def cmd_add(args, config, store, out):
         raise UsageError("add takes --host H --port P, --domain NAME or --replay SESSION")
     policy = policy_module.Policy(view_only=args.view_only, single_use=args.single_use,
                                   paste_as_keys=args.paste_as_keys, input_idle=args.input_idle or 0.0)
-    if args.console_type == store_module.SERIAL and policy.to_json():
-        raise UsageError("console policies read RFB: they do not apply to --type serial")
+    try:
+        ttl = scope.check_mint(allow.BackendAllow.from_config(config), config.token_ttl, args.console_type,
+                               host, port, policy, args.ttl,
+                               names={"instance": instance, "internal_path": args.internal_path},
+                               replay=bool(args.replay))
+    except scope.Invalid as error:
+        raise UsageError(str(error)) from None
     token, details, url = api.mint(config, store, args.console_type, host, port, instance, args.internal_path,
-                                   args.ttl, password, policy.to_json(), args.backend_tls, record=args.record,
+                                   ttl, password, policy.to_json(), args.backend_tls, record=args.record,
                                    replay=args.replay or "", replay_speed=args.speed)
     if args.json:
         json.dump(api.console_json(token, details, url), out)
@@ -237,17 +220,10 @@ def cmd_list(args, config, store, out):
         json.dump([api.token_json(row, now, config.idle_timeout) for row in rows], out)
         out.write("\n")
         return
-    _write_table(out, ("ID", "TYPE", "INSTANCE", "BACKEND", "STATE", "EXPIRES (UTC)", "IDLE"),
+    write_table(out, ("ID", "TYPE", "INSTANCE", "BACKEND", "STATE", "EXPIRES (UTC)", "IDLE"),
                  [(row.token_id, row.console_type, row.instance_id, f"{row.host}:{row.port}",
                    row.state(now, config.idle_timeout), api.iso(row.expires_at), f"{now - row.updated_at:.0f}s")
                   for row in rows])
-
-
-def _write_table(out, header, rows):
-    table = [header] + rows
-    widths = [max(len(line[column]) for line in table) for column in range(len(header))]
-    for line in table:
-        out.write("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() + "\n")
 
 
 TOKENS_HELP = "tokens; - reads them from standard input, one per line (keeps them out of ps)"
@@ -315,7 +291,7 @@ def cmd_recordings(args, config, store, out):
                     "stopped": row.get("stopped")} for row in rows], out)
         out.write("\n")
         return
-    _write_table(out, ("SESSION", "INSTANCE", "STARTED (UTC)", "DURATION", "BYTES", "NOTE"),
+    write_table(out, ("SESSION", "INSTANCE", "STARTED (UTC)", "DURATION", "BYTES", "NOTE"),
                  [(row["session_id"], str(row.get("instance_id")), api.iso(row["started_at"]),
                    "live" if row.get("duration") is None else f"{row['duration']:.0f}s", str(row.get("bytes")),
                    f"stopped: {row['stopped']}" if row.get("stopped") else "") for row in rows])
@@ -327,7 +303,7 @@ def cmd_sessions(args, config, store, out):
         json.dump([api.session_json(row, store.clock()) for row in rows], out)
         out.write("\n")
         return
-    _write_table(out, ("SESSION", "INSTANCE", "TYPE", "CLIENT", "TOKEN", "GATEWAY", "STARTED (UTC)", "UP", "DOWN"),
+    write_table(out, ("SESSION", "INSTANCE", "TYPE", "CLIENT", "TOKEN", "GATEWAY", "STARTED (UTC)", "UP", "DOWN"),
                  [(row.session_id, row.instance_id, row.console_type, row.client, row.token_hash[:8],
                    row.gateway_id, api.iso(row.started_at), str(row.bytes_up), str(row.bytes_down)) for row in rows])
 
@@ -364,15 +340,26 @@ def cmd_api_key(args, config, _store, out):
         raise CommandFailed(f"api_keys_file is not set in [gateway] of {config.source or 'the built-in defaults'}")
     try:
         if args.key_command == "add":
-            out.write(api.add_key(config.api_keys_file, args.name) + "\n")
+            if args.max_ttl is not None:
+                scope.check_ttl(args.max_ttl)
+            key_scope = scope.KeyScope(args.networks or (), args.types or (), args.max_ttl or 0.0)
+            out.write(api.add_key(config.api_keys_file, args.name, key_scope) + "\n")
         else:
             api.remove_key(config.api_keys_file, args.name)
             out.write(f"removed API key {args.name}; send SIGHUP to running gateways\n")
     except api.KeyFileError as error:
         raise CommandFailed(str(error)) from None
+    except scope.Invalid as error:
+        raise UsageError(str(error)) from None
 
 
 def cmd_follow(args, config, store, out):
+    try:
+        scope.check_name("instance", args.instance)
+        scope.check_mint(allow.BackendAllow.from_config(config), config.token_ttl, store_module.SERIAL,
+                         args.host, args.port, policy_module.Policy())
+    except scope.Invalid as error:
+        raise UsageError(str(error)) from None
     store.add_follow(args.instance, args.host, args.port)
     out.write(f"following {args.instance} at {args.host}:{args.port}; the gateways attach within "
               f"touch_interval ({config.touch_interval:g}s), logging to {config.console_log_dir}\n")
@@ -390,8 +377,7 @@ def cmd_log(args, config, store, out):
     data = consoles.read_log(config.console_log_dir, args.instance, args.tail)
     if data is None:
         raise CommandFailed(f"no console log for {args.instance} in {config.console_log_dir}")
-    sink = getattr(out, "buffer", None)
-    write = sink.write if sink is not None else (lambda chunk: out.write(chunk.decode("utf-8", "replace")))
+    write = log_writer(out, args.raw)
     write(data)
     out.flush()
     if args.follow:
@@ -404,24 +390,6 @@ def cmd_log(args, config, store, out):
 COMMANDS = {"add": cmd_add, "list": cmd_list, "revoke": cmd_revoke, "touch": cmd_touch, "purge": cmd_purge,
             "sessions": cmd_sessions, "recordings": cmd_recordings, "kill": cmd_kill, "migrate": cmd_migrate,
             "follow": cmd_follow, "unfollow": cmd_unfollow, "log": cmd_log}
-
-
-def run_reporting_errors(prog, body):
-    """Run body(); turn every expected failure into one stderr line and an exit code.
-    Every file either program creates (database, its WAL, audit log) is the owner's only:
-    the umask says so once, here, whatever the caller's umask was."""
-    os.umask(0o077)
-    try:
-        body()
-        return EXIT_OK
-    except (UsageError, store_module.RedisMissing) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except (CommandFailed, config_module.ConfigError, store_module.StoreError) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        return 130
 
 
 def token_main(argv=None, out=None):
@@ -441,79 +409,3 @@ def token_main(argv=None, out=None):
 
 def token_main_exit():
     sys.exit(token_main())
-
-
-def serve_parser():
-    parser = _Parser(prog="vncgate", description="Run the VNC console gateway until SIGINT or SIGTERM.")
-    parser.add_argument("-c", "--config", metavar="FILE", help="config file (default: $VNCGATE_CONFIG, "
-                        "else ./vncgate.ini, else built-in defaults)")
-    parser.add_argument("--listen", metavar="ADDR", help="address to bind (overrides listen)")
-    parser.add_argument("--port", type=_port_in(0), help="port to bind, 0 for any free one (overrides port)")
-    parser.add_argument("--log-level", default="INFO", type=str.upper,
-                        choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    return parser
-
-
-def _prepare_process_for_many_sessions():
-    """Each session holds two sockets (and two splice pipes) and two threads: lift the fd soft
-    limit to the hard one, and give threads a small stack (relay loops are shallow)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    threading.stack_size(512 * 1024)
-
-
-def serve_main(argv=None):
-    from vncgate import audit as audit_module
-    from vncgate.front import server
-    from vncgate.net import tls  # the token CLI does not need these
-
-    def body():
-        args = serve_parser().parse_args(argv)
-        logs.setup(args.log_level)
-        _prepare_process_for_many_sessions()
-        config = config_module.load(args.config)
-        overrides = {key: value for key, value in (("listen", args.listen), ("port", args.port))
-                     if value is not None}
-        config = dataclasses.replace(config, **overrides)
-        # A handshake waits for a locked database no longer than it may take as a whole.
-        # Checkpoints are the housekeeper's (sessions.Housekeeper), never a handshake's commit.
-        # Redis retries a timed-out call twice: each attempt gets under a third of that, so that a hung
-        # Redis still lets the handshake be answered within handshake_timeout.
-        wait = min(5.0, config.handshake_timeout)
-        store = open_store(config, busy_timeout=wait * 0.3 if store_module.is_redis_url(config.database) else wait,
-                           checkpoint_on_commit=False)
-        try:
-            audit = audit_module.Audit.open(config.audit_log)
-        except OSError as error:
-            raise CommandFailed(f"cannot open audit log {config.audit_log}: {error.strerror}") from None
-        try:
-            gateway = server.Gateway(config, store, audit,
-                                     control_plane=api.ControlPlane if config.api_keys_file else None)
-        except OSError as error:
-            raise CommandFailed(f"cannot listen on {config.listen}:{config.port}: {error.strerror}") from None
-        except (tls.TlsConfigError, api.KeyFileError) as error:
-            raise CommandFailed(str(error)) from None
-
-        def on_signal(signum, _frame):
-            logging.getLogger("vncgate").info("%s: stopping", signal.Signals(signum).name)
-            # shutdown() waits for serve_forever, which runs in this (the main) thread.
-            threading.Thread(target=gateway.shutdown, name="stopper").start()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGHUP, lambda _signum, _frame: threading.Thread(
-            target=gateway.reload, name="reload").start())
-        host, port = gateway.server_address[:2]
-        print(f"vncgate listening on {host}:{port}", file=sys.stderr, flush=True)
-        try:
-            gateway.serve_forever()
-        finally:
-            gateway.stop()
-            store.close()
-            audit.close()
-    return run_reporting_errors("vncgate", body)
-
-
-def serve_main_exit():
-    sys.exit(serve_main())

@@ -61,11 +61,9 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             elif request.method == "GET" and _asks_for_websocket(request):
                 path = "websocket"
                 websocket.serve(gateway, conn, request, leftover, client)
-            elif request.method in ("GET", "HEAD"):
+            else:  # the web side answers its files, and 405 to any method but GET and HEAD
                 path = "web"
                 web.serve(gateway, conn, request, client)
-            else:
-                raise Refused("bad-request", f"method {request.method} not served")
         except Refused as refused:
             refusal = Refused("shed", "closed in its request head to make room") if gateway.was_shed(
                 self.request) else refused
@@ -114,7 +112,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         else:
             gateway.audit.record(event, **fields, result="rejected", **refusal.audit_fields())
         try:
-            conn.sendall(http.error_response(refusal.status, refusal.sentence))
+            conn.sendall(http.error_response(refusal.status, refusal.sentence, refusal.reply_headers))
         except OSError:
             pass  # the client is gone; the audit line says what it was told
 
@@ -163,7 +161,7 @@ class Gateway(socketserver.ThreadingTCPServer):
             on_relaying=self._handshake_over,
             recordings=recording.Recordings.from_config(config))
         self.consoles = consoles.Consoles(config.console_log_dir, config.console_log_bytes,
-                                          config.handshake_timeout)
+                                          config.handshake_timeout, self.sessions.backend_allow)
         self.sessions.backend_openers[store_module.SERIAL] = self.consoles.open_backend
         self.housekeeper = sessions.Housekeeper(
             self.sessions, config.touch_interval, config.housekeeping_interval,
@@ -185,6 +183,11 @@ class Gateway(socketserver.ThreadingTCPServer):
         self._accept_backoff = 0.0
         self.address_family = socket.AF_INET6 if ":" in config.listen else socket.AF_INET
         super().__init__((config.listen, config.port), ConnectionHandler)
+        self.sessions.backend_allow.add_own_port(self.server_address[1])
+        if self.api and not config.backend_allow:
+            log.warning("the API is on and backend_allow is not set: API keys may mint consoles at any "
+                        "address but link-local, the gateway's own port and the store's; set backend_allow "
+                        "to the networks where consoles live")
         # Once started for sure (a bad certificate or a busy port is one error line, nothing else).
         self.config = fit_to_fd_limit(config)
         self.sessions.settings = self.config  # max_sessions_per_token may have been lowered
