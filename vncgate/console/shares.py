@@ -4,6 +4,7 @@ every gateway of the store), renews it with its heartbeat, and gives it back as 
 share its gateway stops renewing (killed -9) lapses three missed heartbeats later."""
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from vncgate import store as store_module
@@ -14,15 +15,19 @@ log = logging.getLogger("vncgate.console.sessions")
 
 
 class TokenShares:
-    def __init__(self, store: Any, heartbeat: float, limit: int) -> None:
+    def __init__(self, store: Any, heartbeat: float, limit: Callable[[], int],
+                 call: Callable[..., Any] = lambda function, *args: function(*args)) -> None:
+        """limit: max_sessions_per_token, read at each take (lowered with the fd limit at start);
+        call(function, *args): how a handshake's store call is made (the breaker's, bounded)."""
         self.store = store
+        self.call = call
         self.ttl = store_module.stale_after(heartbeat)  # three missed heartbeats, as the session list's
         self.limit = limit
 
     def take(self, token_hash: str, session_id: str, recorded: bool, fields: dict) -> None:
         """Count the session among its token's live sessions, or refuse it (Refused)."""
         try:
-            taken, live = self.store.take_share(token_hash, session_id, self.limit, self.ttl, recorded=recorded)
+            taken, live = self.call(self.store.take_share, token_hash, session_id, self.limit(), self.ttl, recorded)
         except store_module.StoreError as error:
             reason = "no-free-fds" if fds.exhausted() else "store-unavailable"  # as validate's are told apart
             raise Refused(reason, str(error), **fields) from None
