@@ -89,7 +89,8 @@ def test_a_failure_at_any_step_gives_back_the_share_fds_and_threads(in_process, 
         assert status in ("HTTP/1.1 200 OK", "HTTP/1.1 500 Internal Server Error"), status
         sock.close()
     harness.wait_for(lambda: gateway.connection_count() == 0, message="every connection to end")
-    assert not gateway.sessions.live() and not gateway.sessions._per_token and gateway.sessions.extra_fds == 0
+    assert not gateway.sessions.live() and gateway.sessions.extra_fds == 0
+    assert gateway.store.token_usage(store_module.hash_token(token)) == (0, 0)  # every share given back
     harness.wait_for(lambda: _open_fds() <= fds and threading.active_count() <= threads,
                      message=f"fds back to {before} (now {_fd_targets()}), threads to {threads}")
     monkeypatch.undo()

@@ -284,7 +284,8 @@ class SessionManager:
         try:
             if isinstance(session.security, rfb.RfbError):
                 sentence = refusals.REASONS[session.security.reason].sentence
-                rfb.refuse_client(read_exact, write, rfb.RFB_3_8, f"vncgate: {sentence}")
+                told = getattr(session.security, "told", "")  # what the refusal may name (ReplayError)
+                rfb.refuse_client(read_exact, write, rfb.RFB_3_8, f"vncgate: {sentence}{' ' + told if told else ''}")
                 self.audit.record("attempt", **session.audit_fields(), result="rejected", status=200,
                                   reason=session.security.reason, detail=session.security.detail)
             else:
