@@ -4,6 +4,7 @@ across both, recordings listed and replayed through either; and the single-use g
 starts when the token's last live session ends (issue 24, 7(b))."""
 
 import json
+import logging
 import os
 import subprocess
 import time
@@ -344,3 +345,36 @@ def test_gateways_on_one_sqlite_file_follow_each_console_once(tmp_path):
             if gateway.proc.poll() is None:
                 assert gateway.stop() == 0
         vm.stop()
+
+
+def test_the_follower_survives_its_own_faults_and_says_so(monkeypatch, caplog):
+    """A fault in a round (not a store outage) is logged once with its traceback, the follower
+    is down (vncgate_thread_up, /healthz) until a round works again, and it never ends."""
+    from vncgate.console import cluster as cluster_module
+
+    class Store:
+        fail = True
+
+        def list_follows(self):
+            if self.fail:
+                raise RuntimeError("a fault of our own")
+            return []
+
+        def claim_follows(self, gateway_id, ids, ttl):
+            return set()
+
+    caplog.set_level(logging.INFO, logger="vncgate.console.cluster")
+    store, synced = Store(), []
+    monkeypatch.setattr(cluster_module, "RENEW_EVERY", 0.01)
+    follower = cluster_module.Follower(store, "gw", lambda held, followed: synced.append(held))
+    monkeypatch.setattr(cluster_module.supervise, "FIRST_BACKOFF", 0.01)
+    follower.start()
+    try:
+        wait_for(lambda: not follower.guard.up, 5, 0.01, "the follower to be down")
+        assert follower.is_alive() and not follower.up
+        store.fail = False
+        follower.wake()
+        wait_for(lambda: follower.up and synced, 5, 0.01, "the follower to be up again")
+    finally:
+        follower.stop()
+    assert caplog.text.count("following failed") == 1 and "following resumed" in caplog.text  # logged once

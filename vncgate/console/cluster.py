@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 from vncgate import store as store_module
+from vncgate import supervise
 
 log = logging.getLogger("vncgate.console.cluster")
 
@@ -253,7 +254,13 @@ class Follower(threading.Thread):
         self.held: set = set()
         self._stopping = threading.Event()
         self._woken = threading.Event()
-        self._failing = False
+        # A store outage pauses it quietly; any other error is logged once, retried, and shown
+        # (vncgate_thread_up, /healthz) until a round works again.
+        self.guard = supervise.Guard("following", log, quiet=(store_module.StoreError,))
+
+    @property
+    def up(self) -> bool:
+        return self.is_alive() and self.guard.up
 
     def wake(self, _ids: Iterable[str] = ()) -> None:
         self._woken.set()
@@ -261,23 +268,13 @@ class Follower(threading.Thread):
     def run(self) -> None:
         while not self._stopping.is_set():
             self._woken.clear()
-            try:
-                self.round()
-            except store_module.StoreError as error:
-                if not self._failing:
-                    log.warning("following paused: %s", error)
-                    self._failing = True
-            except Exception:  # survive our own faults too: logged, tried again next round
-                log.exception("following failed")
-            self._woken.wait(RENEW_EVERY)
+            self.guard.run(self.round)
+            self._woken.wait(RENEW_EVERY if self.guard.up else max(RENEW_EVERY, self.guard.backoff))
 
     def round(self) -> None:
         follows = self.store.list_follows()
         self.held = self.store.claim_follows(self.gateway_id, [follow.instance_id for follow in follows], LEASE)
         self.sync([follow for follow in follows if follow.instance_id in self.held], follows)
-        if self._failing:
-            log.info("following resumed")
-            self._failing = False
 
     def stop(self) -> None:
         self._stopping.set()

@@ -339,7 +339,7 @@ class Gateway(socketserver.ThreadingTCPServer):
 
     def threads(self):
         """{name: up} of the gateway's long-lived threads (vncgate_thread_up, /healthz)."""
-        return self.housekeeper.threads()
+        return {**self.housekeeper.threads(), "follower": self.follower.up}
 
     def connection_count(self):
         with self._lock:
