@@ -279,3 +279,14 @@ def test_the_recordings_index_lists_every_gateways_recordings(store):
     assert [row["gateway_id"] for row in store.list_recordings(instance_id="vm-1")] == ["gw-b", "gw-a"]
     store.remove_recordings(["000000000002", "000000000000"])
     assert [row["session_id"] for row in store.list_recordings()] == ["000000000001"]
+
+
+def test_lapsed_shares_of_tokens_nobody_uses_again_are_purged(store, clock):
+    token_hash = store_module.hash_token(store.add_connection_details("vm", "xvp-vnc", "h", 1))
+    assert store.take_share(token_hash, "s1", 2, 10) == (True, 0)
+    clock.advance(11)  # its gateway died
+    store.purge_lapsed_shares()
+    assert store.token_usage(token_hash) == (0, 0)
+    if isinstance(store, store_module.SqliteStore):  # no row is left behind
+        with store._db() as db:
+            assert db.execute("SELECT COUNT(*) FROM token_shares").fetchone()[0] == 0

@@ -124,6 +124,11 @@ class RedisShares:
             self._shares_script("release", [repr(self.clock()), "1" if ended else "0",
                                             *(item for sid, token_hash in shares.items() for item in (token_hash, sid))])
 
+    def purge_lapsed_shares(self) -> int:
+        """Nothing to do: a token's share keys expire with its last share, and a lapsed share
+        is dropped (its grace started) whenever the token is next looked at."""
+        return 0
+
     def token_usage(self, token_hash: str) -> tuple[int, int]:
         """(live sessions, of them recorded) of one token, across every gateway."""
         count, recorded = self._shares_script("count", [repr(self.clock()), token_hash])

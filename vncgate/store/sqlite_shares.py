@@ -69,6 +69,18 @@ class SqliteShares:
                         and not self._live(db, token_hash, now) and ended:
                     db.execute("UPDATE console_tokens SET released_at = ? WHERE token_hash = ?", (now, token_hash))
 
+    def purge_lapsed_shares(self) -> int:
+        """Forget the shares of gateways that died, for tokens nobody uses again (a token in use
+        drops its own at each take); each such token's grace starts at its last lapse."""
+        now = self.clock()
+        with self._db() as db:
+            hashes = [row[0] for row in db.execute(
+                "SELECT DISTINCT token_hash FROM token_shares WHERE lapses_at < ?", (now,))]
+        for token_hash in hashes:
+            with self._write() as db:
+                self._live(db, token_hash, now)
+        return len(hashes)
+
     def token_usage(self, token_hash: str) -> tuple[int, int]:
         now = self.clock()
         with self._db() as db:
