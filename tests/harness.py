@@ -81,9 +81,9 @@ def wait_for(condition, timeout=10.0, interval=0.02, message="condition"):
         time.sleep(interval)
 
 
-def free_port():
+def free_port(host="127.0.0.1"):
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
+        probe.bind((host, 0))
         return probe.getsockname()[1]
 
 

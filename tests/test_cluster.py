@@ -43,11 +43,17 @@ class Cluster:
             folder.mkdir()
             keys = folder / "api-keys"
             keys.write_text("# vncgate API keys\n")
-            port = harness.free_port()
-            gateway = GatewayProcess(str(folder), name=name, database=redis_server.url, listen=host, bind_port=port,
-                                     public_url=f"http://{host}:{port}", api_keys_file=str(keys),
-                                     console_log_dir=str(folder / "logs"), web_root=harness.NOVNC,
-                                     **{"record_dir": str(folder / "rec"), **settings})
+            for attempt in range(3):  # public_url names the port: picked first, so another may take it
+                port = harness.free_port(host)
+                try:
+                    gateway = GatewayProcess(str(folder), name=name, database=redis_server.url, listen=host,
+                                             bind_port=port, public_url=f"http://{host}:{port}",
+                                             api_keys_file=str(keys), console_log_dir=str(folder / "logs"),
+                                             web_root=harness.NOVNC, **{"record_dir": str(folder / "rec"), **settings})
+                    break
+                except AssertionError as error:
+                    if "Address already in use" not in str(error) or attempt == 2:
+                        raise
             added = gateway.token_cli("api-key", "add", "ops")
             assert added.returncode == 0, added.stderr
             gateway.reload_keys(1)
