@@ -118,6 +118,9 @@ PARSERS = {
     "record_all": _bool,
     "record_max_bytes": _positive(int),
     "record_keep_days": _positive(float),
+    "screenshot_max_concurrent": _positive(int),
+    "screenshot_timeout": _positive(float),
+    "screenshot_max_pixels": _positive(int),
 }
 
 # Where an installed noVNC is found when web_root = auto.
@@ -166,6 +169,9 @@ class Config:
     record_all: bool = False
     record_max_bytes: int = 1 << 30
     record_keep_days: float = 30.0
+    screenshot_max_concurrent: int = 4  # screenshots in flight on one gateway; more answer 503
+    screenshot_timeout: float = 10.0  # seconds for one screenshot, from connect to the last pixel
+    screenshot_max_pixels: int = 3840 * 2160  # a larger console is refused before any buffer is made
     source: str = ""  # the file read, "" when built-in defaults only (not a key)
 
     @property

@@ -28,6 +28,7 @@ from vncgate import store as store_module
 from vncgate.console import policy as policy_module
 from vncgate.console import serial as consoles
 from vncgate.control import libvirt
+from vncgate.control.api_screenshots import ScreenshotEndpoints
 from vncgate.front import throttle, web, websocket
 from vncgate.refusals import Refused
 
@@ -176,9 +177,10 @@ class _Call:
         self.audit = {"client": client, "method": request.method, "path": request.path, "key": "-",
                       "action": "-"}
         self.body_unread = False
+        self.content_type = "application/json"  # an endpoint answering otherwise says so here
 
 
-class ControlPlane:
+class ControlPlane(ScreenshotEndpoints):
     """The API and the admin page of one gateway."""
 
     def __init__(self, gateway):
@@ -191,6 +193,7 @@ class ControlPlane:
                                                           "DELETE": self.revoke_by_instance}),
             (re.compile(re.escape(PREFIX) + r"/consoles/log"), {"GET": self.console_log}),
             (re.compile(re.escape(PREFIX) + r"/consoles/([^/]+)"), {"DELETE": self.revoke_token}),
+            (re.compile(re.escape(PREFIX) + r"/consoles/([^/]+)/screenshot"), {"GET": self.console_screenshot}),
             (re.compile(re.escape(PREFIX) + r"/sessions"), {"GET": self.list_sessions}),
             (re.compile(re.escape(PREFIX) + r"/sessions/([^/]+)"), {"DELETE": self.kill_session}),
             (re.compile(re.escape(PREFIX) + r"/store"), {"GET": self.store_state}),
@@ -226,7 +229,8 @@ class ControlPlane:
             status, payload = outage.status, {"error": outage.sentence}
             call.audit.update(result="rejected", **outage.audit_fields())
         self.gateway.audit.record("api", **call.audit)
-        headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store"),
+        headers = [("Content-Type", call.content_type if status < 400 else "application/json"),
+                   ("Cache-Control", "no-store"),
                    ("X-Content-Type-Options", "nosniff")]
         if status == 405:
             headers.append(("Allow", ", ".join(self._methods(request.path))))

@@ -186,6 +186,7 @@ def _families(gateway):
           ({"direction": "down"}, sum(down for _, down in live_counts))]),
         ("vncgate_handshakes_total", "counter", "Console attempts by client path and result.",
          [({"path": path, "result": result}, count) for (path, result), count in sorted(handshakes.items())]),
+        *gateway.screenshots.families(),
     ]
     try:
         tokens = gateway.store.count_by_state()
