@@ -23,7 +23,8 @@ import contextlib
 import struct
 import threading
 import time
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Optional
 
 from vncgate import store as store_module
 from vncgate.console import backends, png, rfb

@@ -3,6 +3,7 @@ console, taken by the gateway (console/screenshot.py). A mixin of ControlPlane (
 which brings the gateway and its config."""
 
 import re
+from typing import Any
 
 from vncgate.console import screenshot
 from vncgate.refusals import Refused
@@ -33,6 +34,8 @@ def max_width_of(text) -> "int | None":
 
 class ScreenshotEndpoints:
     """ControlPlane's screenshot endpoint."""
+
+    gateway: Any  # ControlPlane's
 
     def console_screenshot(self, call, _body, token_id: str) -> tuple:
         unknown = sorted(set(call.request.query) - {"max_width"})

@@ -1,5 +1,5 @@
 """The console scripts: vncgate (serve) and vncgate-token (mint, list, revoke, touch, purge,
-sessions, kill, migrate, follow, unfollow, log)."""
+sessions, kill, migrate, follow, unfollow, log, screenshot)."""
 
 import argparse
 import dataclasses
@@ -17,7 +17,9 @@ from vncgate import store as store_module
 from vncgate.console import policy as policy_module
 from vncgate.console import recording
 from vncgate.console import serial as consoles
-from vncgate.control import api, libvirt
+from vncgate.control import api, cli_screenshot, libvirt
+from vncgate.net import tls
+from vncgate.refusals import Refused
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -154,6 +156,8 @@ def token_parser():
     migrate = commands.add_parser("migrate", help="copy every token that is not garbage to another store")
     migrate.add_argument("--to", required=True, metavar="DATABASE",
                          help="an SQLite file or a redis://, rediss:// or redis+sentinel:// URL")
+
+    cli_screenshot.add_parser(commands)
 
     keys = commands.add_parser("api-key", help="keys of the control-plane API (api_keys_file)")
     key_commands = keys.add_subparsers(dest="key_command", metavar="COMMAND", parser_class=_Parser)
@@ -401,9 +405,20 @@ def cmd_log(args, config, store, out):
         consoles.follow_log(config.console_log_dir, args.instance, write_now, threading.Event())
 
 
+def cmd_screenshot(args, config, store, out) -> None:
+    try:
+        out.write(cli_screenshot.take(args, config, store) + "\n")
+    except Refused as refusal:
+        raise CommandFailed(f"{refusal.sentence} ({refusal.reason}: {refusal.detail})" if refusal.detail
+                            else refusal.sentence) from None
+    except (OSError, tls.TlsConfigError) as error:
+        raise CommandFailed(str(error)) from None
+
+
 COMMANDS = {"add": cmd_add, "list": cmd_list, "revoke": cmd_revoke, "touch": cmd_touch, "purge": cmd_purge,
             "sessions": cmd_sessions, "recordings": cmd_recordings, "kill": cmd_kill, "migrate": cmd_migrate,
-            "follow": cmd_follow, "unfollow": cmd_unfollow, "log": cmd_log}
+            "follow": cmd_follow, "unfollow": cmd_unfollow, "log": cmd_log,
+            "screenshot": cmd_screenshot}
 
 
 def run_reporting_errors(prog, body):
