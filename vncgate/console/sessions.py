@@ -344,6 +344,11 @@ class SessionManager:
         with self._lock:
             return list(self._live.values())
 
+    def byte_counts(self) -> dict:
+        """{session id: (bytes up, bytes down)} of this gateway's sessions, counted now (the shared
+        list has them as of the last heartbeat, up to touch_interval ago)."""
+        return {session.id: session.byte_counts() for session in self.live()}
+
     def stop_all(self, reason):
         """End every session (the gateway is stopping)."""
         self._stopping_all = True

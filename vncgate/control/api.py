@@ -158,13 +158,15 @@ def token_json(row, now, idle_timeout):
             "has_password": row.has_password, "policy": policy_fields(row), "backend_tls": row.backend_tls}
 
 
-def session_json(row, now):
+def session_json(row, now, counts=None):
+    """counts: (bytes up, bytes down) counted now, when the session is this gateway's."""
     return {"session_id": row.session_id, "gateway_id": row.gateway_id, "token_id": row.token_hash[:8],
             "instance_id": row.instance_id, "console_type": row.console_type,
             "path": _PATH_OF_TYPE.get(row.console_type, row.console_type), "client": row.client,
             "started_at": iso(row.started_at), "updated_at": iso(row.updated_at),
-            "duration": round(max(0.0, now - row.started_at), 1), "bytes_up": row.bytes_up,
-            "bytes_down": row.bytes_down, "kill_requested": bool(row.kill_requested)}
+            "duration": round(max(0.0, now - row.started_at), 1),
+            **dict(zip(("bytes_up", "bytes_down"), counts or (row.bytes_up, row.bytes_down))),
+            "kill_requested": bool(row.kill_requested)}
 
 
 # -- the HTTP side ----------------------------------------------------------------------------
@@ -426,7 +428,9 @@ class ControlPlane(ScreenshotEndpoints):
         call.audit["instance"] = query.get("instance") or "-"
         store = self.gateway.store
         now = store.clock()
-        return 200, [session_json(row, now) for row in store.list_sessions(instance_id=query.get("instance"))]
+        here = self.gateway.sessions.byte_counts()
+        return 200, [session_json(row, now, here.get(row.session_id))
+                     for row in store.list_sessions(instance_id=query.get("instance"))]
 
     def kill_session(self, call, _body, session_id):
         if not _SESSION_ID.fullmatch(session_id):
