@@ -40,7 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OPENAPI_FILE = os.path.join(HERE, "openapi.json")
 ADMIN_DIR = os.path.join(HERE, "admin")
 ADMIN_FILES = {"/admin/": "index.html", "/admin/admin.js": "admin.js", "/admin/admin.css": "admin.css"}
-ADMIN_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+ADMIN_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' blob:; "
                 "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 KEY_PREFIX = "vgk_"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

@@ -1,4 +1,5 @@
-// The operator's page: live sessions (Kill), tokens by instance (Revoke), the store's state.
+// The operator's page: thumbnails of the consoles with a live session, live sessions (Kill),
+// tokens by instance (Revoke), the store's state.
 // Plain JS, no build step. The API key lives in this tab's sessionStorage only; every call
 // sends it as a Bearer token to this gateway's /api/v1/. Text goes in with textContent only.
 "use strict";
@@ -6,7 +7,11 @@
 const KEY_NAME = "vncgate-api-key";
 const API = new URL("../api/v1/", window.location.href);
 const REFRESH_MS = 2000;
+const THUMB_MS = 3000; // each thumbnail asks for a new screenshot this often, while the page is visible
+const THUMB_WIDTH = 320; // ?max_width= of the screenshots (the gateway scales by a whole factor)
 let timer = null;
+let thumbTimer = null;
+const tiles = new Map(); // token id -> { figure, img, busy, url }
 
 function $(id) { return document.getElementById(id); }
 
@@ -108,6 +113,78 @@ function showTokens(tokens) {
   if (!tokens.length) emptyRow(body, 7, "No tokens.");
 }
 
+// -- consoles at a glance ------------------------------------------------------------------
+
+function showGlance(sessions) {
+  const live = new Map();
+  for (const s of sessions) {
+    if (s.path !== "serial" && !live.has(s.token_id)) live.set(s.token_id, s.instance_id);
+  }
+  const grid = $("glance");
+  for (const [tokenId, tile] of tiles) {
+    if (live.has(tokenId)) continue;
+    if (tile.url) URL.revokeObjectURL(tile.url);
+    tile.figure.remove();
+    tiles.delete(tokenId);
+  }
+  for (const [tokenId, instance] of live) {
+    if (tiles.has(tokenId)) continue;
+    const figure = document.createElement("figure");
+    figure.dataset.tokenId = tokenId;
+    const img = document.createElement("img");
+    img.alt = "screen of " + instance;
+    const caption = document.createElement("figcaption");
+    caption.textContent = instance;
+    figure.append(img, caption);
+    figure.addEventListener("click", () => openEntry(tokenId));
+    grid.appendChild(figure);
+    const tile = { figure, img, caption, instance, busy: false, url: null };
+    tiles.set(tokenId, tile);
+    thumbnail(tokenId, tile);
+  }
+  grid.querySelector(".empty").hidden = tiles.size > 0;
+}
+
+// One request at a time per console, none while the page is hidden.
+async function thumbnail(tokenId, tile) {
+  if (tile.busy || document.visibilityState !== "visible") return;
+  const key = window.sessionStorage.getItem(KEY_NAME);
+  if (!key) return;
+  tile.busy = true;
+  try {
+    const response = await fetch(new URL("consoles/" + encodeURIComponent(tokenId) + "/screenshot?max_width=" +
+      THUMB_WIDTH, API), { headers: { "Authorization": "Bearer " + key }, cache: "no-store", credentials: "omit" });
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({ error: response.statusText }));
+      throw new Error(body.error || String(response.status));
+    }
+    const url = URL.createObjectURL(await response.blob());
+    if (tile.url) URL.revokeObjectURL(tile.url);
+    tile.url = url;
+    tile.img.src = url;
+    tile.figure.classList.remove("failed");
+    tile.caption.textContent = tile.instance;
+    tile.figure.title = "updated " + new Date().toLocaleTimeString();
+  } catch (error) {
+    tile.figure.classList.add("failed");
+    tile.caption.textContent = tile.instance + ": " + error.message;
+  } finally {
+    tile.busy = false;
+  }
+}
+
+function refreshThumbnails() {
+  for (const [tokenId, tile] of tiles) thumbnail(tokenId, tile);
+}
+
+function openEntry(tokenId) {
+  const row = $("tokens").querySelector('tr[data-token-id="' + CSS.escape(tokenId) + '"]');
+  if (!row) return;
+  for (const old of document.querySelectorAll("tr.highlight")) old.classList.remove("highlight");
+  row.classList.add("highlight");
+  row.scrollIntoView({ block: "center" });
+}
+
 function showStore(state) {
   const badge = $("store");
   badge.textContent = state.up
@@ -133,6 +210,7 @@ async function refresh() {
     const [sessions, tokens, state] = await Promise.all([call("GET", "sessions"), call("GET", "consoles"),
       call("GET", "store")]);
     showSessions(sessions);
+    showGlance(sessions);
     showTokens(tokens);
     showStore(state);
     $("updated").textContent = "updated " + new Date().toLocaleTimeString();
@@ -147,11 +225,14 @@ function signedIn() {
   $("signout").hidden = false;
   refresh();
   timer = window.setInterval(refresh, REFRESH_MS);
+  thumbTimer = window.setInterval(refreshThumbnails, THUMB_MS);
 }
 
 function signOut(message) {
   window.sessionStorage.removeItem(KEY_NAME);
   window.clearInterval(timer);
+  window.clearInterval(thumbTimer);
+  showGlance([]);
   $("board").hidden = true;
   $("signout").hidden = true;
   $("signin").hidden = false;
@@ -167,5 +248,6 @@ document.addEventListener("DOMContentLoaded", () => {
     signedIn();
   });
   $("signout").addEventListener("click", () => signOut(""));
+  document.addEventListener("visibilitychange", refreshThumbnails); // at once when shown again
   if (window.sessionStorage.getItem(KEY_NAME)) signedIn();
 });
