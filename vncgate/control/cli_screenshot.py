@@ -6,7 +6,9 @@ import os
 
 from vncgate import store as store_module
 from vncgate.console import screenshot
-from vncgate.control.api_screenshots import MIN_WIDTH, token_row
+from vncgate.control.api_consoles import token_row
+from vncgate.control.api_screenshots import MIN_WIDTH
+from vncgate.control.cli_common import CommandFailed
 from vncgate.net import tls
 from vncgate.refusals import Refused
 
@@ -49,3 +51,13 @@ def take(args, config, store) -> str:
     os.replace(temporary, args.output)
     return (f"{args.output}: {shot.width}x{shot.height} PNG of {row.instance_id} (token {row.token_id}, "
             f"screen {shot.console_width}x{shot.console_height})")
+
+
+def cmd_screenshot(args, config, store, out) -> None:
+    try:
+        out.write(take(args, config, store) + "\n")
+    except Refused as refusal:
+        raise CommandFailed(f"{refusal.sentence} ({refusal.reason}: {refusal.detail})" if refusal.detail
+                            else refusal.sentence) from None
+    except (OSError, tls.TlsConfigError) as error:
+        raise CommandFailed(str(error)) from None
