@@ -55,6 +55,12 @@ def test_operator_kills_a_live_novnc_session_from_admin(api_gateway, qemu):
     assert [(line["key"], line["instance"], line["result"]) for line in kills] == [("ops", "vm-watched", "ok")]
 
 
+SET_VISIBILITY = """(state) => {
+    Object.defineProperty(document, "visibilityState", {value: state, configurable: true});
+    document.dispatchEvent(new Event("visibilitychange"));
+}"""
+
+
 def test_the_page_shows_a_live_consoles_thumbnail_and_it_follows_the_screen(api_gateway):
     """SeaBIOS waits (up to 65 s) for ESC; ESC typed through a vncdotool session opens its boot
     menu, and the page's thumbnail of that console changes within a few seconds."""
@@ -88,6 +94,17 @@ def test_the_page_shows_a_live_consoles_thumbnail_and_it_follows_the_screen(api_
                     return harness.bright_pixels(first)[0] > 50
                 harness.wait_for(thumbnail_with_text, timeout=30, interval=0.5, message="a thumbnail with text")
                 assert "vm-glance" in tile.inner_text()
+
+                # Hidden, the page asks for no screenshot (absence takes time to show: two refresh periods).
+                def screenshots_taken():
+                    return sum(line["event"] == "screenshot" for line in api_gateway.audit())
+                admin.evaluate(SET_VISIBILITY, "hidden")
+                hidden_from = screenshots_taken() + 1  # one console: at most one request was in flight
+                admin.wait_for_timeout(7_000)
+                assert screenshots_taken() <= hidden_from
+                admin.evaluate(SET_VISIBILITY, "visible")
+                harness.wait_for(lambda: screenshots_taken() > hidden_from, timeout=10, interval=0.2,
+                                 message="screenshots again once visible")
                 before = open(first, "rb").read()
                 client.keyPress("esc")
                 after = harness.artifact("admin-glance-after.png")

@@ -7,8 +7,14 @@
 const KEY_NAME = "vncgate-api-key";
 const API = new URL("../api/v1/", window.location.href);
 const REFRESH_MS = 2000;
-const THUMB_MS = 3000; // each thumbnail asks for a new screenshot this often, while the page is visible
+// Thumbnails: each console's at most every THUMB_MS while the page is visible, one request at a
+// time per console and at most THUMB_PARALLEL on the page, started at most every THUMB_TICK_MS
+// (so 4 a second: the page stays well inside the API key's rate, api_rate, with 500 consoles).
+const THUMB_MS = 3000;
+const THUMB_TICK_MS = 250;
+const THUMB_PARALLEL = 2;
 const THUMB_WIDTH = 320; // ?max_width= of the screenshots (the gateway scales by a whole factor)
+let thumbsInFlight = 0;
 let timer = null;
 let thumbTimer = null;
 const tiles = new Map(); // token id -> { figure, img, busy, url }
@@ -138,19 +144,14 @@ function showGlance(sessions) {
     figure.append(img, caption);
     figure.addEventListener("click", () => openEntry(tokenId));
     grid.appendChild(figure);
-    const tile = { figure, img, caption, instance, busy: false, url: null };
-    tiles.set(tokenId, tile);
-    thumbnail(tokenId, tile);
+    tiles.set(tokenId, { figure, img, caption, instance, busy: false, url: null, fetched: 0 });
   }
   grid.querySelector(".empty").hidden = tiles.size > 0;
 }
 
-// One request at a time per console, none while the page is hidden.
-async function thumbnail(tokenId, tile) {
-  if (tile.busy || document.visibilityState !== "visible") return;
-  const key = window.sessionStorage.getItem(KEY_NAME);
-  if (!key) return;
+async function thumbnail(tokenId, tile, key) {
   tile.busy = true;
+  thumbsInFlight += 1;
   try {
     const response = await fetch(new URL("consoles/" + encodeURIComponent(tokenId) + "/screenshot?max_width=" +
       THUMB_WIDTH, API), { headers: { "Authorization": "Bearer " + key }, cache: "no-store", credentials: "omit" });
@@ -170,11 +171,21 @@ async function thumbnail(tokenId, tile) {
     tile.caption.textContent = tile.instance + ": " + error.message;
   } finally {
     tile.busy = false;
+    tile.fetched = Date.now();
+    thumbsInFlight -= 1;
   }
 }
 
-function refreshThumbnails() {
-  for (const [tokenId, tile] of tiles) thumbnail(tokenId, tile);
+// One tick: the console whose picture is oldest, if it is due; none while the page is hidden.
+function nextThumbnail() {
+  const key = window.sessionStorage.getItem(KEY_NAME);
+  if (!key || document.visibilityState !== "visible" || thumbsInFlight >= THUMB_PARALLEL) return;
+  let due = null;
+  for (const entry of tiles) {
+    const tile = entry[1];
+    if (!tile.busy && Date.now() - tile.fetched >= THUMB_MS && (!due || tile.fetched < due[1].fetched)) due = entry;
+  }
+  if (due) thumbnail(due[0], due[1], key);
 }
 
 function openEntry(tokenId) {
@@ -225,7 +236,7 @@ function signedIn() {
   $("signout").hidden = false;
   refresh();
   timer = window.setInterval(refresh, REFRESH_MS);
-  thumbTimer = window.setInterval(refreshThumbnails, THUMB_MS);
+  thumbTimer = window.setInterval(nextThumbnail, THUMB_TICK_MS);
 }
 
 function signOut(message) {
@@ -248,6 +259,5 @@ document.addEventListener("DOMContentLoaded", () => {
     signedIn();
   });
   $("signout").addEventListener("click", () => signOut(""));
-  document.addEventListener("visibilitychange", refreshThumbnails); // at once when shown again
   if (window.sessionStorage.getItem(KEY_NAME)) signedIn();
 });
