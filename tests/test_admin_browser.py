@@ -63,11 +63,18 @@ SET_VISIBILITY = """(state) => {
 
 def test_the_page_shows_a_live_consoles_thumbnail_and_it_follows_the_screen(api_gateway):
     """SeaBIOS waits (up to 65 s) for ESC; ESC typed through a vncdotool session opens its boot
-    menu, and the page's thumbnail of that console changes within a few seconds."""
+    menu, and the page's thumbnail of that console changes within a few seconds. A followed
+    serial console has a tile too: its log's last lines."""
     machine = harness.Qemu(extra_args=("-boot", "menu=on,splash-time=65000"))
+    serial = harness.SerialQemu()
     api = api_gateway.api
     client = None
     try:
+        followed = api_gateway.token_cli("follow", "--instance", "vm-serial", "--host", "127.0.0.1",
+                                         "--port", str(serial.serial_port))
+        assert followed.returncode == 0, followed.stderr
+        assert api.call("GET", "/consoles/follows")[2] == [{"instance_id": "vm-serial", "host": "127.0.0.1",
+                                                             "port": serial.serial_port}]
         console = api.call("POST", "/consoles", {"host": "127.0.0.1", "port": machine.port, "type": "xvp-vnc",
                                                  "instance": "vm-glance"})[2]
         client = vnc_client.xvp_client(api_gateway.port, console["token"])
@@ -94,6 +101,9 @@ def test_the_page_shows_a_live_consoles_thumbnail_and_it_follows_the_screen(api_
                     return harness.bright_pixels(first)[0] > 50
                 harness.wait_for(thumbnail_with_text, timeout=30, interval=0.5, message="a thumbnail with text")
                 assert "vm-glance" in tile.inner_text()
+                log_tile = admin.locator('#glance figure[data-instance="vm-serial"] pre')
+                harness.wait_for(lambda: "No bootable device." in log_tile.inner_text(), timeout=60, interval=0.5,
+                                 message="the followed console's last lines")
 
                 # Hidden, the page asks for no screenshot (absence takes time to show: two refresh periods).
                 def screenshots_taken():
@@ -120,5 +130,6 @@ def test_the_page_shows_a_live_consoles_thumbnail_and_it_follows_the_screen(api_
         if client is not None:
             client.disconnect()
         machine.stop()
+        serial.stop()
     shots = [line for line in api_gateway.audit() if line["event"] == "screenshot"]
     assert shots and all(line["result"] == "ok" and line["width"] == 720 for line in shots)

@@ -73,6 +73,7 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints, ScreenshotEndpoints):
             (re.compile(re.escape(PREFIX) + r"/consoles"), {"POST": self.create_console, "GET": self.list_consoles,
                                                           "DELETE": self.revoke_by_instance}),
             (re.compile(re.escape(PREFIX) + r"/consoles/log"), {"GET": self.console_log}),
+            (re.compile(re.escape(PREFIX) + r"/consoles/follows"), {"GET": self.list_follows}),
             (re.compile(re.escape(PREFIX) + r"/consoles/([^/]+)"), {"DELETE": self.revoke_token}),
             (re.compile(re.escape(PREFIX) + r"/consoles/([^/]+)/screenshot"), {"GET": self.console_screenshot}),
             (re.compile(re.escape(PREFIX) + r"/sessions"), {"GET": self.list_sessions}),

@@ -86,6 +86,12 @@ class ConsoleEndpoints:
             raise Refused("not-found", f"no console log for {instance}: it was never followed")
         return 200, {"instance_id": instance, "output": output.decode("utf-8", "replace")}
 
+    def list_follows(self, call, _body):
+        """The serial consoles the gateways follow (vncgate-token follow), by instance."""
+        _Query(call.request, ())
+        return 200, [{"instance_id": follow.instance_id, "host": follow.host, "port": follow.port}
+                     for follow in self.gateway.store.list_follows()]
+
     def revoke_by_instance(self, call, _body):
         query = _Query(call.request, ("instance",))
         instance = query.get("instance")

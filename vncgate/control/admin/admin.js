@@ -1,4 +1,5 @@
-// The operator's page: thumbnails of the consoles with a live session, live sessions (Kill),
+// The operator's page: thumbnails of the consoles with a live session and the last lines of
+// the followed serial consoles, live sessions (Kill),
 // tokens by instance (Revoke), the store's state.
 // Plain JS, no build step. The API key lives in this tab's sessionStorage only; every call
 // sends it as a Bearer token to this gateway's /api/v1/. Text goes in with textContent only.
@@ -14,10 +15,11 @@ const THUMB_MS = 3000;
 const THUMB_TICK_MS = 250;
 const THUMB_PARALLEL = 2;
 const THUMB_WIDTH = 320; // ?max_width= of the screenshots (the gateway scales by a whole factor)
+const LOG_LINES = 12; // a followed serial console's tile: its log's last lines
 let thumbsInFlight = 0;
 let timer = null;
 let thumbTimer = null;
-const tiles = new Map(); // token id -> { figure, img, busy, url }
+const tiles = new Map(); // token id, or "serial:" + instance -> { figure, picture, caption, busy, url, ... }
 
 function $(id) { return document.getElementById(id); }
 
@@ -121,48 +123,64 @@ function showTokens(tokens) {
 
 // -- consoles at a glance ------------------------------------------------------------------
 
-function showGlance(sessions) {
-  const live = new Map();
+// VNC consoles with a live session (by token id: a screenshot) and followed serial consoles
+// (by instance: their log's last lines).
+function showGlance(sessions, follows) {
+  const wanted = new Map();
   for (const s of sessions) {
-    if (s.path !== "serial" && !live.has(s.token_id)) live.set(s.token_id, s.instance_id);
+    if (s.path !== "serial" && !wanted.has(s.token_id)) wanted.set(s.token_id, { instance: s.instance_id });
   }
+  for (const f of follows) wanted.set("serial:" + f.instance_id, { instance: f.instance_id, serial: true });
   const grid = $("glance");
-  for (const [tokenId, tile] of tiles) {
-    if (live.has(tokenId)) continue;
+  for (const [id, tile] of tiles) {
+    if (wanted.has(id)) continue;
     if (tile.url) URL.revokeObjectURL(tile.url);
     tile.figure.remove();
-    tiles.delete(tokenId);
+    tiles.delete(id);
   }
-  for (const [tokenId, instance] of live) {
-    if (tiles.has(tokenId)) continue;
+  for (const [id, { instance, serial }] of wanted) {
+    if (tiles.has(id)) continue;
     const figure = document.createElement("figure");
-    figure.dataset.tokenId = tokenId;
-    const img = document.createElement("img");
-    img.alt = "screen of " + instance;
+    figure.dataset[serial ? "instance" : "tokenId"] = serial ? instance : id;
+    const picture = document.createElement(serial ? "pre" : "img");
+    if (!serial) picture.alt = "screen of " + instance;
     const caption = document.createElement("figcaption");
     caption.textContent = instance;
-    figure.append(img, caption);
-    figure.addEventListener("click", () => openEntry(tokenId));
+    figure.append(picture, caption);
+    figure.addEventListener("click", () => openEntry(serial ? null : id, instance));
     grid.appendChild(figure);
-    tiles.set(tokenId, { figure, img, caption, instance, busy: false, url: null, fetched: 0 });
+    tiles.set(id, { figure, picture, caption, instance, serial, busy: false, url: null, fetched: 0 });
   }
   grid.querySelector(".empty").hidden = tiles.size > 0;
 }
 
-async function thumbnail(tokenId, tile, key) {
+async function fetchOk(path, key) {
+  const response = await fetch(new URL(path, API), {
+    headers: { "Authorization": "Bearer " + key }, cache: "no-store", credentials: "omit" });
+  if (!response.ok) {
+    const body = await response.json().catch(() => ({ error: response.statusText }));
+    throw new Error(body.error || String(response.status));
+  }
+  return response;
+}
+
+async function thumbnail(id, tile, key) {
   tile.busy = true;
   thumbsInFlight += 1;
   try {
-    const response = await fetch(new URL("consoles/" + encodeURIComponent(tokenId) + "/screenshot?max_width=" +
-      THUMB_WIDTH, API), { headers: { "Authorization": "Bearer " + key }, cache: "no-store", credentials: "omit" });
-    if (!response.ok) {
-      const body = await response.json().catch(() => ({ error: response.statusText }));
-      throw new Error(body.error || String(response.status));
+    if (tile.serial) {
+      const log = await (await fetchOk("consoles/log?tail=" + LOG_LINES + "&instance=" +
+        encodeURIComponent(tile.instance), key)).json();
+      // A terminal's control sequences (colours, clearing) are not text: dropped, not drawn.
+      tile.picture.textContent = log.output.replace(/\x1b(\[[0-9;?]*[ -\/]*[@-~]|[@-_c])/g, "");
+    } else {
+      const response = await fetchOk("consoles/" + encodeURIComponent(id) + "/screenshot?max_width=" + THUMB_WIDTH,
+        key);
+      const url = URL.createObjectURL(await response.blob());
+      if (tile.url) URL.revokeObjectURL(tile.url);
+      tile.url = url;
+      tile.picture.src = url;
     }
-    const url = URL.createObjectURL(await response.blob());
-    if (tile.url) URL.revokeObjectURL(tile.url);
-    tile.url = url;
-    tile.img.src = url;
     tile.figure.classList.remove("failed");
     tile.caption.textContent = tile.instance;
     tile.figure.title = "updated " + new Date().toLocaleTimeString();
@@ -188,8 +206,10 @@ function nextThumbnail() {
   if (due) thumbnail(due[0], due[1], key);
 }
 
-function openEntry(tokenId) {
-  const row = $("tokens").querySelector('tr[data-token-id="' + CSS.escape(tokenId) + '"]');
+// The console's entry in "Tokens by instance": its token's row, or its instance's.
+function openEntry(tokenId, instance) {
+  const row = $("tokens").querySelector(tokenId ? 'tr[data-token-id="' + CSS.escape(tokenId) + '"]'
+    : 'tr.instance[data-instance="' + CSS.escape(instance) + '"]');
   if (!row) return;
   for (const old of document.querySelectorAll("tr.highlight")) old.classList.remove("highlight");
   row.classList.add("highlight");
@@ -218,10 +238,10 @@ async function act(control, method, path) {
 async function refresh() {
   if (!window.sessionStorage.getItem(KEY_NAME)) return;
   try {
-    const [sessions, tokens, state] = await Promise.all([call("GET", "sessions"), call("GET", "consoles"),
-      call("GET", "store")]);
+    const [sessions, tokens, state, follows] = await Promise.all([call("GET", "sessions"), call("GET", "consoles"),
+      call("GET", "store"), call("GET", "consoles/follows")]);
     showSessions(sessions);
-    showGlance(sessions);
+    showGlance(sessions, follows);
     showTokens(tokens);
     showStore(state);
     $("updated").textContent = "updated " + new Date().toLocaleTimeString();
@@ -243,7 +263,7 @@ function signOut(message) {
   window.sessionStorage.removeItem(KEY_NAME);
   window.clearInterval(timer);
   window.clearInterval(thumbTimer);
-  showGlance([]);
+  showGlance([], []);
   $("board").hidden = true;
   $("signout").hidden = true;
   $("signin").hidden = false;
