@@ -20,6 +20,7 @@ import socket
 import ssl
 import struct
 import time
+from typing import Optional
 
 NONE, VNC_AUTH, VENCRYPT = 1, 2, 19  # RFB security types
 X509_NONE, X509_VNC = 260, 261  # VeNCrypt sub-types
@@ -296,7 +297,8 @@ def vencrypt_backend(sock, context, hostname, password, deadline, initial=b""):
     return _as_client(sock, deadline, initial, handshake)
 
 
-def secure(sock, password, deadline: float, initial: bytes = b"", context=None, hostname: str = ""):
+def secure(sock: socket.socket, password: Optional[bytes], deadline: float, initial: bytes = b"",
+           context: Optional[ssl.SSLContext] = None, hostname: str = "") -> tuple:
     """The backend's security handshake as the gateway does it for a token: VeNCrypt checked by
     context for hostname when context is given (a backend_tls token), else VNC Authentication
     with password (or None without one). Returns (version line, the socket to go on with: the

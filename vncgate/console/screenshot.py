@@ -29,6 +29,7 @@ from typing import Optional
 from vncgate import store as store_module
 from vncgate.console import backends, png, rfb
 from vncgate.refusals import Refused
+from vncgate.store.common import ConnectionDetails
 
 RAW, COPYRECT, DESKTOP_SIZE = 0, 1, -223
 ENCODINGS = (RAW, COPYRECT, DESKTOP_SIZE)
@@ -162,7 +163,7 @@ def read_screen(io: rfb.BackendIO, max_pixels: int) -> Framebuffer:
 Shot = collections.namedtuple("Shot", "png width height console_width console_height")
 
 
-def capture(details, timeout: float, max_pixels: int, context=None, max_width: Optional[int] = None,
+def capture(details: ConnectionDetails, timeout: float, max_pixels: int, context=None, max_width: Optional[int] = None,
             opener: Callable = backends.open_backend) -> Shot:
     """One screenshot of the console of details (a token's ConnectionDetails, with its
     backend_password when the gateway holds it open), all of it by timeout seconds. context:
@@ -185,7 +186,7 @@ def capture(details, timeout: float, max_pixels: int, context=None, max_width: O
     return Shot(png.encode(width, height, rgb), width, height, screen.width, screen.height)
 
 
-def openable(row, live: list):
+def openable(row: ConnectionDetails, live: list) -> ConnectionDetails:
     """The details a screenshot of row's console is taken with: row itself, or, when the token
     holds a password, the details of a live session of it here (the password is sealed under
     the token, which the gateway holds only while a client of it is connected). Refused with
@@ -217,7 +218,7 @@ class Screenshots:
         self.in_flight = 0
         self._lock = threading.Lock()
 
-    def take(self, details, max_width: Optional[int] = None, **fields) -> Shot:
+    def take(self, details: ConnectionDetails, max_width: Optional[int] = None, **fields) -> Shot:
         """A screenshot of details' console, or Refused; audited with fields (client, key) and counted."""
         fields.update(instance_id=details.instance_id, token_id=details.token_id, console_type=details.console_type)
         started = time.monotonic()

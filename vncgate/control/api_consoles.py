@@ -5,6 +5,7 @@ the gateway and its config.
 """
 
 import re
+from typing import Any
 
 from vncgate import store as store_module
 from vncgate.console import policy as policy_module
@@ -13,11 +14,12 @@ from vncgate.control import libvirt
 from vncgate.control.api_fields import _Fields, _Query
 from vncgate.control.minting import console_json, mint, token_json
 from vncgate.refusals import Refused
+from vncgate.store.common import ConnectionDetails
 
 _TOKEN_ID = re.compile(r"[0-9a-f]{8,64}")
 
 
-def token_row(store, token_id: str):
+def token_row(store: Any, token_id: str) -> ConnectionDetails:
     """The one token whose id (a prefix of its hash) is token_id, expired ones too, or Refused."""
     if not _TOKEN_ID.fullmatch(token_id):
         raise Refused("not-found", "not a token id")
@@ -31,6 +33,9 @@ def token_row(store, token_id: str):
 
 class ConsoleEndpoints:
     """ControlPlane's /consoles endpoints."""
+
+    gateway: Any  # ControlPlane's
+    _end_local_sessions: Any  # SessionEndpoints'
 
     # -- endpoints: each returns (status, JSON value) ------------------------------------------
 
@@ -86,7 +91,7 @@ class ConsoleEndpoints:
             raise Refused("not-found", f"no console log for {instance}: it was never followed")
         return 200, {"instance_id": instance, "output": output.decode("utf-8", "replace")}
 
-    def list_follows(self, call, _body):
+    def list_follows(self, call: Any, _body: object) -> tuple:
         """The serial consoles the gateways follow (vncgate-token follow), by instance."""
         _Query(call.request, ())
         return 200, [{"instance_id": follow.instance_id, "host": follow.host, "port": follow.port}
@@ -104,7 +109,7 @@ class ConsoleEndpoints:
         self._end_local_sessions(lambda session: session.details.token_hash in hashes, "revoked")
         return 200, {"revoked": revoked}
 
-    def revoke_token(self, call, _body, token_id):
+    def revoke_token(self, call: Any, _body: object, token_id: str) -> tuple:
         store = self.gateway.store
         row = token_row(store, token_id)
         call.audit.update(instance=row.instance_id, token_id=row.token_id)

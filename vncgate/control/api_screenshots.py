@@ -2,7 +2,7 @@
 console, taken by the gateway (console/screenshot.py). A mixin of ControlPlane (api.py),
 which brings the gateway and its config."""
 
-from typing import Any
+from typing import Any, Optional
 
 from vncgate.console import screenshot
 from vncgate.control.api_consoles import token_row
@@ -12,7 +12,7 @@ from vncgate.refusals import Refused
 MIN_WIDTH = 16  # a thumbnail narrower than this shows nothing
 
 
-def max_width_of(text) -> "int | None":
+def max_width_of(text: Optional[str]) -> Optional[int]:
     if text is None:
         return None
     if not text.isdigit() or not MIN_WIDTH <= int(text) <= 65535:

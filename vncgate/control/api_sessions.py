@@ -6,6 +6,7 @@ ControlPlane (api.py), which brings the gateway.
 
 import logging
 import re
+from typing import Any
 
 from vncgate import store as store_module
 from vncgate.control.api_fields import _Query
@@ -20,7 +21,9 @@ _SESSION_ID = re.compile(r"[0-9a-f]{1,64}")
 class SessionEndpoints:
     """ControlPlane's /sessions and /store endpoints."""
 
-    def list_sessions(self, call, _body):
+    gateway: Any  # ControlPlane's
+
+    def list_sessions(self, call: Any, _body: object) -> tuple:
         query = _Query(call.request, ("instance",))
         call.audit["instance"] = query.get("instance") or "-"
         store = self.gateway.store

@@ -3,17 +3,20 @@ one (console/screenshot.py), with the config's backend TLS files and limits."""
 
 import argparse
 import os
+from typing import Any, TextIO
 
 from vncgate import store as store_module
+from vncgate.config import Config
 from vncgate.console import screenshot
 from vncgate.control.api_consoles import token_row
 from vncgate.control.api_screenshots import MIN_WIDTH
 from vncgate.control.cli_common import CommandFailed
 from vncgate.net import tls
 from vncgate.refusals import Refused
+from vncgate.store.common import ConnectionDetails
 
 
-def add_parser(commands) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     shot = commands.add_parser("screenshot", help="save a PNG of a VNC console's screen")
     which = shot.add_mutually_exclusive_group(required=True)
     which.add_argument("--token-id", metavar="ID", help="the token's id (as list shows it)")
@@ -28,7 +31,7 @@ def _width(text: str) -> int:
     return int(text)
 
 
-def _row(args, store):
+def _row(args: argparse.Namespace, store: Any) -> ConnectionDetails:
     if args.token_id:
         return token_row(store, args.token_id.lower())
     rows = [row for row in store.list_details(instance_id=args.instance)
@@ -38,7 +41,7 @@ def _row(args, store):
     return max(rows, key=lambda row: row.created_at)
 
 
-def take(args, config, store) -> str:
+def take(args: argparse.Namespace, config: Config, store: Any) -> str:
     """Save the screenshot args ask for; returns the line to print. Raises Refused."""
     row = _row(args, store)
     context = tls.backend_context(config.backend_ca, config.backend_cert, config.backend_key) if row.backend_tls else None
@@ -53,7 +56,7 @@ def take(args, config, store) -> str:
             f"screen {shot.console_width}x{shot.console_height})")
 
 
-def cmd_screenshot(args, config, store, out) -> None:
+def cmd_screenshot(args: argparse.Namespace, config: Config, store: Any, out: TextIO) -> None:
     try:
         out.write(take(args, config, store) + "\n")
     except Refused as refusal:

@@ -4,9 +4,11 @@ by the control-plane API and the CLI, so both hand out the same URLs and the sam
 
 import dataclasses
 import datetime
+from typing import Optional
 
 from vncgate import store as store_module
 from vncgate.console import policy as policy_module
+from vncgate.store.common import LiveSession
 
 # The path a console type arrives on (live session rows keep the type).
 _PATH_OF_TYPE = {store_module.XVP: "xvp", store_module.WEBSOCKET: "websocket", store_module.SERIAL: "serial"}
@@ -52,7 +54,7 @@ def token_json(row, now, idle_timeout):
             "has_password": row.has_password, "policy": policy_fields(row), "backend_tls": row.backend_tls}
 
 
-def session_json(row, now, counts=None):
+def session_json(row: LiveSession, now: float, counts: Optional[tuple] = None) -> dict:
     """counts: (bytes up, bytes down) counted now, when the session is this gateway's."""
     return {"session_id": row.session_id, "gateway_id": row.gateway_id, "token_id": row.token_hash[:8],
             "instance_id": row.instance_id, "console_type": row.console_type,
