@@ -91,8 +91,8 @@ def test_raw_copyrect_and_desktop_size_paint_the_screen_the_gateway_asked_for():
     assert feed.written.count(screenshot.update_request(4, 2)) == 1 and feed.written.endswith(
         screenshot.update_request(3, 1))
 
-    painted = screenshot.read_screen(BytesIO(server_init(4, 2) + first), max_pixels=100)
-    assert painted.rgb()[:12] == bytes((255, 0, 0)) * 4 and painted.rgb()[15:21] == bytes((0, 0, 255)) * 2
+    painted = screenshot.read_screen(BytesIO(server_init(4, 2) + first), max_pixels=100).rgb()
+    assert painted[:12] == bytes((255, 0, 0)) * 4 and painted[15:21] == bytes((0, 0, 255)) * 2
 
 
 @pytest.mark.parametrize("tail, reason", [

@@ -3,7 +3,7 @@ on every row, one zlib stream in one IDAT chunk; and a whole-factor shrink for t
 
 import struct
 import zlib
-from typing import Optional
+from typing import Optional, Union
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LEVEL = 6  # zlib's default: the screens of consoles (text, flat colour) compress well at once
@@ -13,7 +13,7 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack("!I", len(data)) + kind + data + struct.pack("!I", zlib.crc32(kind + data))
 
 
-def encode(width: int, height: int, rgb: bytes) -> bytes:
+def encode(width: int, height: int, rgb: Union[bytes, bytearray]) -> bytes:
     """A PNG of width x height RGB triples, row by row."""
     stride = width * 3
     if len(rgb) != stride * height:
@@ -25,7 +25,7 @@ def encode(width: int, height: int, rgb: bytes) -> bytes:
     return SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", b"".join(body)) + _chunk(b"IEND", b"")
 
 
-def shrink(width: int, height: int, rgb: bytes, max_width: Optional[int]) -> tuple:
+def shrink(width: int, height: int, rgb: Union[bytes, bytearray], max_width: Optional[int]) -> tuple:
     """(width, height, rgb) no wider than max_width: every n-th pixel of every n-th row, n the
     smallest whole factor that fits (a thumbnail; whole factors keep text's strokes regular)."""
     if not max_width or width <= max_width:
@@ -40,4 +40,4 @@ def shrink(width: int, height: int, rgb: bytes, max_width: Optional[int]) -> tup
         target = out_row * out_stride
         for channel in range(3):
             out[target + channel:target + out_stride:3] = row[channel::3 * step]
-    return out_width, out_height, bytes(out)
+    return out_width, out_height, out

@@ -140,11 +140,13 @@ class Framebuffer:
         for row, data in enumerate(rows):  # copied out first: source and destination may overlap
             self.pixels[self._row(x, y + row, width)] = data
 
-    def rgb(self) -> bytes:
-        """The screen as 8-bit RGB triples, row by row."""
+    def rgb(self) -> bytearray:
+        """The screen as 8-bit RGB triples, row by row (the pixels are let go: one copy at a time)."""
         out = bytearray(self.width * self.height * 3)
-        out[0::3], out[1::3], out[2::3] = self.pixels[2::4], self.pixels[1::4], self.pixels[0::4]
-        return bytes(out)
+        for channel, source in enumerate((2, 1, 0)):
+            out[channel::3] = self.pixels[source::4]
+        self.pixels = bytearray()
+        return out
 
 
 def read_screen(io: rfb.BackendIO, max_pixels: int) -> Framebuffer:
@@ -182,7 +184,7 @@ def capture(details: ConnectionDetails, timeout: float, max_pixels: int, context
         raise Refused(error.reason, error.detail) from None
     finally:
         sock.close()
-    width, height, rgb = png.shrink(screen.width, screen.height, screen.rgb(), max_width)
+    width, height, rgb = png.shrink(screen.width, screen.height, screen.rgb(), max_width)  # the pixels let go
     return Shot(png.encode(width, height, rgb), width, height, screen.width, screen.height)
 
 
