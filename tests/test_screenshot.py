@@ -3,6 +3,7 @@ fed bytes, then real qemu consoles through the API and the CLI (plain, VNC passw
 VeNCrypt), a live vncdotool session that ten screenshots leave alone, and hostile backends
 that must each end in a clear error within the deadline with the gateway's memory flat."""
 
+import base64
 import io
 import os
 import socket
@@ -182,6 +183,8 @@ def password_qemu():
 
 
 def test_a_password_console_is_pictured_while_a_session_holds_its_token(api_gateway, password_qemu, tmp_path):
+    """Without screenshot_key_file the gateway opens a password only with the token: while a
+    client of it is connected."""
     api = api_gateway.api
     _, _, console = api.call("POST", "/consoles", {"host": "127.0.0.1", "port": password_qemu.port,
                                                    "type": "xvp-vnc", "instance": "vm-locked", "password": PASSWORD})
@@ -198,6 +201,34 @@ def test_a_password_console_is_pictured_while_a_session_holds_its_token(api_gate
     assert image.size == console_size(password_qemu.port, PASSWORD.encode())
     for path in (api_gateway.audit_path, api_gateway.stderr_path):
         assert PASSWORD not in open(path).read()
+
+
+def test_with_a_screenshot_key_file_a_password_console_is_pictured_without_a_session(password_qemu, tmp_path):
+    key = tmp_path / "screenshot.key"
+    key.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+    gateway = harness.start_api_gateway(str(tmp_path), screenshot_key_file=str(key))
+    try:
+        api = gateway.api
+        _, _, console = api.call("POST", "/consoles", {"host": "127.0.0.1", "port": password_qemu.port,
+                                                       "instance": "vm-keyed", "password": PASSWORD})
+        image = screenshot_with_text(api, console["token_id"])
+        assert image.size == console_size(password_qemu.port, PASSWORD.encode())
+        assert api.call("GET", "/sessions")[2] == []  # no session opened the password
+
+        password_file = tmp_path / "pw"
+        password_file.write_text(PASSWORD)
+        minted = gateway.token_cli("add", "--host", "127.0.0.1", "--port", str(password_qemu.port), "--instance",
+                                   "vm-cli", "--password-file", str(password_file))
+        assert minted.returncode == 0, minted.stderr
+        out = str(tmp_path / "keyed.png")
+        done = gateway.token_cli("screenshot", "--instance", "vm-cli", "-o", out)
+        assert done.returncode == 0, done.stderr
+        assert picture(open(out, "rb").read()).size == image.size
+        for path in (gateway.audit_path, gateway.stderr_path):
+            assert PASSWORD not in open(path).read()
+    finally:
+        assert gateway.stop() == 0
+    check_openapi(gateway.api.responses)
 
 
 def test_ten_screenshots_leave_a_live_vncdotool_session_connected_and_unchanged(api_gateway, qemu, tmp_path):

@@ -20,15 +20,17 @@ touches a socket itself, so its tests feed it bytes.
 
 import collections
 import contextlib
+import dataclasses
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Optional
+from typing import Any, Optional
 
 from vncgate import store as store_module
 from vncgate.console import backends, png, rfb
 from vncgate.refusals import Refused
+from vncgate.store import sealing
 from vncgate.store.common import ConnectionDetails
 
 RAW, COPYRECT, DESKTOP_SIZE = 0, 1, -223
@@ -188,19 +190,28 @@ def capture(details: ConnectionDetails, timeout: float, max_pixels: int, context
     return Shot(png.encode(width, height, rgb), width, height, screen.width, screen.height)
 
 
-def openable(row: ConnectionDetails, live: list) -> ConnectionDetails:
+def openable(row: ConnectionDetails, live: list, store: Any = None, held_key: Optional[bytes] = None) -> ConnectionDetails:
     """The details a screenshot of row's console is taken with: row itself, or, when the token
-    holds a password, the details of a live session of it here (the password is sealed under
-    the token, which the gateway holds only while a client of it is connected). Refused with
-    screenshot-not-vnc (a serial console, a replay) or screenshot-needs-session."""
+    holds a password, row with the password opened: by the gateways' own key (held_key, from
+    screenshot_key_file) when it was sealed under it too, else from a live session of the
+    token here (the password is sealed under the token, which the gateway holds only while a
+    client of it is connected). Refused with screenshot-not-vnc (a serial console, a replay)
+    or screenshot-needs-session."""
     if row.console_type == store_module.SERIAL or row.replay:
         raise Refused("screenshot-not-vnc", f"a {'replay' if row.replay else row.console_type} token")
     if not row.has_password:
         return row
+    why = "the token holds a sealed password and no session of it is live here"
+    if held_key is not None:
+        try:
+            return dataclasses.replace(row, backend_password=sealing.unseal_held(held_key, store.sealed_secret(
+                row.token_hash) or b""))
+        except sealing.SealError as error:
+            why = f"{error}, and no session of the token is live here"
     for session in live:
         if session.details.token_hash == row.token_hash and session.details.backend_password is not None:
             return session.details
-    raise Refused("screenshot-needs-session", "the token holds a sealed password and no session of it is live here")
+    raise Refused("screenshot-needs-session", why)
 
 
 class Screenshots:
@@ -209,8 +220,10 @@ class Screenshots:
     result for /metrics."""
 
     def __init__(self, audit, limit: int, timeout: float, max_pixels: int, context=None,
-                 openers: Optional[dict] = None) -> None:
+                 openers: Optional[dict] = None, held_key: Optional[bytes] = None) -> None:
+        """held_key: the gateways' own sealing key (screenshot_key_file), None when not set."""
         self.audit = audit
+        self.held_key = held_key
         self.limit = limit
         self.timeout = timeout
         self.max_pixels = max_pixels

@@ -64,7 +64,8 @@ class ConsoleEndpoints:
             fields.done()
             password = password.encode() if password else None
         token, details, url = mint(self.config, self.gateway.store, console_type, host, port, instance,
-                                   internal_path, ttl, password, policy.to_json(), backend_tls)
+                                   internal_path, ttl, password, policy.to_json(), backend_tls,
+                                   held_key=self.gateway.screenshots.held_key)
         call.audit["token_id"] = details.token_id
         return 201, console_json(token, details, url)
 

@@ -29,7 +29,8 @@ class ScreenshotEndpoints:
         max_width = max_width_of(_Query(call.request, ("max_width",)).get("max_width"))
         row = token_row(self.gateway.store, token_id)
         call.audit.update(instance=row.instance_id, token_id=row.token_id)
-        details = screenshot.openable(row, self.gateway.sessions.live())
+        details = screenshot.openable(row, self.gateway.sessions.live(), self.gateway.store,
+                                      self.gateway.screenshots.held_key)
         shot = self.gateway.screenshots.take(details, max_width, client=call.audit["client"], key=call.audit["key"])
         call.content_type = "image/png"
         return 200, shot.png

@@ -190,7 +190,8 @@ def cmd_add(args, config, store, out):
         raise UsageError("console policies read RFB: they do not apply to --type serial")
     token, details, url = api.mint(config, store, args.console_type, host, port, instance, args.internal_path,
                                    args.ttl, password, policy.to_json(), args.backend_tls, record=args.record,
-                                   replay=args.replay or "", replay_speed=args.speed)
+                                   replay=args.replay or "", replay_speed=args.speed,
+                                   held_key=config_module.read_key_file(config.screenshot_key_file) if password else None)
     if args.json:
         json.dump(api.console_json(token, details, url), out)
         out.write("\n")

@@ -5,6 +5,7 @@ import argparse
 import os
 from typing import Any, TextIO
 
+from vncgate import config as config_module
 from vncgate import store as store_module
 from vncgate.config import Config
 from vncgate.console import screenshot
@@ -45,8 +46,8 @@ def take(args: argparse.Namespace, config: Config, store: Any) -> str:
     """Save the screenshot args ask for; returns the line to print. Raises Refused."""
     row = _row(args, store)
     context = tls.backend_context(config.backend_ca, config.backend_cert, config.backend_key) if row.backend_tls else None
-    # No session runs in this process: a token's sealed password cannot be opened here.
-    details = screenshot.openable(row, [])
+    # No session runs in this process: a token's password opens only with screenshot_key_file.
+    details = screenshot.openable(row, [], store, config_module.read_key_file(config.screenshot_key_file))
     shot = screenshot.capture(details, config.screenshot_timeout, config.screenshot_max_pixels, context, args.max_width)
     temporary = f"{args.output}.{os.getpid()}.tmp"
     with open(temporary, "wb") as handle:

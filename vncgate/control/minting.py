@@ -21,15 +21,16 @@ def iso(timestamp):
 # -- minting, shared with the CLI -------------------------------------------------------------
 
 def mint(config, store, console_type, host, port, instance=None, internal_path="", ttl=None, password=None,
-         policy="", backend_tls=False, record=False, replay="", replay_speed=1.0):
+         policy="", backend_tls=False, record=False, replay="", replay_speed=1.0, held_key=None):
     """A new token for one console; returns (token, details, access URL). policy: Policy.to_json();
-    record, replay, replay_speed: see Store.add_connection_details."""
+    record, replay, replay_speed, held_key: see Store.add_connection_details."""
     base = {store_module.XVP: f"{config.base_url}/console",
             store_module.SERIAL: f"{config.base_url}/serial.html"}.get(console_type, f"{config.base_url}/vnc.html")
     token = store.add_connection_details(instance or f"{host}:{port}", console_type, host, port,
                                          internal_access_path=internal_path, access_url=base, ttl=ttl,
                                          backend_password=password, policy=policy, backend_tls=backend_tls,
-                                         record=record, replay=replay, replay_speed=replay_speed)
+                                         record=record, replay=replay, replay_speed=replay_speed,
+                                         held_key=held_key)
     return token, store.get_connection_details(token), store_module.access_url(config.base_url, console_type, token)
 
 

@@ -21,6 +21,7 @@ import socketserver
 import threading
 import time
 
+from vncgate import config as config_module
 from vncgate import store as store_module
 from vncgate.console import recording, relay, screenshot, sessions
 from vncgate.console import serial as consoles
@@ -141,7 +142,8 @@ class Gateway(socketserver.ThreadingTCPServer):
                                           config.handshake_timeout)
         self.sessions.backend_openers[store_module.SERIAL] = self.consoles.open_backend
         self.screenshots = screenshot.Screenshots(audit, config.screenshot_max_concurrent, config.screenshot_timeout,
-                                                  config.screenshot_max_pixels, self.sessions.backend_tls)
+                                                  config.screenshot_max_pixels, self.sessions.backend_tls,
+                                                  held_key=config_module.read_key_file(config.screenshot_key_file))
         self.housekeeper = sessions.Housekeeper(
             self.sessions, config.touch_interval, config.housekeeping_interval,
             tasks=(lambda: self.consoles.sync(store.list_follows()),))
