@@ -59,7 +59,7 @@ class SqliteTokens:
 
     def sealed_secret(self, token_hash: str) -> "bytes | None":
         """The token's sealed password, None when it holds none (or is gone): a screenshot's."""
-        with self._db() as db:  # type: ignore[attr-defined]  # the engine's, of which this is a mixin
+        with self._db() as db:
             row = db.execute("SELECT backend_secret FROM console_tokens WHERE token_hash = ?", (token_hash,)).fetchone()
         return bytes(row[0]) if row and row[0] is not None else None
 
