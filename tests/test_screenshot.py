@@ -77,8 +77,6 @@ def pixel(red, green, blue):
 
 
 def test_raw_copyrect_and_desktop_size_paint_the_screen_the_gateway_asked_for():
-    first = update(rect(0, 0, 4, 2, screenshot.RAW, pixel(255, 0, 0) * 8),
-                   rect(1, 1, 2, 1, screenshot.RAW, pixel(0, 0, 255) * 2))
     resized = update(rect(0, 0, 4, 2, screenshot.RAW, pixel(1, 1, 1) * 8), rect(0, 0, 3, 1, screenshot.DESKTOP_SIZE))
     after = (b"\x02" + b"\x03\0\0\0" + struct.pack("!I", 2) + b"hi"  # a Bell and clipboard text meanwhile
              + update(rect(0, 0, 1, 1, screenshot.RAW, pixel(9, 9, 9)),
@@ -92,7 +90,10 @@ def test_raw_copyrect_and_desktop_size_paint_the_screen_the_gateway_asked_for():
     assert feed.written.count(screenshot.update_request(4, 2)) == 1 and feed.written.endswith(
         screenshot.update_request(3, 1))
 
-    painted = screenshot.read_screen(BytesIO(server_init(4, 2) + first), max_pixels=100).rgb()
+    # A DesktopSize of the size it has already changes nothing: this one update is the picture.
+    painted = screenshot.read_screen(BytesIO(server_init(4, 2) + update(
+        rect(0, 0, 4, 2, screenshot.DESKTOP_SIZE), rect(0, 0, 4, 2, screenshot.RAW, pixel(255, 0, 0) * 8),
+        rect(1, 1, 2, 1, screenshot.RAW, pixel(0, 0, 255) * 2))), max_pixels=100).rgb()
     assert painted[:12] == bytes((255, 0, 0)) * 4 and painted[15:21] == bytes((0, 0, 255)) * 2
 
 

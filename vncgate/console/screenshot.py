@@ -108,8 +108,9 @@ class Framebuffer:
         for _ in range(count):
             x, y, width, height, encoding = _RECT.unpack(io.read_exact(_RECT.size))
             if encoding == DESKTOP_SIZE:
-                self.resize(width, height)
-                resized = True
+                if (width, height) != (self.width, self.height):  # the same size again changes nothing
+                    self.resize(width, height)
+                    resized = True
                 continue
             if x + width > self.width or y + height > self.height:
                 raise rfb.RfbError("backend-bad-update", f"a {width}x{height} rectangle at {x},{y} outside "
