@@ -157,6 +157,12 @@ def test_a_qemu_console_through_the_api_and_the_cli(api_gateway, qemu, tmp_path)
         assert done.returncode == 0, done.stderr
         assert picture(open(out, "rb").read()).size == image.size and out in done.stdout
 
+    small = str(tmp_path / "small.png")
+    assert api_gateway.token_cli("screenshot", "--instance", "vm-shot", "--max-width", "320", "-o", small).returncode == 0
+    assert picture(open(small, "rb").read()).size == picture(thumb).size
+    both = api_gateway.token_cli("screenshot", "--instance", "vm-shot", "--token-id", console["token_id"], "-o", small)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+
     _, _, serial = api.call("POST", "/consoles", {"host": "127.0.0.1", "port": qemu.port, "type": "serial"})
     status, _, error = api.screenshot(serial["token_id"])
     assert status == 400 and "serial console has its log" in error["error"]
