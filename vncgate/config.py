@@ -12,7 +12,7 @@ import os
 import re
 import urllib.parse
 
-from vncgate import store
+from vncgate import addresses, store
 
 SECTION = "gateway"
 ENV_VAR = "VNCGATE_CONFIG"
@@ -92,6 +92,14 @@ def _networks(value):
         raise ValueError(f"must be addresses or networks ({error})") from None
 
 
+def _backend_allow(value):
+    """Networks and port ranges where consoles live (vncgate.addresses' syntax)."""
+    try:
+        return addresses.parse(value)
+    except ValueError as error:
+        raise ValueError(f"must be networks with optional ports ({error})") from None
+
+
 # key -> its parser (a ValueError says what is wrong); Config below holds the defaults.
 PARSERS = {
     "listen": _text,
@@ -117,6 +125,7 @@ PARSERS = {
     "handshake_timeout": _positive(float),
     "audit_log": _text,
     "metrics_allow": _networks,
+    "backend_allow": _backend_allow,
     # console policies
     "resume_grace": _positive(float),
     "paste_max_chars": _positive(int),
@@ -171,6 +180,9 @@ class Config:
     handshake_timeout: float = 10.0
     audit_log: str = ""
     metrics_allow: tuple = _networks("127.0.0.0/8, ::1")
+    # Where consoles may be reached (addresses.Reach items); empty: anywhere but link-local,
+    # the gateway's own port and the store (console.allow).
+    backend_allow: tuple = ()
     resume_grace: float = 30.0
     paste_max_chars: int = 4096
     input_idle_timeout: float = 0.0  # 0: off
