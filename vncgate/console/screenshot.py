@@ -24,11 +24,12 @@ import dataclasses
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, Optional
 
 from vncgate import store as store_module
 from vncgate.console import backends, png, rfb
+from vncgate.console.allow import BackendAllow
 from vncgate.refusals import Refused
 from vncgate.store import sealing
 from vncgate.store.common import ConnectionDetails
@@ -168,14 +169,14 @@ def read_screen(io: rfb.BackendIO, max_pixels: int) -> Framebuffer:
 Shot = collections.namedtuple("Shot", "png width height console_width console_height")
 
 
-def capture(details: ConnectionDetails, timeout: float, max_pixels: int, context=None, max_width: Optional[int] = None,
-            opener: Callable = backends.open_backend) -> Shot:
+def capture(details: ConnectionDetails, timeout: float, max_pixels: int, allow: BackendAllow, context=None,
+            max_width: Optional[int] = None) -> Shot:
     """One screenshot of the console of details (a token's ConnectionDetails, with its
-    backend_password when the gateway holds it open), all of it by timeout seconds. context:
-    the ssl context for a backend_tls console. Raises Refused with a backend-… or
-    screenshot-… reason."""
+    backend_password when the gateway holds it open), all of it by timeout seconds. allow:
+    where the gateway may connect (backend_allow), as for sessions; context: the ssl context
+    for a backend_tls console. Raises Refused with a backend-… or screenshot-… reason."""
     deadline = time.monotonic() + timeout
-    sock, leftover = opener(details, timeout)
+    sock, leftover = backends.open_backend(details, timeout, allow=allow)
     try:
         try:
             _version, sock = rfb.secure(sock, details.backend_password, deadline, leftover,
@@ -220,16 +221,17 @@ class Screenshots:
     screenshot-busy, never queued), one audit line each (event "screenshot"), and counts by
     result for /metrics."""
 
-    def __init__(self, audit, limit: int, timeout: float, max_pixels: int, context=None,
-                 openers: Optional[dict] = None, held_key: Optional[bytes] = None) -> None:
-        """held_key: the gateways' own sealing key (screenshot_key_file), None when not set."""
+    def __init__(self, audit, limit: int, timeout: float, max_pixels: int, allow: BackendAllow, context=None,
+                 held_key: Optional[bytes] = None) -> None:
+        """allow: backend_allow (the sessions'); held_key: the gateways' own sealing key
+        (screenshot_key_file), None when not set."""
         self.audit = audit
         self.held_key = held_key
         self.limit = limit
         self.timeout = timeout
         self.max_pixels = max_pixels
         self.context = context
-        self.openers = openers if openers is not None else {}  # console type -> opener, as SessionManager's
+        self.allow = allow
         self.results: collections.Counter = collections.Counter()  # result word -> screenshots
         self.in_flight = 0
         self._lock = threading.Lock()
@@ -240,8 +242,7 @@ class Screenshots:
         started = time.monotonic()
         try:
             with self._slot():
-                shot = capture(details, self.timeout, self.max_pixels, self.context, max_width,
-                               self.openers.get(details.console_type, backends.open_backend))
+                shot = capture(details, self.timeout, self.max_pixels, self.allow, self.context, max_width)
         except Refused as refusal:
             self._count(refusal.reason)
             self.audit.record("screenshot", **fields, result="rejected", **refusal.audit_fields(),

@@ -8,7 +8,7 @@ from typing import Any, TextIO
 from vncgate import config as config_module
 from vncgate import store as store_module
 from vncgate.config import Config
-from vncgate.console import screenshot
+from vncgate.console import allow, screenshot
 from vncgate.control.api_consoles import token_row
 from vncgate.control.api_screenshots import MIN_WIDTH
 from vncgate.control.cli_common import CommandFailed
@@ -48,7 +48,8 @@ def take(args: argparse.Namespace, config: Config, store: Any) -> str:
     context = tls.backend_context(config.backend_ca, config.backend_cert, config.backend_key) if row.backend_tls else None
     # No session runs in this process: a token's password opens only with screenshot_key_file.
     details = screenshot.openable(row, [], store, config_module.read_key_file(config.screenshot_key_file))
-    shot = screenshot.capture(details, config.screenshot_timeout, config.screenshot_max_pixels, context, args.max_width)
+    shot = screenshot.capture(details, config.screenshot_timeout, config.screenshot_max_pixels,
+                              allow.BackendAllow.from_config(config), context, args.max_width)
     temporary = f"{args.output}.{os.getpid()}.tmp"
     with open(temporary, "wb") as handle:
         handle.write(shot.png)

@@ -140,7 +140,8 @@ class Gateway(socketserver.ThreadingTCPServer):
                                           config.handshake_timeout, self.sessions.backend_allow)
         self.sessions.backend_openers[store_module.SERIAL] = self.consoles.open_backend
         self.screenshots = screenshot.Screenshots(audit, config.screenshot_max_concurrent, config.screenshot_timeout,
-                                                  config.screenshot_max_pixels, self.sessions.backend_tls,
+                                                  config.screenshot_max_pixels, self.sessions.backend_allow,
+                                                  self.sessions.backend_tls,
                                                   held_key=config_module.read_key_file(config.screenshot_key_file))
         self.housekeeper = sessions.Housekeeper(
             self.sessions, config.touch_interval, config.housekeeping_interval,
