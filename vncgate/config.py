@@ -5,6 +5,8 @@ raises ConfigError whose message names the file, the key and the problem in one
 line, because that line is all an operator sees.
 """
 
+from __future__ import annotations
+
 import configparser
 import dataclasses
 import ipaddress
@@ -244,7 +246,7 @@ class Config:
     source: str = ""  # the file read, "" when built-in defaults only (not a key)
 
     @property
-    def base_url(self):
+    def base_url(self) -> str:
         """public_url, or the URL of the listening address when it is not set."""
         if self.public_url:
             return self.public_url.rstrip("/")
@@ -255,7 +257,7 @@ class Config:
         return f"{scheme}://{host}:{self.port}"
 
     @property
-    def public_origin(self):
+    def public_origin(self) -> str:
         parts = urllib.parse.urlsplit(self.base_url)
         return f"{parts.scheme}://{parts.netloc}".lower()
 
@@ -263,7 +265,7 @@ class Config:
 DEFAULTS = {field.name: field.default for field in dataclasses.fields(Config) if field.name != "source"}
 
 
-def find_file(explicit=None):
+def find_file(explicit: str | None = None) -> str | None:
     """The file to read: -c, else $VNCGATE_CONFIG, else ./vncgate.ini if present."""
     if explicit:
         return explicit
@@ -272,7 +274,7 @@ def find_file(explicit=None):
     return DEFAULT_FILE if os.path.exists(DEFAULT_FILE) else None
 
 
-def load(path=None):
+def load(path: str | None = None) -> Config:
     """Read the config; path=None means find_file(). Raises ConfigError."""
     path = find_file(path)
     if path is None:
@@ -329,7 +331,7 @@ def _finish(raw, base_dir, source):
 MIN_KEY_BYTES = 16
 
 
-def read_key_file(path: str) -> "bytes | None":
+def read_key_file(path: str) -> bytes | None:
     """The gateways' own sealing key from screenshot_key_file (None when it is not set): its
     bytes, surrounding whitespace stripped. Raises ConfigError naming the file."""
     if not path:
@@ -345,7 +347,7 @@ def read_key_file(path: str) -> "bytes | None":
     return key
 
 
-def check_database(database, where):
+def check_database(database: str, where: str) -> None:
     """A file path, or a Redis URL the store can use; raises ConfigError starting with where.
     The message never shows a password."""
     if store.is_redis_url(database):

@@ -15,6 +15,8 @@ api_consoles and api_sessions (the endpoints), api_keys (the key file), api_fiel
 and query validation), minting (tokens and their JSON, shared with the CLI).
 """
 
+from __future__ import annotations
+
 import hmac
 import json
 import logging
@@ -22,6 +24,7 @@ import os
 import re
 import socket
 import time
+from typing import TYPE_CHECKING
 
 from vncgate import store as store_module
 from vncgate.control.api_consoles import _TOKEN_ID, ConsoleEndpoints
@@ -33,6 +36,10 @@ from vncgate.control.minting import console_json, iso, mint, session_json, token
 from vncgate.control.scope import KeyScope
 from vncgate.front import throttle, web, websocket
 from vncgate.refusals import Refused
+
+if TYPE_CHECKING:
+    from vncgate.front.server import Gateway
+    from vncgate.net import http
 
 # Moved to api_keys and minting; still importable from here (the CLI uses api.mint, api.add_key...).
 __all__ = ["ControlPlane", "KeyFileError", "add_key", "console_json", "hash_key", "iso", "mint", "read_keys",
@@ -85,7 +92,7 @@ class _Call:
 class ControlPlane(ConsoleEndpoints, SessionEndpoints, ScreenshotEndpoints):
     """The API and the admin page of one gateway."""
 
-    def __init__(self, gateway):
+    def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.config = gateway.config
         self._keys = read_keys(self.config.api_keys_file)  # KeyFileError: the gateway does not start
@@ -104,7 +111,7 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints, ScreenshotEndpoints):
             _Route("/store", {"GET": self.store_state}),
         ]
 
-    def reload_keys(self):
+    def reload_keys(self) -> None:
         """SIGHUP: read the key file again; a bad file keeps the keys in use."""
         try:
             self._keys = read_keys(self.config.api_keys_file)
@@ -113,10 +120,10 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints, ScreenshotEndpoints):
             log.error("%s; keeping the previous API keys", error)
 
     @staticmethod
-    def claims(request):
+    def claims(request: http.Request) -> bool:
         return any(request.path == prefix or request.path.startswith(prefix + "/") for prefix in ("/api", "/admin"))
 
-    def serve(self, conn, request, leftover, client):
+    def serve(self, conn: socket.socket, request: http.Request, leftover: bytes, client: str) -> None:
         """Answer one request on /api/ or /admin/; every outcome is answered here, never raised."""
         deadline = time.monotonic() + self.config.handshake_timeout
         if request.path == "/admin" or request.path.startswith("/admin/"):

@@ -5,14 +5,18 @@ run_reporting_errors, which turns every expected failure into one stderr line an
 code.
 """
 
+from __future__ import annotations
+
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
 from vncgate import addresses
 from vncgate import config as config_module
 from vncgate import store as store_module
 from vncgate.control import scope
+from vncgate.store.common import Store
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -68,13 +72,14 @@ def _types(text):
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def open_store(config, busy_timeout=5.0, database=None, checkpoint_on_commit=True):
+def open_store(config: config_module.Config, busy_timeout: float = 5.0, database: str | None = None,
+               checkpoint_on_commit: bool = True) -> Store:
     return store_module.TokenStore(database or config.database, token_ttl=config.token_ttl,
                                    idle_timeout=config.idle_timeout, busy_timeout=busy_timeout,
                                    key_prefix=config.key_prefix, checkpoint_on_commit=checkpoint_on_commit)
 
 
-def run_reporting_errors(prog, body):
+def run_reporting_errors(prog: str, body: Callable[[], object]) -> int:
     """Run body(); turn every expected failure into one stderr line and an exit code.
     Every file either program creates (database, its WAL, audit log) is the owner's only:
     the umask says so once, here, whatever the caller's umask was."""

@@ -40,7 +40,7 @@ class ConnectError(Exception):
     """The console cannot be had through this URL; str() is one line for the terminal,
     .viewer the shorter sentence a viewer's dialog shows."""
 
-    def __init__(self, message, viewer=None):
+    def __init__(self, message: str, viewer: Optional[str] = None) -> None:
         super().__init__(message)
         self.viewer = viewer or message
 
@@ -50,7 +50,7 @@ class _Parser(argparse.ArgumentParser):
         raise ConnectError(f"{message} (see {self.prog} --help)")
 
 
-def parser():
+def parser() -> argparse.ArgumentParser:
     commands = _Parser(prog="vncgate-connect", description="Serve a vncgate console URL (xvp-vnc) to your native "
                        "VNC viewer, on a Unix socket only you can reach (or --listen: a TCP port that serves your "
                        "uid only).")
@@ -70,7 +70,7 @@ def parser():
     return commands
 
 
-def console_url(text):
+def console_url(text: str) -> urllib.parse.SplitResult:
     """The URL's parts, checked; ConnectError (a usage error) when it is not a console URL.
     The URL itself is never repeated: it holds the token."""
     parts = urllib.parse.urlsplit(text.strip())
@@ -107,7 +107,7 @@ def is_loopback(host: str) -> bool:
 class Target:
     """The gateway and the CONNECT request of a console URL."""
 
-    def __init__(self, parts, cacert=None):
+    def __init__(self, parts: urllib.parse.SplitResult, cacert: Optional[str] = None) -> None:
         """parts: the URL as urllib.parse.urlsplit gives it, checked by the parser."""
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.host = parts.hostname
@@ -122,7 +122,7 @@ class Target:
                 raise ConnectError(f"cannot load CA file {cacert}: {getattr(error, 'strerror', None) or error}"
                                    ) from None
 
-    def open(self):
+    def open(self) -> tuple[socket.socket, bytes]:
         """A connection to the gateway that has answered 200; returns (socket, bytes after the head)."""
         deadline = time.monotonic() + TIMEOUT
         try:
@@ -272,7 +272,7 @@ class Connector:
             print(f"vncgate-connect: error: {error}", file=self.err, flush=True)
         self.stop()
 
-    def stop(self):
+    def stop(self) -> None:
         self._stopping.set()
         try:
             self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
@@ -299,7 +299,7 @@ def _tell_viewer(viewer, reason):
         viewer.close()
 
 
-def main(argv=None, out=None, err=None):
+def main(argv: Optional[list[str]] = None, out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
     try:
         args = parser().parse_args(argv)

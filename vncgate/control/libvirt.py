@@ -14,6 +14,7 @@ import os
 import subprocess
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
+from typing import Optional
 
 DEFAULT_URI = "qemu:///system"
 # Transports that only open a connection to libvirtd. Not ext (runs a command named in the
@@ -30,12 +31,12 @@ class DomainError(Exception):
     """The domain's console cannot be had. .reason is a refusal word; str() is one line
     for an operator (it names the domain, never the password)."""
 
-    def __init__(self, reason, message):
+    def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
 
-def check_uri(uri):
+def check_uri(uri: str) -> str:
     """The URI, if it names a qemu driver over a plain transport; else DomainError."""
     parts = urllib.parse.urlsplit(uri)
     driver, _, transport = parts.scheme.partition("+")
@@ -46,14 +47,14 @@ def check_uri(uri):
     return uri
 
 
-def check_name(name):
+def check_name(name: object) -> str:
     if not isinstance(name, str) or not name or len(name) > 200 or name.startswith("-") \
             or any(ord(char) < 32 or char in "/\\" for char in name):
         raise DomainError("invalid-request", f"{name!r} is not a libvirt domain name")
     return name
 
 
-def console_of(name, uri=None):
+def console_of(name: str, uri: Optional[str] = None) -> Console:
     """The running domain's VNC console; DomainError when it is unknown, not running, has no
     VNC graphics on a TCP port, or libvirt cannot be asked."""
     check_name(name)
