@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vncgate import store as store_module
@@ -16,6 +17,7 @@ from vncgate.control.minting import session_json
 from vncgate.refusals import Refused
 
 if TYPE_CHECKING:
+    from vncgate.console.sessions import Session
     from vncgate.control.api import _Call
 
 log = logging.getLogger("vncgate.control.api")
@@ -61,7 +63,7 @@ class SessionEndpoints:
         return 200, {"up": tokens is not None, "tokens": tokens, "gateway_id": self.gateway.sessions.gateway_id,
                      "sessions_here": len(self.gateway.sessions.live())}
 
-    def _end_local_sessions(self, chosen, reason):
+    def _end_local_sessions(self, chosen: Callable[[Session], bool], reason: str) -> None:
         for session in self.gateway.sessions.live():
             if chosen(session):
                 session.stop(reason)

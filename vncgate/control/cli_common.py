@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from vncgate import addresses
 from vncgate import config as config_module
@@ -32,12 +33,12 @@ class CommandFailed(Exception):
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line instead of usage + error."""
 
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _port_in(lowest):
-    def parse(text):
+def _port_in(lowest: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
         try:
             port = int(text)
         except ValueError:
@@ -48,7 +49,7 @@ def _port_in(lowest):
     return parse
 
 
-def _seconds(text):
+def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -58,14 +59,14 @@ def _seconds(text):
     return value
 
 
-def _networks(text):
+def _networks(text: str) -> tuple[addresses.Reach, ...]:
     try:
         return addresses.parse(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"invalid networks: {error}") from None
 
 
-def _types(text):
+def _types(text: str) -> tuple[str, ...]:
     try:
         return scope.check_types(text, store_module.CONSOLE_TYPES)
     except ValueError as error:

@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from typing import Optional, TextIO
+from typing import NoReturn, Optional, TextIO
 
 from vncgate.console import relay, rfb
 from vncgate.net import http, peercred
@@ -46,7 +46,7 @@ class ConnectError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         raise ConnectError(f"{message} (see {self.prog} --help)")
 
 
@@ -150,7 +150,7 @@ class Target:
         return sock, leftover
 
 
-def _refusal_sentence(sock, body, deadline):
+def _refusal_sentence(sock: socket.socket, body: bytes, deadline: float) -> str:
     """The gateway's one-line refusal ("401 Unauthorized: This console link is not valid…")."""
     try:
         while b"\n" not in body and len(body) < MAX_REPLY and time.monotonic() < deadline:
@@ -175,7 +175,7 @@ class Connector:
         self.target = target
         self.once = once
         self.err = err
-        self.failure = None  # the first ConnectError: the URL is done for, and so is this command
+        self.failure: Optional[ConnectError] = None  # the first ConnectError: the URL is done for, and so is this command
         self._stopping = threading.Event()
         self._slots = threading.BoundedSemaphore(viewers)
         self.folder = None
@@ -266,7 +266,7 @@ class Connector:
             except OSError:
                 pass
 
-    def _fail(self, error):
+    def _fail(self, error: ConnectError) -> None:
         if self.failure is None:
             self.failure = error
             print(f"vncgate-connect: error: {error}", file=self.err, flush=True)
@@ -287,7 +287,7 @@ def _runtime_dir() -> str:
     return folder if folder and os.path.isdir(folder) and os.access(folder, os.W_OK) else tempfile.gettempdir()
 
 
-def _tell_viewer(viewer, reason):
+def _tell_viewer(viewer: socket.socket, reason: str) -> None:
     """Be the viewer's RFB server just long enough to refuse it with reason, which it shows."""
     viewer.settimeout(5)
     try:

@@ -67,7 +67,7 @@ def console_of(name: str, uri: Optional[str] = None) -> Console:
     return _vnc_console(name, uri, _virsh(uri, "dumpxml", "--security-info", "--domain", name))
 
 
-def _virsh(uri, *args):
+def _virsh(uri: str, *args: str) -> str:
     try:
         done = subprocess.run(["virsh", "--quiet", "--connect", uri, *args], capture_output=True, text=True,
                               timeout=_TIMEOUT, env={**os.environ, "LC_ALL": "C"}, stdin=subprocess.DEVNULL)
@@ -81,7 +81,7 @@ def _virsh(uri, *args):
     return done.stdout
 
 
-def _vnc_console(name, uri, domain_xml):
+def _vnc_console(name: str, uri: str, domain_xml: str) -> Console:
     try:
         graphics = ElementTree.fromstring(domain_xml).find("./devices/graphics[@type='vnc']")
     except ElementTree.ParseError:
@@ -101,7 +101,7 @@ def _vnc_console(name, uri, domain_xml):
     return Console(_reachable_host(name, uri, address), port, password.encode() if password else None)
 
 
-def _reachable_host(name, uri, listen):
+def _reachable_host(name: str, uri: str, listen: str) -> str:
     """Where the gateway reaches a console that listens on `listen` on the domain's host."""
     remote = urllib.parse.urlsplit(uri).hostname
     try:
@@ -115,7 +115,7 @@ def _reachable_host(name, uri, listen):
     return listen
 
 
-def _is_loopback(host):
+def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:

@@ -47,7 +47,7 @@ class FailureThrottle:
         self._buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, when)
         self._lock = threading.Lock()
 
-    def _level(self, address, now):
+    def _level(self, address: str, now: float) -> float:
         tokens, when = self._buckets.get(address, (self.burst, now))
         return min(self.burst, tokens + (now - when) * self.per_second)
 
@@ -74,12 +74,12 @@ class FailureThrottle:
         False when the bucket was empty already: the client is then told "throttled" instead."""
         return reason not in FAILURES or self.take(key)
 
-    def _spend(self, key, now):
+    def _spend(self, key: str, now: float) -> None:
         if len(self._buckets) >= self.max_addresses:
             self._forget_full(now)
         self._buckets[key] = (max(0.0, self._level(key, now) - 1), now)
 
-    def _forget_full(self, now):
+    def _forget_full(self, now: float) -> None:
         for address in [address for address in self._buckets if self._level(address, now) >= self.burst]:
             del self._buckets[address]
         if len(self._buckets) >= self.max_addresses:  # a flood from many addresses: start afresh

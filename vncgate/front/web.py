@@ -104,7 +104,7 @@ def reply(conn: socket.socket, request: http.Request, deadline: float, status: i
             _send_by(conn, deadline, chunk)
 
 
-def _send_by(conn, deadline, data):
+def _send_by(conn: socket.socket, deadline: float, data: bytes) -> None:
     try:
         relay.DeadlineSocket(conn, deadline - time.monotonic()).sendall(data)
     except socket.timeout:
@@ -170,7 +170,7 @@ def send_file(conn: socket.socket, request: http.Request, deadline: float, name:
               body=body, file=None if transform else file)
 
 
-def _unchanged(request, etag, mtime):
+def _unchanged(request: http.Request, etag: str, mtime: float) -> bool:
     """If-None-Match decides when it is sent, else If-Modified-Since (RFC 9110, 13.2.2)."""
     tags = request.header("if-none-match")
     if tags:
@@ -219,7 +219,7 @@ def address_in(address: str, networks: Iterable[ipaddress.IPv4Network | ipaddres
     return any(ip in network for network in networks)
 
 
-def _families(gateway):
+def _families(gateway: Gateway) -> list[tuple[str, str, str, list[tuple[dict[str, Any], float]]]]:
     """(name, type, help, [(labels, value)]) for each metric, read now."""
     audit, live = gateway.audit, gateway.sessions.live()
     live_counts = [session.byte_counts() for session in live]
@@ -265,11 +265,11 @@ def exposition(families: Iterable[tuple[str, str, str, Iterable[tuple[dict[str, 
     return ("\n".join(lines) + "\n").encode()
 
 
-def _labels(labels):
+def _labels(labels: dict[str, Any]) -> str:
     if not labels:
         return ""
     return "{" + ",".join(f'{key}="{_escape(value)}"' for key, value in labels.items()) + "}"
 
 
-def _escape(value):
+def _escape(value: object) -> str:
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')

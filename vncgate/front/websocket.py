@@ -25,6 +25,7 @@ from vncgate.refusals import Refused
 
 if TYPE_CHECKING:
     from vncgate.config import Config
+    from vncgate.console.sessions import Session
     from vncgate.front.server import Gateway
     from vncgate.net import http
 
@@ -59,7 +60,8 @@ def serve(gateway: Gateway, conn: socket.socket, request: http.Request, leftover
         gateway.sessions.run(session, relayed)
 
 
-def _relay(gateway, conn, session, secure, leftover, accept, subprotocol):
+def _relay(gateway: Gateway, conn: socket.socket, session: Session, secure: bool, leftover: bytes, accept: str,
+           subprotocol: str | None) -> relay.Relay | None:
     """The upgrade's answer, the gateway's RFB greeting if it does one, and the session's Relay;
     None when the session ended in its greeting."""
     stream = tls.TlsStream(conn) if secure else conn
@@ -69,6 +71,7 @@ def _relay(gateway, conn, session, secure, leftover, accept, subprotocol):
     stream.sendall(wsframes.upgrade_response(accept, subprotocol, cookie))
     sender = wsframes.Sender(stream)
     sink = ClientSink(sender)
+    source: relay.ChunkReader | ClientSource
     if session.needs_greeting:
         # The gateway's own RFB handshake ends by one deadline, however the client drips or pings.
         timed = relay.DeadlineSocket(stream, gateway.config.handshake_timeout)
