@@ -13,6 +13,7 @@ import ipaddress
 import os
 import re
 import urllib.parse
+from collections.abc import Callable
 
 from vncgate import addresses, store
 
@@ -25,19 +26,19 @@ class ConfigError(Exception):
     """A configuration problem a user can fix; str() is one line."""
 
 
-def _text(value):
+def _text(value: str) -> str:
     return value.strip()
 
 
-def _port(value):
+def _port(value: str) -> int:
     port = int(value)
     if not 1 <= port <= 65535:
         raise ValueError("must be from 1 to 65535")
     return port
 
 
-def _positive(kind):
-    def parse(value):
+def _positive(kind: type[float]) -> Callable[[str], float]:
+    def parse(value: str) -> float:
         number = kind(value)
         if number <= 0:
             raise ValueError("must be greater than 0")
@@ -46,14 +47,14 @@ def _positive(kind):
     return parse
 
 
-def _not_negative(value):
+def _not_negative(value: str) -> float:
     number = float(value)
     if number < 0:
         raise ValueError("must be 0 or more")
     return number
 
 
-def _bytes(value):
+def _bytes(value: str) -> int:
     """A size in bytes, 0 or more (0: no bound)."""
     number = int(value)
     if number < 0:
@@ -61,15 +62,15 @@ def _bytes(value):
     return number
 
 
-def _percent(value):
+def _percent(value: str) -> float:
     number = float(value)
     if not 0 <= number < 100:
         raise ValueError("must be from 0 to less than 100")
     return number
 
 
-def _prefix(bits):
-    def parse(value):
+def _prefix(bits: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
         number = int(value)
         if not 0 < number <= bits:
             raise ValueError(f"must be from 1 to {bits}")
@@ -78,7 +79,7 @@ def _prefix(bits):
     return parse
 
 
-def _bool(value):
+def _bool(value: str) -> bool:
     words = {"true": True, "yes": True, "on": True, "1": True,
              "false": False, "no": False, "off": False, "0": False}
     try:
@@ -87,7 +88,7 @@ def _bool(value):
         raise ValueError("must be true or false") from None
 
 
-def _origins(value):
+def _origins(value: str) -> tuple[str, ...]:
     return tuple(item for item in (part.strip() for part in value.replace(",", " ").split()) if item)
 
 
@@ -104,14 +105,14 @@ def _frame_ancestors(value: str) -> tuple:
     return sources
 
 
-def _key_prefix(value):
+def _key_prefix(value: str) -> str:
     value = value.strip()
     if not value or any(char.isspace() for char in value):
         raise ValueError("must be a non-empty word without spaces")
     return value
 
 
-def _networks(value):
+def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     """Addresses or CIDR networks, separated by commas or spaces."""
     try:
         return tuple(ipaddress.ip_network(item, strict=False) for item in _origins(value))
@@ -119,7 +120,7 @@ def _networks(value):
         raise ValueError(f"must be addresses or networks ({error})") from None
 
 
-def _backend_allow(value):
+def _backend_allow(value: str) -> tuple[addresses.Reach, ...]:
     """Networks and port ranges where consoles live (vncgate.addresses' syntax)."""
     try:
         return addresses.parse(value)
@@ -361,13 +362,13 @@ def check_database(database: str, where: str) -> None:
         raise ConfigError(f"{where}: must be a file path or one of {store.URL_FORMS}, got {database!r}")
 
 
-def _kind(parse):
+def _kind(parse: Callable[[str], object]) -> str:
     kinds = {"int": "a whole number", "float": "a number", "_not_negative": "a number", "_port": "a port number",
              "_bytes": "a whole number", "_percent": "a number"}
     return kinds.get(parse.__name__, "valid")
 
 
-def _resolve_web_root(value, base_dir):
+def _resolve_web_root(value: str, base_dir: str) -> str:
     if value.lower() == "auto":
         return next((path for path in NOVNC_DIRS if os.path.isfile(os.path.join(path, "vnc.html"))), "")
     if value.lower() in ("", "off", "none"):
