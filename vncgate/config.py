@@ -172,6 +172,10 @@ PARSERS = {
     "record_all": _bool,
     "record_max_bytes": _positive(int),
     "record_keep_days": _positive(float),
+    "screenshot_max_concurrent": _positive(int),
+    "screenshot_timeout": _positive(float),
+    "screenshot_max_pixels": _positive(int),
+    "screenshot_key_file": _text,
     "record_dir_max_bytes": _bytes,
     "record_min_free": _percent,
 }
@@ -231,6 +235,10 @@ class Config:
     record_all: bool = False
     record_max_bytes: int = 1 << 30
     record_keep_days: float = 30.0
+    screenshot_max_concurrent: int = 4  # screenshots in flight on one gateway; more answer 503
+    screenshot_timeout: float = 10.0  # seconds for one screenshot, from connect to the last pixel
+    screenshot_max_pixels: int = 3840 * 2160  # a larger console is refused before any buffer is made
+    screenshot_key_file: str = ""  # the gateways' own key: passwords sealed under it too (screenshots)
     record_dir_max_bytes: int = 10 << 30  # record_dir as a whole; the oldest finished pruned; 0: no bound
     record_min_free: float = 5.0  # percent of the filesystem kept free: no recording below it
     source: str = ""  # the file read, "" when built-in defaults only (not a key)
@@ -302,7 +310,7 @@ def _finish(raw, base_dir, source):
 
     check_database(values["database"], f"{source}: [{SECTION}] database")
     for key in ("database", "cert", "key", "audit_log", "api_keys_file", "backend_ca", "backend_cert", "backend_key",
-                "console_log_dir", "record_dir"):
+                "console_log_dir", "record_dir", "screenshot_key_file"):
         if values[key] and not os.path.isabs(values[key]) and not store.is_redis_url(values[key]):
             values[key] = os.path.join(base_dir, values[key])
     values["web_root"] = _resolve_web_root(values["web_root"], base_dir)
@@ -316,6 +324,25 @@ def _finish(raw, base_dir, source):
         raise ConfigError(f"{source}: [{SECTION}] public_url: must be an http:// or https:// URL, "
                           f"got {values['public_url']!r}")
     return Config(source=source, **values)
+
+
+MIN_KEY_BYTES = 16
+
+
+def read_key_file(path: str) -> "bytes | None":
+    """The gateways' own sealing key from screenshot_key_file (None when it is not set): its
+    bytes, surrounding whitespace stripped. Raises ConfigError naming the file."""
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            key = handle.read().strip()
+    except OSError as error:
+        raise ConfigError(f"cannot read screenshot_key_file {path}: {error.strerror}") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigError(f"screenshot_key_file {path} holds {len(key)} bytes; a key is at least {MIN_KEY_BYTES} "
+                          "(e.g. head -c 32 /dev/urandom | base64)")
+    return key
 
 
 def check_database(database, where):

@@ -27,6 +27,7 @@ from vncgate import store as store_module
 from vncgate.control.api_consoles import _TOKEN_ID, ConsoleEndpoints
 from vncgate.control.api_fields import _whole_number
 from vncgate.control.api_keys import KeyFileError, add_key, hash_key, read_keys, remove_key
+from vncgate.control.api_screenshots import ScreenshotEndpoints
 from vncgate.control.api_sessions import _SESSION_ID, SessionEndpoints
 from vncgate.control.minting import console_json, iso, mint, session_json, token_json
 from vncgate.control.scope import KeyScope
@@ -45,7 +46,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OPENAPI_FILE = os.path.join(HERE, "openapi.json")
 ADMIN_DIR = os.path.join(HERE, "admin")
 ADMIN_FILES = {"/admin/": "index.html", "/admin/admin.js": "admin.js", "/admin/admin.css": "admin.css"}
-ADMIN_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+ADMIN_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' blob:; "
                 "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
@@ -64,7 +65,7 @@ class _Route:
 
     def audit_path(self, groups):
         if groups and self.id_shape is not None and self.id_shape.fullmatch(groups[0]):
-            return self.template.rsplit("/", 1)[0] + "/" + groups[0]
+            return re.sub(r"\{[a-z_]+\}", lambda _placeholder: groups[0], self.template, count=1)
         return self.template
 
 
@@ -76,11 +77,12 @@ class _Call:
         self.audit = {"client": client, "method": request.method, "path": request.path, "key": "-",
                       "action": "-"}
         self.body_unread = False
+        self.content_type = "application/json"  # an endpoint answering otherwise says so here
         self.key = "-"  # the client's address network (what bad keys are counted by)
         self.scope = KeyScope()  # the key's, once it is known
 
 
-class ControlPlane(ConsoleEndpoints, SessionEndpoints):
+class ControlPlane(ConsoleEndpoints, SessionEndpoints, ScreenshotEndpoints):
     """The API and the admin page of one gateway."""
 
     def __init__(self, gateway):
@@ -94,7 +96,9 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints):
             _Route("/consoles", {"POST": self.create_console, "GET": self.list_consoles,
                                  "DELETE": self.revoke_by_instance}),
             _Route("/consoles/log", {"GET": self.console_log}),
+            _Route("/consoles/follows", {"GET": self.list_follows}),
             _Route("/consoles/{token_id}", {"DELETE": self.revoke_token}, _TOKEN_ID),
+            _Route("/consoles/{token_id}/screenshot", {"GET": self.console_screenshot}, _TOKEN_ID),
             _Route("/sessions", {"GET": self.list_sessions}),
             _Route("/sessions/{session_id}", {"DELETE": self.kill_session}, _SESSION_ID),
             _Route("/store", {"GET": self.store_state}),
@@ -141,7 +145,8 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints):
             self.gateway.audit.sampled(call.key, "api", **call.audit)
         else:
             self.gateway.audit.record("api", **call.audit)
-        headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store"),
+        headers = [("Content-Type", call.content_type if status < 400 else "application/json"),
+                   ("Cache-Control", "no-store"),
                    ("X-Content-Type-Options", "nosniff")]
         if status == 405:
             headers.append(("Allow", ", ".join(self._methods(request.path))))

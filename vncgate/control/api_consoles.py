@@ -5,6 +5,7 @@ the gateway and its config.
 """
 
 import re
+from typing import Any
 
 from vncgate import store as store_module
 from vncgate.console import policy as policy_module
@@ -14,12 +15,28 @@ from vncgate.control import scope as scope_module
 from vncgate.control.api_fields import _Fields, _Query, _whole_number
 from vncgate.control.minting import console_json, mint, token_json
 from vncgate.refusals import Refused
+from vncgate.store.common import ConnectionDetails
 
 _TOKEN_ID = re.compile(r"[0-9a-f]{8,64}")
 
 
+def token_row(store: Any, token_id: str) -> ConnectionDetails:
+    """The one token whose id (a prefix of its hash) is token_id, expired ones too, or Refused."""
+    if not _TOKEN_ID.fullmatch(token_id):
+        raise Refused("not-found", "not a token id")
+    rows = [row for row in store.list_details(include_expired=True) if row.token_hash.startswith(token_id)]
+    if not rows:
+        raise Refused("not-found", f"no token {token_id}")
+    if len(rows) > 1:
+        raise Refused("ambiguous-token-id", f"{len(rows)} tokens start with {token_id}")
+    return rows[0]
+
+
 class ConsoleEndpoints:
     """ControlPlane's /consoles endpoints."""
+
+    gateway: Any  # ControlPlane's
+    _end_local_sessions: Any  # SessionEndpoints'
 
     # -- endpoints: each returns (status, JSON value) ------------------------------------------
 
@@ -54,7 +71,8 @@ class ConsoleEndpoints:
         except scope_module.Invalid as error:
             raise Refused("invalid-request", str(error)) from None
         token, details, url = mint(self.config, self.gateway.store, console_type, host, port, instance,
-                                   internal_path, ttl, password, policy.to_json(), backend_tls)
+                                   internal_path, ttl, password, policy.to_json(), backend_tls,
+                                   held_key=self.gateway.screenshots.held_key)
         call.audit["token_id"] = details.token_id
         return 201, console_json(token, details, url)
 
@@ -80,6 +98,12 @@ class ConsoleEndpoints:
             raise Refused("not-found", f"no console log for {instance}: it was never followed")
         return 200, {"instance_id": instance, "output": output.decode("utf-8", "replace")}
 
+    def list_follows(self, call: Any, _body: object) -> tuple:
+        """The serial consoles the gateways follow (vncgate-token follow), by instance."""
+        _Query(call.request, ())
+        return 200, [{"instance_id": follow.instance_id, "host": follow.host, "port": follow.port}
+                     for follow in self.gateway.store.list_follows()]
+
     def revoke_by_instance(self, call, _body):
         query = _Query(call.request, ("instance",))
         instance = query.get("instance")
@@ -92,18 +116,12 @@ class ConsoleEndpoints:
         self._end_local_sessions(lambda session: session.details.token_hash in hashes, "revoked")
         return 200, {"revoked": revoked}
 
-    def revoke_token(self, call, _body, token_id):
-        if not _TOKEN_ID.fullmatch(token_id):
-            raise Refused("not-found", "not a token id")
+    def revoke_token(self, call: Any, _body: object, token_id: str) -> tuple:
         store = self.gateway.store
-        rows = [row for row in store.list_details(include_expired=True) if row.token_hash.startswith(token_id)]
-        if not rows:
-            raise Refused("not-found", f"no token {token_id}")
-        if len(rows) > 1:
-            raise Refused("ambiguous-token-id", f"{len(rows)} tokens start with {token_id}")
-        call.audit.update(instance=rows[0].instance_id, token_id=rows[0].token_id)
-        revoked = store.delete_hashes([rows[0].token_hash])
+        row = token_row(store, token_id)
+        call.audit.update(instance=row.instance_id, token_id=row.token_id)
+        revoked = store.delete_hashes([row.token_hash])
         if not revoked:
             raise Refused("not-found", f"token {token_id} went meanwhile")
-        self._end_local_sessions(lambda session: session.details.token_hash == rows[0].token_hash, "revoked")
+        self._end_local_sessions(lambda session: session.details.token_hash == row.token_hash, "revoked")
         return 200, {"revoked": revoked}

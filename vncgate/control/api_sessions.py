@@ -6,6 +6,7 @@ ControlPlane (api.py), which brings the gateway.
 
 import logging
 import re
+from typing import Any
 
 from vncgate import store as store_module
 from vncgate.control.api_fields import _Query
@@ -20,12 +21,16 @@ _SESSION_ID = re.compile(r"[0-9a-f]{1,64}")
 class SessionEndpoints:
     """ControlPlane's /sessions and /store endpoints."""
 
-    def list_sessions(self, call, _body):
+    gateway: Any  # ControlPlane's
+
+    def list_sessions(self, call: Any, _body: object) -> tuple:
         query = _Query(call.request, ("instance",))
         call.audit["instance"] = query.get("instance") or "-"
         store = self.gateway.store
         now = store.clock()
-        return 200, [session_json(row, now) for row in store.list_sessions(instance_id=query.get("instance"))]
+        here = self.gateway.sessions.byte_counts()
+        return 200, [session_json(row, now, here.get(row.session_id))
+                     for row in store.list_sessions(instance_id=query.get("instance"))]
 
     def kill_session(self, call, _body, session_id):
         if not _SESSION_ID.fullmatch(session_id):

@@ -4,9 +4,11 @@ by the control-plane API and the CLI, so both hand out the same URLs and the sam
 
 import dataclasses
 import datetime
+from typing import Optional
 
 from vncgate import store as store_module
 from vncgate.console import policy as policy_module
+from vncgate.store.common import LiveSession
 
 # The path a console type arrives on (live session rows keep the type).
 _PATH_OF_TYPE = {store_module.XVP: "xvp", store_module.WEBSOCKET: "websocket", store_module.SERIAL: "serial"}
@@ -19,15 +21,16 @@ def iso(timestamp):
 # -- minting, shared with the CLI -------------------------------------------------------------
 
 def mint(config, store, console_type, host, port, instance=None, internal_path="", ttl=None, password=None,
-         policy="", backend_tls=False, record=False, replay="", replay_speed=1.0):
+         policy="", backend_tls=False, record=False, replay="", replay_speed=1.0, held_key=None):
     """A new token for one console; returns (token, details, access URL). policy: Policy.to_json();
-    record, replay, replay_speed: see Store.add_connection_details."""
+    record, replay, replay_speed, held_key: see Store.add_connection_details."""
     base = {store_module.XVP: f"{config.base_url}/console",
             store_module.SERIAL: f"{config.base_url}/serial.html"}.get(console_type, f"{config.base_url}/vnc.html")
     token = store.add_connection_details(instance or f"{host}:{port}", console_type, host, port,
                                          internal_access_path=internal_path, access_url=base, ttl=ttl,
                                          backend_password=password, policy=policy, backend_tls=backend_tls,
-                                         record=record, replay=replay, replay_speed=replay_speed)
+                                         record=record, replay=replay, replay_speed=replay_speed,
+                                         held_key=held_key)
     return token, store.get_connection_details(token), store_module.access_url(config.base_url, console_type, token)
 
 
@@ -52,10 +55,12 @@ def token_json(row, now, idle_timeout):
             "has_password": row.has_password, "policy": policy_fields(row), "backend_tls": row.backend_tls}
 
 
-def session_json(row, now):
+def session_json(row: LiveSession, now: float, counts: Optional[tuple] = None) -> dict:
+    """counts: (bytes up, bytes down) counted now, when the session is this gateway's."""
     return {"session_id": row.session_id, "gateway_id": row.gateway_id, "token_id": row.token_hash[:8],
             "instance_id": row.instance_id, "console_type": row.console_type,
             "path": _PATH_OF_TYPE.get(row.console_type, row.console_type), "client": row.client,
             "started_at": iso(row.started_at), "updated_at": iso(row.updated_at),
-            "duration": round(max(0.0, now - row.started_at), 1), "bytes_up": row.bytes_up,
-            "bytes_down": row.bytes_down, "kill_requested": bool(row.kill_requested)}
+            "duration": round(max(0.0, now - row.started_at), 1),
+            **dict(zip(("bytes_up", "bytes_down"), counts or (row.bytes_up, row.bytes_down))),
+            "kill_requested": bool(row.kill_requested)}

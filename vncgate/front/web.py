@@ -228,6 +228,7 @@ def _families(gateway):
           ({"direction": "down"}, sum(down for _, down in live_counts))]),
         ("vncgate_handshakes_total", "counter", "Console attempts by client path and result.",
          [({"path": path, "result": result}, count) for (path, result), count in sorted(handshakes.items())]),
+        *gateway.screenshots.families(),
         ("vncgate_audit_dropped_total", "counter", "Audit lines the disk refused (full, failing).",
          [({}, audit.dropped)]),
         ("vncgate_audit_suppressed_total", "counter",
