@@ -21,6 +21,7 @@ import ssl
 import struct
 import time
 from collections.abc import Callable
+from typing import Optional
 
 NONE, VNC_AUTH, VENCRYPT = 1, 2, 19  # RFB security types
 X509_NONE, X509_VNC = 260, 261  # VeNCrypt sub-types
@@ -168,21 +169,23 @@ def _offered_minor(version):
 
 # -- with the backend: the gateway is the RFB client ------------------------------------------
 
-class _Backend:
-    """Exact reads and whole writes on a blocking socket, each bounded by one monotonic deadline."""
+class BackendIO:
+    """Exact reads and whole writes on a blocking socket, each bounded by one monotonic deadline.
+    stage names what is under way, for the errors (the security handshake, a screenshot)."""
 
-    def __init__(self, sock, deadline, initial):
+    def __init__(self, sock, deadline: float, initial: bytes = b"", stage: str = "security handshake") -> None:
         self.sock = sock
         self.deadline = deadline
         self.pending = bytes(initial)
+        self.stage = stage
 
-    def budget(self):
+    def budget(self) -> None:
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
-            raise RfbError("backend-timeout", "the VNC server's security handshake did not finish in time")
+            raise RfbError("backend-timeout", f"the VNC server's {self.stage} did not finish in time")
         self.sock.settimeout(remaining)
 
-    def read_exact(self, count):
+    def read_exact(self, count: int) -> bytes:
         while len(self.pending) < count:
             self.budget()
             try:  # never more than asked: what follows the handshake belongs to the relay
@@ -190,17 +193,31 @@ class _Backend:
             except socket.timeout:
                 continue  # budget() raises on the next turn
             if not chunk:
-                raise RfbError("backend-closed", "the VNC server closed the connection during the handshake")
+                raise RfbError("backend-closed", f"the VNC server closed the connection during the {self.stage}")
             self.pending += chunk
         data, self.pending = self.pending[:count], self.pending[count:]
         return data
 
-    def write(self, data):
+    def read_into(self, view: memoryview) -> None:
+        """Fill view exactly (pixels straight into a framebuffer, no copy through bytes)."""
+        done = min(len(self.pending), len(view))
+        view[:done], self.pending = self.pending[:done], self.pending[done:]
+        while done < len(view):
+            self.budget()
+            try:
+                count = self.sock.recv_into(view[done:])
+            except socket.timeout:
+                continue
+            if not count:
+                raise RfbError("backend-closed", f"the VNC server closed the connection during the {self.stage}")
+            done += count
+
+    def write(self, data: bytes) -> None:
         self.budget()
         try:
             self.sock.sendall(data)
         except socket.timeout:
-            raise RfbError("backend-timeout", "the VNC server did not take the handshake's bytes in time") from None
+            raise RfbError("backend-timeout", f"the VNC server did not take the {self.stage}'s bytes in time") from None
 
 
 def _failure_reason(read_exact, fallback):
@@ -281,9 +298,20 @@ def vencrypt_backend(sock, context, hostname, password, deadline, initial=b""):
     return _as_client(sock, deadline, initial, handshake)
 
 
+def secure(sock: socket.socket, password: Optional[bytes], deadline: float, initial: bytes = b"",
+           context: Optional[ssl.SSLContext] = None, hostname: str = "") -> tuple:
+    """The backend's security handshake as the gateway does it for a token: VeNCrypt checked by
+    context for hostname when context is given (a backend_tls token), else VNC Authentication
+    with password (or None without one). Returns (version line, the socket to go on with: the
+    TLS one after VeNCrypt, else sock). Raises RfbError as those two do."""
+    if context is None:
+        return authenticate_backend(sock, password, deadline, initial=initial), sock
+    return vencrypt_backend(sock, context, hostname, password, deadline, initial=initial)
+
+
 def _as_client(sock, deadline, initial, handshake):
-    """Run handshake(_Backend) on sock; OSError becomes backend-closed, the timeout is restored."""
-    backend = _Backend(sock, deadline, initial)
+    """Run handshake(BackendIO) on sock; OSError becomes backend-closed, the timeout is restored."""
+    backend = BackendIO(sock, deadline, initial)
     saved_timeout = sock.gettimeout()
     try:
         result = handshake(backend)
