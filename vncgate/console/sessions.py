@@ -134,7 +134,9 @@ class SessionManager:
         self.on_relaying = on_relaying
         self.gateway_id = gateway_id or new_gateway_id()
         self._live = {}
-        self._to_release = {}  # session id -> token hash: shares to give back (at a stop, in one write)
+        # session id -> (token hash, ended): shares to give back by the housekeeper (at a stop, in
+        # one write; or again after the store refused it)
+        self._to_release = {}
         self.extra_fds = 0  # fds the live sessions hold beyond their two sockets (fds.RECORDED_EXTRA...)
         self._to_record = {}  # session id -> Session, not in the shared list yet
         self._to_remove = set()  # session ids to take out of it
@@ -175,7 +177,8 @@ class SessionManager:
             session = self._reach(details, client, path, conn, address, (token, resume_cookie), fields,
                                   session_id)
         except BaseException:
-            self.shares.give_back({session_id: details.token_hash}, ended=False)
+            if not self.shares.give_back({session_id: details.token_hash}, ended=False):
+                self._release_later(session_id, details.token_hash, False)
             raise
         with self._lock:
             self._live[session.id] = session
@@ -349,11 +352,17 @@ class SessionManager:
                 self._to_remove.add(session.id)
             self.extra_fds -= session.extra_fds
             if self._stopping_all:  # at a stop, the housekeeper's last round writes them all
-                self._to_release[session.id] = session.details.token_hash
+                self._to_release[session.id] = (session.details.token_hash, True)
         if not self._stopping_all:
-            self.shares.give_back({session.id: session.details.token_hash})
+            if not self.shares.give_back({session.id: session.details.token_hash}):
+                self._release_later(session.id, session.details.token_hash, True)
             self.store_work.set()
         return True
+
+    def _release_later(self, session_id, token_hash, ended):
+        with self._lock:
+            self._to_release[session_id] = (token_hash, ended)
+        self.store_work.set()
 
     def write_session_list(self):
         """Write the sessions that started and ended since the last call to the shared list, then
@@ -373,9 +382,11 @@ class SessionManager:
             if removals:  # one transaction: at SIGTERM thousands end at once
                 self.store.remove_sessions(removals)
                 removals = []
-            if releases:
-                self.store.release_shares(releases)
-                releases = {}
+            for ended in (True, False):
+                chosen = {sid: token_hash for sid, (token_hash, was) in releases.items() if was is ended}
+                if chosen:
+                    self.store.release_shares(chosen, ended)
+                    releases = {sid: item for sid, item in releases.items() if sid not in chosen}
             if time.monotonic() >= self._next_checkpoint:
                 self._next_checkpoint = time.monotonic() + CHECKPOINT_INTERVAL
                 self.store.checkpoint()

@@ -34,14 +34,16 @@ class TokenShares:
         if not taken:
             raise Refused("too-many-sessions", f"{live} sessions open", **fields)
 
-    def give_back(self, shares: dict, ended: bool = True) -> None:
+    def give_back(self, shares: dict, ended: bool = True) -> bool:
         """{session id: token hash}; ended=False for an attempt refused before it was a session
-        (a single-use token's grace does not start). An outage is logged, not raised: the
-        shares lapse by themselves."""
+        (a single-use token's grace does not start). An outage is logged, not raised (False):
+        the caller tries again later, and the shares lapse by themselves meanwhile."""
         try:
             self.store.release_shares(shares, ended)
+            return True
         except store_module.StoreError as error:
-            log.warning("shares not given back to the store (they lapse in %gs): %s", self.ttl, error)
+            log.warning("shares not given back to the store yet (they lapse in %gs): %s", self.ttl, error)
+            return False
 
     def renew(self, shares: dict) -> None:
         """{session id: token hash} of the live sessions, at each heartbeat."""
