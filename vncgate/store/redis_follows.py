@@ -3,23 +3,32 @@
 the client (_run, _key).
 """
 
+from __future__ import annotations
+
+from typing import Any, Callable
+
 from vncgate.store.common import Follow
 
 
 class RedisFollows:
     """RedisStore's followed serial consoles."""
 
+    # What RedisStore brings (declared for the type checker only).
+    _client: Any
+    _run: Callable[..., Any]
+    _key: Callable[..., str]
+
     # -- followed serial consoles ------------------------------------------------------
 
-    def add_follow(self, instance_id, host, port):
+    def add_follow(self, instance_id: str, host: str, port: int | str) -> None:
         """Follow (or re-point) one instance's serial console."""
         self._run(self._client.hset, self._key("follows"), instance_id, f"{host} {int(port)}")
 
-    def remove_follow(self, instance_id):
+    def remove_follow(self, instance_id: str) -> bool:
         """Stop following; False when it was not followed."""
         return bool(self._run(self._client.hdel, self._key("follows"), instance_id))
 
-    def list_follows(self):
+    def list_follows(self) -> list[Follow]:
         found = self._run(self._client.hgetall, self._key("follows"))
         follows = []
         for instance_id, value in found.items():
