@@ -13,11 +13,12 @@ import time
 from vncgate.console.allow import BackendAllow, resolve
 from vncgate.net import fds, http
 from vncgate.refusals import Refused
+from vncgate.store.common import ConnectionDetails
 
 XEN_REPLY_LIMIT = 4096
 
 
-def open_backend(details, timeout, *, allow):
+def open_backend(details: ConnectionDetails, timeout: float, *, allow: BackendAllow) -> tuple[socket.socket, bytes]:
     """Connect to the console of details; returns (socket, bytes already read from it).
     Raises Refused with a backend-… reason. allow: the gateway's allow.BackendAllow."""
     deadline = time.monotonic() + timeout

@@ -4,6 +4,8 @@ other end a replay token's session relays as its backend. It answers the viewer'
 speed, and reads and drops the viewer's input.
 """
 
+from __future__ import annotations
+
 import logging
 import os
 import select
@@ -28,7 +30,7 @@ class Player:
     the other end (.socket) as its backend. The viewer's handshake is answered here (security
     None, the recorded ServerInit); its input is read and dropped."""
 
-    def __init__(self, path, speed):
+    def __init__(self, path: str | None, speed: float) -> None:
         self.path = path
         self.speed = speed
         self.socket, self._far = socket.socketpair()

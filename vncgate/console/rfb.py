@@ -15,13 +15,14 @@ vectors: this keeps the runtime dependencies to the standard library and redis,
 and speed is irrelevant because DES here only encrypts one 16-byte challenge per session.
 """
 
+from __future__ import annotations
+
 import re
 import socket
 import ssl
 import struct
 import time
 from collections.abc import Callable
-from typing import Optional
 
 NONE, VNC_AUTH, VENCRYPT = 1, 2, 19  # RFB security types
 X509_NONE, X509_VNC = 260, 261  # VeNCrypt sub-types
@@ -34,7 +35,7 @@ _U32 = struct.Struct("!I")
 class RfbError(Exception):
     """The handshake failed; .reason is a short word for audit lines, .detail says more."""
 
-    def __init__(self, reason, detail):
+    def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -111,7 +112,7 @@ def _feistel(half, subkey):
     return _permute(out, _P, 32)
 
 
-def des_encrypt_block(key, block):
+def des_encrypt_block(key: bytes, block: bytes) -> bytes:
     """DES-ECB of one 8-byte block under an 8-byte key (parity bits ignored)."""
     if len(key) != 8 or len(block) != 8:
         raise ValueError("DES takes an 8-byte key and an 8-byte block")
@@ -127,7 +128,7 @@ def _reverse_bits(byte):
     return int(f"{byte:08b}"[::-1], 2)
 
 
-def vnc_auth_response(password, challenge):
+def vnc_auth_response(password: bytes, challenge: bytes) -> bytes:
     """VNC Authentication's answer: the 16-byte challenge DES-encrypted (two ECB blocks) under
     the password cut or NUL-padded to 8 bytes, each byte bit-reversed (bit 0 <-> bit 7): the
     original VNC code loaded DES keys least significant bit first, and every server since
@@ -155,7 +156,7 @@ def _minor(line, side):
     raise RfbError(f"{side}-bad-rfb", f"not an RFB 3.3, 3.7 or 3.8 version: {line[:12]!r}")
 
 
-def version_line(minor):
+def version_line(minor: int) -> bytes:
     return b"RFB 003.%03d\n" % minor
 
 
@@ -173,7 +174,8 @@ class BackendIO:
     """Exact reads and whole writes on a blocking socket, each bounded by one monotonic deadline.
     stage names what is under way, for the errors (the security handshake, a screenshot)."""
 
-    def __init__(self, sock, deadline: float, initial: bytes = b"", stage: str = "security handshake") -> None:
+    def __init__(self, sock: socket.socket, deadline: float, initial: bytes = b"",
+                 stage: str = "security handshake") -> None:
         self.sock = sock
         self.deadline = deadline
         self.pending = bytes(initial)
@@ -231,7 +233,7 @@ def _failure_reason(read_exact, fallback):
     return text or fallback
 
 
-def authenticate_backend(sock, password, deadline, initial=b""):
+def authenticate_backend(sock: socket.socket, password: bytes | None, deadline: float, initial: bytes = b"") -> bytes:
     """Be the client of the backend's RFB security handshake, answering VNC Authentication
     with password, or choosing security type None when password is None (the tokens with a
     console policy, whose stream the gateway must read from ClientInit on); returns the
@@ -259,7 +261,8 @@ def authenticate_backend(sock, password, deadline, initial=b""):
     return _as_client(sock, deadline, initial, handshake)
 
 
-def vencrypt_backend(sock, context, hostname, password, deadline, initial=b""):
+def vencrypt_backend(sock: socket.socket, context: ssl.SSLContext, hostname: str, password: bytes | None,
+                     deadline: float, initial: bytes = b"") -> tuple[bytes, ssl.SSLSocket]:
     """Be the client of the backend's VeNCrypt handshake (security type 19): TLS with the
     console's x509 certificate checked by context for hostname, then, inside the TLS,
     nothing more (X509None) or VNC Authentication with password (X509Vnc, when the gateway
@@ -298,8 +301,8 @@ def vencrypt_backend(sock, context, hostname, password, deadline, initial=b""):
     return _as_client(sock, deadline, initial, handshake)
 
 
-def secure(sock: socket.socket, password: Optional[bytes], deadline: float, initial: bytes = b"",
-           context: Optional[ssl.SSLContext] = None, hostname: str = "") -> tuple:
+def secure(sock: socket.socket, password: bytes | None, deadline: float, initial: bytes = b"",
+           context: ssl.SSLContext | None = None, hostname: str = "") -> tuple[bytes, socket.socket]:
     """The backend's security handshake as the gateway does it for a token: VeNCrypt checked by
     context for hostname when context is given (a backend_tls token), else VNC Authentication
     with password (or None without one). Returns (version line, the socket to go on with: the
@@ -461,7 +464,8 @@ def offer_no_auth(read_exact: Callable[[int], bytes], write: Callable[[bytes], o
         send(_U32.pack(0))  # SecurityResult OK; RFC 6143: 3.7 sends none for type None
 
 
-def refuse_client(read_exact, write, version, reason):
+def refuse_client(read_exact: Callable[[int], bytes], write: Callable[[bytes], object], version: bytes,
+                  reason: str) -> None:
     """Tell the client in RFB why it cannot have the console: after the versions, no security
     types (3.7/3.8: count 0; 3.3: type 0) and the reason string, which RFB clients show.
     The caller closes the connection afterwards. Raises RfbError as offer_no_auth does."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import secrets
+import threading
 import urllib.parse
 from typing import Callable
 
@@ -257,6 +258,11 @@ class Store:
         """A random secret (hex) under name, the same for every gateway on this store: made by
         the first that asks, kept by the store. Raises StoreError."""
         raise NotImplementedError
+
+    def listen(self, on_event: Callable[[str, set[str]], None], on_reconnect: Callable[[], None],
+               stopping: threading.Event, poll: float = 0.5) -> None:
+        """Pushed revocations and kills, for an engine whose pushes_events is True (RedisStore.listen)."""
+        raise NotImplementedError(f"{type(self).__name__} pushes no events")
 
     def checkpoint(self) -> None:
         """Fold a write-ahead log into the store, off the handshakes' path (the housekeeper calls
