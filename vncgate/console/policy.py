@@ -219,7 +219,8 @@ class Parser:
             raise Malformed("client-bad-message", f"unknown client message type {kind}")
         return size if size is not None and have >= size else None
 
-    def _counted(self, start, have, header, at, field, each, limit, name):
+    def _counted(self, start: int, have: int, header: int, at: int, field: struct.Struct | None, each: int,
+                 limit: int, name: str) -> int | None:
         """header bytes, then a count (a u16 via field, else a byte) at offset at of items of each bytes."""
         if have < header:
             return None

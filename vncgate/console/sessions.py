@@ -23,7 +23,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, TypeVar, Union
 
 from vncgate import refusals
 from vncgate import store as store_module
@@ -37,6 +37,7 @@ from vncgate.store import watch
 if TYPE_CHECKING:
     from vncgate.audit import Audit
     from vncgate.config import Config
+    from vncgate.console import replay
     from vncgate.console.relay import Relay
     from vncgate.console.streams import Sink
     from vncgate.store.redis import RedisStore
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
 __all__ = ["CHECKPOINT_INTERVAL", "Housekeeper", "Listener", "Session", "SessionManager"]
 
 log = logging.getLogger("vncgate.console.sessions")
+
+T = TypeVar("T")
 
 CHECKPOINT_INTERVAL = 1.0  # seconds between the housekeeper's checkpoints, at most
 
@@ -194,7 +197,8 @@ class SessionManager:
                               **({"recording": session.id} if session.recorder else {}))
         return session
 
-    def _reach(self, details, client, path, conn, address, resume, fields):
+    def _reach(self, details: store_module.ConnectionDetails, client: str, path: str, conn: object, address: str,
+               resume: tuple[str, str | None], fields: dict[str, Any]) -> Session:
         """The session with its backend connected (and secured, and a single use taken), or Refused."""
         if details.replay:  # the "backend" is a player of the recording, speaking RFB itself
             player = self.recordings.player(details.replay, details.replay_speed)
@@ -214,7 +218,8 @@ class SessionManager:
             raise
         return session
 
-    def _prepare(self, session, player, address, resume, fields):
+    def _prepare(self, session: Session, player: replay.Player | None, address: str,
+                 resume: tuple[str, str | None], fields: dict[str, Any]) -> None:
         """The session's policy, backend security, single use and recorder."""
         details = session.details
         session.policy = policy_module.Policy.from_json(details.policy)
@@ -234,7 +239,7 @@ class SessionManager:
             session.recorder = self.recordings.recorder(session, lambda reason, detail: self.audit.record(
                 "recording-stopped", **session.audit_fields(), recording=session.id, reason=reason, detail=detail))
 
-    def _abandon(self, session):
+    def _abandon(self, session: Session) -> None:
         """Give back what a session that never registered took: its use, backend, recorder."""
         try:
             self._release(session)
@@ -263,17 +268,17 @@ class SessionManager:
         except store_module.StoreError as error:
             raise Refused("store-unavailable", str(error), **fields) from None
 
-    def _release(self, session):
+    def _release(self, session: Session) -> None:
         if session.use:
             self._shared(self.store.release, session.details.token_hash)
 
-    def _take_token_share(self, token_hash, fields):
+    def _take_token_share(self, token_hash: str, fields: dict[str, Any]) -> None:
         with self._lock:
             if self._per_token[token_hash] >= self.settings.max_sessions_per_token:
                 raise Refused("too-many-sessions", f"{self._per_token[token_hash]} sessions open", **fields)
             self._per_token[token_hash] += 1
 
-    def _give_back_token_share(self, token_hash):
+    def _give_back_token_share(self, token_hash: str) -> None:
         with self._lock:
             self._per_token[token_hash] -= 1
             if not self._per_token[token_hash]:
@@ -320,7 +325,7 @@ class SessionManager:
         return False
 
     @staticmethod
-    def _shared(call, *args):
+    def _shared(call: Callable[..., T], *args: object) -> T | None:
         """A store write after a session ended: an outage must not fail the session's end over it."""
         try:
             return call(*args)
@@ -328,7 +333,7 @@ class SessionManager:
             log.warning("single-use state not released: %s", error)
             return None
 
-    def _validate(self, token, console_type, fields):
+    def _validate(self, token: str, console_type: str, fields: dict[str, Any]) -> store_module.ConnectionDetails:
         try:
             details = self.breaker.call(self.store.validate, token, console_type)
         except store_module.TokenRejected as rejected:
