@@ -54,7 +54,7 @@ from vncgate.net import tls
 
 if TYPE_CHECKING:
     from vncgate.console.recording import Recorder
-    from vncgate.console.streams import Sink, Source
+    from vncgate.console.streams import Sink, Source, SpliceSink
 
 Sock = Union[socket.socket, tls.TlsStream]
 
@@ -125,7 +125,7 @@ class SpliceDirection(Direction):
     Python (the Sink's write_from splices them on, maybe after a frame header of its own).
     Between chunks it waits in poll() holding no pipe."""
 
-    def __init__(self, name: str, source_sock: Sock, sink: SocketSink, initial: bytes = b"",
+    def __init__(self, name: str, source_sock: Sock, sink: SpliceSink, initial: bytes = b"",
                  pipes: PipePool = PIPES) -> None:
         super().__init__(name)
         self.source_sock = source_sock
@@ -183,7 +183,7 @@ class TeeDirection(SpliceDirection):
     the recorder follows an RFB handshake (it must read those bytes) or when no second pipe
     is free; once the recorder has stopped, chunks are only spliced."""
 
-    def __init__(self, name: str, source_sock: Sock, sink: SocketSink, recorder: Recorder, initial: bytes = b"",
+    def __init__(self, name: str, source_sock: Sock, sink: SpliceSink, recorder: Recorder, initial: bytes = b"",
                  pipes: PipePool = PIPES) -> None:
         super().__init__(name, source_sock, sink, initial, pipes)
         self.recorder = recorder
@@ -230,7 +230,7 @@ def splices(*socks: object) -> bool:
     return CAN_SPLICE and not any(isinstance(sock, (ssl.SSLSocket, tls.TlsStream)) for sock in socks)
 
 
-def from_backend(backend_sock: Sock, sink: SocketSink, leftover: bytes = b"", recorder: Recorder | None = None, *,
+def from_backend(backend_sock: Sock, sink: SpliceSink, leftover: bytes = b"", recorder: Recorder | None = None, *,
                  splice: bool) -> Direction:
     """The backend-to-client Direction into sink: spliced when it may be (splice: see
     splices()), tee'd as well when recorded, else copied through Python (and shown to the
@@ -275,7 +275,7 @@ class Relay:
             watcher = recorder.client if recorder else None
             sink = SocketSink(backend_sock)
             upstream: Direction = CopyDirection("client", tapped(SocketSource(client_sock, client_leftover), watcher),
-                                     upstream_sink(sink) if upstream_sink else sink)
+                                                upstream_sink(sink) if upstream_sink else sink)
         else:
             upstream = SpliceDirection("client", client_sock, SocketSink(backend_sock), client_leftover)
         downstream = from_backend(backend_sock, SocketSink(client_sock), backend_leftover, recorder, splice=splice)

@@ -67,15 +67,14 @@ class Session:
         self.client_conn = client_conn
         self.started = time.time()
         self.relay: Relay | None = None
-        self.recorder: recording.Recorder | None = None  # a recording.Recorder when the session is recorded
+        self.recorder: recording.Recorder | None = None  # when the session is recorded
         self.stopped: str | None = None  # the reason, once stop() was called
         self._lock = threading.Lock()
         # The RFB security the gateway did with the backend: None (the client does its own),
         # the version line agreed (the client gets security type None), or the RfbError to tell it.
         self.security: bytes | rfb.RfbError | None = None
         self.policy = policy_module.Policy()
-        # a policy_module.Enforcement when the policy reads the client's stream
-        self.enforcement: policy_module.Enforcement | None = None
+        self.enforcement: policy_module.Enforcement | None = None  # when the policy reads the client's stream
         self.use: str | None = None  # a single-use token's use: "consumed" or "resumed"
         self.resume_cookie: str | None = None  # the cookie its client may come back with (the websocket path)
 
@@ -127,8 +126,7 @@ class Session:
 class SessionManager:
     def __init__(self, store: AnyStore, audit: Audit, backend_timeout: float, heartbeat: float, settings: Config,
                  backend_tls: ssl.SSLContext | None = None, on_relaying: Callable[[], None] = lambda: None,
-                 recordings: recording.Recordings | None = None,
-                 backend_allow: allow.BackendAllow | None = None) -> None:
+                 recordings: recording.Recordings | None = None, backend_allow: allow.BackendAllow | None = None) -> None:
         """settings: the policy keys of the config (resume_grace, paste_max_chars, input_idle_timeout)
         and max_sessions_per_token; backend_tls: the ssl context for consoles that speak VeNCrypt
         (tls.backend_context); on_relaying: called in a session's thread as its relay starts;

@@ -33,6 +33,12 @@ class Sink(Protocol):
 
     def close_write(self) -> None: ...
 
+
+class SpliceSink(Sink, Protocol):
+    """A Sink a spliced direction writes to: bytes waiting in a pipe are spliced on (write_from)."""
+
+    def write_from(self, read_end: int, count: int, /) -> None: ...
+
 BUFFER_SIZE = 256 * 1024
 
 
