@@ -5,18 +5,12 @@ the client (_run, _key).
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 from vncgate.store.common import Follow
+from vncgate.store.engine_parts import RedisParts
 
 
-class RedisFollows:
+class RedisFollows(RedisParts):
     """RedisStore's followed serial consoles."""
-
-    # What RedisStore brings (declared for the type checker only).
-    _client: Any
-    _run: Callable[..., Any]
-    _key: Callable[..., str]
 
     # -- followed serial consoles ------------------------------------------------------
 

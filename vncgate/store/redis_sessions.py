@@ -8,23 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from typing import Any, Callable
 
 from vncgate.store.common import LiveSession, stale_after
+from vncgate.store.engine_parts import RedisParts
 
 _SESSION_FIELDS = tuple(field.name for field in dataclasses.fields(LiveSession))
 
 
-class RedisSessions:
+class RedisSessions(RedisParts):
     """RedisStore's live sessions, shared by every gateway on the store."""
-
-    # What RedisStore brings (declared for the type checker only).
-    _client: Any
-    _run: Callable[..., Any]
-    _key: Callable[..., str]
-    _script: Callable[..., Any]
-    _pipelined: Callable[[list[tuple[str, tuple[Any, ...]]]], list[Any]]
-    clock: Callable[[], float]
 
     # -- live sessions, shared by every gateway on the store -------------------------------
 

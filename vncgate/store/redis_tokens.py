@@ -7,11 +7,11 @@ client, the scripts (_script, _pipelined, _run) and the clock.
 from __future__ import annotations
 
 import secrets
-from typing import Any, Callable
+from typing import Any
 
 from vncgate.store.common import ConnectionDetails, StoreError, TokenRejected, consumption
+from vncgate.store.engine_parts import RedisParts
 from vncgate.store.redis_scripts import _BATCH
-from vncgate.store.targets import RedisTarget
 
 _TOKEN_FIELDS = ("instance_id", "console_type", "host", "port", "access_url", "internal_access_path",
                  "created_at", "updated_at", "expires_at")
@@ -19,19 +19,8 @@ _TOKEN_FIELDS = ("instance_id", "console_type", "host", "port", "access_url", "i
 _LATER_FIELDS = {"record": "0", "replay": "", "replay_speed": "1.0"}
 
 
-class RedisTokens:
+class RedisTokens(RedisParts):
     """RedisStore's tokens and single-use consumption (see Store for each call)."""
-
-    # What RedisStore brings (declared for the type checker only).
-    _client: Any
-    _run: Callable[..., Any]
-    _key: Callable[..., str]
-    _script: Callable[..., Any]
-    _pipelined: Callable[[list[tuple[str, tuple[Any, ...]]]], list[Any]]
-    clock: Callable[[], float]
-    idle_timeout: float
-    busy_timeout: float
-    target: RedisTarget
 
     # -- what the shared calls are made of -----------------------------------------------
 

@@ -5,18 +5,12 @@ connections (_db).
 
 from __future__ import annotations
 
-import sqlite3
-from contextlib import AbstractContextManager
-from typing import Callable
-
 from vncgate.store.common import Follow
+from vncgate.store.engine_parts import SqliteParts
 
 
-class SqliteFollows:
+class SqliteFollows(SqliteParts):
     """SqliteStore's followed serial consoles."""
-
-    # What SqliteStore brings (declared for the type checker only).
-    _db: Callable[[], AbstractContextManager[sqlite3.Connection]]
 
     # -- followed serial consoles ------------------------------------------------------
 

@@ -6,22 +6,16 @@ of SqliteStore (sqlite.py), which brings the pooled connections (_db) and the cl
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 from collections.abc import Iterable
-from contextlib import AbstractContextManager
-from typing import Callable
 
 from vncgate.store.common import LiveSession
+from vncgate.store.engine_parts import SqliteParts
 
 _SESSION_COLUMNS = ", ".join(field.name for field in dataclasses.fields(LiveSession))
 
 
-class SqliteSessions:
+class SqliteSessions(SqliteParts):
     """SqliteStore's live sessions, shared by every gateway on the file."""
-
-    # What SqliteStore brings (declared for the type checker only).
-    _db: Callable[[], AbstractContextManager[sqlite3.Connection]]
-    clock: Callable[[], float]
 
     # -- live sessions, shared by every gateway on the file ----------------------------
 

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-import sqlite3
-from contextlib import AbstractContextManager
-from typing import Callable
 
 from vncgate.store.common import ConnectionDetails, TokenRejected, consumption
+from vncgate.store.engine_parts import SqliteParts
 
 _COLUMNS = ("token_hash, instance_id, console_type, host, port, access_url, internal_access_path, "
             "created_at, updated_at, expires_at, backend_secret IS NOT NULL, policy, backend_tls, record, replay, "
@@ -25,13 +23,8 @@ def _details(row):
                              record=bool(row[13]), replay=row[14], replay_speed=row[15])
 
 
-class SqliteTokens:
+class SqliteTokens(SqliteParts):
     """SqliteStore's token rows and single-use consumption (see Store for each call)."""
-
-    # What SqliteStore brings (declared for the type checker only).
-    _db: Callable[[], AbstractContextManager[sqlite3.Connection]]
-    clock: Callable[[], float]
-    idle_timeout: float
 
     # -- what the shared calls are made of ---------------------------------------------
 
