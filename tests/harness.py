@@ -594,8 +594,12 @@ def raw_exchange(port, request, source="127.0.0.1", context=None):
     with sock:
         sock.sendall(request)
         head, rest = read_until_blank_line(sock)
-    lines = head.decode("latin-1").split("\r\n")
-    return lines[0], response_headers(lines[1:]), rest
+        lines = head.decode("latin-1").split("\r\n")
+        headers = response_headers(lines[1:])
+        length = headers.get("content-length", "")
+        if length.isdigit() and not request.startswith(b"HEAD ") and len(rest) < int(length):
+            rest += recv_exactly(sock, int(length) - len(rest))  # the body may come in later segments
+    return lines[0], headers, rest
 
 
 def response_headers(lines):

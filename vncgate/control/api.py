@@ -15,6 +15,8 @@ api_consoles and api_sessions (the endpoints), api_keys (the key file), api_fiel
 and query validation), minting (tokens and their JSON, shared with the CLI).
 """
 
+from __future__ import annotations
+
 import hmac
 import json
 import logging
@@ -22,6 +24,8 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from vncgate import store as store_module
 from vncgate.control.api_consoles import _TOKEN_ID, ConsoleEndpoints
@@ -33,6 +37,10 @@ from vncgate.control.minting import console_json, iso, mint, session_json, token
 from vncgate.control.scope import KeyScope
 from vncgate.front import throttle, web, websocket
 from vncgate.refusals import Refused
+
+if TYPE_CHECKING:
+    from vncgate.front.server import Gateway
+    from vncgate.net import http
 
 # Moved to api_keys and minting; still importable from here (the CLI uses api.mint, api.add_key...).
 __all__ = ["ControlPlane", "KeyFileError", "add_key", "console_json", "hash_key", "iso", "mint", "read_keys",
@@ -57,13 +65,14 @@ class _Route:
     of its id. The audit line names the template, with the id only when it has that shape
     (a token sent where a token id goes is not written down)."""
 
-    def __init__(self, template, handlers, id_shape=None):
+    def __init__(self, template: str, handlers: dict[str, Callable[..., tuple[int, Any]]],
+                 id_shape: re.Pattern[str] | None = None) -> None:
         self.template = PREFIX + template
         self.handlers = handlers
         self.id_shape = id_shape
         self.pattern = re.compile(re.sub(r"\\\{[a-z_]+\\\}", "([^/]+)", re.escape(self.template)))
 
-    def audit_path(self, groups):
+    def audit_path(self, groups: tuple[str, ...]) -> str:
         if groups and self.id_shape is not None and self.id_shape.fullmatch(groups[0]):
             return re.sub(r"\{[a-z_]+\}", lambda _placeholder: groups[0], self.template, count=1)
         return self.template
@@ -72,9 +81,9 @@ class _Route:
 class _Call:
     """One API request as it is handled: what the audit line will say of it."""
 
-    def __init__(self, request, client):
+    def __init__(self, request: http.Request, client: str) -> None:
         self.request = request
-        self.audit = {"client": client, "method": request.method, "path": request.path, "key": "-",
+        self.audit: dict[str, Any] = {"client": client, "method": request.method, "path": request.path, "key": "-",
                       "action": "-"}
         self.body_unread = False
         self.content_type = "application/json"  # an endpoint answering otherwise says so here
@@ -85,7 +94,7 @@ class _Call:
 class ControlPlane(ConsoleEndpoints, SessionEndpoints, ScreenshotEndpoints):
     """The API and the admin page of one gateway."""
 
-    def __init__(self, gateway):
+    def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.config = gateway.config
         self._keys = read_keys(self.config.api_keys_file)  # KeyFileError: the gateway does not start
@@ -104,7 +113,7 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints, ScreenshotEndpoints):
             _Route("/store", {"GET": self.store_state}),
         ]
 
-    def reload_keys(self):
+    def reload_keys(self) -> None:
         """SIGHUP: read the key file again; a bad file keeps the keys in use."""
         try:
             self._keys = read_keys(self.config.api_keys_file)
@@ -113,10 +122,10 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints, ScreenshotEndpoints):
             log.error("%s; keeping the previous API keys", error)
 
     @staticmethod
-    def claims(request):
+    def claims(request: http.Request) -> bool:
         return any(request.path == prefix or request.path.startswith(prefix + "/") for prefix in ("/api", "/admin"))
 
-    def serve(self, conn, request, leftover, client):
+    def serve(self, conn: socket.socket, request: http.Request, leftover: bytes, client: str) -> None:
         """Answer one request on /api/ or /admin/; every outcome is answered here, never raised."""
         deadline = time.monotonic() + self.config.handshake_timeout
         if request.path == "/admin" or request.path.startswith("/admin/"):
@@ -155,7 +164,7 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints, ScreenshotEndpoints):
         if call.body_unread:
             _drain(conn, deadline)
 
-    def _serve_admin(self, conn, request, deadline):
+    def _serve_admin(self, conn: socket.socket, request: http.Request, deadline: float) -> None:
         if request.path == "/admin":
             web.reply(conn, request, deadline, 308, [("Location", "/admin/"), ("Content-Length", "0")])
             return
@@ -168,11 +177,11 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints, ScreenshotEndpoints):
                       [("Content-Security-Policy", ADMIN_POLICY), ("X-Frame-Options", "DENY"),
                        ("Referrer-Policy", "no-referrer")])
 
-    def _methods(self, path):
+    def _methods(self, path: str) -> list[str]:
         return sorted({method for route in self._routes if route.pattern.fullmatch(path)
                        for method in route.handlers})
 
-    def _handle(self, call, conn, leftover, deadline):
+    def _handle(self, call: _Call, conn: socket.socket, leftover: bytes, deadline: float) -> tuple[int, Any]:
         request = call.request
         call.body_unread = bool(request.header("content-length").strip("0 ")) or bool(
             request.header("transfer-encoding"))
@@ -192,7 +201,7 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints, ScreenshotEndpoints):
         body = self._read_body(call, conn, leftover, deadline) if request.method == "POST" else None
         return handler(call, body, *arguments)
 
-    def _route(self, call):
+    def _route(self, call: _Call) -> tuple[Callable[..., tuple[int, Any]], tuple[str, ...]]:
         path, method = call.request.path, call.request.method
         for route in self._routes:
             match = route.pattern.fullmatch(path)
@@ -206,7 +215,7 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints, ScreenshotEndpoints):
                 return handler, match.groups()
         raise Refused("not-found", "no such API endpoint")
 
-    def _authenticate(self, call):
+    def _authenticate(self, call: _Call) -> None:
         """The key's name, or Refused: one answer for a missing, wrong or removed key, after the
         same work (a hash and a comparison with every key). A valid key is admitted whatever
         its address's failures; bad ones are counted per address network, apart from consoles'."""
@@ -226,7 +235,7 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints, ScreenshotEndpoints):
         if not self._rate.take(name):
             raise Refused("api-rate-limited", f"key {name} over api_burst/api_rate")
 
-    def _read_body(self, call, conn, leftover, deadline):
+    def _read_body(self, call: _Call, conn: socket.socket, leftover: bytes, deadline: float) -> dict[str, Any]:
         request = call.request
         if request.header("transfer-encoding"):
             raise Refused("invalid-request", "send the body with Content-Length, not Transfer-Encoding")
@@ -256,17 +265,17 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints, ScreenshotEndpoints):
             raise Refused("invalid-request", "the body must be a JSON object")
         return value
 
-def _sentence(refusal):
+def _sentence(refusal: Refused) -> str:
     if refusal.reason == "invalid-request" and refusal.detail:
         return f"{refusal.sentence[:-1]}: {refusal.detail}."
     return refusal.sentence
 
 
-def _no_constants(name):
+def _no_constants(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
-def _drain(conn, deadline):
+def _drain(conn: socket.socket, deadline: float) -> None:
     """After answering a request whose body was not read: read what the client still sends
     (bounded), so that closing does not reset the connection before it reads the answer."""
     try:

@@ -4,8 +4,10 @@ and revoking by instance or by token id. A mixin of ControlPlane (api.py), which
 the gateway and its config.
 """
 
+from __future__ import annotations
+
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vncgate import store as store_module
 from vncgate.console import policy as policy_module
@@ -16,6 +18,10 @@ from vncgate.control.api_fields import _Fields, _Query, _whole_number
 from vncgate.control.minting import console_json, mint, token_json
 from vncgate.refusals import Refused
 from vncgate.store.common import ConnectionDetails
+
+if TYPE_CHECKING:
+    from vncgate.config import Config
+    from vncgate.control.api import _Call
 
 _TOKEN_ID = re.compile(r"[0-9a-f]{8,64}")
 
@@ -36,11 +42,12 @@ class ConsoleEndpoints:
     """ControlPlane's /consoles endpoints."""
 
     gateway: Any  # ControlPlane's
+    config: Config  # ControlPlane's
     _end_local_sessions: Any  # SessionEndpoints'
 
     # -- endpoints: each returns (status, JSON value) ------------------------------------------
 
-    def create_console(self, call, body):
+    def create_console(self, call: _Call, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         fields = _Fields(body)
         console_type = fields.choice("type", store_module.CONSOLE_TYPES, store_module.WEBSOCKET)
         ttl = fields.number("ttl")
@@ -76,7 +83,7 @@ class ConsoleEndpoints:
         call.audit["token_id"] = details.token_id
         return 201, console_json(token, details, url)
 
-    def list_consoles(self, call, _body):
+    def list_consoles(self, call: _Call, _body: None) -> tuple[int, list[dict[str, Any]]]:
         query = _Query(call.request, ("instance", "host"))
         call.audit["instance"] = query.get("instance") or "-"
         store = self.gateway.store
@@ -84,7 +91,7 @@ class ConsoleEndpoints:
         rows = store.list_details(instance_id=query.get("instance"), host=query.get("host"), include_expired=True)
         return 200, [token_json(row, now, self.config.idle_timeout) for row in rows]
 
-    def console_log(self, call, _body):
+    def console_log(self, call: _Call, _body: None) -> tuple[int, dict[str, str]]:
         """What a followed serial console printed (Nova's get_console_output): all that is
         kept, or its last `tail` lines."""
         query = _Query(call.request, ("instance", "tail"))
@@ -98,13 +105,13 @@ class ConsoleEndpoints:
             raise Refused("not-found", f"no console log for {instance}: it was never followed")
         return 200, {"instance_id": instance, "output": output.decode("utf-8", "replace")}
 
-    def list_follows(self, call: Any, _body: object) -> tuple:
+    def list_follows(self, call: _Call, _body: None) -> tuple[int, list[dict[str, Any]]]:
         """The serial consoles the gateways follow (vncgate-token follow), by instance."""
         _Query(call.request, ())
         return 200, [{"instance_id": follow.instance_id, "host": follow.host, "port": follow.port}
                      for follow in self.gateway.store.list_follows()]
 
-    def revoke_by_instance(self, call, _body):
+    def revoke_by_instance(self, call: _Call, _body: None) -> tuple[int, dict[str, int]]:
         query = _Query(call.request, ("instance",))
         instance = query.get("instance")
         if not instance:
@@ -116,7 +123,7 @@ class ConsoleEndpoints:
         self._end_local_sessions(lambda session: session.details.token_hash in hashes, "revoked")
         return 200, {"revoked": revoked}
 
-    def revoke_token(self, call: Any, _body: object, token_id: str) -> tuple:
+    def revoke_token(self, call: _Call, _body: None, token_id: str) -> tuple[int, dict[str, int]]:
         store = self.gateway.store
         row = token_row(store, token_id)
         call.audit.update(instance=row.instance_id, token_id=row.token_id)

@@ -2,17 +2,22 @@
 console, taken by the gateway (console/screenshot.py). A mixin of ControlPlane (api.py),
 which brings the gateway and its config."""
 
-from typing import Any, Optional
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from vncgate.console import screenshot
 from vncgate.control.api_consoles import token_row
 from vncgate.control.api_fields import _Query
 from vncgate.refusals import Refused
 
+if TYPE_CHECKING:
+    from vncgate.control.api import _Call
+
 MIN_WIDTH = 16  # a thumbnail narrower than this shows nothing
 
 
-def max_width_of(text: Optional[str]) -> Optional[int]:
+def max_width_of(text: str | None) -> int | None:
     if text is None:
         return None
     if not text.isdigit() or not MIN_WIDTH <= int(text) <= 65535:
@@ -25,7 +30,7 @@ class ScreenshotEndpoints:
 
     gateway: Any  # ControlPlane's
 
-    def console_screenshot(self, call, _body, token_id: str) -> tuple:
+    def console_screenshot(self, call: _Call, _body: None, token_id: str) -> tuple[int, bytes]:
         max_width = max_width_of(_Query(call.request, ("max_width",)).get("max_width"))
         row = token_row(self.gateway.store, token_id)
         call.audit.update(instance=row.instance_id, token_id=row.token_id)
