@@ -126,7 +126,8 @@ class Session:
 class SessionManager:
     def __init__(self, store: AnyStore, audit: Audit, backend_timeout: float, heartbeat: float, settings: Config,
                  backend_tls: ssl.SSLContext | None = None, on_relaying: Callable[[], None] = lambda: None,
-                 recordings: recording.Recordings | None = None, backend_allow: allow.BackendAllow | None = None) -> None:
+                 recordings: recording.Recordings | None = None,
+                 backend_allow: allow.BackendAllow | None = None) -> None:
         """settings: the policy keys of the config (resume_grace, paste_max_chars, input_idle_timeout)
         and max_sessions_per_token; backend_tls: the ssl context for consoles that speak VeNCrypt
         (tls.backend_context); on_relaying: called in a session's thread as its relay starts;

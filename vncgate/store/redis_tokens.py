@@ -32,7 +32,8 @@ class RedisTokens(RedisParts):
         for start in range(0, len(rows), _BATCH):
             args: list[Any] = [repr(self.clock()), repr(float(self.idle_timeout))]
             for details, sealed in rows[start:start + _BATCH]:
-                fields: list[str | bytes] = [item for name in _TOKEN_FIELDS for item in (name, str(getattr(details, name)))]
+                fields: list[str | bytes] = [item for name in _TOKEN_FIELDS
+                                             for item in (name, str(getattr(details, name)))]
                 fields += ["record", str(int(details.record)), "replay", details.replay,
                            "replay_speed", repr(float(details.replay_speed))]
                 if sealed is not None:
