@@ -257,12 +257,12 @@ class Store:
     def shared_secret(self, name: str) -> str:
         """A random secret (hex) under name, the same for every gateway on this store: made by
         the first that asks, kept by the store. Raises StoreError."""
-        raise NotImplementedError
+        raise StoreError(f"{type(self).__name__} keeps no shared secrets")
 
     def listen(self, on_event: Callable[[str, set[str]], None], on_reconnect: Callable[[], None],
                stopping: threading.Event, poll: float = 0.5) -> None:
         """Pushed revocations and kills, for an engine whose pushes_events is True (RedisStore.listen)."""
-        raise NotImplementedError(f"{type(self).__name__} pushes no events")
+        raise StoreError(f"{type(self).__name__} pushes no events")
 
     def checkpoint(self) -> None:
         """Fold a write-ahead log into the store, off the handshakes' path (the housekeeper calls
