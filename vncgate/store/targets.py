@@ -4,6 +4,8 @@ Kept apart from the engine (store/redis.py) so that config checks, `vncgate-toke
 SQLite-only install never import the `redis` package (the `[redis]` extra).
 """
 
+from __future__ import annotations
+
 import dataclasses
 import urllib.parse
 
@@ -17,7 +19,9 @@ DEFAULT_PORT, DEFAULT_SENTINEL_PORT = 6379, 26379
 URL_FORMS = ("redis://[:PASSWORD@]HOST:PORT/DB, rediss://[:PASSWORD@]HOST:PORT/DB or "
              "redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE/DB[?sentinel_password=P] "
              "(rediss+sentinel:// for TLS to the Sentinels and the server)")
-def is_redis_url(database):
+
+
+def is_redis_url(database: str) -> bool:
     return urllib.parse.urlsplit(database).scheme in SCHEMES
 
 
@@ -26,7 +30,7 @@ class RedisTarget:
     """A parsed `database` URL."""
     url: str
     scheme: str
-    hosts: tuple  # ((host, port), ...): the server, or the sentinels
+    hosts: tuple[tuple[str, int], ...]  # ((host, port), ...): the server, or the sentinels
     service: str  # the Sentinel service name, "" otherwise
     db: int
     username: str
@@ -45,7 +49,7 @@ class RedisTarget:
         return dict(self.options).get(name, "")
 
     @classmethod
-    def parse(cls, url):
+    def parse(cls, url: str) -> RedisTarget:
         """Raises ValueError whose text says what must change."""
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in SCHEMES:
@@ -63,7 +67,7 @@ class RedisTarget:
             raise ValueError("must name the Sentinel service: redis+sentinel://HOST:PORT/SERVICE/DB")
         if len(path) > 1 or (path and not path[0].isdigit()):
             raise ValueError(f"must end in a database number, as in {URL_FORMS}")
-        options = ()
+        options: tuple[tuple[str, str], ...] = ()
         if sentinel:
             query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
             unknown = sorted({name for name, _ in query} - set(SENTINEL_OPTIONS))
@@ -74,7 +78,7 @@ class RedisTarget:
                    urllib.parse.unquote(username), urllib.parse.unquote(password), options)
 
     @property
-    def redacted(self):
+    def redacted(self) -> str:
         """The URL without its password, for logs and messages."""
         where = ",".join(f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in self.hosts)
         path = f"/{self.service}/{self.db}" if self.service else f"/{self.db}"
