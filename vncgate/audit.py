@@ -18,8 +18,9 @@ class Audit:
     end at once, and a lock held across a system call (which hands the GIL over) makes
     every one of them queue behind it."""
 
-    def __init__(self, fd=2, clock=time.time):
+    def __init__(self, fd=2, clock=time.time, path=""):
         self.fd = fd
+        self.path = path  # "" for stderr
         self.clock = clock
         self._lock = threading.Lock()  # the counters only
         self.handshakes = collections.Counter()  # (path, result) -> count
@@ -31,12 +32,24 @@ class Audit:
         """Audit to a file (appended, owner-only), or stderr when path is empty."""
         if not path:
             return cls()
-        return cls(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        return cls(_open_append(path), path=path)
+
+    def reopen(self) -> None:
+        """SIGHUP after logrotate moved the file: write to a new file of the same name. dup2
+        swaps the descriptor in one step, so a line being written goes to one file or the other."""
+        if not self.path:
+            return
+        fresh = _open_append(self.path)
+        try:
+            os.dup2(fresh, self.fd)
+        finally:
+            os.close(fresh)
 
     def record(self, event, **fields):
         stamp = datetime.datetime.fromtimestamp(self.clock(), datetime.timezone.utc)
+        via = getattr(fields.get("client"), "via", None)  # the proxy that named the client
         line = json.dumps({"time": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                           "event": event, **fields}, separators=(",", ":"))
+                           "event": event, **fields, **({"via": via} if via else {})}, separators=(",", ":"))
         with self._lock:
             if event == "attempt":
                 self.handshakes[fields.get("path", "-"), fields.get("result", "-")] += 1
@@ -50,3 +63,7 @@ class Audit:
     def close(self):
         if self.fd != 2:
             os.close(self.fd)
+
+
+def _open_append(path: str) -> int:
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)

@@ -102,6 +102,9 @@ PARSERS = {
     "handshake_timeout": _positive(float),
     "audit_log": _text,
     "metrics_allow": _networks,
+    "trusted_proxies": _networks,
+    "drain_timeout": _not_negative,
+    "drain_notice": _not_negative,
     # console policies
     "resume_grace": _positive(float),
     "paste_max_chars": _positive(int),
@@ -151,6 +154,9 @@ class Config:
     handshake_timeout: float = 10.0
     audit_log: str = ""
     metrics_allow: tuple = _networks("127.0.0.0/8, ::1")
+    trusted_proxies: tuple = ()  # whose PROXY and forwarding headers name the client
+    drain_timeout: float = 0.0  # SIGTERM: seconds live sessions may go on; 0: they end at once
+    drain_notice: float = 5.0  # of those, seconds new consoles are still served (the balancer notices)
     resume_grace: float = 30.0
     paste_max_chars: int = 4096
     input_idle_timeout: float = 0.0  # 0: off

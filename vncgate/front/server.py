@@ -24,7 +24,7 @@ import time
 from vncgate import store as store_module
 from vncgate.console import recording, relay, sessions
 from vncgate.console import serial as consoles
-from vncgate.front import throttle, web, websocket, xvp
+from vncgate.front import proxied, throttle, web, websocket, xvp
 from vncgate.net import fds, http, tls
 from vncgate.refusals import Refused
 
@@ -38,10 +38,13 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         deadline = time.monotonic() + gateway.config.handshake_timeout
         path = "-"
         try:
+            client = proxied.from_proxy_header(conn, deadline, self.client_address, gateway.config.trusted_proxies)
             conn = self._maybe_tls(conn, deadline, client)
             if conn is None:
                 return
             request, leftover = http.read_request(conn, deadline)
+            client = proxied.from_request(request, client, gateway.config.trusted_proxies)
+            gateway.pending_as(self.request, client)
             if request.method == "CONNECT":
                 path = "xvp"
                 xvp.serve(gateway, conn, request, leftover, client)
@@ -197,20 +200,38 @@ class Gateway(socketserver.ThreadingTCPServer):
 
     def process_request(self, request, client_address):
         address = client_address[0]
+        # A trusted proxy's connections are counted by the client they turn out to be from (pending_as).
+        behind_proxy = web.address_in(address, self.config.trusted_proxies)
         with self._lock:
             if len(self._connections) >= self.config.max_connections:
                 refusal = Refused("max-connections")
-            elif self._pending[address] >= self.config.max_pending_per_address:
-                refusal = Refused("too-many-pending", f"{self._pending[address]} connections in handshake")
             else:
-                refusal = None
-                self._connections[request] = request
-                self._pending[address] += 1
-                self._handshaking[request] = address
+                refusal = None if behind_proxy else self._count_pending(request, address)
+                if refusal is None:
+                    self._connections[request] = request
+                    self._handshaking.setdefault(request, None)
         if refusal is not None:
             self._reject(request, client_address, refusal)
             return
         super().process_request(request, client_address)
+
+    def _count_pending(self, request: socket.socket, address: str) -> Refused | None:
+        """Count one more connection in handshake for address (the lock held); a Refused when it has its share."""
+        if self._pending[address] >= self.config.max_pending_per_address:
+            return Refused("too-many-pending", f"{self._pending[address]} connections in handshake")
+        self._pending[address] += 1
+        self._handshaking[request] = address
+        return None
+
+    def pending_as(self, request: socket.socket, client: str) -> None:
+        """A trusted proxy's connection, now known to be client's: counted in client's share.
+        Raises Refused too-many-pending when client has its share."""
+        with self._lock:
+            if request not in self._handshaking or self._handshaking[request] is not None:
+                return  # counted by its own address at accept, or relaying already
+            refusal = self._count_pending(request, client.rsplit(":", 1)[0])
+        if refusal is not None:
+            raise refusal
 
     def _reject(self, request, client_address, refusal):
         """Refused before any thread is started for it: one audit line, the answer, closed."""
@@ -240,6 +261,8 @@ class Gateway(socketserver.ThreadingTCPServer):
             return
         with self._lock:
             address = self._handshaking.pop(request)
+            if address is None:  # a trusted proxy's, not counted
+                return
             self._pending[address] -= 1
             if not self._pending[address]:
                 del self._pending[address]
