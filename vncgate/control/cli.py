@@ -10,6 +10,7 @@ import resource
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from vncgate import config as config_module
 from vncgate import logs
@@ -17,7 +18,11 @@ from vncgate import store as store_module
 from vncgate.console import policy as policy_module
 from vncgate.console import recording
 from vncgate.console import serial as consoles
-from vncgate.control import api, libvirt
+from vncgate.control import api, libvirt, service, systemd
+
+if TYPE_CHECKING:
+    from vncgate.audit import Audit
+    from vncgate.front.server import Gateway
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -470,7 +475,7 @@ def serve_main(argv=None):
 
     def body():
         args = serve_parser().parse_args(argv)
-        logs.setup(args.log_level)
+        logs.setup(args.log_level, journal=systemd.journal_reads_stderr())
         _prepare_process_for_many_sessions()
         config = config_module.load(args.config)
         overrides = {key: value for key, value in (("listen", args.listen), ("port", args.port))
@@ -483,32 +488,44 @@ def serve_main(argv=None):
             audit = audit_module.Audit.open(config.audit_log)
         except OSError as error:
             raise CommandFailed(f"cannot open audit log {config.audit_log}: {error.strerror}") from None
+        inherited = systemd.listen_sockets()  # socket activation: serve systemd's socket, bind none
         try:
             gateway = server.Gateway(config, store, audit,
-                                     control_plane=api.ControlPlane if config.api_keys_file else None)
+                                     control_plane=api.ControlPlane if config.api_keys_file else None,
+                                     listen_socket=inherited[0] if inherited else None)
         except OSError as error:
             raise CommandFailed(f"cannot listen on {config.listen}:{config.port}: {error.strerror}") from None
         except (tls.TlsConfigError, api.KeyFileError) as error:
             raise CommandFailed(str(error)) from None
 
-        def on_signal(signum, _frame):
-            logging.getLogger("vncgate").info("%s: stopping", signal.Signals(signum).name)
-            # shutdown() waits for serve_forever, which runs in this (the main) thread.
-            threading.Thread(target=gateway.shutdown, name="stopper").start()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        lifecycle = service.Service(gateway, systemd.Notifier.from_environment(), systemd.watchdog_interval())
+        # The drain thread stops the accept loop (serve_forever, in this main thread) when it is time.
+        signal.signal(signal.SIGTERM, lambda signum, _frame: lifecycle.on_signal("SIGTERM"))
+        signal.signal(signal.SIGINT, lambda signum, _frame: lifecycle.on_signal("SIGINT", hurry=True))
         signal.signal(signal.SIGHUP, lambda _signum, _frame: threading.Thread(
-            target=gateway.reload, name="reload").start())
+            target=_reload, args=(gateway, audit), name="reload").start())
         host, port = gateway.server_address[:2]
         print(f"vncgate listening on {host}:{port}", file=sys.stderr, flush=True)
+        lifecycle.ready()
         try:
             gateway.serve_forever()
+            lifecycle.wait_drained()
         finally:
             gateway.stop()
+            lifecycle.close()
             store.close()
             audit.close()
     return run_reporting_errors("vncgate", body)
+
+
+def _reload(gateway: "Gateway", audit: "Audit") -> None:
+    """SIGHUP: the audit log reopened (logrotate moved it), the certificate and API keys read again."""
+    try:
+        audit.reopen()
+    except OSError as error:
+        logging.getLogger("vncgate").error("cannot reopen audit log %s: %s; writing to the old file",
+                                           audit.path, error.strerror)
+    gateway.reload()
 
 
 def serve_main_exit():

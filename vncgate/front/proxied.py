@@ -164,7 +164,9 @@ def _forwarded_for(element: str) -> tuple[str, tuple[str, int] | None]:
 
 def _split(text: str, separator: str) -> list[str]:
     """text split at separator, except inside quoted strings."""
-    parts, current, quoted, escaped = [], [], False, False
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = escaped = False
     for char in text:
         if escaped:
             escaped = False

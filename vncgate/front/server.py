@@ -127,9 +127,10 @@ class Gateway(socketserver.ThreadingTCPServer):
     pause = staticmethod(time.sleep)  # the accept back-off's (tests record it instead)
     request_queue_size = 512
 
-    def __init__(self, config, store, audit, control_plane=None):
+    def __init__(self, config, store, audit, control_plane=None, listen_socket: socket.socket | None = None):
         """control_plane: a callable taking this gateway and returning the handler of the API's
-        requests (claims/serve/reload_keys), handed in by whoever builds the gateway."""
+        requests (claims/serve/reload_keys), handed in by whoever builds the gateway.
+        listen_socket: a listening socket to serve instead of binding listen:port (socket activation)."""
         self.config = config
         self.store = store
         self.audit = audit
@@ -148,23 +149,38 @@ class Gateway(socketserver.ThreadingTCPServer):
             tasks=(lambda: self.consoles.sync(store.list_follows()),))
         self.tls_context = tls.server_context(config.cert, config.key) if config.cert else None
         self.api = control_plane(self) if control_plane else None
-        self._connections = {}  # accepted socket -> what it is now (itself, or its TLS wrapper)
-        self._pending = collections.Counter()  # client address -> its connections not relaying yet
-        self._handshaking = {}  # accepted socket -> client address, until it relays
+        self._connections: dict[socket.socket, socket.socket] = {}  # accepted socket -> what it is now (itself, or its TLS wrapper)
+        self._pending: collections.Counter[str] = collections.Counter()  # client address -> its connections not relaying yet
+        self._handshaking: dict[socket.socket, str | None] = {}  # accepted socket -> client address (None: a trusted
+        # proxy's, until pending_as), until it relays
         self._handshake = threading.local()  # .request: this handler thread's, until it relays
         self._lock = threading.Lock()
         self._all_ended = threading.Condition(self._lock)
         self._spare = fds.Spare()
         self._accept_failing = False
         self._accept_backoff = 0.0
+        self.draining = False  # stopping after a drain: /healthz says so, consoles are still served
+        self.loop_beat = time.monotonic()  # when the accept loop last turned (the watchdog reads it)
         self.address_family = socket.AF_INET6 if ":" in config.listen else socket.AF_INET
-        super().__init__((config.listen, config.port), ConnectionHandler)
+        super().__init__((config.listen, config.port), ConnectionHandler, bind_and_activate=listen_socket is None)
+        if listen_socket is not None:
+            self.socket.close()
+            self.socket, self.server_address = listen_socket, listen_socket.getsockname()
         # Once started for sure (a bad certificate or a busy port is one error line, nothing else).
         self.config = fit_to_fd_limit(config)
 
     def serve_forever(self, poll_interval=0.1):
         self.housekeeper.start()
         super().serve_forever(poll_interval)
+
+    def service_actions(self) -> None:
+        self.loop_beat = time.monotonic()
+
+    def stop_accepting(self) -> None:
+        """End the accept loop and close the listening socket (another process may bind the port);
+        what is open goes on until stop()."""
+        self.shutdown()
+        self.socket.close()
 
     def get_request(self):
         try:

@@ -146,7 +146,9 @@ def content_type(name):
 # -- health and metrics ---------------------------------------------------------------
 
 def health(gateway, client):
-    """ok or unavailable, and nothing else: the reason is for the operator's log, not the world."""
+    """ok, draining or unavailable, and nothing else: the reason is for the operator's log, not the world."""
+    if gateway.draining:  # stopping: a load balancer takes the gateway out of rotation
+        return 503, "text/plain; charset=utf-8", b"draining\n"
     try:
         gateway.store.ping()
     except store_module.StoreError as error:

@@ -1,0 +1,153 @@
+"""systemd: socket activation (real systemd-socket-activate), sd_notify (READY, WATCHDOG, STATUS,
+STOPPING) to a datagram socket, journald's log format, the audit log reopened on SIGHUP, the unit files."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from tests import harness
+from vncgate.control import systemd
+
+UNITS = os.path.join(harness.REPO, "scripts", "systemd")
+
+
+class NotifyListener:
+    """A datagram socket as $NOTIFY_SOCKET: collects (time, message) as they come."""
+
+    def __init__(self, path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(0.05)
+        self.messages = []
+
+    def poll(self):
+        try:
+            while True:
+                self.messages.append((time.monotonic(), self.sock.recv(4096).decode()))
+        except (socket.timeout, BlockingIOError):
+            pass
+        return self.messages
+
+    def lines(self, key):
+        return [(when, line) for when, message in self.poll() for line in message.splitlines()
+                if line.startswith(key)]
+
+    def close(self):
+        self.sock.close()
+
+
+def test_socket_activation_serves_the_inherited_socket_and_notifies(tmp_path):
+    port = harness.free_port()
+    notify = NotifyListener(str(tmp_path / "notify"))
+    backend = harness.FakeBackend(harness.rfb_banner_then_echo)
+    ini = tmp_path / "gw.ini"
+    audit = tmp_path / "audit.jsonl"
+    # listen/port say elsewhere: the socket systemd hands over is what is served.
+    ini.write_text(f"[gateway]\ndatabase = {tmp_path}/tokens.db\naudit_log = {audit}\nport = 1\n")
+    stderr_path = tmp_path / "stderr.log"
+    stderr = open(stderr_path, "w")
+    journal = os.fstat(stderr.fileno())
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "-E", f"NOTIFY_SOCKET={notify.path}",
+         "-E", "WATCHDOG_USEC=400000", "-E", f"JOURNAL_STREAM={journal.st_dev}:{journal.st_ino}", "-E", "PATH",
+         harness.console_script("vncgate"), "-c", str(ini)], stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        harness.wait_for(lambda: harness.port_open(port), message="systemd-socket-activate to listen")
+        # The first connection starts the gateway (systemd-socket-activate execs it), which then answers it.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=20) as reply:
+            assert reply.read() == b"ok"
+        ready = harness.wait_for(lambda: notify.lines("READY=1"), message="READY=1")
+        assert any(line.startswith("STATUS=serving: 0 live sessions") for _, line in notify.lines("STATUS="))
+
+        token = subprocess.run([harness.console_script("vncgate-token"), "-c", str(ini), "add", "--host",
+                                "127.0.0.1", "--port", str(backend.port), "--type", "xvp-vnc", "--json"],
+                               capture_output=True, text=True, timeout=30, check=True).stdout
+        sock, status, rest = harness.xvp_connect(port, json.loads(token)["token"])
+        assert status == "HTTP/1.1 200 OK"
+        assert (rest or sock.recv(12)).startswith(b"RFB 003.008")
+        harness.wait_for(lambda: any("1 live sessions" in line for _, line in notify.lines("STATUS=")), 10,
+                         message="STATUS with the session")
+        sock.close()
+
+        beats = harness.wait_for(lambda: len(notify.lines("WATCHDOG=1")) >= 4 and notify.lines("WATCHDOG=1"),
+                                 message="four WATCHDOG=1")
+        assert beats[0][0] >= ready[0][0]
+        gaps = [later[0] - earlier[0] for earlier, later in zip(beats, beats[1:])]
+        assert max(gaps) < 0.4, gaps  # within WATCHDOG_USEC, every time
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert notify.lines("STOPPING=1")
+        log = stderr_path.read_text()
+        assert f"vncgate listening on 127.0.0.1:{port}" in log
+        # journald reads stderr: no timestamp of our own, a priority prefix instead.
+        assert "<6>INFO vncgate" in log and not any(line[:4].isdigit() for line in log.splitlines())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        stderr.close()
+        notify.close()
+        backend.stop()
+
+
+def test_notify_to_an_abstract_socket_and_nowhere():
+    name = f"vncgate-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind("\0" + name)
+        listener.settimeout(5)
+        notifier = systemd.Notifier(f"@{name}")
+        assert notifier.send("READY=1", "STATUS=hello")
+        assert listener.recv(100) == b"READY=1\nSTATUS=hello"
+        notifier.close()
+    nowhere = systemd.Notifier.from_environment({})
+    assert not nowhere.enabled and nowhere.send("READY=1") is False
+
+
+def test_watchdog_and_listen_fds_read_only_their_own_process():
+    assert systemd.watchdog_interval({"WATCHDOG_USEC": "2500000"}) == 2.5
+    assert systemd.watchdog_interval({"WATCHDOG_USEC": "2500000", "WATCHDOG_PID": "1"}) is None
+    assert systemd.watchdog_interval({}) is None
+    assert systemd.listen_sockets({"LISTEN_PID": "1", "LISTEN_FDS": "1"}) == []
+
+
+def test_sighup_reopens_the_audit_log(tmp_path):
+    gateway = harness.GatewayProcess(str(tmp_path))
+    try:
+        def refused_attempt():
+            sock, status, _ = harness.xvp_connect(gateway.port, "z" * 43)
+            sock.close()
+            assert " 401 " in status
+        refused_attempt()
+        harness.wait_for(lambda: gateway.audit(), message="the first line")
+        os.rename(gateway.audit_path, gateway.audit_path + ".1")  # logrotate moves it
+        gateway.proc.send_signal(signal.SIGHUP)
+        harness.wait_for(lambda: os.path.exists(gateway.audit_path), message="a new audit file")
+        refused_attempt()
+        harness.wait_for(lambda: gateway.audit(), message="a line in the new file")
+        with open(gateway.audit_path + ".1") as rotated:
+            assert len(rotated.readlines()) == 1
+    finally:
+        assert gateway.stop() == 0
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
+def test_the_unit_files_are_valid(tmp_path):
+    for name in ("vncgate.service", "vncgate.socket"):
+        text = open(os.path.join(UNITS, name)).read()
+        (tmp_path / name).write_text(text.replace("/usr/local/bin/vncgate", harness.console_script("vncgate")))
+    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "vncgate.socket"),
+                             str(tmp_path / "vncgate.service")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    service = open(os.path.join(UNITS, "vncgate.service")).read()
+    for directive in ("Type=notify", "WatchdogSec=", "NoNewPrivileges=yes", "ProtectSystem=strict",
+                      "PrivateTmp=yes", "LimitNOFILE=", "StateDirectory=vncgate"):
+        assert directive in service
