@@ -1138,3 +1138,38 @@ class Haproxy:
         self.proc.terminate()
         self.proc.wait(10)
         self.log.close()
+
+
+def rfb_no_auth_client(sock, rest=b""):
+    """A VNC client's side of the handshake with a server offering security None (qemu without a
+    password): version, security, ClientInit (shared). Returns the framebuffer's (width, height)."""
+    reader = BufferedReader(sock, rest)
+    assert reader.exactly(12).startswith(b"RFB 003.00")
+    sock.sendall(b"RFB 003.008\n")
+    types = reader.exactly(reader.exactly(1)[0])
+    assert 1 in types, types
+    sock.sendall(b"\x01")
+    assert reader.exactly(4) == b"\0\0\0\0"
+    sock.sendall(b"\x01")
+    width, height = struct.unpack("!HH", reader.exactly(4))
+    reader.exactly(16)  # pixel format
+    reader.exactly(struct.unpack("!I", reader.exactly(4))[0])  # name
+    return width, height
+
+
+class BufferedReader:
+    def __init__(self, sock, rest=b""):
+        self.sock, self.buffer = sock, rest
+
+    def exactly(self, count):
+        while len(self.buffer) < count:
+            chunk = self.sock.recv(65536)
+            assert chunk, "closed in the RFB handshake"
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:count], self.buffer[count:]
+        return data
+
+
+def full_update_request(width, height):
+    """FramebufferUpdateRequest, not incremental: the server sends the whole screen (qemu always answers)."""
+    return struct.pack("!BBHHHH", 3, 0, 0, 0, width, height)

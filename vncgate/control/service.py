@@ -99,6 +99,7 @@ class Service:
             else:
                 log.info("%s: stopping", name)
             self.gateway.stop_accepting()  # the main thread goes on in wait_drained, then stop()
+            log.info("stopped accepting (the port is free); %d connections go on", self.gateway.connection_count())
         except Exception:  # the stop must happen: say why it went wrong, and stop anyway
             log.exception("the drain failed; stopping at once")
             self.hurry.set()

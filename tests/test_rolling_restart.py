@@ -1,0 +1,130 @@
+"""A rolling restart behind HAProxy drops no one: drain_timeout, /healthz 503 draining, sessions that go on."""
+
+import signal
+import threading
+import time
+
+import pytest
+
+from tests import harness
+
+DRAIN = 10
+NOTICE = 2  # HAProxy checks every 300 ms and falls after one failure: 2 s is ample
+
+
+class OpenLoop:
+    """Opens a console through HAProxy every 100 ms (XVP, up to the backend's RFB banner) until stopped."""
+
+    def __init__(self, port, token):
+        self.port, self.token = port, token
+        self.opened, self.failed = 0, []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.1):
+            try:
+                sock, status, rest = harness.xvp_connect(self.port, self.token, source="127.0.0.7")
+                with sock:
+                    banner = rest or sock.recv(12)
+                assert status == "HTTP/1.1 200 OK" and banner.startswith(b"RFB 003.00"), (status, banner)
+                self.opened += 1
+            except (OSError, AssertionError) as error:
+                self.failed.append(f"{time.monotonic():.2f} {error!r}")
+
+    def stop(self):
+        self._stop.set()
+        self.thread.join(15)
+
+
+class LongSession:
+    """A console session that asks for the whole screen every 200 ms; notes when data last came."""
+
+    def __init__(self, port, token):
+        self.sock, status, rest = harness.xvp_connect(port, token, source="127.0.0.8")
+        assert status == "HTTP/1.1 200 OK"
+        self.size = harness.rfb_no_auth_client(self.sock, rest)
+        self.local_port = self.sock.getsockname()[1]
+        self.last_data = time.monotonic()
+        self.ended = None
+        threading.Thread(target=self._ask, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _ask(self):
+        while self.ended is None:
+            try:
+                self.sock.sendall(harness.full_update_request(*self.size))
+            except OSError:
+                return
+            time.sleep(0.2)
+
+    def _read(self):
+        self.sock.settimeout(30)
+        try:
+            while self.sock.recv(65536):
+                self.last_data = time.monotonic()
+        except OSError:
+            pass
+        self.ended = time.monotonic()
+
+
+@pytest.fixture
+def gateways(tmp_path, redis_server):
+    redis_server.client().flushall()
+    ports = [harness.free_port(), harness.free_port()]
+    settings = {"database": redis_server.url, "trusted_proxies": "127.0.0.9", "drain_timeout": DRAIN,
+                "drain_notice": NOTICE, "max_sessions_per_token": 50}
+    started = [harness.GatewayProcess(str(tmp_path), name=f"gw{index}", bind_port=port, **settings)
+               for index, port in enumerate(ports)]
+    yield started, ports, settings
+    for gateway in started:
+        gateway.stop(sig=signal.SIGINT)
+
+
+def test_rolling_restart_behind_haproxy_drops_no_one(qemu, gateways, tmp_path):
+    started, ports, settings = gateways
+    haproxy = harness.Haproxy(tmp_path, ports)
+    try:
+        haproxy.wait_states({"gw0": "UP", "gw1": "UP"})
+        token = started[0].mint("127.0.0.1", qemu.port)
+        long_session = None
+        for _ in range(4):  # round robin: until one lands on gw0
+            candidate = LongSession(haproxy.port, token)
+            ours = [line for line in started[0].audit() if line["event"] == "attempt"
+                    and line["client"] == f"127.0.0.8:{candidate.local_port}"]
+            if ours:
+                long_session = candidate
+                break
+            candidate.sock.close()
+        assert long_session, "no session landed on gw0"
+        loop = OpenLoop(haproxy.port, token)
+        harness.wait_for(lambda: loop.opened >= 5, message="the open loop to run")
+
+        for index in (0, 1):
+            old = started[index]
+            sigterm = time.monotonic()
+            old.proc.send_signal(signal.SIGTERM)
+            haproxy.wait_states({f"gw{index}": "DOWN"}, timeout=NOTICE)  # /healthz: 503 draining
+            harness.wait_for(lambda old=old: "stopped accepting" in old.read_stderr(), NOTICE + 5,
+                             message="the old gateway to free its port")
+            started.append(harness.GatewayProcess(str(tmp_path), name=f"gw{index}-new", bind_port=ports[index],
+                                                  **settings))
+            haproxy.wait_states({f"gw{index}": "UP"})
+            if index == 0:
+                assert long_session.ended is None  # still relaying while the new gateway took over
+                harness.wait_for(lambda: long_session.ended, DRAIN + 3, message="the long session to end")
+                assert long_session.last_data - sigterm >= 5, long_session.last_data - sigterm
+                assert long_session.ended - sigterm <= DRAIN + 1.5, long_session.ended - sigterm
+                assert old.proc.wait(5) == 0
+                ends = [line for line in old.audit() if line["event"] == "session-end"
+                        and line["client"] == f"127.0.0.8:{long_session.local_port}"]
+                assert [line["reason"] for line in ends] == ["shutdown"]
+        assert started[1].proc.wait(DRAIN + 5) == 0  # nothing lived on it but the short opens
+        harness.wait_for(lambda: loop.opened >= 60, 20, message="more opens")
+        loop.stop()
+        assert loop.failed == [], loop.failed
+        assert "draining" in started[0].read_stderr()
+    finally:
+        haproxy.stop()
