@@ -3,6 +3,8 @@
 import signal
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -128,3 +130,37 @@ def test_rolling_restart_behind_haproxy_drops_no_one(qemu, gateways, tmp_path):
         assert "draining" in started[0].read_stderr()
     finally:
         haproxy.stop()
+
+
+def test_draining_healthz_says_so_and_a_second_sigterm_ends_everything_at_once(tmp_path):
+    backend = harness.FakeBackend(harness.rfb_banner_then_echo)
+    gateway = harness.GatewayProcess(str(tmp_path), drain_timeout=60, drain_notice=30)
+    try:
+        token = gateway.mint("127.0.0.1", backend.port)
+        sock, status, _ = harness.xvp_connect(gateway.port, token)
+        assert status == "HTTP/1.1 200 OK"
+        gateway.proc.send_signal(signal.SIGTERM)
+
+        def healthz():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{gateway.port}/healthz", timeout=5) as reply:
+                    return reply.status, reply.read()
+            except urllib.error.HTTPError as error:
+                return error.code, error.read()
+        assert harness.wait_for(lambda: healthz()[0] == 503 and healthz()) == (503, b"draining\n")
+        second, status, _ = harness.xvp_connect(gateway.port, token)  # within drain_notice: still served
+        assert status == "HTTP/1.1 200 OK"
+        sock.sendall(b"still here")
+        assert harness.recv_exactly(sock, 22) == b"RFB 003.008\nstill here"
+        asked = time.monotonic()
+        gateway.proc.send_signal(signal.SIGTERM)
+        assert gateway.proc.wait(10) == 0
+        assert time.monotonic() - asked < 5
+        ends = [line["reason"] for line in gateway.audit() if line["event"] == "session-end"]
+        assert ends == ["shutdown", "shutdown"]
+        assert "SIGTERM again: ending every session now" in gateway.read_stderr()
+        sock.close()
+        second.close()
+    finally:
+        gateway.stop()
+        backend.stop()

@@ -3,10 +3,12 @@ STOPPING) to a datagram socket, journald's log format, the audit log reopened on
 
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 
@@ -19,7 +21,7 @@ UNITS = os.path.join(harness.REPO, "scripts", "systemd")
 
 
 class NotifyListener:
-    """A datagram socket as $NOTIFY_SOCKET: collects (time, message) as they come."""
+    """A datagram socket as $NOTIFY_SOCKET: a thread notes (time of arrival, message) of each."""
 
     def __init__(self, path):
         self.path = path
@@ -27,20 +29,24 @@ class NotifyListener:
         self.sock.bind(path)
         self.sock.settimeout(0.05)
         self.messages = []
+        self._closed = False
+        self.thread = threading.Thread(target=self._receive, daemon=True)
+        self.thread.start()
 
-    def poll(self):
-        try:
-            while True:
+    def _receive(self):
+        while not self._closed:
+            try:
                 self.messages.append((time.monotonic(), self.sock.recv(4096).decode()))
-        except (socket.timeout, BlockingIOError):
-            pass
-        return self.messages
+            except socket.timeout:
+                pass
 
     def lines(self, key):
-        return [(when, line) for when, message in self.poll() for line in message.splitlines()
+        return [(when, line) for when, message in list(self.messages) for line in message.splitlines()
                 if line.startswith(key)]
 
     def close(self):
+        self._closed = True
+        self.thread.join(5)
         self.sock.close()
 
 
@@ -151,3 +157,55 @@ def test_the_unit_files_are_valid(tmp_path):
     for directive in ("Type=notify", "WatchdogSec=", "NoNewPrivileges=yes", "ProtectSystem=strict",
                       "PrivateTmp=yes", "LimitNOFILE=", "StateDirectory=vncgate"):
         assert directive in service
+
+
+HARDENED = """
+set -e
+mount --make-rprivate /
+mount --bind "$STATE" /srv              # StateDirectory=: the one writable folder
+mount -t tmpfs -o mode=1777 tmpfs /tmp   # PrivateTmp=yes
+mount -o remount,bind,ro /               # ProtectSystem=strict
+cd /srv
+exec setpriv --no-new-privs prlimit --nofile="$NOFILE":"$NOFILE" "$@"   # NoNewPrivileges=, LimitNOFILE=
+"""
+
+
+@pytest.mark.skipif(not (shutil.which("unshare") and shutil.which("setpriv")), reason="needs unshare and setpriv")
+def test_the_gateway_runs_under_the_units_hardening(tmp_path):
+    """The unit's hardening, as systemd would apply it (a private mount namespace with / read-only,
+    a private /tmp, the state folder writable; no new privileges; its LimitNOFILE): the gateway
+    serves a console, writes its store and audit log, and keeps max_connections."""
+    service = open(os.path.join(UNITS, "vncgate.service")).read()
+    nofile = int(next(line.split("=", 1)[1] for line in service.splitlines() if line.startswith("LimitNOFILE=")))
+    nofile = str(min(nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))  # a container may cap it lower
+    backend = harness.FakeBackend(harness.rfb_banner_then_echo)
+    (tmp_path / "gw.ini").write_text("[gateway]\ndatabase = tokens.db\naudit_log = audit.jsonl\nmax_connections = 5000\n")
+    port = harness.free_port()
+    stderr = open(tmp_path / "stderr.log", "w")
+    proc = subprocess.Popen(["unshare", "--mount", "sh", "-c", HARDENED, "hardened", harness.console_script("vncgate"),
+                             "-c", "/srv/gw.ini", "--port", str(port)],
+                            env={**os.environ, "STATE": str(tmp_path), "NOFILE": nofile},
+                            stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        harness.wait_for(lambda: proc.poll() is not None or "vncgate listening" in (tmp_path / "stderr.log").read_text(),
+                         15, message="the hardened gateway to listen")
+        assert proc.poll() is None, (tmp_path / "stderr.log").read_text()
+        with open(f"/proc/{proc.pid}/status") as status:
+            assert "NoNewPrivs:\t1" in status.read()
+        with open(f"/proc/{proc.pid}/mountinfo") as mounts:
+            root = next(line.split() for line in mounts if line.split()[4] == "/")
+        assert "ro" in root[5].split(",")
+        token = subprocess.run([harness.console_script("vncgate-token"), "-c", str(tmp_path / "gw.ini"), "add",
+                                "--host", "127.0.0.1", "--port", str(backend.port), "--type", "xvp-vnc", "--json"],
+                               capture_output=True, text=True, timeout=30, check=True).stdout
+        sock, status, rest = harness.xvp_connect(port, json.loads(token)["token"])
+        assert status == "HTTP/1.1 200 OK" and (rest or sock.recv(12)).startswith(b"RFB 003.008")
+        sock.close()
+        harness.wait_for(lambda: (tmp_path / "audit.jsonl").exists() and "session-end" in
+                         (tmp_path / "audit.jsonl").read_text(), message="the audit line in the state folder")
+        assert "max_connections = 5000" in (tmp_path / "stderr.log").read_text()  # LimitNOFILE holds it
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        stderr.close()
+        backend.stop()
