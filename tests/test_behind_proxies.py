@@ -217,3 +217,39 @@ def test_metrics_allow_reads_the_forwarded_client(tmp_path):
         assert os.path.exists(gateway.audit_path)
     finally:
         assert gateway.stop() == 0
+
+
+def test_the_pending_share_is_each_client_behind_the_proxy(tmp_path):
+    """max_pending_per_address counts the client a trusted proxy names, not the proxy: one client's
+    stuck handshakes take its own share, and another client through the same proxy is still served."""
+    backend = harness.FakeBackend(harness.silent)  # the handshake waits on the backend: it stays pending
+    gateway = harness.GatewayProcess(str(tmp_path), trusted_proxies="127.0.0.1", max_pending_per_address=2,
+                                     handshake_timeout=4)
+    token = gateway.mint("127.0.0.1", backend.port)
+    opened = []
+
+    def through_proxy(client):
+        sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+        opened.append(sock)
+        sock.sendall(proxy_protocol.v2_header((client, 4000 + len(opened)))
+                     + f"CONNECT /console?token={token} HTTP/1.1\r\n\r\n".encode())
+        return sock
+
+    try:
+        for _ in range(2):
+            through_proxy("192.0.2.1")
+        harness.wait_for(lambda: backend.connections == 2, message="two handshakes waiting on the backend")
+        third = through_proxy("192.0.2.1")
+        status, _ = harness.read_head(third)
+        assert status.split(" ")[1] == "429"
+        line = attempts(gateway, reason="too-many-pending")[0]
+        assert line["client"].startswith("192.0.2.1:") and line["via"].startswith("127.0.0.1:")
+        other = through_proxy("192.0.2.2")  # another user through the same proxy: not refused
+        other.settimeout(1.0)
+        with pytest.raises(socket.timeout):
+            other.recv(1)  # waiting on the backend like the first two, not answered 429
+    finally:
+        for sock in opened:
+            sock.close()
+        gateway.stop()
+        backend.stop()
