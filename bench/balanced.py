@@ -16,7 +16,6 @@ import os
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from bench import peers  # noqa: E402
-from bench.relay import MiB, Relays, free_port, wait_port  # noqa: E402
+from bench.relay import MiB, Relays, free_port, throughput, wait_port  # noqa: E402
 
 HAPROXY = """
 defaults
@@ -80,21 +79,6 @@ class Balanced(Relays):
         if relay == "haproxy+vncgate":
             return peers.xvp_endpoint(self.front["vncgate"], self.tokens["xvp-vnc", mode])
         return super().connect(relay, mode)
-
-
-def throughput(relays, relay, mode, total):
-    endpoint = relays.connect(relay, mode)
-    endpoint.read_banner()
-    started = time.perf_counter()
-    if mode == "stream":
-        endpoint.request_stream(total)
-        moved = endpoint.drain(total)
-    else:
-        moved = endpoint.pour(total)
-    seconds = time.perf_counter() - started
-    endpoint.close()
-    assert moved == total, f"{relay} {mode}: moved {moved} of {total} bytes"
-    return total / seconds / MiB
 
 
 def opens(relays, port, count):
