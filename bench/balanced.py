@@ -1,13 +1,13 @@
 """Behind a balancer: throughput through HAProxy (TCP mode) to vncgate vs to socat, one run.
 
-Usage: python3 bench/balanced.py [--mib 192] [--rounds 3] [--opens 500]
+Usage: python3 bench/balanced.py [--mib 192] [--rounds 7] [--opens 500]
 
 One synthetic backend (bench/peers.py), `socat -b 262144` and vncgate in front of it,
 and one HAProxy in TCP mode with two frontends: one to vncgate with send-proxy-v2 (the
 gateway trusts HAProxy's address and reads the client from the PROXY header), one to
 socat. Prints throughput both ways through each path as MiB/s and as a ratio to the
 same path without HAProxy, then the ratio that matters: HAProxy+vncgate against
-HAProxy+socat. Also the time to open a console (XVP, up to the banner) through HAProxy
+HAProxy+socat, taken within each round (the median of the rounds is the figure). Also the time to open a console (XVP, up to the banner) through HAProxy
 against straight to the gateway: what the PROXY header costs a handshake.
 """
 
@@ -97,7 +97,7 @@ def opens(relays, port, count):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=192, help="MiB per throughput run")
-    parser.add_argument("--rounds", type=int, default=3, help="runs per path (the best is kept)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved runs per path")
     parser.add_argument("--opens", type=int, default=500, help="console opens per path for the handshake figure")
     args = parser.parse_args()
     for tool in ("socat", "haproxy", "vncgate", "vncgate-token"):
@@ -109,18 +109,22 @@ def main():
         relays = Balanced(folder)
         try:
             print(f"# behind HAProxy (TCP mode, send-proxy-v2 to vncgate): {args.mib} MiB per run, "
-                  f"best of {args.rounds}, {os.cpu_count()} cores")
+                  f"{args.rounds} rounds, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
             for mode, label in (("stream", "backend->client"), ("sink", "client->backend")):
-                # Interleaved rounds: each path sees the same moments of a shared machine.
-                results = {name: 0.0 for name in names}
+                # Interleaved rounds: each path sees the same moments of a shared machine, and the
+                # ratio is taken within each round, then the median of the rounds is reported.
+                runs: dict = {name: [] for name in names}
                 for _ in range(args.rounds):
                     for name in names:
-                        results[name] = max(results[name], throughput(relays, name, mode, total))
-                print(f"\nthroughput {label} (MiB/s)")
+                        runs[name].append(throughput(relays, name, mode, total))
+                print(f"\nthroughput {label} (MiB/s: median of {args.rounds}, best)")
                 for name in names:
-                    print(f"  {name:16} {results[name]:8.0f}")
-                print(f"  haproxy+vncgate / haproxy+socat   {results['haproxy+vncgate'] / results['haproxy+socat']:5.2f}x")
-                print(f"  vncgate-xvp / socat (no balancer) {results['vncgate-xvp'] / results['socat']:5.2f}x")
+                    print(f"  {name:16} {statistics.median(runs[name]):8.0f} {max(runs[name]):8.0f}")
+                for ours, theirs, what in (("haproxy+vncgate", "haproxy+socat", ""),
+                                           ("vncgate-xvp", "socat", " (no balancer)")):
+                    ratios = sorted(a / b for a, b in zip(runs[ours], runs[theirs]))
+                    print(f"  {ours} / {theirs}{what}: median {statistics.median(ratios):.2f}x "
+                          f"(rounds {ratios[0]:.2f}x to {ratios[-1]:.2f}x)")
             direct, balanced = opens(relays, relays.gateway_port, args.opens), opens(relays, relays.front["vncgate"],
                                                                                      args.opens)
             print(f"\nconsole open (XVP, to the banner; {args.opens} sequential)")
