@@ -10,12 +10,13 @@ import socket
 import subprocess
 import threading
 import time
+import types
 import urllib.request
 
 import pytest
 
 from tests import harness
-from vncgate.control import systemd
+from vncgate.control import service, systemd
 
 UNITS = os.path.join(harness.REPO, "scripts", "systemd")
 
@@ -209,3 +210,70 @@ def test_the_gateway_runs_under_the_units_hardening(tmp_path):
         assert proc.wait(15) == 0
         stderr.close()
         backend.stop()
+
+
+def test_the_watchdog_is_withheld_while_the_store_is_down(tmp_path):
+    """WATCHDOG=1 proves the store answers: with Redis gone the beats stop (systemd would restart
+    the gateway), and they come back with it."""
+    redis = harness.RedisServer(tmp_path)
+    notify = NotifyListener(str(tmp_path / "notify"))
+    gateway = harness.GatewayProcess(str(tmp_path), database=redis.url, wrapper=(
+        "env", f"NOTIFY_SOCKET={notify.path}", "WATCHDOG_USEC=400000"))
+    try:
+        harness.wait_for(lambda: len(notify.lines("WATCHDOG=1")) >= 2, message="beats")
+        redis.kill()
+        down = time.monotonic()
+        harness.wait_for(lambda: "the store does not answer" in gateway.read_stderr(), message="the warning")
+        time.sleep(1.0)  # the beats stay away for as long as the store does
+        assert not [when for when, _ in notify.lines("WATCHDOG=1") if when > down + 0.5]
+        redis.start()
+        up = time.monotonic()
+        harness.wait_for(lambda: [when for when, _ in notify.lines("WATCHDOG=1") if when > up], 10,
+                         message="the beats to come back")
+    finally:
+        gateway.stop(sig=signal.SIGINT)
+        notify.close()
+        redis.stop()
+
+
+class StubGateway:
+    """What service.Service reads of a gateway (unit tests of the drain and the heartbeat)."""
+
+    def __init__(self, clock):
+        self.config = types.SimpleNamespace(drain_timeout=10.0, drain_notice=3.0)
+        self.sessions = types.SimpleNamespace(live=lambda: ["one"])
+        self.store = types.SimpleNamespace(ping=lambda: None)
+        self.loop_beat = clock()
+        self.draining = False
+        self.accepting = threading.Event()
+        self.accepting.set()
+
+    def stop_accepting(self):
+        self.accepting.clear()
+
+    def connection_count(self):
+        return 1
+
+
+def test_service_heartbeat_judges_the_accept_loop_by_its_clock(clock):
+    gateway = StubGateway(clock)
+    lifecycle = service.Service(gateway, systemd.Notifier(""), watchdog=2.0, clock=clock)
+    assert lifecycle.healthy() and lifecycle.status() == "serving: 1 live sessions"
+    clock.advance(2.5)  # the accept loop has not turned for longer than the watchdog's interval
+    assert not lifecycle.healthy()
+    gateway.loop_beat = clock()
+    assert lifecycle.healthy()
+
+
+def test_service_drain_waits_for_the_notice_and_a_second_signal_hurries(clock):
+    gateway = StubGateway(clock)
+    lifecycle = service.Service(gateway, systemd.Notifier(""), clock=clock)
+    lifecycle.on_signal("SIGTERM")
+    harness.wait_for(lambda: gateway.draining, message="draining")
+    assert lifecycle.status() == "draining: 1 live sessions, 10 s left"
+    time.sleep(0.2)
+    assert gateway.accepting.is_set()  # within drain_notice: still accepting
+    lifecycle.on_signal("SIGTERM")  # the second: at once
+    harness.wait_for(lambda: not gateway.accepting.is_set(), message="accepting to stop")
+    lifecycle.wait_drained()  # returns at once: hurried
+    assert lifecycle.status() == "stopping: ending 1 live sessions"
