@@ -11,7 +11,7 @@ import pytest
 from tests import harness
 
 DRAIN = 10
-NOTICE = 2  # HAProxy checks every 300 ms and falls after one failure: 2 s is ample
+NOTICE = 3  # HAProxy checks every 300 ms and falls after one failure: 3 s is ample, even on a busy machine
 
 
 class OpenLoop:
@@ -50,6 +50,7 @@ class LongSession:
         self.local_port = self.sock.getsockname()[1]
         self.last_data = time.monotonic()
         self.ended = None
+        self.sock.settimeout(30)
         threading.Thread(target=self._ask, daemon=True).start()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
@@ -63,7 +64,6 @@ class LongSession:
             time.sleep(0.2)
 
     def _read(self):
-        self.sock.settimeout(30)
         try:
             while self.sock.recv(65536):
                 self.last_data = time.monotonic()
