@@ -5,6 +5,7 @@ import concurrent.futures
 import os
 import socket
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -253,3 +254,28 @@ def test_the_pending_share_is_each_client_behind_the_proxy(tmp_path):
             sock.close()
         gateway.stop()
         backend.stop()
+
+
+def test_the_api_throttles_bad_keys_by_the_forwarded_client(tmp_path):
+    keys = tmp_path / "api-keys"
+    keys.write_text("# vncgate API keys\n")
+    gateway = harness.GatewayProcess(str(tmp_path), trusted_proxies="127.0.0.1", api_keys_file=str(keys),
+                                     failed_token_burst=3, failed_token_rate=0.01)
+
+    def bad_key(forwarded_for):
+        request = urllib.request.Request(f"http://127.0.0.1:{gateway.port}/api/v1/sessions",
+                                         headers={"X-Forwarded-For": forwarded_for, "Authorization": "Bearer nope"})
+        try:
+            urllib.request.urlopen(request, timeout=10).close()
+        except urllib.error.HTTPError as error:
+            return error.code
+        return 200
+
+    try:
+        assert [bad_key("192.0.2.1") for _ in range(4)] == [401, 401, 401, 429]
+        assert bad_key("192.0.2.2") == 401  # another client behind the same proxy: not throttled
+        lines = [line for line in gateway.audit() if line.get("reason") in ("bad-api-key", "throttled")]
+        assert [line["client"] for line in lines] == ["192.0.2.1:0"] * 4 + ["192.0.2.2:0"]
+        assert all(line["via"].startswith("127.0.0.1:") for line in lines)
+    finally:
+        assert gateway.stop() == 0
