@@ -149,10 +149,12 @@ class Gateway(socketserver.ThreadingTCPServer):
             tasks=(lambda: self.consoles.sync(store.list_follows()),))
         self.tls_context = tls.server_context(config.cert, config.key) if config.cert else None
         self.api = control_plane(self) if control_plane else None
-        self._connections: dict[socket.socket, socket.socket] = {}  # accepted socket -> what it is now (itself, or its TLS wrapper)
-        self._pending: collections.Counter[str] = collections.Counter()  # client address -> its connections not relaying yet
-        self._handshaking: dict[socket.socket, str | None] = {}  # accepted socket -> client address (None: a trusted
-        # proxy's, until pending_as), until it relays
+        # accepted socket -> what it is now (itself, or its TLS wrapper)
+        self._connections: dict[socket.socket, socket.socket] = {}
+        # client address -> its connections not relaying yet
+        self._pending: collections.Counter[str] = collections.Counter()
+        # accepted socket -> client address, until it relays (None: a trusted proxy's, until pending_as)
+        self._handshaking: dict[socket.socket, str | None] = {}
         self._handshake = threading.local()  # .request: this handler thread's, until it relays
         self._lock = threading.Lock()
         self._all_ended = threading.Condition(self._lock)
