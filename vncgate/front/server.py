@@ -10,6 +10,9 @@ Fair shares: max_connections is lowered at start to what the fd limit holds, one
 client address may have at most max_pending_per_address connections that are not
 relaying yet (an address's idle sockets cannot take every slot), and an accept that
 fails for want of fds or memory answers 503 or backs off instead of spinning.
+
+Behind a trusted proxy the client is the one its PROXY header or forwarding header
+names (vncgate.front.proxied), and that client's share is what is counted.
 """
 
 import collections
