@@ -1,10 +1,14 @@
 """Unit tests of the PROXY protocol parser (sans-IO) and of reading forwarding headers."""
 
 import ipaddress
+import socket
 import struct
+import threading
+import time
 
 import pytest
 
+from tests import harness
 from vncgate.front import proxied
 from vncgate.net import http
 from vncgate.net import proxy_protocol as pp
@@ -178,3 +182,59 @@ def test_unreadable_forwarding_headers_are_refused(headers):
     with pytest.raises(Refused) as refused:
         proxied.from_request(request(**headers), PROXY_PEER, TRUSTED)
     assert (refused.value.reason, refused.value.status) == ("bad-forwarded-header", 400)
+
+
+# -- reading a header from a socket -----------------------------------------------------------
+
+def dripped(pieces, gap=0.05):
+    """A connected socket whose peer sends pieces with a gap between them, then keeps it open."""
+    ours, theirs = socket.socketpair()
+
+    def send():
+        for piece in pieces:
+            theirs.sendall(piece)
+            time.sleep(gap)
+    threading.Thread(target=send, daemon=True).start()
+    return ours, theirs
+
+
+def test_a_header_in_pieces_is_read_whole_and_nothing_after_it():
+    header = pp.v2_header(("192.0.2.5", 999))
+    ours, theirs = dripped([header[:5], header[5:14], header[14:], b"\x16\x03rest"])
+    with ours, theirs:
+        client = proxied.from_proxy_header(ours, time.monotonic() + 5, ("127.0.0.1", 40000), TRUSTED)
+        assert (client, client.via) == ("192.0.2.5:999", "127.0.0.1:40000")
+        ours.settimeout(5)
+        assert ours.recv(2) == b"\x16\x03"  # the TLS ClientHello after it is left for the TLS layer
+
+
+def test_no_header_reads_nothing_and_names_the_peer():
+    ours, theirs = dripped([b"PO", b"ST / HTTP/1.1\r\n"])
+    with ours, theirs:
+        client = proxied.from_proxy_header(ours, time.monotonic() + 5, ("192.0.2.9", 5), TRUSTED)
+        assert (client, client.via) == ("192.0.2.9:5", None)
+        ours.settimeout(5)
+        assert harness.wait_for(lambda: ours.recv(4, socket.MSG_PEEK) == b"POST")  # all still there
+
+
+@pytest.mark.parametrize("pieces, reason", [
+    ([pp.v2_header(("192.0.2.5", 1))[:20]], "handshake-timeout"),  # truncated, then silent
+    ([b"PROXY TCP4 1.2.3.4"], "handshake-timeout"),
+    ([b"\r\n\r\n"], "handshake-timeout"),  # a prefix of the v2 signature, then silent
+    ([b"PROXY TCP4 1.2.3.4 5.6.7.8 1 99999\r\n"], "bad-proxy-header"),
+])
+def test_a_header_that_stops_or_breaks_is_refused_by_the_deadline(pieces, reason):
+    ours, theirs = dripped(pieces)
+    with ours, theirs:
+        started = time.monotonic()
+        with pytest.raises(Refused) as refused:
+            proxied.from_proxy_header(ours, started + 0.5, ("127.0.0.1", 1), TRUSTED)
+        assert refused.value.reason == reason
+        assert time.monotonic() - started < 1.5
+
+
+def test_a_header_from_an_untrusted_peer_is_refused():
+    ours, theirs = dripped([pp.v1_header(("192.0.2.5", 1), ("192.0.2.6", 2))])
+    with ours, theirs, pytest.raises(Refused) as refused:
+        proxied.from_proxy_header(ours, time.monotonic() + 5, ("192.0.2.77", 1), TRUSTED)
+    assert (refused.value.reason, refused.value.status) == ("proxy-not-trusted", 400)
