@@ -222,7 +222,7 @@ class Gateway(socketserver.ThreadingTCPServer):
     def process_request(self, request, client_address):
         address = client_address[0]
         # A trusted proxy's connections are counted by the client they turn out to be from (pending_as).
-        behind_proxy = web.address_in(address, self.config.trusted_proxies)
+        behind_proxy = bool(self.config.trusted_proxies) and web.address_in(address, self.config.trusted_proxies)
         with self._lock:
             if len(self._connections) >= self.config.max_connections:
                 refusal = Refused("max-connections")
