@@ -55,7 +55,7 @@ def from_proxy_header(conn: socket.socket, deadline: float, peer: tuple, trusted
     itself = Client(client_text(peer[0], peer[1]))
     seen = -1
     while True:
-        data = _peek(conn, deadline)
+        data = _peek(conn, deadline, "nothing sent in time" if seen < 0 else "PROXY header not complete in time")
         found = proxy_protocol.signature(data) if data else False
         if found is False:
             return itself  # not a PROXY header (or the client left: the request reader says so)
@@ -76,15 +76,16 @@ def from_proxy_header(conn: socket.socket, deadline: float, peer: tuple, trusted
         seen = len(data)
 
 
-def _peek(conn: socket.socket, deadline: float) -> bytes:
+def _peek(conn: socket.socket, deadline: float, late: str) -> bytes:
+    """What has arrived, read but left in place; Refused handshake-timeout (detail: late) at the deadline."""
     remaining = deadline - time.monotonic()
     if remaining <= 0:
-        raise Refused("handshake-timeout", "the first bytes did not arrive in time")
+        raise Refused("handshake-timeout", late)
     conn.settimeout(remaining)
     try:
         return conn.recv(PEEK, socket.MSG_PEEK)
     except socket.timeout:
-        raise Refused("handshake-timeout", "the first bytes did not arrive in time") from None
+        raise Refused("handshake-timeout", late) from None
 
 
 def _consume(conn: socket.socket, count: int) -> None:
