@@ -5,7 +5,7 @@ v2, before TLS and before the request line), and its HTTP request may carry
 Forwarded (RFC 7239, preferred when both are sent) or X-Forwarded-For. The client is
 then the address the header names: for the forwarding headers, the right-most address
 that is not itself a trusted proxy (what the proxies in front appended; whatever the
-client itself wrote lies further left and is never read). From any other address the
+client itself wrote lies further left and is never used). From any other address the
 forwarding headers are ignored and a PROXY header is refused.
 
 The client is a Client: the "address:port" text every per-address rule and audit line
