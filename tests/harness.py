@@ -1095,16 +1095,16 @@ backend gateways
     balance roundrobin
     option httpchk GET /healthz
     http-check expect status 200
-    default-server send-proxy-v2 check inter {interval} fall 1 rise 1 source {source}
+    default-server {proxy} check inter {interval} fall 1 rise 1 source {source}
 {servers}
 """
 
 
 class Haproxy:
-    """HAProxy in TCP mode with send-proxy-v2 in front of gateways (their ports), health-checking
-    /healthz; its connections to them come from `source`."""
+    """HAProxy in TCP mode with send-proxy-v2 (or proxy="send-proxy": v1) in front of gateways (their
+    ports), health-checking /healthz; its connections to them come from `source`."""
 
-    def __init__(self, folder, gateway_ports, source="127.0.0.9", interval="300ms"):
+    def __init__(self, folder, gateway_ports, source="127.0.0.9", interval="300ms", proxy="send-proxy-v2"):
         self.folder = str(folder)
         self.port = free_port()
         self.socket_path = os.path.join(self.folder, "haproxy.sock")
@@ -1112,7 +1112,8 @@ class Haproxy:
         self.conf = os.path.join(self.folder, "haproxy.cfg")
         with open(self.conf, "w") as handle:
             handle.write(HAPROXY_CONFIG.format(folder=self.folder, listen=f"127.0.0.1:{self.port}",
-                                               source=source, interval=interval, servers=servers))
+                                               source=source, interval=interval, servers=servers,
+                                               proxy=proxy))
         self.log = open(os.path.join(self.folder, "haproxy.log"), "w")
         self.proc = subprocess.Popen(["haproxy", "-db", "-f", self.conf], stdout=self.log, stderr=self.log)
         wait_for(lambda: self.proc.poll() is not None or port_open(self.port), 15, message="haproxy to listen")

@@ -173,7 +173,7 @@ def test_hostile_proxy_headers_are_answered_and_the_gateway_keeps_serving(tmp_pa
             answers = dict(zip(HOSTILE, pool.map(send, [data for data, _ in HOSTILE.values()])))
         for name, (status, took) in answers.items():
             assert status == HOSTILE[name][1], (name, status)
-            assert took < 1.5 + 1.0, (name, took)
+            assert took < 1.5 + 1.5, (name, took)  # handshake_timeout, and a busy machine's scheduling
         with urllib.request.urlopen(f"http://127.0.0.1:{gateway.port}/healthz", timeout=10) as reply:
             assert reply.status == 200
         reasons = {line["reason"] for line in attempts(gateway)}
@@ -279,3 +279,22 @@ def test_the_api_throttles_bad_keys_by_the_forwarded_client(tmp_path):
         assert all(line["via"].startswith("127.0.0.1:") for line in lines)
     finally:
         assert gateway.stop() == 0
+
+
+def test_behind_haproxy_send_proxy_v1(tmp_path):
+    backend = harness.FakeBackend(harness.rfb_banner_then_echo)
+    gateway = harness.GatewayProcess(str(tmp_path), trusted_proxies="127.0.0.9")
+    haproxy = harness.Haproxy(tmp_path, [gateway.port], proxy="send-proxy")
+    try:
+        haproxy.wait_states({"gw0": "UP"})
+        token = gateway.mint("127.0.0.1", backend.port, "ws-vnc")
+        sock, status, _ = harness.raw_upgrade(haproxy.port, token, source="127.0.0.6")
+        own = f"127.0.0.6:{sock.getsockname()[1]}"  # the port too: v1 carries it
+        sock.close()
+        assert status.split(" ")[1] == "101", status
+        line = harness.wait_for(lambda: attempts(gateway, result="accepted"), message="the attempt line")[0]
+        assert line["client"] == own and line["via"].startswith("127.0.0.9:")
+    finally:
+        haproxy.stop()
+        assert gateway.stop() == 0
+        backend.stop()
