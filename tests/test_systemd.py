@@ -93,6 +93,7 @@ def test_socket_activation_serves_the_inherited_socket_and_notifies(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
         assert notify.lines("STOPPING=1")
+        assert notify.lines("EXTEND_TIMEOUT_USEC=30000000")  # drain_timeout 0, and the margin to stop
         log = stderr_path.read_text()
         assert f"vncgate listening on 127.0.0.1:{port}" in log
         # journald reads stderr: no timestamp of our own, a priority prefix instead.

@@ -26,6 +26,7 @@ from vncgate.control import systemd
 log = logging.getLogger("vncgate.control.service")
 
 STATUS_EVERY = 5.0  # seconds between STATUS= lines when no watchdog asks for more
+STOP_MARGIN = 30.0  # seconds asked of systemd beyond drain_timeout: ending the sessions, the store's last writes
 
 
 class Service:
@@ -90,7 +91,9 @@ class Service:
     def _drain(self, name: str) -> None:
         try:
             self.gateway.draining = True
-            self.notifier.send("STOPPING=1", f"STATUS={self.status()}")
+            # systemd's stop timeout (TimeoutStopSec=) grows to the drain and the stop after it.
+            extend = int((self.drain_timeout + STOP_MARGIN) * 1e6)
+            self.notifier.send("STOPPING=1", f"STATUS={self.status()}", f"EXTEND_TIMEOUT_USEC={extend}")
             if not self.hurry.is_set():
                 log.info("%s: draining: /healthz answers 503; new consoles served for %.0f s more, live sessions "
                          "(%d) for up to %.0f s", name, self.notice, len(self.gateway.sessions.live()),
