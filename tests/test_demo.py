@@ -23,7 +23,7 @@ def test_demo_prints_working_urls():
             lines.append(line)
         text = "".join(lines)
         assert f"vncgate listening on 127.0.0.1:{port}" in text
-        assert re.search(rf"http://127\.0\.0\.1:{port}/vnc\.html#autoconnect=1&path=websockify%3Ftoken%3D\S+", text)
+        assert re.search(rf"http://127\.0\.0\.1:{port}/vnc\.html#autoconnect=1&path=websockify&token=\S+", text)
         token = re.search(rf"http://127\.0\.0\.1:{port}/console\?token=(\S+)", text).group(1)
         sock, status, rest = harness.xvp_connect(port, token)
         assert status == "HTTP/1.1 200 OK"

@@ -9,6 +9,7 @@ import configparser
 import dataclasses
 import ipaddress
 import os
+import re
 import urllib.parse
 
 from vncgate import store
@@ -63,6 +64,19 @@ def _origins(value):
     return tuple(item for item in (part.strip() for part in value.replace(",", " ").split()) if item)
 
 
+# A CSP host-source: scheme://host[:port], the host may start with "*."; or 'self' / 'none'.
+_SOURCE = re.compile(r"(?:https?://)?(?:\*\.)?[a-z0-9.-]+(?::(?:[0-9]{1,5}|\*))?|'self'|'none'")
+
+
+def _frame_ancestors(value: str) -> tuple:
+    """Sources allowed to frame the console pages (Content-Security-Policy frame-ancestors)."""
+    sources = _origins(value.lower())
+    bad = [item for item in sources if not _SOURCE.fullmatch(item)]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not an origin such as https://panel.example.com")
+    return sources
+
+
 def _key_prefix(value):
     value = value.strip()
     if not value or any(char.isspace() for char in value):
@@ -91,6 +105,7 @@ PARSERS = {
     "housekeeping_interval": _positive(float),
     "web_root": _text,
     "allowed_origins": _origins,
+    "frame_ancestors": _frame_ancestors,
     "cert": _text,
     "key": _text,
     "tls_only": _bool,
@@ -143,6 +158,7 @@ class Config:
     housekeeping_interval: float = 60.0
     web_root: str = "auto"
     allowed_origins: tuple = ()
+    frame_ancestors: tuple = ()  # besides 'self': the panels that may embed the console pages
     cert: str = ""
     key: str = ""
     tls_only: bool = False

@@ -20,6 +20,7 @@ import socket
 import ssl
 import struct
 import time
+from collections.abc import Callable
 
 NONE, VNC_AUTH, VENCRYPT = 1, 2, 19  # RFB security types
 X509_NONE, X509_VNC = 260, 261  # VeNCrypt sub-types
@@ -403,7 +404,10 @@ def _client_version(read, send, version):
     return min(offered, _minor(read(12), "client"))
 
 
-def offer_no_auth(read_exact, write, version):
+ONLY_NONE = "Only the security type 1 (NONE) is supported"
+
+
+def offer_no_auth(read_exact: Callable[[int], bytes], write: Callable[[bytes], object], version: bytes) -> None:
     """Be the server of the client's RFB security handshake, offering type None only.
 
     version: the line authenticate_backend returned; the client is offered that version.
@@ -420,6 +424,10 @@ def offer_no_auth(read_exact, write, version):
     send(bytes((1, NONE)))
     choice = read(1)[0]
     if choice != NONE:
+        # As Nova's proxy does: SecurityResult failed, and in 3.8 the reason the client shows
+        # (RFC 6143 7.1.3; 3.7 has no reason string).
+        reason = _U32.pack(len(ONLY_NONE)) + ONLY_NONE.encode() if minor == 8 else b""
+        send(_U32.pack(1) + reason)
         raise RfbError("client-bad-security", f"the client chose security type {choice}, not 1 (None)")
     if minor == 8:
         send(_U32.pack(0))  # SecurityResult OK; RFC 6143: 3.7 sends none for type None
