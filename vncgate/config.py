@@ -12,7 +12,7 @@ import os
 import re
 import urllib.parse
 
-from vncgate import store
+from vncgate import addresses, store
 
 SECTION = "gateway"
 ENV_VAR = "VNCGATE_CONFIG"
@@ -92,6 +92,14 @@ def _networks(value):
         raise ValueError(f"must be addresses or networks ({error})") from None
 
 
+def _backend_allow(value):
+    """Networks and port ranges where consoles live (vncgate.addresses' syntax)."""
+    try:
+        return addresses.parse(value)
+    except ValueError as error:
+        raise ValueError(f"must be networks with optional ports ({error})") from None
+
+
 # key -> its parser (a ValueError says what is wrong); Config below holds the defaults.
 PARSERS = {
     "listen": _text,
@@ -120,6 +128,7 @@ PARSERS = {
     "trusted_proxies": _networks,
     "drain_timeout": _not_negative,
     "drain_notice": _not_negative,
+    "backend_allow": _backend_allow,
     # console policies
     "resume_grace": _positive(float),
     "paste_max_chars": _positive(int),
@@ -173,6 +182,9 @@ class Config:
     trusted_proxies: tuple = ()  # whose PROXY and forwarding headers name the client
     drain_timeout: float = 0.0  # SIGTERM: seconds live sessions may go on; 0: they end at once
     drain_notice: float = 5.0  # of those, seconds new consoles are still served (the balancer notices)
+    # Where consoles may be reached (addresses.Reach items); empty: anywhere but link-local,
+    # the gateway's own port and the store (console.allow).
+    backend_allow: tuple = ()
     resume_grace: float = 30.0
     paste_max_chars: int = 4096
     input_idle_timeout: float = 0.0  # 0: off

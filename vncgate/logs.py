@@ -9,18 +9,13 @@ the gateway began.
 """
 
 import logging
-import re
+
+from vncgate.text import escape
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 JOURNAL_FORMAT = "%(levelname)s %(name)s: %(message)s"  # journald stamps each line itself
 # syslog priorities, as the "<N>" prefix journald reads (SyslogLevelPrefix=yes, its default)
 _PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def escape(text):
-    """text with every control character as \\n, \\r, \\t or \\xNN / \\uNNNN."""
-    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
 
 
 class EscapingFormatter(logging.Formatter):
