@@ -1073,6 +1073,28 @@ class LibvirtDomain:
             self.virsh("undefine", self.name)
 
 
+def http_get(port, path, source=None, timeout=10.0, headers=""):
+    """(status line, body) of one GET (from the source address, if given); ("", b"") when the
+    gateway closed without an answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                  source_address=(source, 0) if source else None) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: gateway\r\n{headers}\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0].decode("latin-1"), body
+
+
+def xvp_session(port, token):
+    """An XVP session's socket, or None (closed) when the gateway did not answer 200."""
+    sock, status, _ = xvp_connect(port, token)
+    if status != "HTTP/1.1 200 OK":
+        sock.close()
+        return None
+    return sock
+
+
 # -- load balancers in front of gateways: real nginx and HAProxy, as the deployment docs configure them
 
 NGINX_SITE = """
@@ -1184,38 +1206,3 @@ class Haproxy:
         self.proc.terminate()
         self.proc.wait(10)
         self.log.close()
-
-
-def rfb_no_auth_client(sock, rest=b""):
-    """A VNC client's side of the handshake with a server offering security None (qemu without a
-    password): version, security, ClientInit (shared). Returns the framebuffer's (width, height)."""
-    reader = BufferedReader(sock, rest)
-    assert reader.exactly(12).startswith(b"RFB 003.00")
-    sock.sendall(b"RFB 003.008\n")
-    types = reader.exactly(reader.exactly(1)[0])
-    assert 1 in types, types
-    sock.sendall(b"\x01")
-    assert reader.exactly(4) == b"\0\0\0\0"
-    sock.sendall(b"\x01")
-    width, height = struct.unpack("!HH", reader.exactly(4))
-    reader.exactly(16)  # pixel format
-    reader.exactly(struct.unpack("!I", reader.exactly(4))[0])  # name
-    return width, height
-
-
-class BufferedReader:
-    def __init__(self, sock, rest=b""):
-        self.sock, self.buffer = sock, rest
-
-    def exactly(self, count):
-        while len(self.buffer) < count:
-            chunk = self.sock.recv(65536)
-            assert chunk, "closed in the RFB handshake"
-            self.buffer += chunk
-        data, self.buffer = self.buffer[:count], self.buffer[count:]
-        return data
-
-
-def full_update_request(width, height):
-    """FramebufferUpdateRequest, not incremental: the server sends the whole screen (qemu always answers)."""
-    return struct.pack("!BBHHHH", 3, 0, 0, 0, width, height)

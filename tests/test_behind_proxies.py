@@ -52,21 +52,21 @@ def test_behind_nginx_the_guesser_is_throttled_and_another_user_is_served(qemu, 
     gateway, nginx, cert = behind_nginx
     statuses = []
     for _ in range(8):
-        sock, status, _ = wss_upgrade(nginx.port, "x" * 43, "127.0.0.5", cert)
+        sock, status, _ = wss_upgrade(nginx.port, "x" * 43, "127.0.5.5", cert)
         sock.close()
         statuses.append(status.split(" ")[1])
     assert statuses[:5] == ["401"] * 5 and set(statuses[5:]) == {"429"}, statuses
 
     token = gateway.mint("127.0.0.1", qemu.port, "ws-vnc")
-    sock, status, rest = wss_upgrade(nginx.port, token, "127.0.0.6", cert)
+    sock, status, rest = wss_upgrade(nginx.port, token, "127.0.6.6", cert)
     assert status.split(" ")[1] == "101", status
     frames = harness.frames_until(sock, rest, lambda frames: len(harness.payload_of(frames)) >= 12)
     assert harness.payload_of(frames).startswith(b"RFB 003.00")
     sock.close()
 
-    guesses = from_address(attempts(gateway, path="websocket"), "127.0.0.5")
+    guesses = from_address(attempts(gateway, path="websocket"), "127.0.5.5")
     assert [line["reason"] for line in guesses] == ["unknown-token"] * 5 + ["throttled"] * 3
-    served = from_address(attempts(gateway, path="websocket", result="accepted"), "127.0.0.6")
+    served = from_address(attempts(gateway, path="websocket", result="accepted"), "127.0.6.6")
     assert len(served) == 1
     for line in guesses + served:  # the proxy is named apart: nginx, from 127.0.0.1
         assert line["via"].startswith("127.0.0.1:") and line["client"].endswith(":0"), line
@@ -245,7 +245,7 @@ def test_the_pending_share_is_each_client_behind_the_proxy(tmp_path):
         assert status.split(" ")[1] == "429"
         line = attempts(gateway, reason="too-many-pending")[0]
         assert line["client"].startswith("192.0.2.1:") and line["via"].startswith("127.0.0.1:")
-        other = through_proxy("192.0.2.2")  # another user through the same proxy: not refused
+        other = through_proxy("198.51.100.2")  # another user (another /24) through the same proxy: served
         other.settimeout(1.0)
         with pytest.raises(socket.timeout):
             other.recv(1)  # waiting on the backend like the first two, not answered 429
@@ -273,9 +273,9 @@ def test_the_api_throttles_bad_keys_by_the_forwarded_client(tmp_path):
 
     try:
         assert [bad_key("192.0.2.1") for _ in range(4)] == [401, 401, 401, 429]
-        assert bad_key("192.0.2.2") == 401  # another client behind the same proxy: not throttled
+        assert bad_key("198.51.100.2") == 401  # another client (another /24) behind the same proxy: not throttled
         lines = [line for line in gateway.audit() if line.get("reason") in ("bad-api-key", "throttled")]
-        assert [line["client"] for line in lines] == ["192.0.2.1:0"] * 4 + ["192.0.2.2:0"]
+        assert [line["client"] for line in lines] == ["192.0.2.1:0"] * 4 + ["198.51.100.2:0"]
         assert all(line["via"].startswith("127.0.0.1:") for line in lines)
     finally:
         assert gateway.stop() == 0

@@ -46,7 +46,7 @@ class LongSession:
     def __init__(self, port, token):
         self.sock, status, rest = harness.xvp_connect(port, token, source="127.0.0.8")
         assert status == "HTTP/1.1 200 OK"
-        self.size = harness.rfb_no_auth_client(self.sock, rest)
+        self.size = harness.rfb_client_handshake(self.sock, rest)[:2]
         self.local_port = self.sock.getsockname()[1]
         self.last_data = time.monotonic()
         self.ended = None
@@ -58,7 +58,7 @@ class LongSession:
     def _ask(self):
         while self.ended is None:
             try:
-                self.sock.sendall(harness.full_update_request(*self.size))
+                self.sock.sendall(harness.framebuffer_update_request(False, *self.size))
             except OSError:
                 return
             time.sleep(0.2)

@@ -51,6 +51,31 @@ def _not_negative(value):
     return number
 
 
+def _bytes(value):
+    """A size in bytes, 0 or more (0: no bound)."""
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
+def _percent(value):
+    number = float(value)
+    if not 0 <= number < 100:
+        raise ValueError("must be from 0 to less than 100")
+    return number
+
+
+def _prefix(bits):
+    def parse(value):
+        number = int(value)
+        if not 0 < number <= bits:
+            raise ValueError(f"must be from 1 to {bits}")
+        return number
+    parse.__name__ = "int"
+    return parse
+
+
 def _bool(value):
     words = {"true": True, "yes": True, "on": True, "1": True,
              "false": False, "no": False, "off": False, "0": False}
@@ -123,7 +148,12 @@ PARSERS = {
     "failed_token_burst": _positive(int),
     "failed_token_rate": _positive(float),
     "handshake_timeout": _positive(float),
+    "request_head_timeout": _positive(float),
+    "address_prefix_v4": _prefix(32),
+    "address_prefix_v6": _prefix(128),
     "audit_log": _text,
+    "audit_max_bytes": _bytes,
+    "audit_keep": _positive(int),
     "metrics_allow": _networks,
     "trusted_proxies": _networks,
     "drain_timeout": _not_negative,
@@ -145,6 +175,8 @@ PARSERS = {
     "record_all": _bool,
     "record_max_bytes": _positive(int),
     "record_keep_days": _positive(float),
+    "record_dir_max_bytes": _bytes,
+    "record_min_free": _percent,
 }
 
 # Where an installed noVNC is found when web_root = auto.
@@ -177,7 +209,12 @@ class Config:
     failed_token_burst: int = 10
     failed_token_rate: float = 1.0
     handshake_timeout: float = 10.0
+    request_head_timeout: float = 3.0  # the request head's own deadline, inside handshake_timeout
+    address_prefix_v4: int = 24  # per-address shares and failures: one per /24 ...
+    address_prefix_v6: int = 64  # ... and one per /64
     audit_log: str = ""
+    audit_max_bytes: int = 100 << 20  # the audit file rotated past this; 0: never (logrotate's job)
+    audit_keep: int = 5  # rotated audit files kept
     metrics_allow: tuple = _networks("127.0.0.0/8, ::1")
     trusted_proxies: tuple = ()  # whose PROXY and forwarding headers name the client
     drain_timeout: float = 0.0  # SIGTERM: seconds live sessions may go on; 0: they end at once
@@ -200,6 +237,8 @@ class Config:
     record_all: bool = False
     record_max_bytes: int = 1 << 30
     record_keep_days: float = 30.0
+    record_dir_max_bytes: int = 10 << 30  # record_dir as a whole; the oldest finished pruned; 0: no bound
+    record_min_free: float = 5.0  # percent of the filesystem kept free: no recording below it
     source: str = ""  # the file read, "" when built-in defaults only (not a key)
 
     @property
@@ -300,7 +339,8 @@ def check_database(database, where):
 
 
 def _kind(parse):
-    kinds = {"int": "a whole number", "float": "a number", "_not_negative": "a number", "_port": "a port number"}
+    kinds = {"int": "a whole number", "float": "a number", "_not_negative": "a number", "_port": "a port number",
+             "_bytes": "a whole number", "_percent": "a number"}
     return kinds.get(parse.__name__, "valid")
 
 
