@@ -65,7 +65,8 @@ def test_behind_nginx_the_guesser_is_throttled_and_another_user_is_served(qemu, 
     sock.close()
 
     guesses = from_address(attempts(gateway, path="websocket"), "127.0.5.5")
-    assert [line["reason"] for line in guesses] == ["unknown-token"] * 5 + ["throttled"] * 3
+    reasons = [line["reason"] for line in guesses]  # throttled lines are sampled: the first one is written
+    assert reasons[:5] == ["unknown-token"] * 5 and reasons[5:6] == ["throttled"] and set(reasons[5:]) == {"throttled"}
     served = from_address(attempts(gateway, path="websocket", result="accepted"), "127.0.6.6")
     assert len(served) == 1
     for line in guesses + served:  # the proxy is named apart: nginx, from 127.0.0.1

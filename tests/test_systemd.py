@@ -243,7 +243,9 @@ class StubGateway:
     def __init__(self, clock):
         self.config = types.SimpleNamespace(drain_timeout=10.0, drain_notice=3.0)
         self.sessions = types.SimpleNamespace(live=lambda: ["one"])
-        self.store = types.SimpleNamespace(ping=lambda: None)
+        self.prober = types.SimpleNamespace(alive=lambda within: self.store_up)
+        self.store_up = True
+        self.threads = lambda: {"housekeeper": True}
         self.loop_beat = clock()
         self.draining = False
         self.accepting = threading.Event()
@@ -264,6 +266,10 @@ def test_service_heartbeat_judges_the_accept_loop_by_its_clock(clock):
     assert not lifecycle.healthy()
     gateway.loop_beat = clock()
     assert lifecycle.healthy()
+    gateway.store_up = False
+    assert not lifecycle.healthy()
+    gateway.store_up, gateway.threads = True, lambda: {"housekeeper": False}
+    assert not lifecycle.healthy()
 
 
 def test_service_drain_waits_for_the_notice_and_a_second_signal_hurries(clock):

@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from vncgate import store as store_module
 from vncgate.control import systemd
 
 log = logging.getLogger("vncgate.control.service")
@@ -120,16 +119,17 @@ class Service:
         return f"draining: {live} live sessions, {left:.0f} s left"
 
     def healthy(self) -> bool:
-        """The accept loop turned within the watchdog's interval (or has ended: stopping) and the store answers."""
+        """The accept loop turned within the watchdog's interval (or has ended: stopping), the
+        gateway's long-lived threads are up, and the store answers (the /healthz probe's)."""
         interval = self.watchdog or STATUS_EVERY
         problem = ""
+        down = [name for name, up in self.gateway.threads().items() if not up]
         if not self.stopping.is_set() and self.clock() - self.gateway.loop_beat > interval:
             problem = f"the accept loop has not turned for {self.clock() - self.gateway.loop_beat:.1f} s"
-        else:
-            try:
-                self.gateway.store.ping()
-            except store_module.StoreError as error:
-                problem = f"the store does not answer: {error}"
+        elif down:
+            problem = f"threads down: {', '.join(down)}"
+        elif not self.gateway.prober.alive(min(1.0, interval / 4)):  # bounded, however the store hangs
+            problem = "the store does not answer"
         if problem != self._unhealthy:
             if problem:
                 log.warning("watchdog: %s; not telling systemd all is well", problem)
