@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from bench import peers  # noqa: E402
 from bench.relay import MiB, Relays, free_port, throughput, wait_port  # noqa: E402
 
+HAPROXY_BIN = shutil.which("haproxy") or "/usr/sbin/haproxy"  # Debian's, off a user's PATH
 HAPROXY = """
 defaults
     mode tcp
@@ -69,7 +70,7 @@ class Balanced(Relays):
             handle.write(HAPROXY.format(vncgate_front=self.front["vncgate"], socat_stream_front=self.front["stream"],
                                         socat_sink_front=self.front["sink"], gateway=self.gateway_port,
                                         socat_stream=self.socat["stream"], socat_sink=self.socat["sink"]))
-        self._spawn(["haproxy", "-db", "-f", config])
+        self._spawn([HAPROXY_BIN, "-db", "-f", config])
         for port in self.front.values():
             wait_port(port)
 
@@ -100,7 +101,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=7, help="interleaved runs per path")
     parser.add_argument("--opens", type=int, default=500, help="console opens per path for the handshake figure")
     args = parser.parse_args()
-    for tool in ("socat", "haproxy", "vncgate", "vncgate-token"):
+    for tool in ("socat", HAPROXY_BIN, "vncgate", "vncgate-token"):
         if not shutil.which(tool):
             sys.exit(f"bench: {tool} not found (scripts/test installs socat and haproxy; pip install -e . the rest)")
     total = args.mib * MiB

@@ -1097,6 +1097,11 @@ def xvp_session(port, token):
 
 # -- load balancers in front of gateways: real nginx and HAProxy, as the deployment docs configure them
 
+def sbin(name):
+    """A daemon's path: Debian installs nginx and haproxy in /usr/sbin, off a user's PATH."""
+    return shutil.which(name) or os.path.join("/usr/sbin", name)
+
+
 NGINX_SITE = """
 map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
 server {{
@@ -1134,7 +1139,7 @@ class Nginx:
             handle.write(f"daemon off;\nworker_processes 1;\npid {self.folder}/nginx.pid;\n"
                          f"error_log {self.error_log} info;\nevents {{ worker_connections 256; }}\n"
                          f"http {{\n    access_log off;\n{temp}{site}}}\n")
-        self.proc = subprocess.Popen(["nginx", "-p", self.folder, "-e", self.error_log, "-c", self.conf],
+        self.proc = subprocess.Popen([sbin("nginx"), "-p", self.folder, "-e", self.error_log, "-c", self.conf],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: self.proc.poll() is not None or port_open(self.port), 15, message="nginx to listen")
         assert self.proc.poll() is None, f"nginx exited: {open(self.error_log).read()}"
@@ -1182,7 +1187,7 @@ class Haproxy:
                                                source=source, interval=interval, servers=servers,
                                                proxy=proxy))
         self.log = open(os.path.join(self.folder, "haproxy.log"), "w")
-        self.proc = subprocess.Popen(["haproxy", "-db", "-f", self.conf], stdout=self.log, stderr=self.log)
+        self.proc = subprocess.Popen([sbin("haproxy"), "-db", "-f", self.conf], stdout=self.log, stderr=self.log)
         wait_for(lambda: self.proc.poll() is not None or port_open(self.port), 15, message="haproxy to listen")
         assert self.proc.poll() is None, "haproxy exited: see haproxy.log"
 
