@@ -5,12 +5,15 @@ raises ConfigError whose message names the file, the key and the problem in one
 line, because that line is all an operator sees.
 """
 
+from __future__ import annotations
+
 import configparser
 import dataclasses
 import ipaddress
 import os
 import re
 import urllib.parse
+from collections.abc import Callable
 
 from vncgate import addresses, store
 
@@ -23,19 +26,19 @@ class ConfigError(Exception):
     """A configuration problem a user can fix; str() is one line."""
 
 
-def _text(value):
+def _text(value: str) -> str:
     return value.strip()
 
 
-def _port(value):
+def _port(value: str) -> int:
     port = int(value)
     if not 1 <= port <= 65535:
         raise ValueError("must be from 1 to 65535")
     return port
 
 
-def _positive(kind):
-    def parse(value):
+def _positive(kind: type[float]) -> Callable[[str], float]:
+    def parse(value: str) -> float:
         number = kind(value)
         if number <= 0:
             raise ValueError("must be greater than 0")
@@ -44,14 +47,14 @@ def _positive(kind):
     return parse
 
 
-def _not_negative(value):
+def _not_negative(value: str) -> float:
     number = float(value)
     if number < 0:
         raise ValueError("must be 0 or more")
     return number
 
 
-def _bytes(value):
+def _bytes(value: str) -> int:
     """A size in bytes, 0 or more (0: no bound)."""
     number = int(value)
     if number < 0:
@@ -59,15 +62,15 @@ def _bytes(value):
     return number
 
 
-def _percent(value):
+def _percent(value: str) -> float:
     number = float(value)
     if not 0 <= number < 100:
         raise ValueError("must be from 0 to less than 100")
     return number
 
 
-def _prefix(bits):
-    def parse(value):
+def _prefix(bits: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
         number = int(value)
         if not 0 < number <= bits:
             raise ValueError(f"must be from 1 to {bits}")
@@ -76,7 +79,7 @@ def _prefix(bits):
     return parse
 
 
-def _bool(value):
+def _bool(value: str) -> bool:
     words = {"true": True, "yes": True, "on": True, "1": True,
              "false": False, "no": False, "off": False, "0": False}
     try:
@@ -85,7 +88,7 @@ def _bool(value):
         raise ValueError("must be true or false") from None
 
 
-def _origins(value):
+def _origins(value: str) -> tuple[str, ...]:
     return tuple(item for item in (part.strip() for part in value.replace(",", " ").split()) if item)
 
 
@@ -102,14 +105,14 @@ def _frame_ancestors(value: str) -> tuple:
     return sources
 
 
-def _key_prefix(value):
+def _key_prefix(value: str) -> str:
     value = value.strip()
     if not value or any(char.isspace() for char in value):
         raise ValueError("must be a non-empty word without spaces")
     return value
 
 
-def _networks(value):
+def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     """Addresses or CIDR networks, separated by commas or spaces."""
     try:
         return tuple(ipaddress.ip_network(item, strict=False) for item in _origins(value))
@@ -117,7 +120,7 @@ def _networks(value):
         raise ValueError(f"must be addresses or networks ({error})") from None
 
 
-def _backend_allow(value):
+def _backend_allow(value: str) -> tuple[addresses.Reach, ...]:
     """Networks and port ranges where consoles live (vncgate.addresses' syntax)."""
     try:
         return addresses.parse(value)
@@ -175,6 +178,10 @@ PARSERS = {
     "record_all": _bool,
     "record_max_bytes": _positive(int),
     "record_keep_days": _positive(float),
+    "screenshot_max_concurrent": _positive(int),
+    "screenshot_timeout": _positive(float),
+    "screenshot_max_pixels": _positive(int),
+    "screenshot_key_file": _text,
     "record_dir_max_bytes": _bytes,
     "record_min_free": _percent,
 }
@@ -237,12 +244,16 @@ class Config:
     record_all: bool = False
     record_max_bytes: int = 1 << 30
     record_keep_days: float = 30.0
+    screenshot_max_concurrent: int = 4  # screenshots in flight on one gateway; more answer 503
+    screenshot_timeout: float = 10.0  # seconds for one screenshot, from connect to the last pixel
+    screenshot_max_pixels: int = 3840 * 2160  # a larger console is refused before any buffer is made
+    screenshot_key_file: str = ""  # the gateways' own key: passwords sealed under it too (screenshots)
     record_dir_max_bytes: int = 10 << 30  # record_dir as a whole; the oldest finished pruned; 0: no bound
     record_min_free: float = 5.0  # percent of the filesystem kept free: no recording below it
     source: str = ""  # the file read, "" when built-in defaults only (not a key)
 
     @property
-    def base_url(self):
+    def base_url(self) -> str:
         """public_url, or the URL of the listening address when it is not set."""
         if self.public_url:
             return self.public_url.rstrip("/")
@@ -253,7 +264,7 @@ class Config:
         return f"{scheme}://{host}:{self.port}"
 
     @property
-    def public_origin(self):
+    def public_origin(self) -> str:
         parts = urllib.parse.urlsplit(self.base_url)
         return f"{parts.scheme}://{parts.netloc}".lower()
 
@@ -261,7 +272,7 @@ class Config:
 DEFAULTS = {field.name: field.default for field in dataclasses.fields(Config) if field.name != "source"}
 
 
-def find_file(explicit=None):
+def find_file(explicit: str | None = None) -> str | None:
     """The file to read: -c, else $VNCGATE_CONFIG, else ./vncgate.ini if present."""
     if explicit:
         return explicit
@@ -270,7 +281,7 @@ def find_file(explicit=None):
     return DEFAULT_FILE if os.path.exists(DEFAULT_FILE) else None
 
 
-def load(path=None):
+def load(path: str | None = None) -> Config:
     """Read the config; path=None means find_file(). Raises ConfigError."""
     path = find_file(path)
     if path is None:
@@ -308,7 +319,7 @@ def _finish(raw, base_dir, source):
 
     check_database(values["database"], f"{source}: [{SECTION}] database")
     for key in ("database", "cert", "key", "audit_log", "api_keys_file", "backend_ca", "backend_cert", "backend_key",
-                "console_log_dir", "record_dir"):
+                "console_log_dir", "record_dir", "screenshot_key_file"):
         if values[key] and not os.path.isabs(values[key]) and not store.is_redis_url(values[key]):
             values[key] = os.path.join(base_dir, values[key])
     values["web_root"] = _resolve_web_root(values["web_root"], base_dir)
@@ -324,7 +335,26 @@ def _finish(raw, base_dir, source):
     return Config(source=source, **values)
 
 
-def check_database(database, where):
+MIN_KEY_BYTES = 16
+
+
+def read_key_file(path: str) -> bytes | None:
+    """The gateways' own sealing key from screenshot_key_file (None when it is not set): its
+    bytes, surrounding whitespace stripped. Raises ConfigError naming the file."""
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            key = handle.read().strip()
+    except OSError as error:
+        raise ConfigError(f"cannot read screenshot_key_file {path}: {error.strerror}") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigError(f"screenshot_key_file {path} holds {len(key)} bytes; a key is at least {MIN_KEY_BYTES} "
+                          "(e.g. head -c 32 /dev/urandom | base64)")
+    return key
+
+
+def check_database(database: str, where: str) -> None:
     """A file path, or a Redis URL the store can use; raises ConfigError starting with where.
     The message never shows a password."""
     if store.is_redis_url(database):
@@ -338,13 +368,13 @@ def check_database(database, where):
         raise ConfigError(f"{where}: must be a file path or one of {store.URL_FORMS}, got {database!r}")
 
 
-def _kind(parse):
+def _kind(parse: Callable[[str], object]) -> str:
     kinds = {"int": "a whole number", "float": "a number", "_not_negative": "a number", "_port": "a port number",
              "_bytes": "a whole number", "_percent": "a number"}
     return kinds.get(parse.__name__, "valid")
 
 
-def _resolve_web_root(value, base_dir):
+def _resolve_web_root(value: str, base_dir: str) -> str:
     if value.lower() == "auto":
         return next((path for path in NOVNC_DIRS if os.path.isfile(os.path.join(path, "vnc.html"))), "")
     if value.lower() in ("", "off", "none"):

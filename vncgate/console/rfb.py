@@ -15,12 +15,17 @@ vectors: this keeps the runtime dependencies to the standard library and redis,
 and speed is irrelevant because DES here only encrypts one 16-byte challenge per session.
 """
 
+from __future__ import annotations
+
 import re
 import socket
 import ssl
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 NONE, VNC_AUTH, VENCRYPT = 1, 2, 19  # RFB security types
 X509_NONE, X509_VNC = 260, 261  # VeNCrypt sub-types
@@ -33,7 +38,7 @@ _U32 = struct.Struct("!I")
 class RfbError(Exception):
     """The handshake failed; .reason is a short word for audit lines, .detail says more."""
 
-    def __init__(self, reason, detail):
+    def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -78,7 +83,7 @@ _S = [
 ]
 
 
-def _permute(value, table, width):
+def _permute(value: int, table: Sequence[int], width: int) -> int:
     """Bit i of the result (from the left, 1-based as in FIPS 46-3) is bit table[i] of value."""
     result = 0
     for position in table:
@@ -86,7 +91,7 @@ def _permute(value, table, width):
     return result
 
 
-def _subkeys(key):
+def _subkeys(key: bytes) -> list[int]:
     """The 16 round keys: PC-1 drops the parity bits, each half rotates, PC-2 picks 48 bits."""
     both = _permute(int.from_bytes(key, "big"), _PC1, 64)
     left, right = both >> 28, both & 0xFFFFFFF
@@ -98,7 +103,7 @@ def _subkeys(key):
     return keys
 
 
-def _feistel(half, subkey):
+def _feistel(half: int, subkey: int) -> int:
     """f(R, K): expand to 48 bits, mix in the key, eight S-boxes back to 32 bits, permute."""
     mixed = _permute(half, _E, 32) ^ subkey
     out = 0
@@ -110,7 +115,7 @@ def _feistel(half, subkey):
     return _permute(out, _P, 32)
 
 
-def des_encrypt_block(key, block):
+def des_encrypt_block(key: bytes, block: bytes) -> bytes:
     """DES-ECB of one 8-byte block under an 8-byte key (parity bits ignored)."""
     if len(key) != 8 or len(block) != 8:
         raise ValueError("DES takes an 8-byte key and an 8-byte block")
@@ -122,11 +127,11 @@ def des_encrypt_block(key, block):
     return _permute((right << 32) | left, _FP, 64).to_bytes(8, "big")
 
 
-def _reverse_bits(byte):
+def _reverse_bits(byte: int) -> int:
     return int(f"{byte:08b}"[::-1], 2)
 
 
-def vnc_auth_response(password, challenge):
+def vnc_auth_response(password: bytes, challenge: bytes) -> bytes:
     """VNC Authentication's answer: the 16-byte challenge DES-encrypted (two ECB blocks) under
     the password cut or NUL-padded to 8 bytes, each byte bit-reversed (bit 0 <-> bit 7): the
     original VNC code loaded DES keys least significant bit first, and every server since
@@ -139,7 +144,7 @@ def vnc_auth_response(password, challenge):
 
 # -- versions ----------------------------------------------------------------------------
 
-def _minor(line, side):
+def _minor(line: bytes, side: str) -> int:
     """The minor version (3, 7 or 8) a ProtocolVersion line stands for. Unofficial minors are
     read the way RFB clients read them: 8 and above (Apple's 3.889) as 3.8, 4 to 6 as 3.3.
     A backend may announce a later major version (RealVNC's 4.1, 5.0), which speaks 3.8 to a
@@ -154,11 +159,11 @@ def _minor(line, side):
     raise RfbError(f"{side}-bad-rfb", f"not an RFB 3.3, 3.7 or 3.8 version: {line[:12]!r}")
 
 
-def version_line(minor):
+def version_line(minor: int) -> bytes:
     return b"RFB 003.%03d\n" % minor
 
 
-def _offered_minor(version):
+def _offered_minor(version: bytes) -> int:
     """The minor version of a line authenticate_backend returned: what the gateway offers a client."""
     minor = {RFB_3_3: 3, RFB_3_7: 7, RFB_3_8: 8}.get(bytes(version))
     if minor not in (3, 7, 8):
@@ -168,21 +173,24 @@ def _offered_minor(version):
 
 # -- with the backend: the gateway is the RFB client ------------------------------------------
 
-class _Backend:
-    """Exact reads and whole writes on a blocking socket, each bounded by one monotonic deadline."""
+class BackendIO:
+    """Exact reads and whole writes on a blocking socket, each bounded by one monotonic deadline.
+    stage names what is under way, for the errors (the security handshake, a screenshot)."""
 
-    def __init__(self, sock, deadline, initial):
+    def __init__(self, sock: socket.socket, deadline: float, initial: bytes = b"",
+                 stage: str = "security handshake") -> None:
         self.sock = sock
         self.deadline = deadline
         self.pending = bytes(initial)
+        self.stage = stage
 
-    def budget(self):
+    def budget(self) -> None:
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
-            raise RfbError("backend-timeout", "the VNC server's security handshake did not finish in time")
+            raise RfbError("backend-timeout", f"the VNC server's {self.stage} did not finish in time")
         self.sock.settimeout(remaining)
 
-    def read_exact(self, count):
+    def read_exact(self, count: int) -> bytes:
         while len(self.pending) < count:
             self.budget()
             try:  # never more than asked: what follows the handshake belongs to the relay
@@ -190,20 +198,34 @@ class _Backend:
             except socket.timeout:
                 continue  # budget() raises on the next turn
             if not chunk:
-                raise RfbError("backend-closed", "the VNC server closed the connection during the handshake")
+                raise RfbError("backend-closed", f"the VNC server closed the connection during the {self.stage}")
             self.pending += chunk
         data, self.pending = self.pending[:count], self.pending[count:]
         return data
 
-    def write(self, data):
+    def read_into(self, view: memoryview) -> None:
+        """Fill view exactly (pixels straight into a framebuffer, no copy through bytes)."""
+        done = min(len(self.pending), len(view))
+        view[:done], self.pending = self.pending[:done], self.pending[done:]
+        while done < len(view):
+            self.budget()
+            try:
+                count = self.sock.recv_into(view[done:])
+            except socket.timeout:
+                continue
+            if not count:
+                raise RfbError("backend-closed", f"the VNC server closed the connection during the {self.stage}")
+            done += count
+
+    def write(self, data: bytes) -> None:
         self.budget()
         try:
             self.sock.sendall(data)
         except socket.timeout:
-            raise RfbError("backend-timeout", "the VNC server did not take the handshake's bytes in time") from None
+            raise RfbError("backend-timeout", f"the VNC server did not take the {self.stage}'s bytes in time") from None
 
 
-def _failure_reason(read_exact, fallback):
+def _failure_reason(read_exact: Callable[[int], bytes], fallback: str) -> str:
     """The reason string that follows a failure; fallback when the server sends none."""
     try:
         length = _U32.unpack(read_exact(4))[0]
@@ -214,7 +236,7 @@ def _failure_reason(read_exact, fallback):
     return text or fallback
 
 
-def authenticate_backend(sock, password, deadline, initial=b""):
+def authenticate_backend(sock: socket.socket, password: bytes | None, deadline: float, initial: bytes = b"") -> bytes:
     """Be the client of the backend's RFB security handshake, answering VNC Authentication
     with password, or choosing security type None when password is None (the tokens with a
     console policy, whose stream the gateway must read from ClientInit on); returns the
@@ -229,7 +251,7 @@ def authenticate_backend(sock, password, deadline, initial=b""):
     backend-needs-password (no password, and type None not offered),
     backend-auth-failed (password refused, the server's reason in detail), backend-timeout
     or backend-closed."""
-    def handshake(backend):
+    def handshake(backend: BackendIO) -> bytes:
         minor, offered = _security_types(backend)
         if password is not None:
             _choose(backend, minor, offered, VNC_AUTH, "backend-no-vnc-auth", "2 (VNC Authentication)")
@@ -242,7 +264,8 @@ def authenticate_backend(sock, password, deadline, initial=b""):
     return _as_client(sock, deadline, initial, handshake)
 
 
-def vencrypt_backend(sock, context, hostname, password, deadline, initial=b""):
+def vencrypt_backend(sock: socket.socket, context: ssl.SSLContext, hostname: str, password: bytes | None,
+                     deadline: float, initial: bytes = b"") -> tuple[bytes, ssl.SSLSocket]:
     """Be the client of the backend's VeNCrypt handshake (security type 19): TLS with the
     console's x509 certificate checked by context for hostname, then, inside the TLS,
     nothing more (X509None) or VNC Authentication with password (X509Vnc, when the gateway
@@ -253,7 +276,7 @@ def vencrypt_backend(sock, context, hostname, password, deadline, initial=b""):
     Raises RfbError as authenticate_backend does, plus backend-tls-failed: no VeNCrypt,
     no sub-type the gateway can do (anonymous TLS is not one: it proves nothing), or a
     TLS handshake that failed (the console's certificate did not verify, say)."""
-    def handshake(backend):
+    def handshake(backend: BackendIO) -> tuple[bytes, ssl.SSLSocket]:
         minor, offered = _security_types(backend)
         if minor == 3:  # 3.3 cannot name VeNCrypt: the server picks a type, and only 1 or 2
             raise RfbError("backend-tls-failed", "the VNC server speaks RFB 3.3, which has no VeNCrypt")
@@ -264,6 +287,7 @@ def vencrypt_backend(sock, context, hostname, password, deadline, initial=b""):
         backend.sock = _tls_handshake(backend, context, hostname)
         try:
             if subtype == X509_VNC:
+                assert password is not None  # X509Vnc is chosen only when the gateway holds one
                 _vnc_authentication(backend, minor, password)
             else:
                 _security_result(backend, minor, "backend-refused", "the VNC server refused the connection")
@@ -281,9 +305,20 @@ def vencrypt_backend(sock, context, hostname, password, deadline, initial=b""):
     return _as_client(sock, deadline, initial, handshake)
 
 
-def _as_client(sock, deadline, initial, handshake):
-    """Run handshake(_Backend) on sock; OSError becomes backend-closed, the timeout is restored."""
-    backend = _Backend(sock, deadline, initial)
+def secure(sock: socket.socket, password: bytes | None, deadline: float, initial: bytes = b"",
+           context: ssl.SSLContext | None = None, hostname: str = "") -> tuple[bytes, socket.socket]:
+    """The backend's security handshake as the gateway does it for a token: VeNCrypt checked by
+    context for hostname when context is given (a backend_tls token), else VNC Authentication
+    with password (or None without one). Returns (version line, the socket to go on with: the
+    TLS one after VeNCrypt, else sock). Raises RfbError as those two do."""
+    if context is None:
+        return authenticate_backend(sock, password, deadline, initial=initial), sock
+    return vencrypt_backend(sock, context, hostname, password, deadline, initial=initial)
+
+
+def _as_client(sock: socket.socket, deadline: float, initial: bytes, handshake: Callable[[BackendIO], T]) -> T:
+    """Run handshake(BackendIO) on sock; OSError becomes backend-closed, the timeout is restored."""
+    backend = BackendIO(sock, deadline, initial)
     saved_timeout = sock.gettimeout()
     try:
         result = handshake(backend)
@@ -303,7 +338,7 @@ def _as_client(sock, deadline, initial, handshake):
             pass  # closed meanwhile: nothing to restore
 
 
-def _security_types(backend):
+def _security_types(backend: BackendIO) -> tuple[int, list[int]]:
     """The versions, then the security types the server offers: (minor, [types])."""
     minor = _minor(backend.read_exact(12), "backend")
     backend.write(version_line(minor))
@@ -317,26 +352,26 @@ def _security_types(backend):
     return minor, offered
 
 
-def _choose(backend, minor, offered, wanted, reason, name):
+def _choose(backend: BackendIO, minor: int, offered: list[int], wanted: int, reason: str, name: str) -> None:
     if wanted not in offered:
         raise RfbError(reason, f"the VNC server offers security types {offered}, not {name}")
     if minor != 3:
         backend.write(bytes((wanted,)))
 
 
-def _vnc_authentication(backend, minor, password):
+def _vnc_authentication(backend: BackendIO, minor: int, password: bytes) -> None:
     backend.write(vnc_auth_response(password, backend.read_exact(16)))
     _security_result(backend, minor, "backend-auth-failed", "the VNC server refused the password")
 
 
-def _security_result(backend, minor, reason, fallback):
+def _security_result(backend: BackendIO, minor: int, reason: str, fallback: str) -> None:
     """SecurityResult: sent for VNC Authentication and VeNCrypt in every version, for None in
     3.8; only 3.8 adds a reason to a failure."""
     if _U32.unpack(backend.read_exact(4))[0] != 0:
         raise RfbError(reason, _failure_reason(backend.read_exact, fallback) if minor == 8 else fallback)
 
 
-def _vencrypt_subtype(backend, have_password):
+def _vencrypt_subtype(backend: BackendIO, have_password: bool) -> int:
     """VeNCrypt 0.2's version and sub-type negotiation; returns the sub-type chosen, which the
     server has accepted: the TLS handshake comes next."""
     major, minor = backend.read_exact(2)
@@ -359,7 +394,7 @@ def _vencrypt_subtype(backend, have_password):
     return subtype
 
 
-def _tls_handshake(backend, context, hostname):
+def _tls_handshake(backend: BackendIO, context: ssl.SSLContext, hostname: str) -> ssl.SSLSocket:
     """The client side of TLS on the backend's socket, by the deadline; returns the SSLSocket."""
     wrapped = context.wrap_socket(backend.sock, server_hostname=hostname, do_handshake_on_connect=False)
     backend.sock = wrapped  # from here on only the wrapper may be used, and restored
@@ -377,10 +412,11 @@ def _tls_handshake(backend, context, hostname):
 
 # -- with the client: the gateway is the RFB server, sans-IO ----------------------------------
 
-def _client_io(read_exact, write):
+def _client_io(read_exact: Callable[[int], bytes],
+               write: Callable[[bytes], object]) -> tuple[Callable[[int], bytes], Callable[[bytes], object]]:
     """The caller's read_exact and write, turning EOF, short reads and socket errors into
     RfbError, so that a client's misbehaviour surfaces as one exception type."""
-    def guarded(call, argument):
+    def guarded(call: Callable[[Any], Any], argument: Any) -> Any:
         try:
             return call(argument)
         except socket.timeout:
@@ -388,7 +424,7 @@ def _client_io(read_exact, write):
         except (OSError, EOFError) as error:
             raise RfbError("client-closed", f"the client left during the RFB handshake: {error}") from None
 
-    def read(count):
+    def read(count: int) -> bytes:
         data = guarded(read_exact, count)
         if len(data) != count:
             raise RfbError("client-closed", "the client left during the RFB handshake")
@@ -396,7 +432,7 @@ def _client_io(read_exact, write):
     return read, lambda data: guarded(write, data)
 
 
-def _client_version(read, send, version):
+def _client_version(read: Callable[[int], bytes], send: Callable[[bytes], object], version: bytes) -> int:
     """Send the gateway's version, read the client's; returns the minor both will use."""
     offered = _offered_minor(version)
     send(version_line(offered))
@@ -433,7 +469,8 @@ def offer_no_auth(read_exact: Callable[[int], bytes], write: Callable[[bytes], o
         send(_U32.pack(0))  # SecurityResult OK; RFC 6143: 3.7 sends none for type None
 
 
-def refuse_client(read_exact, write, version, reason):
+def refuse_client(read_exact: Callable[[int], bytes], write: Callable[[bytes], object], version: bytes,
+                  reason: str) -> None:
     """Tell the client in RFB why it cannot have the console: after the versions, no security
     types (3.7/3.8: count 0; 3.3: type 0) and the reason string, which RFB clients show.
     The caller closes the connection afterwards. Raises RfbError as offer_no_auth does."""
