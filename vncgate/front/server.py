@@ -39,7 +39,9 @@ SHED_AT_ONCE = 64  # connections being closed to make room at most (each holds i
 
 
 class ConnectionHandler(socketserver.BaseRequestHandler):
-    def handle(self):
+    server: "Gateway"
+
+    def handle(self) -> None:
         gateway, conn = self.server, self.request
         client = f"{self.client_address[0]}:{self.client_address[1]}"
         started = time.monotonic()
@@ -262,7 +264,8 @@ class Gateway(socketserver.ThreadingTCPServer):
         """What per-address shares and failures count by (throttle.address_key's network)."""
         return throttle.address_key(address, self.config.address_prefix_v4, self.config.address_prefix_v6)
 
-    def process_request(self, request, client_address):
+    # A TCP server is handed sockets only (the supertype's union covers UDP servers too).
+    def process_request(self, request: socket.socket, client_address: tuple) -> None:  # type: ignore[override]
         # A trusted proxy's connections are counted by the client they turn out to be from (pending_as).
         behind_proxy = bool(self.config.trusted_proxies) and web.address_in(client_address[0],
                                                                             self.config.trusted_proxies)
@@ -343,7 +346,7 @@ class Gateway(socketserver.ThreadingTCPServer):
                 if not self._connections:
                     self._all_ended.notify_all()
 
-    def _handshake_over(self):
+    def _handshake_over(self) -> None:
         """This handler thread's connection relays now (or ended): its address has one fewer pending."""
         request, self._handshake.request = getattr(self._handshake, "request", None), None
         if request is None:
