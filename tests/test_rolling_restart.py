@@ -29,7 +29,7 @@ class OpenLoop:
             try:
                 sock, status, rest = harness.xvp_connect(self.port, self.token, source="127.0.0.7")
                 with sock:
-                    banner = rest or sock.recv(12)
+                    banner = rest + harness.recv_exactly(sock, max(0, 12 - len(rest)))
                 assert status == "HTTP/1.1 200 OK" and banner.startswith(b"RFB 003.00"), (status, banner)
                 self.opened += 1
             except (OSError, AssertionError) as error:
@@ -137,7 +137,7 @@ def test_draining_healthz_says_so_and_a_second_sigterm_ends_everything_at_once(t
     gateway = harness.GatewayProcess(str(tmp_path), drain_timeout=60, drain_notice=30)
     try:
         token = gateway.mint("127.0.0.1", backend.port)
-        sock, status, _ = harness.xvp_connect(gateway.port, token)
+        sock, status, rest = harness.xvp_connect(gateway.port, token)
         assert status == "HTTP/1.1 200 OK"
         gateway.proc.send_signal(signal.SIGTERM)
 
@@ -151,7 +151,7 @@ def test_draining_healthz_says_so_and_a_second_sigterm_ends_everything_at_once(t
         second, status, _ = harness.xvp_connect(gateway.port, token)  # within drain_notice: still served
         assert status == "HTTP/1.1 200 OK"
         sock.sendall(b"still here")
-        assert harness.recv_exactly(sock, 22) == b"RFB 003.008\nstill here"
+        assert rest + harness.recv_exactly(sock, 22 - len(rest)) == b"RFB 003.008\nstill here"
         asked = time.monotonic()
         gateway.proc.send_signal(signal.SIGTERM)
         assert gateway.proc.wait(10) == 0

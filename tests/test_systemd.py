@@ -79,7 +79,7 @@ def test_socket_activation_serves_the_inherited_socket_and_notifies(tmp_path):
                                capture_output=True, text=True, timeout=30, check=True).stdout
         sock, status, rest = harness.xvp_connect(port, json.loads(token)["token"])
         assert status == "HTTP/1.1 200 OK"
-        assert (rest or sock.recv(12)).startswith(b"RFB 003.008")
+        assert (rest + harness.recv_exactly(sock, max(0, 12 - len(rest)))).startswith(b"RFB 003.008")
         harness.wait_for(lambda: any("1 live sessions" in line for _, line in notify.lines("STATUS=")), 10,
                          message="STATUS with the session")
         sock.close()
@@ -201,7 +201,7 @@ def test_the_gateway_runs_under_the_units_hardening(tmp_path):
                                 "--host", "127.0.0.1", "--port", str(backend.port), "--type", "xvp-vnc", "--json"],
                                capture_output=True, text=True, timeout=30, check=True).stdout
         sock, status, rest = harness.xvp_connect(port, json.loads(token)["token"])
-        assert status == "HTTP/1.1 200 OK" and (rest or sock.recv(12)).startswith(b"RFB 003.008")
+        assert status == "HTTP/1.1 200 OK" and (rest + harness.recv_exactly(sock, max(0, 12 - len(rest)))).startswith(b"RFB 003.008")
         sock.close()
         harness.wait_for(lambda: (tmp_path / "audit.jsonl").exists() and "session-end" in
                          (tmp_path / "audit.jsonl").read_text(), message="the audit line in the state folder")
