@@ -11,6 +11,7 @@ does not (SQLite, one host) keeps the log in files and every viewer's gateway op
 console itself, as before.
 """
 
+import abc
 import logging
 import socket
 import threading
@@ -59,7 +60,7 @@ class StoreLog:
         pass
 
 
-class _Worker(threading.Thread):
+class _Worker(threading.Thread, metaclass=abc.ABCMeta):
     """A thread that repeats step() until stopped, surviving store outages with backoff."""
 
     def __init__(self, name: str) -> None:
@@ -83,8 +84,9 @@ class _Worker(threading.Thread):
         finally:
             self.finish()
 
+    @abc.abstractmethod
     def step(self) -> None:
-        raise NotImplementedError
+        """One round of the worker's loop; raises StoreError to be retried with backoff."""
 
     def finish(self) -> None:
         pass
