@@ -78,7 +78,7 @@ class Backend:
     def __init__(self) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
-        self.received: "list[bytearray]" = []
+        self.received: list[bytearray] = []
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
