@@ -187,6 +187,60 @@ class Config:
 
 DEFAULTS = {field.name: field.default for field in dataclasses.fields(Config) if field.name != "source"}
 
+# key -> what it does, one Markdown sentence or two: docs/configuration.md is generated from these,
+# the defaults above and the parsers (python3 -m vncgate.config --reference). A key without a line
+# here fails tests/test_docs.py.
+KEY_DOCS = {
+    "listen": "Address to bind.",
+    "port": "The one port: XVP, WebSocket, TLS, the web side and the API.",
+    "public_url": "Base of the access URLs handed to users, as users reach the gateway. Empty: "
+                  "`http(s)://{listen}:{port}`; set it behind NAT or a DNS name.",
+    "database": "The token store: an SQLite file (a relative path is taken from the ini file's folder), or a "
+                "Redis URL: `redis://[:PASSWORD@]HOST:PORT/DB`, `rediss://…` (TLS), "
+                "`redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT…]/SERVICE/DB` (needs the `[redis]` extra; "
+                "see [several hosts](cluster.md)).",
+    "key_prefix": "Redis only: the start of every key and of the revocation channel, so several deployments "
+                  "can share one Redis.",
+    "token_ttl": "TOKEN_LIFE: seconds a token can open new connections (`vncgate-token add --ttl` overrides).",
+    "idle_timeout": "IDLE_TIMEOUT: seconds without use before a token counts as idle.",
+    "touch_interval": "How often live sessions touch their tokens and notice revocation.",
+    "housekeeping_interval": "How often tokens both expired and idle are deleted.",
+    "web_root": "noVNC's files for plain GET; `auto`: `/usr/share/novnc` (or `/usr/local/share/novnc`) when "
+                "installed, else off (`off`).",
+    "allowed_origins": "WebSocket and API `Origin`s accepted besides `public_url`'s own.",
+    "cert": "PEM certificate for TLS on the same port (set `cert` and `key` both or neither); `SIGHUP` reloads it.",
+    "key": "PEM private key of `cert`.",
+    "tls_only": "With `cert`/`key`: answer plain connections `400` (\"TLS only\").",
+    "max_connections": "Connections beyond this are answered `503` at once; lowered at start (with a warning) to "
+                       "what the fd limit holds (see [many sessions](sessions.md)).",
+    "max_pending_per_address": "Connections one client address may have that are not relaying yet (request, TLS, "
+                               "token, backend, RFB security); beyond: `429` at once.",
+    "max_sessions_per_token": "Live sessions one token may have on this gateway; beyond: `409`.",
+    "failed_token_burst": "Failed console attempts (bad or missing token) one client address may make in a burst.",
+    "failed_token_rate": "Failed attempts per second given back to each address; beyond them: `429`.",
+    "handshake_timeout": "Seconds a client has to send its request; also the backend's connect budget and the "
+                         "store's wait (at most 5 s).",
+    "audit_log": "File for the JSON-lines audit events; empty: standard error.",
+    "metrics_allow": "Addresses or networks that may read `/metrics`; others get `403`.",
+    "resume_grace": "Seconds after a `--single-use` token's session drops during which its client may reconnect.",
+    "paste_max_chars": "Longest clipboard text a `--paste-as-keys` session types (a longer one is not typed).",
+    "input_idle_timeout": "Seconds without a key or pointer event after which any session closes; `0`: off. "
+                          "A token's `--input-idle` overrides it.",
+    "api_keys_file": "Turns on `/api/v1/` and `/admin/`: one `NAME:SHA256-HEX` a line; `SIGHUP` rereads it. "
+                     "Empty: no API.",
+    "api_burst": "API requests one key may make in a burst.",
+    "api_rate": "API requests per second given back to each key; beyond them: `429`.",
+    "backend_ca": "CA file that consoles' VeNCrypt certificates must chain to; empty: the system's trust store.",
+    "backend_cert": "PEM client certificate presented to consoles that ask for one (with `backend_key`).",
+    "backend_key": "Private key of `backend_cert`.",
+    "console_log_dir": "Where followed serial consoles' logs are kept (relative: from the ini file's folder).",
+    "console_log_bytes": "The most each followed console's log keeps on disk (its newest bytes).",
+    "record_dir": "Folder of session recordings (relative: from the ini file's folder).",
+    "record_all": "Record every console session, not only those of tokens minted with `--record`.",
+    "record_max_bytes": "A recording stops at this size (both files together); the session goes on.",
+    "record_keep_days": "`vncgate-token purge` deletes recordings older than this.",
+}
+
 
 def find_file(explicit=None):
     """The file to read: -c, else $VNCGATE_CONFIG, else ./vncgate.ini if present."""
@@ -276,3 +330,51 @@ def _resolve_web_root(value, base_dir):
     if value.lower() in ("", "off", "none"):
         return ""
     return value if os.path.isabs(value) else os.path.join(base_dir, value)
+
+
+def _shown(value: object) -> str:
+    """A default as it is written in the ini file."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, tuple):
+        return ", ".join(str(item.network_address) if isinstance(item, (ipaddress.IPv4Network, ipaddress.IPv6Network))
+                         and item.prefixlen == item.max_prefixlen else str(item) for item in value)
+    return str(value)
+
+
+def reference() -> str:
+    """docs/configuration.md: every key, its default, what it accepts and does (from Config, PARSERS
+    and KEY_DOCS: the one source)."""
+    lines = ["# Configuration reference: `vncgate.ini`", "",
+             "<!-- Generated by `python3 -m vncgate.config --reference > docs/configuration.md` from",
+             "     vncgate/config.py (Config, PARSERS, KEY_DOCS); tests/test_docs.py fails when they differ. -->",
+             "",
+             "Both commands read `-c FILE`, else `$VNCGATE_CONFIG`, else `./vncgate.ini`, else the built-in "
+             "defaults. One `[gateway]` section; every key has a default, and the shipped `vncgate.ini` lists "
+             "them all with comments. Relative paths are taken from the ini file's folder.",
+             "",
+             "| key | default | accepts | meaning |", "| --- | --- | --- | --- |"]
+    for key, default in DEFAULTS.items():
+        accepts = _ACCEPTS.get(PARSERS[key].__name__, "see its meaning")
+        shown = f"`{_shown(default)}`" if _shown(default) else "(empty)"
+        lines.append(f"| `{key}` | {shown} | {accepts} | {KEY_DOCS[key]} |")
+    lines += ["", "A bad file is refused with one line naming the file, the key and the problem, e.g.",
+              "`vncgate.ini: [gateway] port: must be from 1 to 65535, got '70000'`; the gateway exits 1.", ""]
+    return "\n".join(lines)
+
+
+# a parser's name -> what the reference says it accepts
+_ACCEPTS = {"_text": "text", "_port": "1 to 65535", "int": "a whole number above 0", "float": "a number above 0",
+            "_not_negative": "a number, 0 or more", "_bool": "true or false",
+            "_origins": "origins, comma or space separated", "_networks": "addresses or networks",
+            "_key_prefix": "a word without spaces"}
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--reference"]:
+        sys.exit("usage: python3 -m vncgate.config --reference > docs/configuration.md")
+    sys.stdout.write(reference())
