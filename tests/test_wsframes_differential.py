@@ -186,7 +186,7 @@ def wsproto_outcome(pieces):
     return log
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(stream())
 def test_same_outcome_as_wsproto(pieces):
     assert vncgate_outcome(pieces) == wsproto_outcome(pieces)
