@@ -22,102 +22,30 @@ so they never enter Python. A write the file refuses (a full disk) ends the reco
 the session. When the gateway did not do the RFB security itself, the recorder follows the
 handshake in both directions to find ServerInit and ClientInit; a security type it cannot
 follow (anything but None and VNC Authentication) ends the recording, not the session.
+
+This module keeps the Recorder (and the Handshake it follows) and Recordings (the record_dir:
+starting recorders, listing, purging); the block format is in fbs.py, playing back in replay.py.
 """
 
 import json
 import logging
 import os
 import re
-import select
-import socket
-import struct
 import threading
 import time
 
 from vncgate.console import relay as relay_module
 from vncgate.console import rfb
+from vncgate.console.fbs import _U32, FBS_MAGIC, INPUT_MAGIC, PREFIX, BlockWriter, ReplayError, read_blocks
+from vncgate.console.replay import Player
+
+# The file format moved to fbs.py and playing back to replay.py; their names stay importable here.
+__all__ = ["FBS_MAGIC", "INPUT_MAGIC", "PREFIX", "SESSION_ID", "BlockWriter", "Handshake", "Player", "Recorder",
+           "Recordings", "ReplayError", "read_blocks"]
 
 log = logging.getLogger("vncgate.console.recording")
 
-FBS_MAGIC = b"FBS 001.000\n"
-INPUT_MAGIC = b"VGI 001.000\n"
-# What a 3.3 viewer reads before ServerInit: the version, then security type None.
-PREFIX = rfb.RFB_3_3 + struct.pack("!I", rfb.NONE)
-MAX_BLOCK = 64 << 20  # no writer makes larger blocks; a larger length is damage
-MAX_NAME = 4096
-_U32 = struct.Struct("!I")
 SESSION_ID = re.compile(r"[0-9a-f]{6,64}")
-
-
-class ReplayError(rfb.RfbError):
-    """A recording that cannot be played; .reason is the audit word (a refusals row)."""
-
-
-def _pad(length):
-    return -length % 4
-
-
-class BlockWriter:
-    """One file of timestamped blocks; counts the bytes it wrote. A block that cannot be
-    written whole is cut off again, so the file always ends at a block's end."""
-
-    def __init__(self, path, magic):
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        self.size = 0
-        try:
-            self._block((magic,), len(magic))
-        except OSError:
-            os.close(self.fd)
-            raise
-
-    @staticmethod
-    def block_size(length):
-        return 8 + length + _pad(length)
-
-    def write(self, data, ms):
-        self._block((_U32.pack(len(data)), data, _trailer(len(data), ms)), self.block_size(len(data)))
-
-    def splice(self, read_end, length, ms):
-        """A block whose length bytes wait in a pipe: spliced into the file, never read here."""
-        start = self.size
-        try:
-            self._put((_U32.pack(length),))
-            relay_module.splice_out(read_end, self.fd, length)
-            self._put((_trailer(length, ms),))
-        except OSError:
-            self._cut(start)
-            raise
-        self.size = start + self.block_size(length)
-
-    def _block(self, parts, size):
-        try:
-            self._put(parts)
-        except OSError:
-            self._cut(self.size)
-            raise
-        self.size += size
-
-    def _put(self, parts):
-        written = os.writev(self.fd, parts)
-        total = sum(len(part) for part in parts)
-        if written < total:  # a short write (the disk filling up): the rest, or the error why not
-            rest = memoryview(b"".join(parts))[written:]
-            while rest:
-                rest = rest[os.write(self.fd, rest):]
-
-    def _cut(self, size):
-        try:
-            os.ftruncate(self.fd, size)
-            os.lseek(self.fd, size, os.SEEK_SET)
-        except OSError:
-            pass  # the file stays cut mid-block: the replay says "truncated"
-
-    def close(self):
-        os.close(self.fd)
-
-
-def _trailer(length, ms):
-    return b"\0" * _pad(length) + _U32.pack(ms)
 
 
 class Handshake:
@@ -412,125 +340,3 @@ class Recordings:
         ReplayError the viewer is told instead (then nothing plays)."""
         return Player(os.path.join(self.folder, session_id + ".fbs") if SESSION_ID.fullmatch(session_id)
                       else None, speed)
-
-
-# -- playing back ------------------------------------------------------------------------------
-
-def read_blocks(path):
-    """Check a whole .fbs file and index it: [(offset of the data, length, ms)]. Raises ReplayError."""
-    if path is None:
-        raise ReplayError("recording-missing", "not a session id")
-    try:
-        handle = open(path, "rb")
-    except FileNotFoundError:
-        raise ReplayError("recording-missing", f"{os.path.basename(path)} does not exist") from None
-    except OSError as error:
-        raise ReplayError("recording-missing", f"{os.path.basename(path)}: {error.strerror}") from None
-    with handle:
-        size = os.fstat(handle.fileno()).st_size
-        if handle.read(len(FBS_MAGIC)) != FBS_MAGIC:
-            raise ReplayError("recording-foreign", "no FBS 001.000 header")
-        blocks, last = [], 0
-        while True:
-            head = handle.read(4)
-            if not head:
-                break
-            if len(head) < 4:
-                raise ReplayError("recording-truncated", f"a block header is cut at byte {handle.tell()}")
-            length = _U32.unpack(head)[0]
-            offset = handle.tell()
-            if length > MAX_BLOCK:
-                raise ReplayError("recording-corrupt", f"a block of {length} bytes at byte {offset - 4}")
-            end = offset + length + _pad(length)
-            if end + 4 > size:
-                raise ReplayError("recording-truncated", f"the block at byte {offset - 4} is cut")
-            handle.seek(end)
-            ms = _U32.unpack(handle.read(4))[0]
-            if ms < last:
-                raise ReplayError("recording-corrupt", f"time runs backwards at byte {end}")
-            blocks.append((offset, length, ms))
-            last = ms
-    return blocks
-
-
-class Player:
-    """Plays one recording as an RFB server on one end of a socket pair; the session relays
-    the other end (.socket) as its backend. The viewer's handshake is answered here (security
-    None, the recorded ServerInit); its input is read and dropped."""
-
-    def __init__(self, path, speed):
-        self.path = path
-        self.speed = speed
-        self.socket, self._far = socket.socketpair()
-        try:
-            self.blocks = read_blocks(path)
-            self.server_init, self.first = self._server_init()
-            self.error = None
-        except ReplayError as error:
-            self.error = error
-            self._far.close()
-            return
-        threading.Thread(target=self._run, name="replay", daemon=True).start()
-
-    def _read(self, handle, block):
-        offset, length, _ms = block
-        handle.seek(offset)
-        return handle.read(length)
-
-    def _server_init(self):
-        """ServerInit's bytes, and (index of the next block, bytes of it already used)."""
-        with open(self.path, "rb") as handle:
-            data, index = b"", 0
-            while index < len(self.blocks) and len(data) < len(PREFIX) + 24:
-                data += self._read(handle, self.blocks[index])
-                index += 1
-            if not data.startswith(PREFIX) or len(data) < len(PREFIX) + 24:
-                raise ReplayError("recording-corrupt", "no RFB stream with a ServerInit at its start")
-            init = data[len(PREFIX):]
-            width, height, bpp, name_length = struct.unpack("!HHB15xI", init[:24])
-            if not width or not height or bpp not in (8, 16, 32) or name_length > MAX_NAME:
-                raise ReplayError("recording-corrupt", "the recorded ServerInit is not one")
-            while index < len(self.blocks) and len(init) < 24 + name_length:
-                init += self._read(handle, self.blocks[index])
-                index += 1
-            if len(init) < 24 + name_length:
-                raise ReplayError("recording-truncated", "the recording ends inside its ServerInit")
-        used = len(init) - 24 - name_length  # bytes of the last block read that follow ServerInit
-        return init[:24 + name_length], (index, self.blocks[index - 1][1] - used if used else None)
-
-    def _run(self):
-        sock = self._far
-        try:
-            with sock, open(self.path, "rb") as handle:
-                reader = relay_module.ChunkReader(relay_module.SocketSource(sock))
-                rfb.offer_no_auth(reader.read_exact, sock.sendall, rfb.RFB_3_8)
-                reader.read_exact(1)  # ClientInit: shared or not, there is one screen
-                self._play(sock, handle)
-                while self._drop_input(sock, None):
-                    pass  # the last picture stays until the viewer leaves
-        except (OSError, rfb.RfbError, ConnectionError) as error:
-            log.debug("replay of %s ended: %s", os.path.basename(self.path), error)
-
-    def _play(self, sock, handle):
-        sock.sendall(self.server_init)
-        index, skip = self.first
-        origin_ms = self.blocks[index - 1][2] if index else 0
-        started = time.monotonic()
-        if skip is not None:  # the rest of the block that held ServerInit's end
-            offset, length, _ms = self.blocks[index - 1]
-            sock.sendall(self._read(handle, (offset + skip, length - skip, 0)))
-        for block in self.blocks[index:]:
-            due = started + (block[2] - origin_ms) / 1000 / self.speed
-            while (wait := due - time.monotonic()) > 0:
-                if not self._drop_input(sock, wait):
-                    return
-            sock.sendall(self._read(handle, block))
-
-    @staticmethod
-    def _drop_input(sock, timeout):
-        """Wait up to timeout (None: for ever) for viewer input and drop it; False at its end."""
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        if poller.poll(None if timeout is None else timeout * 1000):
-            return bool(sock.recv(65536))
-        return True

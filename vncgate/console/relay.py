@@ -16,11 +16,11 @@ descriptors, not six, and the pipes in use are bounded. When every pipe is lent
 A recorded session's server side is spliced too (TeeDirection): tee(2) duplicates each
 chunk's pages into a second pooled pipe, which the recorder splices into its file, so the
 recorded bytes never enter Python either.
+
+This module keeps the Directions and the Relay; the pipe primitives (splice, tee, the pipe
+pool) are in pipes.py, the Sources and Sinks in streams.py.
 """
 
-import ctypes
-import errno
-import fcntl
 import os
 import select
 import socket
@@ -28,53 +28,35 @@ import ssl
 import threading
 import time
 
+from vncgate.console.pipes import (
+    CAN_SPLICE,
+    CAN_TEE,
+    PIPE_SIZE,
+    PIPES,
+    PipePool,
+    read_pipe,
+    splice_out,
+    tee,
+)
+from vncgate.console.streams import (
+    BUFFER_SIZE,
+    ChunkReader,
+    DeadlineSocket,
+    SocketSink,
+    SocketSource,
+    TappedSource,
+    tapped,
+)
 from vncgate.net import tls
 
-BUFFER_SIZE = 256 * 1024
+# The pipe primitives moved to pipes.py, the Sources and Sinks to streams.py; their names
+# stay importable from here.
+__all__ = ["BUFFER_SIZE", "CAN_SPLICE", "CAN_TEE", "COPY_SIZE", "PIPES", "PIPE_SIZE", "ChunkReader",
+           "CopyDirection", "DeadlineSocket", "Direction", "Ended", "PipePool", "Relay", "SocketSink",
+           "SocketSource", "SpliceDirection", "TappedSource", "TeeDirection", "from_backend", "read_pipe",
+           "splice_out", "splices", "tapped", "tee", "tune"]
+
 COPY_SIZE = 64 * 1024  # a spliced direction's chunk when no pipe is free
-PIPE_SIZE = 1024 * 1024
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux; named in fcntl from Python 3.10
-F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
-CAN_SPLICE = hasattr(os, "splice")
-
-
-def _libc_tee():
-    """libc's tee(2) through ctypes (Python's os has splice but no tee), or None."""
-    try:
-        function = ctypes.CDLL(None, use_errno=True).tee
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint)
-    function.restype = ctypes.c_ssize_t
-    return function
-
-
-_TEE = _libc_tee()
-CAN_TEE = CAN_SPLICE and _TEE is not None
-
-
-def tee(read_end, write_end, count):
-    """Up to count bytes at the front of one pipe duplicated into another; the first keeps
-    them (nothing is consumed). Returns how many; raises OSError as os.splice does."""
-    while True:
-        done = _TEE(read_end, write_end, count, 0)
-        if done >= 0:
-            return done
-        code = ctypes.get_errno()
-        if code != errno.EINTR:
-            raise OSError(code, os.strerror(code))
-
-
-def read_pipe(read_end, count):
-    """Exactly count bytes that are waiting in a pipe."""
-    parts = []
-    while count:
-        part = os.read(read_end, count)
-        if not part:
-            raise OSError(errno.EIO, "the pipe held fewer bytes than it was given")
-        parts.append(part)
-        count -= len(part)
-    return b"".join(parts)
 
 
 class Ended(OSError):
@@ -83,171 +65,6 @@ class Ended(OSError):
     def __init__(self, reason, detail=""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
-
-
-class PipePool:
-    """Splice pipes lent while bytes move. At most `limit` exist at once (2 fds each: the
-    gateway's fd budget counts them); up to `keep` drained ones wait for the next chunk."""
-
-    def __init__(self, limit=64, keep=16, size=PIPE_SIZE):
-        self.limit = limit
-        self.keep = keep
-        self.size = size
-        self._free = []  # (read end, write end, capacity)
-        self._lent = 0
-        self._lock = threading.Lock()
-
-    def take(self):
-        """A drained pipe, or None when all are lent or the process has no fds to make one."""
-        with self._lock:
-            if self._free:
-                self._lent += 1
-                return self._free.pop()
-            if self._lent >= self.limit:
-                return None
-            self._lent += 1
-        try:
-            read_end, write_end = os.pipe()
-        except OSError:
-            self._returned()
-            return None
-        try:
-            fcntl.fcntl(write_end, F_SETPIPE_SZ, self.size)
-        except OSError:
-            pass  # past the user's pipe-page allowance: the default size still works
-        return read_end, write_end, fcntl.fcntl(write_end, F_GETPIPE_SZ)
-
-    def give_back(self, pipe, drained=True):
-        with self._lock:
-            self._lent -= 1
-            if drained and len(self._free) < self.keep:
-                self._free.append(pipe)
-                return
-        os.close(pipe[0])
-        os.close(pipe[1])
-
-    def _returned(self):
-        with self._lock:
-            self._lent -= 1
-
-
-PIPES = PipePool()
-
-
-class SocketSource:
-    """Reads a socket into one reused buffer; yields views that live until the next read."""
-
-    def __init__(self, sock, initial=b""):
-        self.sock = sock
-        self.initial = initial
-        self.buffer = bytearray(BUFFER_SIZE)
-        self.view = memoryview(self.buffer)
-
-    def chunks(self):
-        if self.initial:
-            yield self.initial
-        recv_into, view = self.sock.recv_into, self.view
-        while True:
-            count = recv_into(view)
-            if not count:
-                return
-            yield view[:count]
-
-
-class ChunkReader:
-    """Exact-size reads over a Source, for the few protocol bytes the gateway speaks itself
-    (RFB security) before relaying; .surplus is what was read beyond them. Afterwards it
-    is itself the Source of the rest: the surplus, then the source's further chunks."""
-
-    def __init__(self, source, initial=b""):
-        self._chunks = source.chunks()
-        self.surplus = initial
-
-    def read_exact(self, count):
-        while len(self.surplus) < count:
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                raise ConnectionError("the client closed during the handshake")
-            self.surplus += bytes(chunk)  # copied: a SocketSource reuses its buffer
-        data, self.surplus = self.surplus[:count], self.surplus[count:]
-        return data
-
-    def chunks(self):
-        if self.surplus:
-            yield self.surplus
-        yield from self._chunks
-
-
-class TappedSource:
-    """A Source whose every chunk is shown to observe(chunk) first (a session's recorder)."""
-
-    def __init__(self, source, observe):
-        self.source = source
-        self.observe = observe
-
-    def chunks(self):
-        observe = self.observe
-        for chunk in self.source.chunks():
-            observe(chunk)
-            yield chunk
-
-
-def tapped(source, observe):
-    """source, seen by observe when there is one."""
-    return source if observe is None else TappedSource(source, observe)
-
-
-class DeadlineSocket:
-    """A socket whose every read and write waits only until one deadline (socket.timeout
-    after): for the bytes the gateway speaks itself, which a client may drip or pad."""
-
-    def __init__(self, sock, seconds):
-        self.sock = sock
-        self.deadline = time.monotonic() + seconds
-
-    def _armed(self):
-        if self.deadline is not None:
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout("the deadline has passed")
-            self.sock.settimeout(remaining)
-        return self.sock
-
-    def recv(self, size):
-        return self._armed().recv(size)
-
-    def recv_into(self, view):
-        return self._armed().recv_into(view)
-
-    def sendall(self, data):
-        view = memoryview(data)  # send by send: each waits only until the one deadline
-        while view:
-            view = view[self._armed().send(view):]
-
-    def lift(self):
-        """No deadline from now on: the relay waits as long as the session lasts."""
-        self.deadline = None
-        self.sock.settimeout(None)
-
-
-def splice_out(read_end, fd, count):
-    """All count bytes waiting in a pipe, spliced to fd (a socket, a file)."""
-    while count:
-        count -= os.splice(read_end, fd, count, flags=os.SPLICE_F_MOVE)
-
-
-class SocketSink:
-    """Bytes to a socket: written (write), or spliced from a pipe (write_from)."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.write = sock.sendall
-
-    def write_from(self, read_end, count):
-        splice_out(read_end, self.sock.fileno(), count)
-
-    def close_write(self):
-        self.sock.shutdown(socket.SHUT_WR)
 
 
 class Direction:

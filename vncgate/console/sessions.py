@@ -9,6 +9,8 @@ A handshake never writes the shared session list itself: a session's start and e
 are queued and the housekeeper writes them moments later, so a slow store write
 (or a checkpoint it triggers) never delays a client, and a session that ends
 before it was written costs no write at all.
+
+The housekeeper thread (and the Listener it owns) is in housekeeping.py.
 """
 
 import collections
@@ -23,8 +25,12 @@ from vncgate import refusals
 from vncgate import store as store_module
 from vncgate.console import backends, recording, rfb
 from vncgate.console import policy as policy_module
+from vncgate.console.housekeeping import Housekeeper, Listener
 from vncgate.net import fds, tls
 from vncgate.refusals import Refused
+
+# The housekeeper moved to housekeeping.py; it stays importable from here (front.server uses it).
+__all__ = ["CHECKPOINT_INTERVAL", "Housekeeper", "Listener", "Session", "SessionManager"]
 
 log = logging.getLogger("vncgate.console.sessions")
 
@@ -376,87 +382,3 @@ class SessionManager:
         log.info("session %s: %s, closing", session.id,
                  f"token {session.details.token_id} revoked" if reason == "revoked" else "killed on request")
         session.stop(reason)
-
-
-class Listener(threading.Thread):
-    """Revocations and kills pushed by a store that pushes them (Redis), for as long as the
-    housekeeper runs. After a lost connection, every live session is checked again (the
-    heartbeat), since messages may have been missed; the heartbeat stays the fallback anyway."""
-
-    def __init__(self, manager, stopping):
-        super().__init__(name="listener")
-        self.manager = manager
-        self.stopping = stopping
-
-    def run(self):
-        self.manager.store.listen(self.manager.pushed, self.manager.heartbeat, self.stopping)
-
-
-class Housekeeper(threading.Thread):
-    """As sessions start and end: write them to the shared list; every touch_interval: the
-    sessions' heartbeat; every housekeeping_interval: purge garbage tokens and the session rows
-    of gateways that died. Owns the Listener, when the store pushes."""
-
-    def __init__(self, manager, touch_interval, housekeeping_interval, tasks=()):
-        """tasks: more calls to make every touch_interval, guarded like the heartbeat."""
-        super().__init__(name="housekeeper")
-        self.tasks = tasks
-        self.manager = manager
-        self.touch_interval = touch_interval
-        self.housekeeping_interval = housekeeping_interval
-        self._stopping = threading.Event()
-        self._failing = False
-        self.listener = Listener(manager, self._stopping) if manager.store.pushes_events else None
-
-    def run(self):
-        if self.listener is not None:
-            self.listener.start()
-        try:
-            self._loop()
-        finally:
-            if self.listener is not None:
-                self.listener.join()
-
-    def _loop(self):
-        next_beat = next_purge = time.monotonic()
-        while not self._stopping.is_set():
-            if time.monotonic() >= next_beat:
-                self._guarded(self.manager.heartbeat)
-                for task in self.tasks:
-                    self._guarded(task)
-                next_beat = time.monotonic() + self.touch_interval
-            else:
-                self._guarded(self.manager.write_session_list)
-            if time.monotonic() >= next_purge:
-                self._guarded(self._purge)
-                next_purge = time.monotonic() + self.housekeeping_interval
-            # Woken early by a session starting or ending (or by stop()), to write it down.
-            self.manager.store_work.wait(max(0.0, min(next_beat, next_purge) - time.monotonic()))
-        self._guarded(self.manager.write_session_list)  # the sessions that ended at shutdown
-
-    def _purge(self):
-        deleted = self.manager.store.purge()
-        if deleted:
-            log.info("housekeeping deleted %d garbage tokens", deleted)
-        stale = self.manager.store.purge_stale_sessions()
-        if stale:
-            log.info("housekeeping deleted %d sessions left by gateways that stopped", stale)
-
-    def _guarded(self, task):
-        """A store outage must not kill the thread: live sessions keep running. One line when
-        housekeeping starts failing, one when it works again, none in between."""
-        try:
-            task()
-        except store_module.StoreError as error:
-            if not self._failing:
-                log.warning("housekeeping paused: %s", error)
-                self._failing = True
-            return
-        if self._failing:
-            log.info("housekeeping resumed")
-            self._failing = False
-
-    def stop(self):
-        self._stopping.set()
-        self.manager.store_work.set()
-        self.join()

@@ -1,62 +1,35 @@
 """The console scripts: vncgate (serve) and vncgate-token (mint, list, revoke, touch, purge,
-sessions, kill, migrate, follow, unfollow, log)."""
+sessions, kill, migrate, follow, unfollow, log).
+
+This module keeps vncgate-token: its parser and its commands. The serve command is in
+cli_serve, what both share (errors, exit codes, argument types, opening the store) in
+cli_common; both entry points stay importable from here (setup.py names them here).
+"""
 
 import argparse
-import dataclasses
 import json
-import logging
-import os
-import resource
-import signal
 import sys
 import threading
 
 from vncgate import config as config_module
-from vncgate import logs
 from vncgate import store as store_module
 from vncgate.console import policy as policy_module
 from vncgate.console import recording
 from vncgate.console import serial as consoles
 from vncgate.control import api, libvirt
+from vncgate.control.cli_common import (
+    CommandFailed,
+    UsageError,
+    _Parser,
+    _port_in,
+    _seconds,
+    open_store,
+    run_reporting_errors,
+)
+from vncgate.control.cli_serve import serve_main, serve_main_exit
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(Exception):
-    """Bad command-line usage: exit 2 with one line."""
-
-
-class CommandFailed(Exception):
-    """The command could not do what was asked: exit 1 with one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line instead of usage + error."""
-
-    def error(self, message):
-        raise UsageError(f"{message} (see {self.prog} --help)")
-
-
-def _port_in(lowest):
-    def parse(text):
-        try:
-            port = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid port {text!r}: not a whole number") from None
-        if not lowest <= port <= 65535:
-            raise argparse.ArgumentTypeError(f"invalid port {port}: must be from {lowest} to 65535")
-        return port
-    return parse
-
-
-def _seconds(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"invalid seconds {text!r}: must be a number above 0")
-    return value
+# serve_main_exit is the vncgate console script's entry point (setup.py names it here).
+__all__ = ["serve_main", "serve_main_exit", "token_main", "token_main_exit"]
 
 
 def _instance_id(text):
@@ -161,12 +134,6 @@ def token_parser():
     key_commands.add_parser("add", help="make a key, print it once, keep its hash").add_argument("name")
     key_commands.add_parser("remove", help="delete a key (the gateway drops it on SIGHUP)").add_argument("name")
     return parser
-
-
-def open_store(config, busy_timeout=5.0, database=None, checkpoint_on_commit=True):
-    return store_module.TokenStore(database or config.database, token_ttl=config.token_ttl,
-                                   idle_timeout=config.idle_timeout, busy_timeout=busy_timeout,
-                                   key_prefix=config.key_prefix, checkpoint_on_commit=checkpoint_on_commit)
 
 
 def _shown(database):
@@ -406,24 +373,6 @@ COMMANDS = {"add": cmd_add, "list": cmd_list, "revoke": cmd_revoke, "touch": cmd
             "follow": cmd_follow, "unfollow": cmd_unfollow, "log": cmd_log}
 
 
-def run_reporting_errors(prog, body):
-    """Run body(); turn every expected failure into one stderr line and an exit code.
-    Every file either program creates (database, its WAL, audit log) is the owner's only:
-    the umask says so once, here, whatever the caller's umask was."""
-    os.umask(0o077)
-    try:
-        body()
-        return EXIT_OK
-    except (UsageError, store_module.RedisMissing) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except (CommandFailed, config_module.ConfigError, store_module.StoreError) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        return 130
-
-
 def token_main(argv=None, out=None):
     def body():
         args = token_parser().parse_args(argv)
@@ -441,75 +390,3 @@ def token_main(argv=None, out=None):
 
 def token_main_exit():
     sys.exit(token_main())
-
-
-def serve_parser():
-    parser = _Parser(prog="vncgate", description="Run the VNC console gateway until SIGINT or SIGTERM.")
-    parser.add_argument("-c", "--config", metavar="FILE", help="config file (default: $VNCGATE_CONFIG, "
-                        "else ./vncgate.ini, else built-in defaults)")
-    parser.add_argument("--listen", metavar="ADDR", help="address to bind (overrides listen)")
-    parser.add_argument("--port", type=_port_in(0), help="port to bind, 0 for any free one (overrides port)")
-    parser.add_argument("--log-level", default="INFO", type=str.upper,
-                        choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    return parser
-
-
-def _prepare_process_for_many_sessions():
-    """Each session holds two sockets (and two splice pipes) and two threads: lift the fd soft
-    limit to the hard one, and give threads a small stack (relay loops are shallow)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    threading.stack_size(512 * 1024)
-
-
-def serve_main(argv=None):
-    from vncgate import audit as audit_module
-    from vncgate.front import server
-    from vncgate.net import tls  # the token CLI does not need these
-
-    def body():
-        args = serve_parser().parse_args(argv)
-        logs.setup(args.log_level)
-        _prepare_process_for_many_sessions()
-        config = config_module.load(args.config)
-        overrides = {key: value for key, value in (("listen", args.listen), ("port", args.port))
-                     if value is not None}
-        config = dataclasses.replace(config, **overrides)
-        # A handshake waits for a locked database no longer than it may take as a whole.
-        # Checkpoints are the housekeeper's (sessions.Housekeeper), never a handshake's commit.
-        store = open_store(config, busy_timeout=min(5.0, config.handshake_timeout), checkpoint_on_commit=False)
-        try:
-            audit = audit_module.Audit.open(config.audit_log)
-        except OSError as error:
-            raise CommandFailed(f"cannot open audit log {config.audit_log}: {error.strerror}") from None
-        try:
-            gateway = server.Gateway(config, store, audit,
-                                     control_plane=api.ControlPlane if config.api_keys_file else None)
-        except OSError as error:
-            raise CommandFailed(f"cannot listen on {config.listen}:{config.port}: {error.strerror}") from None
-        except (tls.TlsConfigError, api.KeyFileError) as error:
-            raise CommandFailed(str(error)) from None
-
-        def on_signal(signum, _frame):
-            logging.getLogger("vncgate").info("%s: stopping", signal.Signals(signum).name)
-            # shutdown() waits for serve_forever, which runs in this (the main) thread.
-            threading.Thread(target=gateway.shutdown, name="stopper").start()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGHUP, lambda _signum, _frame: threading.Thread(
-            target=gateway.reload, name="reload").start())
-        host, port = gateway.server_address[:2]
-        print(f"vncgate listening on {host}:{port}", file=sys.stderr, flush=True)
-        try:
-            gateway.serve_forever()
-        finally:
-            gateway.stop()
-            store.close()
-            audit.close()
-    return run_reporting_errors("vncgate", body)
-
-
-def serve_main_exit():
-    sys.exit(serve_main())

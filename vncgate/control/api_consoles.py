@@ -1,0 +1,103 @@
+"""The control-plane API's consoles resource (/api/v1/consoles): minting a console token
+(by host and port or by libvirt domain), listing tokens, a followed serial console's log,
+and revoking by instance or by token id. A mixin of ControlPlane (api.py), which brings
+the gateway and its config.
+"""
+
+import re
+
+from vncgate import store as store_module
+from vncgate.console import policy as policy_module
+from vncgate.console import serial as consoles
+from vncgate.control import libvirt
+from vncgate.control.api_fields import _Fields, _Query
+from vncgate.control.minting import console_json, mint, token_json
+from vncgate.refusals import Refused
+
+_TOKEN_ID = re.compile(r"[0-9a-f]{8,64}")
+
+
+class ConsoleEndpoints:
+    """ControlPlane's /consoles endpoints."""
+
+    # -- endpoints: each returns (status, JSON value) ------------------------------------------
+
+    def create_console(self, call, body):
+        fields = _Fields(body)
+        console_type = fields.choice("type", store_module.CONSOLE_TYPES, store_module.WEBSOCKET)
+        ttl = fields.number("ttl")
+        policy = policy_module.Policy(view_only=fields.flag("view_only"), single_use=fields.flag("single_use"),
+                                      paste_as_keys=fields.flag("paste_as_keys"),
+                                      input_idle=fields.number("input_idle") or 0.0)
+        backend_tls = fields.flag("backend_tls")
+        if "domain" in body:
+            domain, uri = fields.text("domain"), fields.text("libvirt", "")
+            call.audit["instance"] = instance = fields.text("instance", domain)
+            fields.done()
+            try:
+                console = libvirt.console_of(domain, uri or None)
+            except libvirt.DomainError as error:
+                raise Refused(error.reason, str(error)) from None
+            host, port, internal_path, password = console.host, console.port, "", console.password
+        else:
+            host, port = fields.text("host"), fields.port("port")
+            call.audit["instance"] = instance = fields.text("instance", f"{host}:{port}")
+            internal_path = fields.text("internal_path", "")
+            password = fields.text("password", "")
+            fields.done()
+            password = password.encode() if password else None
+        token, details, url = mint(self.config, self.gateway.store, console_type, host, port, instance,
+                                   internal_path, ttl, password, policy.to_json(), backend_tls)
+        call.audit["token_id"] = details.token_id
+        return 201, console_json(token, details, url)
+
+    def list_consoles(self, call, _body):
+        query = _Query(call.request, ("instance", "host"))
+        call.audit["instance"] = query.get("instance") or "-"
+        store = self.gateway.store
+        now = store.clock()
+        rows = store.list_details(instance_id=query.get("instance"), host=query.get("host"), include_expired=True)
+        return 200, [token_json(row, now, self.config.idle_timeout) for row in rows]
+
+    def console_log(self, call, _body):
+        """What a followed serial console printed (Nova's get_console_output): all that is
+        kept, or its last `tail` lines."""
+        query = _Query(call.request, ("instance", "tail"))
+        instance, tail = query.get("instance"), query.get("tail")
+        if not instance:
+            raise Refused("invalid-request", "name the console: ?instance=ID")
+        call.audit["instance"] = instance
+        if tail is not None and not (tail.isdigit() and int(tail) > 0):
+            raise Refused("invalid-request", "tail must be a whole number above 0")
+        output = consoles.read_log(self.config.console_log_dir, instance, int(tail) if tail else None)
+        if output is None:
+            raise Refused("not-found", f"no console log for {instance}: it was never followed")
+        return 200, {"instance_id": instance, "output": output.decode("utf-8", "replace")}
+
+    def revoke_by_instance(self, call, _body):
+        query = _Query(call.request, ("instance",))
+        instance = query.get("instance")
+        if not instance:
+            raise Refused("invalid-request", "name the tokens to revoke: ?instance=ID")
+        call.audit["instance"] = instance
+        hashes = {row.token_hash for row in self.gateway.store.list_details(instance_id=instance,
+                                                                            include_expired=True)}
+        revoked = self.gateway.store.delete_by_instance(instance)
+        self._end_local_sessions(lambda session: session.details.token_hash in hashes, "revoked")
+        return 200, {"revoked": revoked}
+
+    def revoke_token(self, call, _body, token_id):
+        if not _TOKEN_ID.fullmatch(token_id):
+            raise Refused("not-found", "not a token id")
+        store = self.gateway.store
+        rows = [row for row in store.list_details(include_expired=True) if row.token_hash.startswith(token_id)]
+        if not rows:
+            raise Refused("not-found", f"no token {token_id}")
+        if len(rows) > 1:
+            raise Refused("ambiguous-token-id", f"{len(rows)} tokens start with {token_id}")
+        call.audit.update(instance=rows[0].instance_id, token_id=rows[0].token_id)
+        revoked = store.delete_hashes([rows[0].token_hash])
+        if not revoked:
+            raise Refused("not-found", f"token {token_id} went meanwhile")
+        self._end_local_sessions(lambda session: session.details.token_hash == rows[0].token_hash, "revoked")
+        return 200, {"revoked": revoked}

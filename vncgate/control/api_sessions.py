@@ -1,0 +1,57 @@
+"""The control-plane API's sessions and store resources (/api/v1/sessions, /api/v1/store):
+listing the live sessions of every gateway, killing one, the store's state; and ending this
+gateway's own sessions at once when their token is revoked or they are killed. A mixin of
+ControlPlane (api.py), which brings the gateway.
+"""
+
+import logging
+import re
+
+from vncgate import store as store_module
+from vncgate.control.api_fields import _Query
+from vncgate.control.minting import session_json
+from vncgate.refusals import Refused
+
+log = logging.getLogger("vncgate.control.api")
+
+_SESSION_ID = re.compile(r"[0-9a-f]{1,64}")
+
+
+class SessionEndpoints:
+    """ControlPlane's /sessions and /store endpoints."""
+
+    def list_sessions(self, call, _body):
+        query = _Query(call.request, ("instance",))
+        call.audit["instance"] = query.get("instance") or "-"
+        store = self.gateway.store
+        now = store.clock()
+        return 200, [session_json(row, now) for row in store.list_sessions(instance_id=query.get("instance"))]
+
+    def kill_session(self, call, _body, session_id):
+        if not _SESSION_ID.fullmatch(session_id):
+            raise Refused("not-found", "not a session id")
+        call.audit["session_id"] = session_id
+        store = self.gateway.store
+        found = [row for row in store.list_sessions() if row.session_id == session_id]
+        if found:
+            call.audit["instance"] = found[0].instance_id
+        if not found or not store.request_kill(session_ids=[session_id]):
+            raise Refused("not-found", f"no live session {session_id}")
+        # A session of this gateway ends now; one of another gateway within its touch_interval.
+        self._end_local_sessions(lambda session: session.id == session_id, "killed")
+        return 202, {"kill_requested": 1}
+
+    def store_state(self, call, _body):
+        store = self.gateway.store
+        try:
+            tokens = store.count_by_state()
+        except store_module.StoreError as error:
+            log.debug("/api/v1/store: %s", error)
+            tokens = None
+        return 200, {"up": tokens is not None, "tokens": tokens, "gateway_id": self.gateway.sessions.gateway_id,
+                     "sessions_here": len(self.gateway.sessions.live())}
+
+    def _end_local_sessions(self, chosen, reason):
+        for session in self.gateway.sessions.live():
+            if chosen(session):
+                session.stop(reason)

@@ -1,0 +1,28 @@
+"""What the Redis engine keeps about followed serial consoles: one hash, instance id ->
+"host port" (vncgate-token follow / unfollow). A mixin of RedisStore (redis.py), which brings
+the client (_run, _key).
+"""
+
+from vncgate.store.common import Follow
+
+
+class RedisFollows:
+    """RedisStore's followed serial consoles."""
+
+    # -- followed serial consoles ------------------------------------------------------
+
+    def add_follow(self, instance_id, host, port):
+        """Follow (or re-point) one instance's serial console."""
+        self._run(self._client.hset, self._key("follows"), instance_id, f"{host} {int(port)}")
+
+    def remove_follow(self, instance_id):
+        """Stop following; False when it was not followed."""
+        return bool(self._run(self._client.hdel, self._key("follows"), instance_id))
+
+    def list_follows(self):
+        found = self._run(self._client.hgetall, self._key("follows"))
+        follows = []
+        for instance_id, value in found.items():
+            host, port = value.decode().rsplit(" ", 1)
+            follows.append(Follow(instance_id.decode(), host, int(port)))
+        return sorted(follows, key=lambda follow: follow.instance_id)

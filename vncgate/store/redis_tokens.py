@@ -1,0 +1,160 @@
+"""What the Redis engine keeps about tokens: each token's hash and the indexes over them
+(insert, find, validate, list, touch, delete, purge, count) and each single-use token's
+consumption state (console policies). A mixin of RedisStore (redis.py), which brings the
+client, the scripts (_script, _pipelined, _run) and the clock.
+"""
+
+from vncgate.store.common import ConnectionDetails, StoreError, TokenRejected, consumption
+from vncgate.store.redis_scripts import _BATCH
+
+_TOKEN_FIELDS = ("instance_id", "console_type", "host", "port", "access_url", "internal_access_path",
+                 "created_at", "updated_at", "expires_at")
+# Fields added after the first release: a token written before them reads as their default.
+_LATER_FIELDS = {"record": "0", "replay": "", "replay_speed": "1.0"}
+
+
+class RedisTokens:
+    """RedisStore's tokens and single-use consumption (see Store for each call)."""
+
+    # -- what the shared calls are made of -----------------------------------------------
+
+    def _insert(self, rows):
+        """rows: (ConnectionDetails, sealed secret or None). With replicas present, returns only
+        once one of them has the tokens (WAIT), so they survive a failover."""
+        replicas = self._run(self._client.info, "replication").get("connected_slaves", 0)
+        pipe = self._client.pipeline(transaction=False)  # one connection: WAIT counts its writes
+        for start in range(0, len(rows), _BATCH):
+            args = [repr(self.clock()), repr(float(self.idle_timeout))]
+            for details, sealed in rows[start:start + _BATCH]:
+                fields = [item for name in _TOKEN_FIELDS for item in (name, str(getattr(details, name)))]
+                fields += ["record", str(int(details.record)), "replay", details.replay,
+                           "replay_speed", repr(float(details.replay_speed))]
+                if sealed is not None:
+                    fields += ["secret", sealed]
+                if details.policy:
+                    fields += ["policy", details.policy]
+                if details.backend_tls:  # absent means plain: tokens minted before it read so
+                    fields += ["backend_tls", "1"]
+                args += [details.token_hash, len(fields), *fields]
+            self._script("insert", args, client=pipe)
+        wait = self.busy_timeout / 2  # the other half is the writes' own, within the socket timeout
+        if replicas:
+            pipe.wait(1, max(1, int(wait * 1000)))
+        replies = self._run(pipe.execute)
+        if replicas and replies[-1] < 1:
+            raise StoreError(f"redis {self.target.redacted}: no replica confirmed the new token within "
+                             f"{wait:g}s; it was not handed out")
+
+    def _find(self, token_hash):
+        fields = self._run(self._client.hgetall, self._key("token:", token_hash))
+        return [_details(token_hash, fields)[0]] if fields else []
+
+    def _validate_row(self, token_hash, console_type, now):
+        flat = self._script("validate", [repr(now), repr(float(self.idle_timeout)), token_hash, console_type])
+        return _details(token_hash, dict(zip(flat[::2], flat[1::2]))) if flat else None
+
+    def _dump(self):
+        return [found for found in self._fetch(self._all_hashes()) if found]
+
+    def _all_hashes(self):
+        return [item.decode() for item in self._run(self._client.zrange, self._key("tokens"), 0, -1)]
+
+    def _fetch(self, token_hashes):
+        """(details, sealed) or None for each hash, in order."""
+        replies = self._pipelined([("hgetall", (self._key("token:", token_hash),)) for token_hash in token_hashes])
+        return [_details(token_hash, fields) if fields else None
+                for token_hash, fields in zip(token_hashes, replies)]
+
+    # -- single-use tokens (console policies) -----------------------------------------------
+
+    def consume(self, token_hash, address, cookie_hash, grace):
+        """See common.consumption; an optimistic transaction (WATCH), retried when another
+        gateway changed the token meanwhile, so two clients at once cannot both consume."""
+        key = self._key("token:", token_hash)
+
+        def attempt(pipe):
+            state = pipe.hmget(key, "consumed_address", "consumed_cookie", "released_at")
+            if not pipe.exists(key):
+                raise TokenRejected("unknown-token")
+            address_then, cookie_then, released = (value.decode() if value is not None else None for value in state)
+            outcome = consumption((address_then, cookie_then, None if released is None else float(released)),
+                                  address, cookie_hash, grace, self.clock())
+            pipe.multi()
+            if outcome == "consumed":
+                pipe.hset(key, mapping={"consumed_address": address,
+                                        **({"consumed_cookie": cookie_hash} if cookie_hash else {})})
+            pipe.hdel(key, "released_at")
+            return outcome
+        return self._run(self._client.transaction, attempt, key, value_from_callable=True)
+
+    def release(self, token_hash):
+        self._script("release", [token_hash, repr(self.clock())])
+
+    # -- beyond the blueprint: what the gateway and the CLI need --------------------------
+
+    def list_details(self, instance_id=None, host=None, include_expired=False, only_idle=False, include_idle=True):
+        indexes = [self._key(kind, value) for kind, value in (("instance:", instance_id), ("host:", host))
+                   if value is not None]
+        if indexes:
+            hashes = sorted(item.decode() for item in self._run(self._client.sinter, indexes))
+        else:
+            hashes = self._all_hashes()
+            indexes = [self._key("tokens")]
+        fetched = self._fetch(hashes)
+        vanished = [token_hash for token_hash, found in zip(hashes, fetched) if found is None]
+        if vanished:  # expired by Redis since it was indexed: tidy the indexes read
+            self._pipelined([("zrem" if index == self._key("tokens") else "srem", (index, *vanished))
+                             for index in indexes])
+        now = self.clock()
+        rows = [found[0] for found in fetched if found]
+        return sorted((row for row in rows if row.selected(now, self.idle_timeout, include_idle=include_idle,
+                                                             include_expired=include_expired,
+                                                             only_idle=only_idle)),
+                      key=lambda row: (row.created_at, row.token_hash))
+
+    def touch_hashes(self, token_hashes):
+        """Touch by hash (sessions hold hashes, not tokens); returns the set that still exists."""
+        if not token_hashes:
+            return set()
+        found = self._script("touch", [repr(self.clock()), repr(float(self.idle_timeout)), *token_hashes])
+        return {item.decode() for item in found}
+
+    def delete_hashes(self, token_hashes):
+        return self._script("delete", ["", *token_hashes]) if token_hashes else 0
+
+    def delete_by_instance(self, instance_id):
+        return self._script("delete", [f"instance:{instance_id}"])
+
+    def delete_by_host(self, host):
+        return self._script("delete", [f"host:{host}"])
+
+    def purge(self):
+        """Delete garbage Redis has not expired yet (the clock may run ahead of it)."""
+        deleted, now = 0, repr(self.clock())
+        while True:
+            went, seen = self._script("purge", [now, _BATCH])
+            deleted += went
+            if seen < _BATCH:
+                return deleted
+
+    def count_by_state(self):
+        counts = dict.fromkeys(("live", "idle", "expired", "garbage"), 0)
+        now = self.clock()
+        for found in self._fetch(self._all_hashes()):
+            if found:
+                counts[found[0].state(now, self.idle_timeout)] += 1
+        return counts
+
+
+def _details(token_hash, fields):
+    """(ConnectionDetails, sealed secret or None) from a token's hash fields (bytes)."""
+    text = {key.decode(): value for key, value in fields.items()}
+    sealed = text.pop("secret", None)
+    values = {name: text[name].decode() for name in _TOKEN_FIELDS}
+    values.update({name: text[name].decode() if name in text else default for name, default in _LATER_FIELDS.items()})
+    return ConnectionDetails(
+        token_hash, values["instance_id"], values["console_type"], values["host"], int(values["port"]),
+        values["access_url"], values["internal_access_path"], float(values["created_at"]),
+        float(values["updated_at"]), float(values["expires_at"]), has_password=sealed is not None,
+        policy=text.get("policy", b"").decode(), backend_tls=text.get("backend_tls") == b"1",
+        record=values["record"] == "1", replay=values["replay"], replay_speed=float(values["replay_speed"])), sealed
