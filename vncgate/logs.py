@@ -10,28 +10,31 @@ the gateway began.
 
 import logging
 import re
+from typing import Any, Union
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-def escape(text):
+def escape(text: str) -> str:
     """text with every control character as \\n, \\r, \\t or \\xNN / \\uNNNN."""
     return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
 
 
 class EscapingFormatter(logging.Formatter):
-    def formatMessage(self, record):
+    """Every message, traceback and stack line escaped; traceback lines indented."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
         return escape(super().formatMessage(record))
 
-    def formatException(self, exc_info):
+    def formatException(self, exc_info: Any) -> str:
         return "\n".join("    " + escape(line) for line in super().formatException(exc_info).splitlines())
 
-    def formatStack(self, stack_info):
+    def formatStack(self, stack_info: str) -> str:
         return "\n".join("    " + escape(line) for line in stack_info.splitlines())
 
 
-def setup(level):
+def setup(level: Union[int, str]) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(EscapingFormatter(FORMAT))
     logging.basicConfig(level=level, handlers=[handler])

@@ -8,7 +8,10 @@ tells a user only what a user can act on. A reason that is not in the table is a
 programming error and fails at once, where it is raised.
 """
 
+from __future__ import annotations
+
 import collections
+from typing import Any
 
 Answer = collections.namedtuple("Answer", "status sentence")
 
@@ -84,7 +87,7 @@ class Refused(Exception):
     """A client cannot have what it asked for. .reason is the table's word; .detail and
     .fields are for the audit line only."""
 
-    def __init__(self, reason, detail="", **fields):
+    def __init__(self, reason: str, detail: str = "", **fields: Any) -> None:
         answer = REASONS[reason]  # KeyError here: a reason missing from the table
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
@@ -93,7 +96,7 @@ class Refused(Exception):
         self.status = answer.status
         self.sentence = answer.sentence
 
-    def audit_fields(self):
+    def audit_fields(self) -> dict[str, Any]:
         """What the audit line says of this refusal, besides the fields of the attempt."""
         return {"status": self.status, "reason": self.reason,
                 **({"detail": self.detail} if self.detail else {})}

@@ -15,11 +15,15 @@ vectors: this keeps the runtime dependencies to the standard library and redis,
 and speed is irrelevant because DES here only encrypts one 16-byte challenge per session.
 """
 
+from __future__ import annotations
+
 import re
 import socket
 import ssl
 import struct
 import time
+from collections.abc import Callable
+from typing import Any
 
 NONE, VNC_AUTH, VENCRYPT = 1, 2, 19  # RFB security types
 X509_NONE, X509_VNC = 260, 261  # VeNCrypt sub-types
@@ -27,12 +31,14 @@ RFB_3_3, RFB_3_7, RFB_3_8 = b"RFB 003.003\n", b"RFB 003.007\n", b"RFB 003.008\n"
 MAX_REASON = 4096  # longer failure reasons are cut: they only go to a log line and a client's dialog
 _VERSION = re.compile(rb"RFB (\d{3})\.(\d{3})\n")
 _U32 = struct.Struct("!I")
+ReadExact = Callable[[int], bytes]  # n bytes (short or raising at the end)
+Write = Callable[[bytes], Any]  # all of the bytes
 
 
 class RfbError(Exception):
     """The handshake failed; .reason is a short word for audit lines, .detail says more."""
 
-    def __init__(self, reason, detail):
+    def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -77,7 +83,7 @@ _S = [
 ]
 
 
-def _permute(value, table, width):
+def _permute(value: int, table: list[int], width: int) -> int:
     """Bit i of the result (from the left, 1-based as in FIPS 46-3) is bit table[i] of value."""
     result = 0
     for position in table:
@@ -85,7 +91,7 @@ def _permute(value, table, width):
     return result
 
 
-def _subkeys(key):
+def _subkeys(key: bytes) -> list[int]:
     """The 16 round keys: PC-1 drops the parity bits, each half rotates, PC-2 picks 48 bits."""
     both = _permute(int.from_bytes(key, "big"), _PC1, 64)
     left, right = both >> 28, both & 0xFFFFFFF
@@ -97,7 +103,7 @@ def _subkeys(key):
     return keys
 
 
-def _feistel(half, subkey):
+def _feistel(half: int, subkey: int) -> int:
     """f(R, K): expand to 48 bits, mix in the key, eight S-boxes back to 32 bits, permute."""
     mixed = _permute(half, _E, 32) ^ subkey
     out = 0
@@ -109,7 +115,7 @@ def _feistel(half, subkey):
     return _permute(out, _P, 32)
 
 
-def des_encrypt_block(key, block):
+def des_encrypt_block(key: bytes, block: bytes) -> bytes:
     """DES-ECB of one 8-byte block under an 8-byte key (parity bits ignored)."""
     if len(key) != 8 or len(block) != 8:
         raise ValueError("DES takes an 8-byte key and an 8-byte block")
@@ -121,11 +127,11 @@ def des_encrypt_block(key, block):
     return _permute((right << 32) | left, _FP, 64).to_bytes(8, "big")
 
 
-def _reverse_bits(byte):
+def _reverse_bits(byte: int) -> int:
     return int(f"{byte:08b}"[::-1], 2)
 
 
-def vnc_auth_response(password, challenge):
+def vnc_auth_response(password: bytes, challenge: bytes) -> bytes:
     """VNC Authentication's answer: the 16-byte challenge DES-encrypted (two ECB blocks) under
     the password cut or NUL-padded to 8 bytes, each byte bit-reversed (bit 0 <-> bit 7): the
     original VNC code loaded DES keys least significant bit first, and every server since
@@ -138,7 +144,7 @@ def vnc_auth_response(password, challenge):
 
 # -- versions ----------------------------------------------------------------------------
 
-def _minor(line, side):
+def _minor(line: bytes, side: str) -> int:
     """The minor version (3, 7 or 8) a ProtocolVersion line stands for. Unofficial minors are
     read the way RFB clients read them: 8 and above (Apple's 3.889) as 3.8, 4 to 6 as 3.3.
     A backend may announce a later major version (RealVNC's 4.1, 5.0), which speaks 3.8 to a
@@ -153,11 +159,12 @@ def _minor(line, side):
     raise RfbError(f"{side}-bad-rfb", f"not an RFB 3.3, 3.7 or 3.8 version: {line[:12]!r}")
 
 
-def version_line(minor):
+def version_line(minor: int) -> bytes:
+    """The ProtocolVersion line of RFB 3.minor."""
     return b"RFB 003.%03d\n" % minor
 
 
-def _offered_minor(version):
+def _offered_minor(version: bytes) -> int:
     """The minor version of a line authenticate_backend returned: what the gateway offers a client."""
     minor = {RFB_3_3: 3, RFB_3_7: 7, RFB_3_8: 8}.get(bytes(version))
     if minor not in (3, 7, 8):
@@ -170,18 +177,18 @@ def _offered_minor(version):
 class _Backend:
     """Exact reads and whole writes on a blocking socket, each bounded by one monotonic deadline."""
 
-    def __init__(self, sock, deadline, initial):
+    def __init__(self, sock: Any, deadline: float, initial: bytes) -> None:
         self.sock = sock
         self.deadline = deadline
         self.pending = bytes(initial)
 
-    def budget(self):
+    def budget(self) -> None:
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise RfbError("backend-timeout", "the VNC server's security handshake did not finish in time")
         self.sock.settimeout(remaining)
 
-    def read_exact(self, count):
+    def read_exact(self, count: int) -> bytes:
         while len(self.pending) < count:
             self.budget()
             try:  # never more than asked: what follows the handshake belongs to the relay
@@ -194,7 +201,7 @@ class _Backend:
         data, self.pending = self.pending[:count], self.pending[count:]
         return data
 
-    def write(self, data):
+    def write(self, data: bytes) -> None:
         self.budget()
         try:
             self.sock.sendall(data)
@@ -202,7 +209,7 @@ class _Backend:
             raise RfbError("backend-timeout", "the VNC server did not take the handshake's bytes in time") from None
 
 
-def _failure_reason(read_exact, fallback):
+def _failure_reason(read_exact: ReadExact, fallback: str) -> str:
     """The reason string that follows a failure; fallback when the server sends none."""
     try:
         length = _U32.unpack(read_exact(4))[0]
@@ -213,7 +220,8 @@ def _failure_reason(read_exact, fallback):
     return text or fallback
 
 
-def authenticate_backend(sock, password, deadline, initial=b""):
+def authenticate_backend(sock: socket.socket, password: bytes | None, deadline: float,
+                         initial: bytes = b"") -> bytes:
     """Be the client of the backend's RFB security handshake, answering VNC Authentication
     with password, or choosing security type None when password is None (the tokens with a
     console policy, whose stream the gateway must read from ClientInit on); returns the
@@ -228,7 +236,7 @@ def authenticate_backend(sock, password, deadline, initial=b""):
     backend-needs-password (no password, and type None not offered),
     backend-auth-failed (password refused, the server's reason in detail), backend-timeout
     or backend-closed."""
-    def handshake(backend):
+    def handshake(backend: _Backend) -> bytes:
         minor, offered = _security_types(backend)
         if password is not None:
             _choose(backend, minor, offered, VNC_AUTH, "backend-no-vnc-auth", "2 (VNC Authentication)")
@@ -241,7 +249,8 @@ def authenticate_backend(sock, password, deadline, initial=b""):
     return _as_client(sock, deadline, initial, handshake)
 
 
-def vencrypt_backend(sock, context, hostname, password, deadline, initial=b""):
+def vencrypt_backend(sock: socket.socket, context: ssl.SSLContext, hostname: str, password: bytes | None,
+                     deadline: float, initial: bytes = b"") -> tuple[bytes, ssl.SSLSocket]:
     """Be the client of the backend's VeNCrypt handshake (security type 19): TLS with the
     console's x509 certificate checked by context for hostname, then, inside the TLS,
     nothing more (X509None) or VNC Authentication with password (X509Vnc, when the gateway
@@ -252,7 +261,7 @@ def vencrypt_backend(sock, context, hostname, password, deadline, initial=b""):
     Raises RfbError as authenticate_backend does, plus backend-tls-failed: no VeNCrypt,
     no sub-type the gateway can do (anonymous TLS is not one: it proves nothing), or a
     TLS handshake that failed (the console's certificate did not verify, say)."""
-    def handshake(backend):
+    def handshake(backend: _Backend) -> tuple[bytes, ssl.SSLSocket]:
         minor, offered = _security_types(backend)
         if minor == 3:  # 3.3 cannot name VeNCrypt: the server picks a type, and only 1 or 2
             raise RfbError("backend-tls-failed", "the VNC server speaks RFB 3.3, which has no VeNCrypt")
@@ -263,6 +272,7 @@ def vencrypt_backend(sock, context, hostname, password, deadline, initial=b""):
         backend.sock = _tls_handshake(backend, context, hostname)
         try:
             if subtype == X509_VNC:
+                assert password is not None  # X509Vnc is chosen only when the gateway holds one
                 _vnc_authentication(backend, minor, password)
             else:
                 _security_result(backend, minor, "backend-refused", "the VNC server refused the connection")
@@ -280,7 +290,7 @@ def vencrypt_backend(sock, context, hostname, password, deadline, initial=b""):
     return _as_client(sock, deadline, initial, handshake)
 
 
-def _as_client(sock, deadline, initial, handshake):
+def _as_client(sock: socket.socket, deadline: float, initial: bytes, handshake: Callable[[_Backend], Any]) -> Any:
     """Run handshake(_Backend) on sock; OSError becomes backend-closed, the timeout is restored."""
     backend = _Backend(sock, deadline, initial)
     saved_timeout = sock.gettimeout()
@@ -302,7 +312,7 @@ def _as_client(sock, deadline, initial, handshake):
             pass  # closed meanwhile: nothing to restore
 
 
-def _security_types(backend):
+def _security_types(backend: _Backend) -> tuple[int, list[int]]:
     """The versions, then the security types the server offers: (minor, [types])."""
     minor = _minor(backend.read_exact(12), "backend")
     backend.write(version_line(minor))
@@ -316,26 +326,26 @@ def _security_types(backend):
     return minor, offered
 
 
-def _choose(backend, minor, offered, wanted, reason, name):
+def _choose(backend: _Backend, minor: int, offered: list[int], wanted: int, reason: str, name: str) -> None:
     if wanted not in offered:
         raise RfbError(reason, f"the VNC server offers security types {offered}, not {name}")
     if minor != 3:
         backend.write(bytes((wanted,)))
 
 
-def _vnc_authentication(backend, minor, password):
+def _vnc_authentication(backend: _Backend, minor: int, password: bytes) -> None:
     backend.write(vnc_auth_response(password, backend.read_exact(16)))
     _security_result(backend, minor, "backend-auth-failed", "the VNC server refused the password")
 
 
-def _security_result(backend, minor, reason, fallback):
+def _security_result(backend: _Backend, minor: int, reason: str, fallback: str) -> None:
     """SecurityResult: sent for VNC Authentication and VeNCrypt in every version, for None in
     3.8; only 3.8 adds a reason to a failure."""
     if _U32.unpack(backend.read_exact(4))[0] != 0:
         raise RfbError(reason, _failure_reason(backend.read_exact, fallback) if minor == 8 else fallback)
 
 
-def _vencrypt_subtype(backend, have_password):
+def _vencrypt_subtype(backend: _Backend, have_password: bool) -> int:
     """VeNCrypt 0.2's version and sub-type negotiation; returns the sub-type chosen, which the
     server has accepted: the TLS handshake comes next."""
     major, minor = backend.read_exact(2)
@@ -358,7 +368,7 @@ def _vencrypt_subtype(backend, have_password):
     return subtype
 
 
-def _tls_handshake(backend, context, hostname):
+def _tls_handshake(backend: _Backend, context: ssl.SSLContext, hostname: str) -> ssl.SSLSocket:
     """The client side of TLS on the backend's socket, by the deadline; returns the SSLSocket."""
     wrapped = context.wrap_socket(backend.sock, server_hostname=hostname, do_handshake_on_connect=False)
     backend.sock = wrapped  # from here on only the wrapper may be used, and restored
@@ -376,10 +386,10 @@ def _tls_handshake(backend, context, hostname):
 
 # -- with the client: the gateway is the RFB server, sans-IO ----------------------------------
 
-def _client_io(read_exact, write):
+def _client_io(read_exact: ReadExact, write: Write) -> tuple[ReadExact, Write]:
     """The caller's read_exact and write, turning EOF, short reads and socket errors into
     RfbError, so that a client's misbehaviour surfaces as one exception type."""
-    def guarded(call, argument):
+    def guarded(call: Callable[[Any], Any], argument: Any) -> Any:
         try:
             return call(argument)
         except socket.timeout:
@@ -387,7 +397,7 @@ def _client_io(read_exact, write):
         except (OSError, EOFError) as error:
             raise RfbError("client-closed", f"the client left during the RFB handshake: {error}") from None
 
-    def read(count):
+    def read(count: int) -> bytes:
         data = guarded(read_exact, count)
         if len(data) != count:
             raise RfbError("client-closed", "the client left during the RFB handshake")
@@ -395,7 +405,7 @@ def _client_io(read_exact, write):
     return read, lambda data: guarded(write, data)
 
 
-def _client_version(read, send, version):
+def _client_version(read: ReadExact, send: Write, version: bytes) -> int:
     """Send the gateway's version, read the client's; returns the minor both will use."""
     offered = _offered_minor(version)
     send(version_line(offered))
@@ -403,7 +413,7 @@ def _client_version(read, send, version):
     return min(offered, _minor(read(12), "client"))
 
 
-def offer_no_auth(read_exact, write, version):
+def offer_no_auth(read_exact: ReadExact, write: Write, version: bytes) -> None:
     """Be the server of the client's RFB security handshake, offering type None only.
 
     version: the line authenticate_backend returned; the client is offered that version.
@@ -425,7 +435,7 @@ def offer_no_auth(read_exact, write, version):
         send(_U32.pack(0))  # SecurityResult OK; RFC 6143: 3.7 sends none for type None
 
 
-def refuse_client(read_exact, write, version, reason):
+def refuse_client(read_exact: ReadExact, write: Write, version: bytes, reason: str) -> None:
     """Tell the client in RFB why it cannot have the console: after the versions, no security
     types (3.7/3.8: count 0; 3.3: type 0) and the reason string, which RFB clients show.
     The caller closes the connection afterwards. Raises RfbError as offer_no_auth does."""

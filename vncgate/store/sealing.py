@@ -7,6 +7,8 @@ HMAC(enc_key, nonce || counter) blocks (a PRF in counter mode) and an
 encrypt-then-MAC tag, so no third-party cipher package is needed.
 """
 
+from __future__ import annotations
+
 import hashlib
 import hmac
 import secrets
@@ -20,24 +22,25 @@ class SealError(Exception):
     """The sealed blob was not made with this token, or was altered."""
 
 
-def _keys(token):
+def _keys(token: str) -> tuple[bytes, bytes]:
     master = hmac.new(token.encode(), b"vncgate backend secret v1", hashlib.sha256).digest()
     enc = hmac.new(master, b"encrypt", hashlib.sha256).digest()
     mac = hmac.new(master, b"authenticate", hashlib.sha256).digest()
     return enc, mac
 
 
-def _keystream(key, nonce, length):
+def _keystream(key: bytes, nonce: bytes, length: int) -> bytes:
     blocks = (hmac.new(key, nonce + counter.to_bytes(8, "big"), hashlib.sha256).digest()
               for counter in range((length + 31) // 32))
     return b"".join(blocks)[:length]
 
 
-def _xor(data, stream):
+def _xor(data: bytes, stream: bytes) -> bytes:
     return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(len(data), "big")
 
 
-def seal(token, secret):
+def seal(token: str, secret: bytes) -> bytes:
+    """secret sealed under a key derived from token: version, nonce, body, tag."""
     enc, mac = _keys(token)
     nonce = secrets.token_bytes(_NONCE)
     body = _xor(secret, _keystream(enc, nonce, len(secret)))
@@ -45,7 +48,8 @@ def seal(token, secret):
     return _VERSION + nonce + body + tag
 
 
-def unseal(token, blob):
+def unseal(token: str, blob: bytes) -> bytes:
+    """The secret seal() sealed under token; SealError when blob is not that."""
     if len(blob) < 1 + _NONCE + _TAG or blob[:1] != _VERSION:
         raise SealError("sealed secret is malformed")
     enc, mac = _keys(token)

@@ -4,6 +4,8 @@ Kept apart from the engine (store/redis.py) so that config checks, `vncgate-toke
 SQLite-only install never import the `redis` package (the `[redis]` extra).
 """
 
+from __future__ import annotations
+
 import dataclasses
 import urllib.parse
 
@@ -12,7 +14,7 @@ DEFAULT_PREFIX = "vncgate:"
 DEFAULT_PORT, DEFAULT_SENTINEL_PORT = 6379, 26379
 URL_FORMS = ("redis://[:PASSWORD@]HOST:PORT/DB, rediss://[:PASSWORD@]HOST:PORT/DB or "
              "redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE/DB")
-def is_redis_url(database):
+def is_redis_url(database: str) -> bool:
     return urllib.parse.urlsplit(database).scheme in SCHEMES
 
 
@@ -21,14 +23,14 @@ class RedisTarget:
     """A parsed `database` URL."""
     url: str
     scheme: str
-    hosts: tuple  # ((host, port), ...): the server, or the sentinels
+    hosts: tuple[tuple[str, int], ...]  # ((host, port), ...): the server, or the sentinels
     service: str  # the Sentinel service name, "" otherwise
     db: int
     username: str
     password: str
 
     @classmethod
-    def parse(cls, url):
+    def parse(cls, url: str) -> RedisTarget:
         """Raises ValueError whose text says what must change."""
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in SCHEMES:
@@ -50,15 +52,15 @@ class RedisTarget:
                    urllib.parse.unquote(username), urllib.parse.unquote(password))
 
     @property
-    def redacted(self):
+    def redacted(self) -> str:
         """The URL without its password, for logs and messages."""
         where = ",".join(f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in self.hosts)
         path = f"/{self.service}/{self.db}" if self.service else f"/{self.db}"
         return f"{self.scheme}://{where}{path}"
 
 
-def _host_port(text, default_port):
-    host, port = text, default_port
+def _host_port(text: str, default_port: int) -> tuple[str, int]:
+    host, port = text, str(default_port)
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
         if rest:
