@@ -20,6 +20,8 @@ import tempfile
 import threading
 import time
 
+from bench.relay import free_port, wait_port
+
 MASK = b"\x37\xfa\x21\x3d"
 
 
@@ -205,7 +207,7 @@ def main() -> None:
             handle.write("[gateway]\ndatabase = ws.db\naudit_log = audit.jsonl\n")
         with open(os.path.join(folder, "gw.log"), "w") as log:
             gateway = subprocess.Popen(["vncgate", "-c", ini, "--port", "0"], stderr=log, cwd=folder)
-        websockify_port = _free_port()
+        websockify_port = free_port()
         websockify = subprocess.Popen(["websockify", f"127.0.0.1:{websockify_port}", f"127.0.0.1:{backend.port}"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -213,7 +215,7 @@ def main() -> None:
             token = subprocess.run(["vncgate-token", "-c", ini, "add", "--host", "127.0.0.1", "--port",
                                     str(backend.port), "--ttl", "3600", "--json"], capture_output=True, text=True,
                                    check=True, timeout=30).stdout.split('"token": "')[1].split('"')[0]
-            _wait_port(websockify_port)
+            wait_port(websockify_port)
             print("| hostile client frame | websockify 0.13 | vncgate | wsproto 1.x (frame reader) |")
             print("| --- | --- | --- | --- |")
             for name, hostile in CASES:
@@ -225,23 +227,6 @@ def main() -> None:
             for proc in (gateway, websockify):
                 proc.terminate()
                 proc.wait(10)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_port(port: int) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"nothing listens on {port}")
 
 
 def _listening(log: str) -> int:
