@@ -542,15 +542,52 @@ def client_context(cert):
 
 # -- raw websocket requests, with frames that the websockets library builds and parses ---------
 
-def raw_upgrade(port, token, version="13", extra=b"", source="127.0.0.1", cookie=None, path="/websockify"):
-    """A websocket upgrade from source (any 127.0.0.0/8 address), with a Cookie header when given."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
-    cookie_line = f"Cookie: {cookie}\r\n" if cookie else ""
-    sock.sendall(f"GET {path}?token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                 f"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                 f"Sec-WebSocket-Version: {version}\r\n{cookie_line}\r\n".encode() + extra)
-    status, rest = read_head(sock)
+def raw_upgrade(port, token, version="13", extra=b"", source="127.0.0.1", cookie=None, path="/websockify",
+                headers="", context=None):
+    """A websocket upgrade from source (any 127.0.0.0/8 address), with a Cookie header when given;
+    returns (socket, status line, bytes after the head)."""
+    sock, status, _, rest = raw_upgrade_head(port, token, version, extra, source, cookie, path, headers, context)
     return sock, status, rest
+
+
+def raw_upgrade_head(port, token, version="13", extra=b"", source="127.0.0.1", cookie=None, path="/websockify",
+                     headers="", context=None):
+    """raw_upgrade's, returning (socket, status line, {lower-case header: value}, rest).
+    headers: more header lines ("Name: value\r\n" each); token None: none in the query;
+    context: an ssl.SSLContext to speak TLS with."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    if context is not None:
+        sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
+    cookie_line = f"Cookie: {cookie}\r\n" if cookie else ""
+    query = f"?token={token}" if token is not None else ""
+    sock.sendall(f"GET {path}{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                 f"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 f"Sec-WebSocket-Version: {version}\r\n{cookie_line}{headers}\r\n".encode() + extra)
+    head, rest = read_until_blank_line(sock)
+    lines = head.decode("latin-1").split("\r\n")
+    return sock, lines[0], response_headers(lines[1:]), rest
+
+
+def raw_exchange(port, request, source="127.0.0.1", context=None):
+    """Send request (bytes) as it is; returns (status line, {lower-case header: value}, rest)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    if context is not None:
+        sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
+    with sock:
+        sock.sendall(request)
+        head, rest = read_until_blank_line(sock)
+    lines = head.decode("latin-1").split("\r\n")
+    return lines[0], response_headers(lines[1:]), rest
+
+
+def response_headers(lines):
+    """{lower-case name: value} of header lines; repeated names joined by ", "."""
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        name = name.strip().lower()
+        headers[name] = f"{headers[name]}, {value.strip()}" if name in headers else value.strip()
+    return headers
 
 
 def frames_until(sock, rest, done):
@@ -685,9 +722,11 @@ class SerialPages:
         self.browser = self._playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         self.errors = []
         self.pages = []
+        self.websocket_urls = []  # what each tab's WebSocket asked for: its request line's target
         for _ in range(count):
             page = self.browser.new_page(viewport={"width": 1000, "height": 600})
             page.on("pageerror", lambda error: self.errors.append(error))
+            page.on("websocket", lambda ws: self.websocket_urls.append(ws.url))
             page.goto(url)
             self.pages.append(page)
 
@@ -888,6 +927,7 @@ class CuttableProxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.pairs = []
+        self.request_lines = []  # each client connection's first line: what a front proxy logs
         self._lock = threading.Lock()
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -900,16 +940,21 @@ class CuttableProxy:
                 return
             with self._lock:
                 self.pairs.append((client, upstream))
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+            for source, sink, lines in ((client, upstream, self.request_lines), (upstream, client, None)):
+                threading.Thread(target=self._pump, args=(source, sink, lines), daemon=True).start()
 
     @staticmethod
-    def _pump(source, sink):
+    def _pump(source, sink, lines=None):
+        first = b""
         try:
             while True:
                 data = source.recv(65536)
                 if not data:
                     break
+                if lines is not None and b"\n" not in first:
+                    first += data
+                    if b"\n" in first:
+                        lines.append(first.split(b"\r\n")[0].decode("latin-1"))
                 sink.sendall(data)
             sink.shutdown(socket.SHUT_WR)
         except OSError:

@@ -61,7 +61,7 @@ BAD_INPUTS = {
     "oversized header": (b"CONNECT /console?token=x HTTP/1.1\r\nX: " + b"b" * 9000 + b"\r\n\r\n", b"HTTP/1.1 400 "),
     "too many headers": (b"CONNECT /console?token=x HTTP/1.1\r\n" + b"A: b\r\n" * 70 + b"\r\n", b"HTTP/1.1 400 "),
     "lower-case method": (b"connect /console?token=x HTTP/1.1\r\n\r\n", b"HTTP/1.1 400 "),
-    "unknown method": (b"DELETE /console?token=x HTTP/1.1\r\n\r\n", b"HTTP/1.1 400 "),
+    "another method": (b"DELETE /console?token=x HTTP/1.1\r\n\r\n", b"HTTP/1.1 405 "),  # as websockify
     "wrong version": (b"CONNECT /console?token=x HTTP/2.0\r\n\r\n", b"HTTP/1.1 400 "),
     "no version": (b"CONNECT /console?token=x\r\n\r\n", b"HTTP/1.1 400 "),
     "duplicate tokens": (b"CONNECT /console?token=a&token=b HTTP/1.1\r\n\r\n", b"HTTP/1.1 400 "),

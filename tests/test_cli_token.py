@@ -24,7 +24,7 @@ def token_of(url):
 @pytest.mark.usefixtures("on_each_store")
 def test_mint_then_list(run_token):
     url = run_token("add", "--host", "10.1.2.3", "--port", "5901", check=0).stdout
-    assert url.startswith("http://127.0.0.1:6080/vnc.html#autoconnect=1&path=websockify%3Ftoken%3D")
+    assert url.startswith("http://127.0.0.1:6080/vnc.html#autoconnect=1&path=websockify&token=")
     token = token_of(url)
     listing = run_token("list", check=0).stdout
     assert hashlib.sha256(token.encode()).hexdigest()[:8] in listing

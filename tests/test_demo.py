@@ -23,7 +23,7 @@ def test_demo_prints_working_urls():
             lines.append(line)
         text = "".join(lines)
         assert f"vncgate listening on 127.0.0.1:{port}" in text
-        assert re.search(rf"http://127\.0\.0\.1:{port}/vnc\.html#autoconnect=1&path=websockify%3Ftoken%3D\S+", text)
+        assert re.search(rf"http://127\.0\.0\.1:{port}/vnc\.html#autoconnect=1&path=websockify&token=\S+", text)
         token = re.search(rf"http://127\.0\.0\.1:{port}/console\?token=(\S+)", text).group(1)
         sock, status, rest = harness.xvp_connect(port, token)
         assert status == "HTTP/1.1 200 OK"
@@ -58,7 +58,7 @@ def test_tour_by_hand(tmp_path):
         assert re.search(r"vm-1", out) and "revoked 1 token" in out
         harness.wait_for(lambda: harness.port_open(port) and harness.port_open(vnc_port), 30,
                          message="the tour's gateway and qemu")
-        token = ws_url.rsplit("%3D", 1)[1]
+        token = ws_url.rsplit("token=", 1)[1]
         sock, status, rest = harness.raw_upgrade(port, token)
         with sock:
             assert status.startswith("HTTP/1.1 101")

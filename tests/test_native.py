@@ -2,9 +2,12 @@
 Xvfb, through a console URL, to qemu; and every way a URL can fail, told to the terminal and
 to the viewer."""
 
+import os
 import socket
+import stat
 import struct
 import subprocess
+import sys
 
 import pytest
 
@@ -38,9 +41,18 @@ class Connect:
             self.proc.stdin.write(stdin)
             self.proc.stdin.close()
         line = self.proc.stdout.readline().strip()
-        assert line.startswith("vncviewer 127.0.0.1::"), (line, self.proc.stderr.read())
-        self.address = line.split()[1]
-        self.port = int(self.address.rsplit(":", 1)[1])
+        assert line.startswith("vncviewer "), (line, self.proc.stderr.read())
+        self.address = line.split()[1]  # a Unix socket's path (the default), or HOST::PORT (--listen)
+        self.port = int(self.address.rsplit(":", 1)[1]) if "::" in self.address else None
+
+    def dial(self):
+        """A connection to where the viewer connects, as this test's (the invoking) user."""
+        if self.port is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(30)
+            sock.connect(self.address)
+            return sock
+        return socket.create_connection(("127.0.0.1", self.port), timeout=30)
 
     def finish(self, timeout=30):
         """(exit status, stderr lines) once it has exited."""
@@ -62,9 +74,9 @@ def viewer(screen, address):
                             stderr=subprocess.STDOUT, text=True)
 
 
-def rfb_refusal(port):
+def rfb_refusal(connect):
     """Connect as an RFB 3.8 viewer would; returns the failure reason the server gives."""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+    with connect.dial() as sock:
         assert harness.recv_exactly(sock, 12) == b"RFB 003.008\n"
         sock.sendall(b"RFB 003.008\n")
         assert harness.recv_exactly(sock, 1) == b"\0"  # no security types: a reason follows
@@ -123,13 +135,14 @@ def test_https_url_with_cacert_and_several_viewers(qemu, tmp_path):
     connect = None
     try:
         token = gateway.mint("127.0.0.1", qemu.port)
-        connect = Connect(console_url(gateway, token, "https"), "--cacert", authority.cert)
-        for _ in range(2):  # without --once it serves viewer after viewer
-            with socket.create_connection(("127.0.0.1", connect.port), timeout=30) as sock:
+        # Without --once it serves viewer after viewer (up to --viewers at once).
+        connect = Connect(console_url(gateway, token, "https"), "--cacert", authority.cert, "--viewers", "3")
+        for _ in range(2):
+            with connect.dial() as sock:
                 assert harness.recv_exactly(sock, 12) == b"RFB 003.008\n"  # qemu's banner, through TLS
         assert connect.proc.poll() is None
         assert gateway.token_cli("revoke", token).returncode == 0
-        assert rfb_refusal(connect.port) == f"vncgate: {SENTENCE}"
+        assert rfb_refusal(connect) == f"vncgate: {SENTENCE}"
         assert connect.finish()[0] == 1
         accepted = [e for e in gateway.audit() if e.get("result") == "accepted"]
         assert len(accepted) == 2 and all(e["path"] == "xvp" for e in accepted)
@@ -145,7 +158,7 @@ def test_a_gateway_certificate_that_does_not_verify(tmp_path):
     secure = GatewayProcess(str(tmp_path), name="tls", cert=cert, key=key)
     try:
         connect = Connect(console_url(secure, "T" * 43, "https"), "--cacert", stranger.cert, "--once")
-        reason = rfb_refusal(connect.port)
+        reason = rfb_refusal(connect)
         status, lines = connect.finish()
         assert status == 1 and lines == [f"vncgate-connect: error: the gateway 127.0.0.1:{secure.port} has a "
                                          "certificate that does not verify: unable to get local issuer certificate"]
@@ -157,7 +170,7 @@ def test_a_gateway_certificate_that_does_not_verify(tmp_path):
 def test_an_unreachable_gateway():
     port = harness.free_port()  # nothing listens there
     connect = Connect(f"http://127.0.0.1:{port}/console?token=abc", "--once")
-    reason = rfb_refusal(connect.port)
+    reason = rfb_refusal(connect)
     status, lines = connect.finish()
     assert status == 1 and lines == [f"vncgate-connect: error: cannot reach the gateway 127.0.0.1:{port}: "
                                      "Connection refused"]
@@ -166,7 +179,7 @@ def test_an_unreachable_gateway():
 
 def test_a_client_that_is_not_a_viewer_does_not_stop_it(gateway):
     connect = Connect(console_url(gateway, "unknown-token"), "--once")
-    with socket.create_connection(("127.0.0.1", connect.port), timeout=30) as sock:
+    with connect.dial() as sock:
         sock.sendall(b"GET / HTTP/1.1\r\n\r\n")  # not RFB: it gets the version line and is dropped
         assert harness.closed_by_peer(sock, 30)
     status, lines = connect.finish()
@@ -179,6 +192,8 @@ def test_a_client_that_is_not_a_viewer_does_not_stop_it(gateway):
     (["http://127.0.0.1:6080/console?tok=secret-ish"], "not a console URL"),
     (["http://127.0.0.1:99999/console?token=x"], "bad port"),
     (["http://127.0.0.1/console?token=x", "--listen", "nowhere"], "must be ADDR:PORT"),
+    (["http://127.0.0.1/console?token=x", "--listen", "0.0.0.0:0"], "add --allow-remote"),
+    (["http://127.0.0.1/console?token=x", "--viewers", "0"], "must be from 1 to 1000"),
     ([], "the following arguments are required: URL"),
 ])
 def test_usage_errors_exit_2_with_one_line(args, message):
@@ -204,3 +219,73 @@ def test_an_unreadable_cacert_exits_1_with_one_line(tmp_path):
                            "--cacert", str(missing)], capture_output=True, text=True, timeout=30)
     assert (done.returncode, done.stdout) == (1, "")
     assert done.stderr == f"vncgate-connect: error: cannot load CA file {missing}: No such file or directory\n"
+
+
+# -- least privilege (issue 25, item 3): only the invoking user's viewer, one at a time -----------
+
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c"]
+needs_root = pytest.mark.skipif(os.getuid() != 0, reason="connecting as another user needs root")
+
+
+def test_the_default_is_a_unix_socket_in_a_folder_only_its_user_can_enter(gateway):
+    connect = Connect(console_url(gateway, "unknown-token"), "--once")
+    try:
+        folder = os.path.dirname(connect.address)
+        info = os.stat(folder)
+        assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid()
+        assert stat.S_ISSOCK(os.stat(connect.address).st_mode)
+        if os.getuid() == 0:  # another user cannot even reach the socket
+            other = subprocess.run([*AS_NOBODY, "import socket, sys; s = socket.socket(socket.AF_UNIX); "
+                                    f"s.connect({connect.address!r})"], capture_output=True, text=True, timeout=30)
+            assert other.returncode != 0 and "PermissionError" in other.stderr
+        assert rfb_refusal(connect) == f"vncgate: {SENTENCE}"  # its own user's viewer is served
+        assert connect.finish()[0] == 1
+        assert not os.path.exists(folder)  # removed on the way out
+    finally:
+        connect.stop()
+
+
+@needs_root
+def test_over_tcp_only_connections_of_the_same_uid_are_served(gateway):
+    connect = Connect(console_url(gateway, "unknown-token"), "--once", "--listen", "127.0.0.1:0")
+    try:
+        other = subprocess.run([*AS_NOBODY, "import socket; s = socket.create_connection(('127.0.0.1', "
+                                f"{connect.port}), timeout=30); print(repr(s.recv(12)))"],
+                               capture_output=True, text=True, timeout=30)
+        assert other.stdout.strip() == "b''"  # closed at once: not even the gateway's banner
+        assert rfb_refusal(connect) == f"vncgate: {SENTENCE}"  # --once: the refused stranger did not count
+        status, lines = connect.finish()
+        assert lines[0] == f"vncgate-connect: refused a connection from uid 65534: only uid {os.getuid()} may " \
+                           "use this console"
+    finally:
+        connect.stop()
+
+
+def test_one_viewer_at_a_time_unless_told_otherwise(qemu, gateway):
+    connect = Connect(console_url(gateway, gateway.mint("127.0.0.1", qemu.port)))
+    try:
+        with connect.dial() as first:
+            assert harness.recv_exactly(first, 12) == b"RFB 003.008\n"  # qemu's banner
+            assert rfb_refusal(connect) == "vncgate: another viewer is using this console " \
+                                           "(vncgate-connect --viewers N serves more)"
+    finally:
+        connect.stop()
+
+
+def test_a_non_loopback_listen_needs_allow_remote_and_is_warned_about(gateway):
+    connect = Connect(console_url(gateway, "unknown-token"), "--listen", "0.0.0.0:0", "--allow-remote")
+    try:
+        assert connect.address.startswith("0.0.0.0::")
+    finally:
+        connect.stop()
+    assert connect.proc.stderr.read().splitlines()[0].startswith(
+        "vncgate-connect: warning: listening on 0.0.0.0, not loopback")
+
+
+def test_sigterm_removes_the_socket_and_its_folder(gateway):
+    connect = Connect(console_url(gateway, "unknown-token"))
+    folder = os.path.dirname(connect.address)
+    assert os.path.isdir(folder)
+    connect.proc.terminate()
+    assert connect.proc.wait(30) == 143
+    assert not os.path.exists(folder)

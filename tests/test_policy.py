@@ -322,12 +322,26 @@ def test_single_use_consumed_resumed_within_grace_refused_after(store, clock):
 
 def test_single_use_resumes_by_cookie_from_another_address(store, clock):
     token_hash = mint(store)
-    assert store.consume(token_hash, "10.0.0.1", "cookie-hash", grace=30) == "consumed"
+    assert store.consume(token_hash, "10.0.0.1", "planted", grace=30, issued_hash="cookie-hash") == "consumed"
     store.release(token_hash)
     clock.advance(5)
-    assert store.consume(token_hash, "10.9.9.9", "cookie-hash", grace=30) == "resumed"
+    # A cookie the consumer presented (planted in its browser, say) is never recorded: only the
+    # one the gateway issued lets another address in.
+    with pytest.raises(store_module.TokenRejected):
+        store.consume(token_hash, "10.9.9.7", "planted", grace=30)
+    assert store.consume(token_hash, "10.9.9.9", "cookie-hash", grace=30, issued_hash="next") == "resumed"
     with pytest.raises(store_module.TokenRejected):
         store.consume(token_hash, "10.9.9.8", "another", grace=30)
+    # Every use issues a new cookie: the one before it no longer opens anything.
+    with pytest.raises(store_module.TokenRejected):
+        store.consume(token_hash, "10.9.9.8", "cookie-hash", grace=30)
+    assert store.consume(token_hash, "10.9.9.8", "next", grace=30) == "resumed"
+
+
+def test_the_store_keeps_one_shared_secret_per_name(store):
+    secret = store.shared_secret("resume-cookie")
+    assert len(secret) == 64 and store.shared_secret("resume-cookie") == secret
+    assert store.shared_secret("another") != secret
 
 
 def test_the_policy_is_kept_with_the_token(store):

@@ -160,6 +160,8 @@ def test_browser_terminal_shared_viewers_and_revocation(tmp_path):
         first.screenshot(path=harness.artifact("serial-terminal.png"))
         assert "VM status: running" in _log(gateway, "--instance", "vm-3")
         assert pages.errors == []
+        # The token went in Sec-WebSocket-Protocol: no request line a proxy logs holds it.
+        assert pages.websocket_urls == [f"ws://127.0.0.1:{port}/serial"] * 2
         accepted = [line for line in gateway.audit()
                     if line.get("path") == "serial" and line.get("result") == "accepted"]
         assert len(accepted) == 2 and all(line["console_type"] == "serial" for line in accepted)

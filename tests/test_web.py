@@ -12,6 +12,7 @@ from websockets.sync.client import connect
 
 from tests import harness
 from tests.harness import GatewayProcess
+from vncgate.front import web
 
 SECRET = b"the gateway must never serve this"
 PAGE = b"<!doctype html><title>console</title>\n"
@@ -27,6 +28,7 @@ def site(tmp_path_factory):
     root = folder / "web"
     (root / "app").mkdir(parents=True)
     (root / "vnc.html").write_bytes(PAGE)
+    (root / "vnc_lite.html").write_bytes(PAGE)
     (root / "app" / "ui.js").write_bytes(b"export default 1;\n")
     (root / "app" / "styles.css").write_bytes(b"body { margin: 0 }\n")
     (root / "app" / "blob.unknown").write_bytes(bytes(range(256)))
@@ -55,8 +57,10 @@ def fetch(port, target, method="GET", headers=None):
 
 
 @pytest.mark.parametrize("target, content_type, body", [
-    ("/vnc.html", "text/html; charset=utf-8", PAGE),
-    ("/vnc.html?autoconnect=1", "text/html; charset=utf-8", PAGE),
+    # noVNC's page gets the script that hands the token to the WebSocket (vncgate-token.js).
+    ("/vnc.html", "text/html; charset=utf-8", PAGE + web.TOKEN_SCRIPT),
+    ("/vnc.html?autoconnect=1", "text/html; charset=utf-8", PAGE + web.TOKEN_SCRIPT),
+    ("/vnc_lite.html", "text/html; charset=utf-8", PAGE),
     ("/app/ui.js", "text/javascript; charset=utf-8", b"export default 1;\n"),
     ("/app/styles.css", "text/css; charset=utf-8", b"body { margin: 0 }\n"),
     ("/app/blob.unknown", "application/octet-stream", bytes(range(256))),

@@ -90,12 +90,13 @@ def test_too_slow_request_is_408(gateway):
     assert 0.8 < time.monotonic() - started < 5
 
 
-def test_junk_and_other_methods_are_400(gateway):
-    for junk in (b"\x00\x01\x02garbage\r\n\r\n", b"POST /console?token=x HTTP/1.1\r\n\r\n",
-                 b"CONNECT /console?token=x SPDY/3\r\n\r\n"):
+def test_junk_is_400_and_other_methods_405(gateway):
+    for junk, status in ((b"\x00\x01\x02garbage\r\n\r\n", "HTTP/1.1 400 Bad Request"),
+                         (b"POST /console?token=x HTTP/1.1\r\n\r\n", "HTTP/1.1 405 Method Not Allowed"),
+                         (b"CONNECT /console?token=x SPDY/3\r\n\r\n", "HTTP/1.1 400 Bad Request")):
         sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=5)
         sock.sendall(junk)
-        assert harness.read_head(sock)[0] == "HTTP/1.1 400 Bad Request", junk
+        assert harness.read_head(sock)[0] == status, junk
 
 
 def test_xenserver_connect_and_banner_in_one_write(gateway):

@@ -9,6 +9,7 @@ import configparser
 import dataclasses
 import ipaddress
 import os
+import re
 import urllib.parse
 
 from vncgate import store
@@ -63,6 +64,19 @@ def _origins(value):
     return tuple(item for item in (part.strip() for part in value.replace(",", " ").split()) if item)
 
 
+# A CSP host-source: scheme://host[:port], the host may start with "*."; or 'self' / 'none'.
+_SOURCE = re.compile(r"(?:https?://)?(?:\*\.)?[a-z0-9.-]+(?::(?:[0-9]{1,5}|\*))?|'self'|'none'")
+
+
+def _frame_ancestors(value: str) -> tuple:
+    """Sources allowed to frame the console pages (Content-Security-Policy frame-ancestors)."""
+    sources = _origins(value.lower())
+    bad = [item for item in sources if not _SOURCE.fullmatch(item)]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not an origin such as https://panel.example.com")
+    return sources
+
+
 def _key_prefix(value):
     value = value.strip()
     if not value or any(char.isspace() for char in value):
@@ -91,6 +105,7 @@ PARSERS = {
     "housekeeping_interval": _positive(float),
     "web_root": _text,
     "allowed_origins": _origins,
+    "frame_ancestors": _frame_ancestors,
     "cert": _text,
     "key": _text,
     "tls_only": _bool,
@@ -140,6 +155,7 @@ class Config:
     housekeeping_interval: float = 60.0
     web_root: str = "auto"
     allowed_origins: tuple = ()
+    frame_ancestors: tuple = ()  # besides 'self': the panels that may embed the console pages
     cert: str = ""
     key: str = ""
     tls_only: bool = False
@@ -208,6 +224,9 @@ KEY_DOCS = {
     "web_root": "noVNC's files for plain GET; `auto`: `/usr/share/novnc` (or `/usr/local/share/novnc`) when "
                 "installed, else off (`off`).",
     "allowed_origins": "WebSocket and API `Origin`s accepted besides `public_url`'s own.",
+    "frame_ancestors": "Origins (CSP host-sources: `*.` host wildcards and ports allowed) whose pages may frame "
+                       "the console pages, besides the gateway's own; set: `X-Frame-Options` is left out "
+                       "(see [security](security.md)).",
     "cert": "PEM certificate for TLS on the same port (set `cert` and `key` both or neither); `SIGHUP` reloads it.",
     "key": "PEM private key of `cert`.",
     "tls_only": "With `cert`/`key`: answer plain connections `400` (\"TLS only\").",
@@ -369,7 +388,7 @@ def reference() -> str:
 _ACCEPTS = {"_text": "text", "_port": "1 to 65535", "int": "a whole number above 0", "float": "a number above 0",
             "_not_negative": "a number, 0 or more", "_bool": "true or false",
             "_origins": "origins, comma or space separated", "_networks": "addresses or networks",
-            "_key_prefix": "a word without spaces"}
+            "_key_prefix": "a word without spaces", "_frame_ancestors": "origins, comma or space separated"}
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ programming error and fails at once, where it is raised.
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterable
 from typing import Any
 
 Answer = collections.namedtuple("Answer", "status sentence")
@@ -87,12 +88,15 @@ class Refused(Exception):
     """A client cannot have what it asked for. .reason is the table's word; .detail and
     .fields are for the audit line only."""
 
-    def __init__(self, reason: str, detail: str = "", **fields: Any) -> None:
+    def __init__(self, reason: str, detail: str = "", reply_headers: Iterable = (), **fields: object) -> None:
+        """reply_headers: (name, value) pairs the HTTP answer must carry besides the sentence
+        (Allow with a 405, Sec-WebSocket-Version with a bad upgrade's 400)."""
         answer = REASONS[reason]  # KeyError here: a reason missing from the table
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
         self.fields = fields
+        self.reply_headers = tuple(reply_headers)
         self.status = answer.status
         self.sentence = answer.sentence
 

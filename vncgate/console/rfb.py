@@ -413,6 +413,9 @@ def _client_version(read: ReadExact, send: Write, version: bytes) -> int:
     return min(offered, _minor(read(12), "client"))
 
 
+ONLY_NONE = "Only the security type 1 (NONE) is supported"
+
+
 def offer_no_auth(read_exact: ReadExact, write: Write, version: bytes) -> None:
     """Be the server of the client's RFB security handshake, offering type None only.
 
@@ -430,6 +433,10 @@ def offer_no_auth(read_exact: ReadExact, write: Write, version: bytes) -> None:
     send(bytes((1, NONE)))
     choice = read(1)[0]
     if choice != NONE:
+        # As Nova's proxy does: SecurityResult failed, and in 3.8 the reason the client shows
+        # (RFC 6143 7.1.3; 3.7 has no reason string).
+        reason = _U32.pack(len(ONLY_NONE)) + ONLY_NONE.encode() if minor == 8 else b""
+        send(_U32.pack(1) + reason)
         raise RfbError("client-bad-security", f"the client chose security type {choice}, not 1 (None)")
     if minor == 8:
         send(_U32.pack(0))  # SecurityResult OK; RFC 6143: 3.7 sends none for type None

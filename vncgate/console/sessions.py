@@ -20,6 +20,7 @@ import secrets
 import socket
 import threading
 import time
+from typing import Optional
 
 from vncgate import refusals
 from vncgate import store as store_module
@@ -126,10 +127,13 @@ class SessionManager:
         self._next_checkpoint = 0.0
         # console type -> open_backend(details, timeout) for types not reached by backends.open_backend
         self.backend_openers = {}
+        self._resume_key = None  # the store's shared secret for the resume cookies, once read
 
-    def open(self, token, console_type, path, client, conn=None, resume_cookie=None):
+    def open(self, token: str, console_type: str, path: str, client: str, conn: object = None,
+             resume_cookie: Optional[str] = None) -> "Session":
         """Validate the token and reach its backend; returns a Session or raises Refused.
-        resume_cookie: what lets a single-use token's client back in from another address."""
+        resume_cookie: the cookie the client presented, which lets a single-use token's client
+        back in from another address when it is the one a gateway issued last for this token."""
         fields = {"client": client, "path": path, "console_type": console_type}
         address = client.rsplit(":", 1)[0]
         if not self.throttle.allowed(address):
@@ -142,7 +146,7 @@ class SessionManager:
         fields["instance_id"] = details.instance_id
         self._take_token_share(details.token_hash, fields)
         try:
-            session = self._reach(details, client, path, conn, address, resume_cookie, fields)
+            session = self._reach(details, client, path, conn, address, (token, resume_cookie), fields)
         except Refused:
             self._give_back_token_share(details.token_hash)
             raise
@@ -156,7 +160,7 @@ class SessionManager:
                               **({"recording": session.id} if session.recorder else {}))
         return session
 
-    def _reach(self, details, client, path, conn, address, resume_cookie, fields):
+    def _reach(self, details, client, path, conn, address, resume, fields):
         """The session with its backend connected (and secured, and a single use taken), or Refused."""
         if details.replay:  # the "backend" is a player of the recording, speaking RFB itself
             player = self.recordings.player(details.replay, details.replay_speed)
@@ -180,17 +184,27 @@ class SessionManager:
             # The gateway reads a policy's stream from ClientInit on: it does the handshake itself.
             session.security = self._authenticate_backend(session, fields)
         if session.policy.single_use and not isinstance(session.security, rfb.RfbError):
-            session.use = self._consume(session, address, resume_cookie, fields)
-            session.resume_cookie = resume_cookie
+            session.use = self._consume(session, address, resume, fields)
         if self.recordings.wanted(details) and not isinstance(session.security, rfb.RfbError):
             session.recorder = self.recordings.recorder(session, lambda reason, detail: self.audit.record(
                 "recording-stopped", **session.audit_fields(), recording=session.id, reason=reason, detail=detail))
         return session
 
-    def _consume(self, session, address, resume_cookie, fields):
-        cookie_hash = store_module.hash_token(resume_cookie) if resume_cookie else None
+    def _consume(self, session: "Session", address: str, resume: tuple, fields: dict) -> str:
+        """One use of a single-use token. resume: (token, the cookie presented or None). Each use
+        is given a new cookie of the gateway's (session.resume_cookie), which the store records;
+        a presented cookie counts only when its HMAC shows a gateway issued it for this token."""
+        token, presented = resume
         try:
-            return self.store.consume(session.details.token_hash, address, cookie_hash, self.settings.resume_grace)
+            key = self._resume_key or self.store.shared_secret(policy_module.RESUME_SECRET)
+            self._resume_key = key
+            valid = bool(presented) and policy_module.resume_cookie_valid(key, token, presented)
+            issued = policy_module.issue_resume_cookie(key, token)
+            use = self.store.consume(session.details.token_hash, address,
+                                     store_module.hash_token(presented) if valid else None,
+                                     self.settings.resume_grace, issued_hash=store_module.hash_token(issued))
+            session.resume_cookie = issued
+            return use
         except store_module.TokenRejected as rejected:
             session.backend.close()
             raise Refused(rejected.reason, **fields) from None

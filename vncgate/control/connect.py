@@ -1,7 +1,12 @@
 """vncgate-connect: a native VNC client (TigerVNC, Remmina, RealVNC) through an XVP console URL.
 
 Such clients speak plain RFB to a host and port and cannot send XVP's CONNECT. This
-command listens on localhost; for each viewer that connects it opens the gateway URL
+command listens for the viewer where only its user can connect: by default a Unix socket
+in a folder of its own (mode 0700) under $XDG_RUNTIME_DIR (TigerVNC's vncviewer takes the
+socket's path), or with --listen a TCP port on loopback that accepts only connections
+from processes of the same uid (the peer's socket owner, read from /proc/net/tcp). It
+serves one viewer at a time unless --viewers says more; a --listen address that is not
+loopback needs --allow-remote, and is warned about. For each viewer it opens the gateway URL
 (TLS for https://, checked against the system's trust store or --cacert), sends
 `CONNECT /console?token=T`, and relays once the gateway answers 200. When the console
 cannot be had (the link is refused, expired or revoked, the gateway is unreachable),
@@ -10,16 +15,20 @@ failure reason in the viewer's own dialog. Standard library only, like the gatew
 """
 
 import argparse
+import ipaddress
 import os
+import signal
 import socket
 import ssl
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
+from typing import Optional, TextIO
 
 from vncgate.console import relay, rfb
-from vncgate.net import http
+from vncgate.net import http, peercred
 from vncgate.refusals import Refused
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -42,12 +51,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser():
-    commands = _Parser(prog="vncgate-connect", description="Serve a vncgate console URL (xvp-vnc) to a native "
-                       "VNC viewer on localhost.")
+    commands = _Parser(prog="vncgate-connect", description="Serve a vncgate console URL (xvp-vnc) to your native "
+                       "VNC viewer, on a Unix socket only you can reach (or --listen: a TCP port that serves your "
+                       "uid only).")
     commands.add_argument("url", metavar="URL", help="the console URL: http(s)://GATEWAY/console?token=T; "
                           "- reads it from standard input (a command line is visible to every local user)")
-    commands.add_argument("--listen", metavar="ADDR:PORT", default="127.0.0.1:0", type=_address,
-                          help="where the viewer connects (default: 127.0.0.1 and a free port)")
+    commands.add_argument("--listen", metavar="ADDR:PORT", type=_address,
+                          help="a TCP port for the viewer instead of the Unix socket (port 0: a free one); "
+                          "only processes of your uid may connect")
+    commands.add_argument("--allow-remote", action="store_true",
+                          help="let --listen name an address that is not loopback: any host that reaches "
+                          "it may connect (a warning says so)")
+    commands.add_argument("--viewers", metavar="N", type=_count, default=1,
+                          help="viewers served at once (default 1); more are refused with a reason")
     commands.add_argument("--once", action="store_true", help="serve one viewer, then exit")
     commands.add_argument("--cacert", metavar="F", help="trust this CA file for an https URL "
                           "(default: the system's trust store)")
@@ -68,11 +84,24 @@ def console_url(text):
     return parts
 
 
-def _address(text):
+def _address(text: str) -> tuple:
     host, colon, port = text.rpartition(":")
-    if not colon or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not colon or not port.isascii() or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"invalid address {text!r}: must be ADDR:PORT")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _count(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 1000:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: must be from 1 to 1000")
+    return int(text)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class Target:
@@ -136,14 +165,29 @@ def _refusal_sentence(sock, body, deadline):
 
 
 class Connector:
-    """Accepts viewers on a local port and relays each through its own gateway connection."""
+    """Accepts viewers where only this user can connect (a Unix socket in a 0700 folder, or a
+    TCP port that checks the peer's uid) and relays each through its own gateway connection."""
 
-    def __init__(self, target, listen, once=False, err=sys.stderr):
+    def __init__(self, target: Target, listen: Optional[tuple] = None, once: bool = False, err: TextIO = sys.stderr,
+                 viewers: int = 1, runtime_dir: Optional[str] = None) -> None:
+        """listen: (host, port) for TCP; None for a Unix socket in a new folder under runtime_dir
+        (default $XDG_RUNTIME_DIR, else the temporary folder). viewers: served at once."""
         self.target = target
         self.once = once
         self.err = err
         self.failure = None  # the first ConnectError: the URL is done for, and so is this command
         self._stopping = threading.Event()
+        self._slots = threading.BoundedSemaphore(viewers)
+        self.folder = None
+        if listen is None:
+            self.folder = tempfile.mkdtemp(prefix="vncgate-connect-", dir=runtime_dir or _runtime_dir())  # 0700
+            self.address = os.path.join(self.folder, "viewer.sock")
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener.bind(self.address)
+            os.chmod(self.address, 0o600)  # the folder alone keeps others out; the socket says so too
+            self.listener.listen()
+            self.port = None
+            return
         family = socket.AF_INET6 if ":" in listen[0] else socket.AF_INET
         try:
             self.listener = socket.create_server(listen, family=family)
@@ -151,8 +195,10 @@ class Connector:
             why = os.strerror(error.errno) if error.errno else error  # create_server adds the address
             raise ConnectError(f"cannot listen on {listen[0]}:{listen[1]}: {why}") from None
         self.port = self.listener.getsockname()[1]
+        host = self.listener.getsockname()[0]
+        self.address = f"[{host}]::{self.port}" if ":" in host else f"{host}::{self.port}"
 
-    def serve(self):
+    def serve(self) -> int:
         """Until a failure, --once's session ends, or stop(); returns the exit status. Sessions
         still running when another viewer's connection fails are let finish first."""
         sessions = []
@@ -162,6 +208,8 @@ class Connector:
                     viewer, _ = self.listener.accept()
                 except OSError:
                     break  # stop() closed the listener
+                if not self._admitted(viewer):
+                    continue
                 if self.once:
                     self._session(viewer)
                     break
@@ -170,18 +218,53 @@ class Connector:
                 sessions.append(thread)
         finally:
             self.listener.close()
+            self.remove_folder()
         for thread in sessions:
             thread.join()
         return EXIT_FAILURE if self.failure else EXIT_OK
 
-    def _session(self, viewer):
+    def _admitted(self, viewer: socket.socket) -> bool:
+        """A viewer of this user's, with a free slot; anyone else is closed (and told why, when
+        it is this user's viewer and only the slots are taken)."""
         try:
-            gateway, leftover = self.target.open()
-        except ConnectError as error:
-            self._fail(error)
-            _tell_viewer(viewer, f"vncgate: {error.viewer}")
-            return
-        relay.Relay.raw(viewer, gateway, backend_leftover=leftover).run()
+            peer = viewer.getpeername() if viewer.family != socket.AF_UNIX else None
+        except OSError:  # gone already
+            viewer.close()
+            return False
+        if peer is None or is_loopback(peer[0]):
+            uid = peercred.peer_uid(viewer)
+            if uid != os.getuid():
+                who = f"uid {uid}" if uid is not None else "an unknown user"
+                print(f"vncgate-connect: refused a connection from {who}: only uid {os.getuid()} may use this "
+                      "console", file=self.err, flush=True)
+                viewer.close()
+                return False
+        if not self._slots.acquire(blocking=False):
+            threading.Thread(target=_tell_viewer, args=(viewer, "vncgate: another viewer is using this console "
+                             "(vncgate-connect --viewers N serves more)"), daemon=True).start()
+            return False
+        return True
+
+    def _session(self, viewer: socket.socket) -> None:
+        try:
+            try:
+                gateway, leftover = self.target.open()
+            except ConnectError as error:
+                self._fail(error)
+                _tell_viewer(viewer, f"vncgate: {error.viewer}")
+                return
+            relay.Relay.raw(viewer, gateway, backend_leftover=leftover).run()
+        finally:
+            self._slots.release()
+
+    def remove_folder(self) -> None:
+        """The Unix socket and its folder, gone (once; again is harmless)."""
+        if self.folder is not None:
+            try:
+                os.unlink(self.address)
+                os.rmdir(self.folder)
+            except OSError:
+                pass
 
     def _fail(self, error):
         if self.failure is None:
@@ -196,6 +279,12 @@ class Connector:
         except OSError:
             pass
         self.listener.close()
+
+
+def _runtime_dir() -> str:
+    """$XDG_RUNTIME_DIR (the user's own, mode 0700) when it is usable, else the temporary folder."""
+    folder = os.environ.get("XDG_RUNTIME_DIR", "")
+    return folder if folder and os.path.isdir(folder) and os.access(folder, os.W_OK) else tempfile.gettempdir()
 
 
 def _tell_viewer(viewer, reason):
@@ -218,18 +307,28 @@ def main(argv=None, out=None, err=None):
     except ConnectError as error:
         print(f"vncgate-connect: error: {error}", file=err)
         return EXIT_USAGE
+    if args.listen and not is_loopback(args.listen[0]):
+        if not args.allow_remote:
+            print(f"vncgate-connect: error: --listen {args.listen[0]} is not a loopback address: any host could "
+                  "connect to the console; add --allow-remote if that is meant", file=err)
+            return EXIT_USAGE
+        print(f"vncgate-connect: warning: listening on {args.listen[0]}, not loopback: any host that reaches it "
+              "can use this console", file=err, flush=True)
     try:
-        connector = Connector(Target(url, args.cacert), args.listen, once=args.once, err=err)
+        connector = Connector(Target(url, args.cacert), args.listen, once=args.once, err=err, viewers=args.viewers)
     except ConnectError as error:
         print(f"vncgate-connect: error: {error}", file=err)
         return EXIT_FAILURE
-    host = connector.listener.getsockname()[0]
-    print(f"vncviewer {host}::{connector.port}", file=out, flush=True)
     try:
+        print(f"vncviewer {connector.address}", file=out, flush=True)
         return connector.serve()
     except KeyboardInterrupt:
         return 130
+    finally:
+        connector.remove_folder()  # also when a signal came before serve() began
 
 
-def main_exit():
+def main_exit() -> None:
+    # SIGTERM ends it as Ctrl-C does: the Unix socket's folder is removed on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(main())

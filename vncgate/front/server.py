@@ -54,11 +54,9 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             elif request.method == "GET" and _asks_for_websocket(request):
                 path = "websocket"
                 websocket.serve(gateway, conn, request, leftover, client)
-            elif request.method in ("GET", "HEAD"):
+            else:  # the web side answers its files, and 405 to any method but GET and HEAD
                 path = "web"
                 web.serve(gateway, conn, request, client)
-            else:
-                raise Refused("bad-request", f"method {request.method} not served")
         except Refused as refusal:
             self._refuse(conn, refusal, path, client)
         except OSError as error:
@@ -99,7 +97,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         event = "request" if path == "web" else "attempt"
         self.server.audit.record(event, **fields, result="rejected", **refusal.audit_fields())
         try:
-            conn.sendall(http.error_response(refusal.status, refusal.sentence))
+            conn.sendall(http.error_response(refusal.status, refusal.sentence, refusal.reply_headers))
         except OSError:
             pass  # the client is gone; the audit line says what it was told
 

@@ -18,8 +18,11 @@ import stat
 import struct
 import time
 import urllib.parse
+from collections.abc import Callable, Iterable
+from typing import Optional
 
 from vncgate import store as store_module
+from vncgate.config import Config
 from vncgate.console import relay
 from vncgate.net import http
 from vncgate.refusals import Refused
@@ -34,13 +37,22 @@ for _extension, _type in ((".js", "text/javascript"), (".oga", "audio/ogg"), (".
 _UTF8_TYPES = ("text/", "application/json", "image/svg+xml")
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SEND_CHUNK = 64 * 1024
+MAX_TRANSFORMED = 1 << 20  # vnc.html is 20 KiB: a page changed on the way out is read whole, up to this
 # The gateway's own pages (the serial terminal and its vendored xterm.js), whatever web_root is.
 STATIC_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
-STATIC_PATHS = ("/serial.html", "/serial.js", "/serial.css", "/xterm/")
+STATIC_PATHS = ("/serial.html", "/serial.js", "/serial.css", "/xterm/", "/vncgate-token.js")
+# noVNC's page, served with one script of ours ahead of noVNC's modules: it hands the token from
+# the fragment to the WebSocket as a Sec-WebSocket-Protocol item (wsframes.token_protocol).
+NOVNC_PAGE = "/vnc.html"
+TOKEN_SCRIPT = b'<script src="vncgate-token.js"></script>\n'
+ALLOWED_METHODS = "GET, HEAD"
 
 
 def serve(gateway, conn, request, client):
     """Answer one request; raises Refused (audited and answered by the server) when it cannot."""
+    if request.method not in ("GET", "HEAD"):
+        raise Refused("method-not-allowed", f"method {request.method[:16]} on the web side",
+                      reply_headers=[("Allow", ALLOWED_METHODS)])
     # Every reply has one overall deadline, not only a timeout per send: a reader this slow
     # for files this small is holding a thread, not reading.
     deadline = time.monotonic() + gateway.config.handshake_timeout
@@ -52,7 +64,29 @@ def serve(gateway, conn, request, client):
                                                 ("Cache-Control", "no-store")], body)
     else:
         root = STATIC_ROOT if request.path.startswith(STATIC_PATHS) else gateway.config.web_root
-        send_file(conn, request, deadline, file_path(root, request.path))
+        name = file_path(root, request.path)
+        headers = page_headers(gateway.config) if name.endswith((".html", ".htm")) else []
+        send_file(conn, request, deadline, name, headers,
+                  transform=_with_token_script if request.path == NOVNC_PAGE else None)
+
+
+def page_headers(config: Config) -> list:
+    """What every page of the web side is served with: framed only by its own origin and the
+    operator's panels (frame_ancestors), and its scripts may connect to its own origin only, so
+    noVNC on the gateway's origin cannot be pointed at another VNC server by a link's fragment."""
+    ancestors = " ".join(("'self'", *config.frame_ancestors))
+    headers = [("Content-Security-Policy", f"frame-ancestors {ancestors}; connect-src 'self'")]
+    # X-Frame-Options knows one origin at most; where CSP lists panels, browsers follow CSP.
+    if not config.frame_ancestors:
+        headers.append(("X-Frame-Options", "SAMEORIGIN"))
+    return headers
+
+
+def _with_token_script(page: bytes) -> bytes:
+    """noVNC's vnc.html with our script at the end of its head, else of the page: a classic
+    script runs where it stands, so before noVNC's modules, which run once the page is parsed."""
+    end = page.lower().find(b"</head>")
+    return page[:end] + TOKEN_SCRIPT + page[end:] if end >= 0 else page + TOKEN_SCRIPT
 
 
 def reply(conn, request, deadline, status, headers, body=b"", file=None):
@@ -111,19 +145,23 @@ def open_regular(name):
         raise
 
 
-def send_file(conn, request, deadline, name, extra_headers=()):
+def send_file(conn: socket.socket, request: http.Request, deadline: float, name: str,
+              extra_headers: Iterable = (), transform: Optional[Callable[[bytes], bytes]] = None) -> None:
+    """A file, or (transform) what transform makes of its bytes (a small page)."""
     file, info = open_regular(name)
     with file:
-        etag = f'"{info.st_mtime_ns:x}-{info.st_size:x}"'
+        etag = f'"{info.st_mtime_ns:x}-{info.st_size:x}{"-t" if transform else ""}"'
         # no-cache: browsers keep the files but ask each time, so a noVNC upgrade shows at once.
         validators = [("Last-Modified", email.utils.formatdate(info.st_mtime, usegmt=True)), ("ETag", etag),
                       ("Cache-Control", "no-cache"), *extra_headers]
         if _unchanged(request, etag, info.st_mtime):
             reply(conn, request, deadline, 304, validators)
             return
+        body = transform(file.read(MAX_TRANSFORMED)) if transform else b""
         reply(conn, request, deadline, 200, [("Content-Type", content_type(name)),
-                                             ("Content-Length", str(info.st_size)),
-                                             ("X-Content-Type-Options", "nosniff"), *validators], file=file)
+                                             ("Content-Length", str(len(body) if transform else info.st_size)),
+                                             ("X-Content-Type-Options", "nosniff"), *validators],
+              body=body, file=None if transform else file)
 
 
 def _unchanged(request, etag, mtime):

@@ -1,7 +1,8 @@
 """The websocket path of noVNC: GET with Upgrade: websocket, then RFB bytes in binary messages.
 
 The framing is vncgate.front.wsframes (RFC 6455, strict, streaming). Around it this module
-adds what a gateway needs: the token (query, else cookie), the Origin check, an
+adds what a gateway needs: the token (a Sec-WebSocket-Protocol item, else the query, else
+the cookie), the Origin check, an
 upgrade that is checked before the backend is reached but answered only once the
 console is open, and a Source and a Sink so that the relay's two threads can share
 one WebSocket. A WebSocket session ends as a whole: when either side ends, or the
@@ -25,21 +26,23 @@ _ORIGIN = re.compile(r"(https?)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::([1-9][0-9]{0
 
 def serve(gateway, conn, request, leftover, client, console_type=store.WEBSOCKET, path=PATH):
     """One WebSocket console session: noVNC's (ws-vnc), or the serial terminal's (serial)."""
-    token = request.query_value("token") or request.cookie("token")
-    origin = request.header("origin")
-    if origin and not origin_allowed(origin, gateway.config):
+    token = wsframes.token_protocol(request) or request.query_value("token") or request.cookie("token")
+    origin = request.headers.get("origin")
+    # Present but blank is refused, as Nova does; only a request with no Origin at all (a native
+    # client, not a browser) is let through without one.
+    if origin is not None and not origin_allowed(origin, gateway.config):
         raise Refused("origin-not-allowed", f"Origin {origin[:100]!r}", client=client, path=path,
                       console_type=console_type,
                       **({"token_id": store.hash_token(token)[:8]} if token else {}))
     accept, subprotocol = wsframes.check_upgrade(request)
 
-    presented = request.cookie(policy.RESUME_COOKIE)
+    secure = isinstance(conn, ssl.SSLSocket)
     session = gateway.sessions.open(token, console_type, path, client, conn,
-                                    resume_cookie=presented or policy.new_resume_cookie())
-    stream = tls.TlsStream(conn) if isinstance(conn, ssl.SSLSocket) else conn
-    # A single-use token: its browser may come back by this cookie, from another address too.
-    cookie = ([policy.resume_cookie_header(session.resume_cookie, stream is not conn)]
-              if session.use and not presented else [])
+                                    resume_cookie=request.cookie(policy.resume_cookie_name(secure)) or None)
+    stream = tls.TlsStream(conn) if secure else conn
+    # A single-use token: every use gets a new cookie of the gateway's, by which its browser may
+    # come back, from another address too.
+    cookie = [policy.resume_cookie_header(session.resume_cookie, secure)] if session.use else []
     try:
         stream.sendall(wsframes.upgrade_response(accept, subprotocol, cookie))
     except OSError:
@@ -52,6 +55,9 @@ def serve(gateway, conn, request, leftover, client, console_type=store.WEBSOCKET
         timed = relay.DeadlineSocket(stream, gateway.config.handshake_timeout)
         source = relay.ChunkReader(ClientSource(timed, sender, leftover))
         if not gateway.sessions.greet(session, source.read_exact, sink.write):
+            # The RFB reason (if any) went in binary messages; a close frame ends the WebSocket
+            # cleanly, so a browser reports a closed connection, not 1006.
+            sender.close(wsframes.NORMAL)
             return
         timed.lift()
     else:

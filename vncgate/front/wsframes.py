@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NoReturn
 
 from vncgate.console.relay import Ended
-from vncgate.net.http import Request
+from vncgate.net import http
 from vncgate.refusals import Refused
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -40,11 +40,12 @@ NORMAL, PROTOCOL_ERROR, UNSUPPORTED_DATA, INVALID_DATA, POLICY_VIOLATION = 1000,
 MAX_CONTROL = 125
 READ_SIZE = 64 * 1024
 PING_BURST, PINGS_PER_SECOND = 20, 5.0  # control frames a client may send: a bucket
+TOKEN_PROTOCOL = "vncgate.token."  # a subprotocol item that carries the console token
 
 
 # -- the upgrade (section 4.2) -------------------------------------------------------------
 
-def check_upgrade(request: Request) -> tuple[str, str]:
+def check_upgrade(request: http.Request) -> tuple[str, str]:
     """The Sec-WebSocket-Accept value and the subprotocol to answer a valid upgrade with;
     Refused bad-upgrade otherwise. Checked before any backend is reached."""
     if request.version != "HTTP/1.1":
@@ -52,7 +53,8 @@ def check_upgrade(request: Request) -> tuple[str, str]:
     if "upgrade" not in _items(request.header("connection")):
         raise Refused("bad-upgrade", "Connection does not name upgrade")
     if request.header("sec-websocket-version").strip() != "13":
-        raise Refused("bad-upgrade", "Sec-WebSocket-Version is not 13")
+        # RFC 6455 4.2.2: the refusal names the version the server speaks.
+        raise Refused("bad-upgrade", "Sec-WebSocket-Version is not 13", reply_headers=[("Sec-WebSocket-Version", "13")])
     key = request.header("sec-websocket-key").strip()
     try:
         if len(base64.b64decode(key, validate=True)) != 16:
@@ -62,6 +64,15 @@ def check_upgrade(request: Request) -> tuple[str, str]:
     accept = base64.b64encode(hashlib.sha1(key.encode("ascii") + GUID).digest()).decode("ascii")
     subprotocol = "binary" if "binary" in _items(request.header("sec-websocket-protocol")) else ""
     return accept, subprotocol
+
+
+def token_protocol(request: http.Request) -> str:
+    """The token a client sent as a Sec-WebSocket-Protocol item (vncgate.token.T), or "": the
+    gateway's pages send it so, out of the request line that proxies log. Never echoed back."""
+    for item in request.header("sec-websocket-protocol").split(","):
+        if item.strip().startswith(TOKEN_PROTOCOL):
+            return item.strip()[len(TOKEN_PROTOCOL):]
+    return ""
 
 
 def upgrade_response(accept: str, subprotocol: str, extra_headers: Iterable[tuple[str, str]] = ()) -> bytes:

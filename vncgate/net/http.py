@@ -54,10 +54,13 @@ class Request:
         return values[0] if values else ""
 
     def cookie(self, name: str) -> str:
+        """A cookie's value; a value in double quotes (as Python's SimpleCookie and some
+        proxies write it: token="T") is read without them."""
         for part in self.header("cookie").split(";"):
             key, _, value = part.strip().partition("=")
-            if key == name:
-                return value
+            if key.strip() == name:
+                value = value.strip()
+                return value[1:-1] if len(value) >= 2 and value[0] == value[-1] == '"' else value
         return ""
 
 
@@ -139,8 +142,8 @@ def response(status: int, headers: Iterable[tuple[str, str]] = (), body: bytes =
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-def error_response(status: int, sentence: str) -> bytes:
-    """A short plain-text error that closes the connection."""
+def error_response(status: int, sentence: str, headers: tuple = ()) -> bytes:
+    """A short plain-text error that closes the connection; headers: (name, value) pairs it adds."""
     body = f"{status} {http.HTTPStatus(status).phrase}: {sentence}\n".encode()
-    return response(status, [("Content-Type", "text/plain; charset=utf-8"),
+    return response(status, [("Content-Type", "text/plain; charset=utf-8"), *headers,
                              ("Content-Length", str(len(body))), ("Connection", "close")], body)

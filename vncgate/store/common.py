@@ -53,15 +53,16 @@ def hash_token(token):
 
 def access_url(base_url, console_type, token):
     """The URL a user opens: XVP's CONNECT target, or noVNC's (or the serial terminal's) page
-    with the token in the fragment."""
+    with the token in the fragment, which browsers never send; the page hands it to the
+    WebSocket in Sec-WebSocket-Protocol (vncgate-token.js, serial.js), not in its URL."""
     base_url = base_url.rstrip("/")
     if console_type == XVP:
         return f"{base_url}/console?token={token}"
     if console_type == SERIAL:
         return f"{base_url}/serial.html#token={token}"
     prefix = urllib.parse.urlsplit(base_url).path.strip("/")
-    ws_path = urllib.parse.quote(f"{prefix}/websockify?token={token}".lstrip("/"), safe="")
-    return f"{base_url}/vnc.html#autoconnect=1&path={ws_path}"
+    ws_path = urllib.parse.quote(f"{prefix}/websockify".lstrip("/"), safe="")
+    return f"{base_url}/vnc.html#autoconnect=1&path={ws_path}&token={token}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,8 +153,10 @@ def consumption(state, address, cookie_hash, grace, now):
     the same resume cookie's hash) may use it again, while a session of it is live or within
     grace seconds of the last one's end. state: (consumed_address, consumed_cookie, released_at),
     None for what is not set. Returns "consumed" or "resumed"; raises TokenRejected("refused-consumed").
-    The engine then records the consumer (if new) and marks a session live (released_at unset);
-    its release(token_hash) sets released_at when a session ends."""
+    The engine then records the consumer's address (if new) and, as consumed_cookie, the hash of
+    the cookie the gateway issues with this use (issued_hash; a presented cookie is never
+    recorded), and marks a session live (released_at unset); its release(token_hash) sets
+    released_at when a session ends."""
     consumed_address, consumed_cookie, released_at = state
     if consumed_address is None:
         return "consumed"
@@ -231,6 +234,11 @@ class Store:
             except sealing.SealError:
                 raise TokenRejected("sealed-password-unreadable") from None
         return dataclasses.replace(details, updated_at=now, backend_password=password)
+
+    def shared_secret(self, name: str) -> str:
+        """A random secret (hex) under name, the same for every gateway on this store: made by
+        the first that asks, kept by the store. Raises StoreError."""
+        raise NotImplementedError
 
     def checkpoint(self):
         """Fold a write-ahead log into the store, off the handshakes' path (the housekeeper calls

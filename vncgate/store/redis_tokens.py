@@ -4,6 +4,9 @@ consumption state (console policies). A mixin of RedisStore (redis.py), which br
 client, the scripts (_script, _pipelined, _run) and the clock.
 """
 
+import secrets
+from typing import Any, Callable, Optional
+
 from vncgate.store.common import ConnectionDetails, StoreError, TokenRejected, consumption
 from vncgate.store.redis_scripts import _BATCH
 
@@ -15,6 +18,12 @@ _LATER_FIELDS = {"record": "0", "replay": "", "replay_speed": "1.0"}
 
 class RedisTokens:
     """RedisStore's tokens and single-use consumption (see Store for each call)."""
+
+    # What RedisStore brings (declared for the type checker only).
+    _client: Any
+    _run: Callable[..., Any]
+    _key: Callable[..., str]
+    clock: Callable[[], float]
 
     # -- what the shared calls are made of -----------------------------------------------
 
@@ -67,7 +76,8 @@ class RedisTokens:
 
     # -- single-use tokens (console policies) -----------------------------------------------
 
-    def consume(self, token_hash, address, cookie_hash, grace):
+    def consume(self, token_hash: str, address: str, cookie_hash: Optional[str], grace: float,
+                issued_hash: Optional[str] = None) -> str:
         """See common.consumption; an optimistic transaction (WATCH), retried when another
         gateway changed the token meanwhile, so two clients at once cannot both consume."""
         key = self._key("token:", token_hash)
@@ -80,15 +90,23 @@ class RedisTokens:
             outcome = consumption((address_then, cookie_then, None if released is None else float(released)),
                                   address, cookie_hash, grace, self.clock())
             pipe.multi()
-            if outcome == "consumed":
-                pipe.hset(key, mapping={"consumed_address": address,
-                                        **({"consumed_cookie": cookie_hash} if cookie_hash else {})})
+            fields = {"consumed_address": address} if outcome == "consumed" else {}
+            if issued_hash is not None:  # the cookie the gateway issues now replaces any before it
+                fields["consumed_cookie"] = issued_hash
+            if fields:
+                pipe.hset(key, mapping=fields)
             pipe.hdel(key, "released_at")
             return outcome
         return self._run(self._client.transaction, attempt, key, value_from_callable=True)
 
     def release(self, token_hash):
         self._script("release", [token_hash, repr(self.clock())])
+
+    def shared_secret(self, name: str) -> str:
+        """See Store.shared_secret: made by the first gateway that asks (SET NX), one key."""
+        key = self._key("secret:", name)
+        self._run(self._client.set, key, secrets.token_hex(32), nx=True)
+        return self._run(self._client.get, key).decode()
 
     # -- beyond the blueprint: what the gateway and the CLI need --------------------------
 

@@ -3,6 +3,8 @@ version to the next, in order, and the version this vncgate writes. SqliteStore 
 when it opens a file (sqlite.py); nothing else speaks DDL.
 """
 
+import sqlite3
+
 
 def _migrate_1(db):
     db.execute("""CREATE TABLE console_tokens (
@@ -69,6 +71,11 @@ def _migrate_7(db):
     db.execute("ALTER TABLE console_tokens ADD COLUMN replay_speed REAL NOT NULL DEFAULT 1.0")
 
 
+def _migrate_8(db: sqlite3.Connection) -> None:
+    """Secrets every gateway on the file shares (the key of the resume cookies' HMAC)."""
+    db.execute("CREATE TABLE shared_secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
 # MIGRATIONS[n] takes a database from user_version n to n + 1. Append, never edit.
-MIGRATIONS = (_migrate_1, _migrate_2, _migrate_3, _migrate_4, _migrate_5, _migrate_6, _migrate_7)
+MIGRATIONS = (_migrate_1, _migrate_2, _migrate_3, _migrate_4, _migrate_5, _migrate_6, _migrate_7, _migrate_8)
 SCHEMA_VERSION = len(MIGRATIONS)

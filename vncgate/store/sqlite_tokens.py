@@ -5,6 +5,10 @@ validate, list, touch, delete, purge, count) and each single-use token's consump
 """
 
 import dataclasses
+import secrets
+import sqlite3
+from contextlib import AbstractContextManager
+from typing import Callable, Optional
 
 from vncgate.store.common import ConnectionDetails, TokenRejected, consumption
 
@@ -21,6 +25,10 @@ def _details(row):
 
 class SqliteTokens:
     """SqliteStore's token rows and single-use consumption (see Store for each call)."""
+
+    # What SqliteStore brings (declared for the type checker only).
+    _db: Callable[[], AbstractContextManager[sqlite3.Connection]]
+    clock: Callable[[], float]
 
     # -- what the shared calls are made of ---------------------------------------------
 
@@ -105,8 +113,9 @@ class SqliteTokens:
 
     # -- single-use tokens (console policies) -----------------------------------------
 
-    def consume(self, token_hash, address, cookie_hash, grace):
-        """See Store.consume; one write transaction, so two clients at once cannot both consume."""
+    def consume(self, token_hash: str, address: str, cookie_hash: Optional[str], grace: float,
+                issued_hash: Optional[str] = None) -> str:
+        """See common.consumption; one write transaction, so two clients at once cannot both consume."""
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -116,8 +125,11 @@ class SqliteTokens:
                     raise TokenRejected("unknown-token")
                 outcome = consumption(row, address, cookie_hash, grace, self.clock())
                 if outcome == "consumed":
-                    db.execute("UPDATE console_tokens SET consumed_address = ?, consumed_cookie = ? "
-                               "WHERE token_hash = ?", (address, cookie_hash, token_hash))
+                    db.execute("UPDATE console_tokens SET consumed_address = ? WHERE token_hash = ?",
+                               (address, token_hash))
+                if issued_hash is not None:  # the cookie the gateway issues now replaces any before it
+                    db.execute("UPDATE console_tokens SET consumed_cookie = ? WHERE token_hash = ?",
+                               (issued_hash, token_hash))
                 db.execute("UPDATE console_tokens SET released_at = NULL WHERE token_hash = ?", (token_hash,))
                 db.execute("COMMIT")
             except BaseException:
@@ -128,6 +140,13 @@ class SqliteTokens:
     def release(self, token_hash):
         with self._db() as db:
             db.execute("UPDATE console_tokens SET released_at = ? WHERE token_hash = ?", (self.clock(), token_hash))
+
+    def shared_secret(self, name: str) -> str:
+        """See Store.shared_secret: made by the first gateway that asks, kept in the file."""
+        with self._db() as db:
+            db.execute("INSERT OR IGNORE INTO shared_secrets (name, value) VALUES (?, ?)",
+                       (name, secrets.token_hex(32)))
+            return db.execute("SELECT value FROM shared_secrets WHERE name = ?", (name,)).fetchone()[0]
 
     # -- helpers ---------------------------------------------------------------
 
