@@ -216,7 +216,10 @@ def main() -> None:
                                     str(backend.port), "--ttl", "3600", "--json"], capture_output=True, text=True,
                                    check=True, timeout=30).stdout.split('"token": "')[1].split('"')[0]
             wait_port(websockify_port)
-            print("| hostile client frame | websockify 0.13 | vncgate | wsproto 1.x (frame reader) |")
+            import wsproto
+
+            print(f"| hostile client frame | websockify {_version('websockify')} | vncgate | "
+                  f"wsproto {wsproto.__version__} (frame reader) |")
             print("| --- | --- | --- | --- |")
             for name, hostile in CASES:
                 cells = (proxy_outcome(websockify_port, "/", backend, hostile),
@@ -227,6 +230,12 @@ def main() -> None:
             for proc in (gateway, websockify):
                 proc.terminate()
                 proc.wait(10)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return ".".join(version(package).split(".")[:2])
 
 
 def _listening(log: str) -> int:
