@@ -56,28 +56,33 @@ def test_the_reference_shows_each_key_with_its_default():
 
 @pytest.mark.parametrize("name,text", pages(), ids=[name for name, _ in pages()])
 def test_every_shell_block_is_run_by_a_test_or_marked(name, text):
+    problems = []
     for line, language, before in shell_blocks(text):
         if language not in SHELL:
             continue
         run_by = RUN_BY.fullmatch(before)
         if run_by:
             path, test = run_by.groups()
-            with open(os.path.join(harness.REPO, path), encoding="utf-8") as module:
-                assert re.search(rf"^def {test}\(", module.read(), re.M), f"{name}:{line}: {path} has no {test}"
-        else:
-            assert NOT_RUN.fullmatch(before), \
-                f"{name}:{line}: a shell block needs '<!-- run by tests/FILE.py::TEST -->' or '<!-- not run: why -->'"
+            module = os.path.join(harness.REPO, path)
+            if not os.path.exists(module) or not re.search(rf"^def {test}\(", open(module).read(), re.M):
+                problems.append(f"{name}:{line}: {path} has no {test}")
+        elif not NOT_RUN.fullmatch(before):
+            problems.append(f"{name}:{line}: a shell block (```{language}) needs '<!-- run by tests/FILE.py::TEST -->'"
+                            " or '<!-- not run: why -->' on the line before; label other blocks (```text, ```ini)")
+    assert not problems, "\n".join(problems)
 
 
 @pytest.mark.parametrize("name,text", pages(), ids=[name for name, _ in pages()])
 def test_every_path_and_link_named_exists(name, text):
     folder = os.path.dirname(os.path.join(harness.REPO, name))
-    for path in re.findall(r"(?<![\w/.])vncgate/[\w/.-]*[\w/]", text):
-        assert os.path.exists(os.path.join(harness.REPO, path)), f"{name} names {path}, which does not exist"
-    for target in re.findall(r"\]\(([^)\s]+)\)", text):
-        if re.match(r"[a-z]+:", target) or target.startswith("#"):
-            continue
-        assert os.path.exists(os.path.join(folder, target.split("#")[0])), f"{name} links to {target}"
+    problems = [f"{name} names {path}, which does not exist"
+                for path in re.findall(r"(?<![\w/.])vncgate/[\w/.-]*[\w/]", text)
+                if not os.path.exists(os.path.join(harness.REPO, path))]
+    problems += [f"{name} links to {target}, which does not exist"
+                 for target in re.findall(r"\]\(([^)\s]+)\)", text)
+                 if not re.match(r"[a-z]+:", target) and not target.startswith("#")
+                 and not os.path.exists(os.path.join(folder, target.split("#")[0]))]
+    assert not problems, "\n".join(problems)
 
 
 def test_the_readme_is_short():
