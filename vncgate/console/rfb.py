@@ -220,8 +220,7 @@ def _failure_reason(read_exact: ReadExact, fallback: str) -> str:
     return text or fallback
 
 
-def authenticate_backend(sock: socket.socket, password: bytes | None, deadline: float,
-                         initial: bytes = b"") -> bytes:
+def authenticate_backend(sock: socket.socket, password: bytes | None, deadline: float, initial: bytes = b"") -> bytes:
     """Be the client of the backend's RFB security handshake, answering VNC Authentication
     with password, or choosing security type None when password is None (the tokens with a
     console policy, whose stream the gateway must read from ClientInit on); returns the
