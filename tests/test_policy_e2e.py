@@ -230,6 +230,32 @@ def test_a_client_that_sends_nothing_more_cannot_hold_a_policy_session_past_its_
         assert gateway.stop() == 0
 
 
+def test_an_identical_pointer_event_repeated_does_not_keep_an_idle_session_open(recorder, tmp_path):
+    """Issue 25 item 6: the same no-button PointerEvent each 0.3 s kept the session alive forever;
+    a pointer that moves keeps it alive, one that repeats itself does not."""
+    gateway = GatewayProcess(str(tmp_path), input_idle_timeout=2)
+    try:
+        moving, *_ = open_console(gateway, gateway.mint("127.0.0.1", recorder.port, "xvp-vnc", "--instance", "moving"))
+        still, *_ = open_console(gateway, gateway.mint("127.0.0.1", recorder.port, "xvp-vnc", "--instance", "still"))
+        ended = {}
+        for step in range(30):  # 9 s at most: the client's pace, one event each 0.3 s on each session
+            moving.sendall(struct.pack("!BBHH", 5, 0, 100 + step, 100))
+            try:
+                still.sendall(struct.pack("!BBHH", 5, 0, 100, 100))
+            except OSError:
+                pass  # closed for idleness a moment before its audit line is read
+            ended = {line["instance_id"]: line["reason"] for line in gateway.audit() if line["event"] == "session-end"}
+            if ended:
+                break
+            time.sleep(0.3)
+        assert ended == {"still": "input-idle"}  # while both kept sending
+        assert harness.closed_by_peer(still, 5)
+        moving.close()
+        still.close()
+    finally:
+        assert gateway.stop() == 0
+
+
 # -- single use: noVNC in Chromium consumes the token, reconnects after a cut, then nobody can -------
 
 def attempts(gateway):

@@ -176,7 +176,7 @@ def test_migrate_sqlite_to_redis(tmp_path, run_token, redis_server):
     with_password = json.loads(run_token("add", "--host", "h", "--port", "5901", "--type", "xvp-vnc",
                                          "--password-file", "pw", "--json", check=0).stdout)["token"]
     plain = json.loads(run_token("add", "--host", "h", "--port", "5902", "--json", check=0).stdout)["token"]
-    run_token("add", "--host", "h", "--port", "5903", "--ttl", "0.001", check=0)  # expired, not garbage yet
+    run_token("add", "--host", "h", "--port", "5903", "--ttl", "1", check=0)  # soon expired, not garbage yet
     done = run_token("migrate", "--to", redis_server.url, check=0)
     assert done.stdout.startswith(f"copied 3 tokens to {redis_server.url} (0 garbage skipped)")
     moved = store_module.TokenStore(redis_server.url)

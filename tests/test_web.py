@@ -162,7 +162,7 @@ def test_metrics_count_sessions_bytes_handshakes_and_tokens(tmp_path, vnc):
     try:
         token = gateway.mint("127.0.0.1", vnc.port, "ws-vnc", "--ttl", "600")
         gateway.mint("127.0.0.1", vnc.port, "xvp-vnc", "--ttl", "600")
-        expired = gateway.mint("127.0.0.1", vnc.port, "ws-vnc", "--ttl", "0.2")
+        expired = gateway.mint("127.0.0.1", vnc.port, "ws-vnc", "--ttl", "1")  # the shortest TTL a mint may ask for
         harness.wait_for(lambda: harness.token_id(expired) not in gateway.token_cli("list").stdout,
                          message="expiry")
         before = metrics(gateway.port)

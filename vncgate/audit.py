@@ -8,8 +8,28 @@ import collections
 import datetime
 import json
 import os
+import re
 import threading
 import time
+
+# A word with a token's shape: 43 URL-safe characters standing alone (what a token, or an API
+# key after its vgk_, looks like), holding upper and lower case letters as random ones do. Hashes
+# (64 hex digits), token ids (8), session ids (12) and lower-case names never match.
+_TOKEN_SHAPED = re.compile(r"(?<![A-Za-z0-9-])(vgk_)?(?=[A-Za-z0-9_-]{0,42}[a-z])(?=[A-Za-z0-9_-]{0,42}[A-Z])"
+                           r"[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])")
+REDACTED = "<redacted>"
+
+
+def redact(value):
+    """A field's value with every token-shaped word replaced: whatever a client sent where a
+    name or an id goes (DELETE /api/v1/consoles/TOKEN), a token never reaches the audit file."""
+    if isinstance(value, str):
+        return _TOKEN_SHAPED.sub(REDACTED, value)
+    if isinstance(value, dict):
+        return {key: redact(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(item) for item in value]
+    return value
 
 
 class Audit:
@@ -36,7 +56,8 @@ class Audit:
     def record(self, event, **fields):
         stamp = datetime.datetime.fromtimestamp(self.clock(), datetime.timezone.utc)
         line = json.dumps({"time": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                           "event": event, **fields}, separators=(",", ":"))
+                           "event": event, **{key: redact(value) for key, value in fields.items()}},
+                          separators=(",", ":"))
         with self._lock:
             if event == "attempt":
                 self.handshakes[fields.get("path", "-"), fields.get("result", "-")] += 1

@@ -12,7 +12,7 @@ import os
 import re
 import urllib.parse
 
-from vncgate import store
+from vncgate import addresses, store
 
 SECTION = "gateway"
 ENV_VAR = "VNCGATE_CONFIG"
@@ -92,6 +92,14 @@ def _networks(value):
         raise ValueError(f"must be addresses or networks ({error})") from None
 
 
+def _backend_allow(value):
+    """Networks and port ranges where consoles live (vncgate.addresses' syntax)."""
+    try:
+        return addresses.parse(value)
+    except ValueError as error:
+        raise ValueError(f"must be networks with optional ports ({error})") from None
+
+
 # key -> its parser (a ValueError says what is wrong); Config below holds the defaults.
 PARSERS = {
     "listen": _text,
@@ -117,6 +125,7 @@ PARSERS = {
     "handshake_timeout": _positive(float),
     "audit_log": _text,
     "metrics_allow": _networks,
+    "backend_allow": _backend_allow,
     # console policies
     "resume_grace": _positive(float),
     "paste_max_chars": _positive(int),
@@ -167,6 +176,9 @@ class Config:
     handshake_timeout: float = 10.0
     audit_log: str = ""
     metrics_allow: tuple = _networks("127.0.0.0/8, ::1")
+    # Where consoles may be reached (addresses.Reach items); empty: anywhere but link-local,
+    # the gateway's own port and the store (console.allow).
+    backend_allow: tuple = ()
     resume_grace: float = 30.0
     paste_max_chars: int = 4096
     input_idle_timeout: float = 0.0  # 0: off
@@ -227,6 +239,9 @@ KEY_DOCS = {
     "frame_ancestors": "Origins (CSP host-sources: `*.` host wildcards and ports allowed) whose pages may frame "
                        "the console pages, besides the gateway's own; set: `X-Frame-Options` is left out "
                        "(see [security](security.md)).",
+    "backend_allow": "Networks and port ranges where consoles may be (`10.20.0.0/16:5900-6100, 192.0.2.7:2323, "
+                     "[fd00:1::/64]:5900-5999`); unset: anywhere but link-local, the gateway's own port and the "
+                     "store (see [security](security.md#where-consoles-may-be-backend_allow)).",
     "cert": "PEM certificate for TLS on the same port (set `cert` and `key` both or neither); `SIGHUP` reloads it.",
     "key": "PEM private key of `cert`.",
     "tls_only": "With `cert`/`key`: answer plain connections `400` (\"TLS only\").",
@@ -388,7 +403,8 @@ def reference() -> str:
 _ACCEPTS = {"_text": "text", "_port": "1 to 65535", "int": "a whole number above 0", "float": "a number above 0",
             "_not_negative": "a number, 0 or more", "_bool": "true or false",
             "_origins": "origins, comma or space separated", "_networks": "addresses or networks",
-            "_key_prefix": "a word without spaces", "_frame_ancestors": "origins, comma or space separated"}
+            "_key_prefix": "a word without spaces", "_frame_ancestors": "origins, comma or space separated",
+            "_backend_allow": "networks with optional ports"}
 
 
 if __name__ == "__main__":

@@ -9,16 +9,11 @@ the gateway began.
 """
 
 import logging
-import re
 from typing import Any, Union
 
+from vncgate.text import escape
+
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def escape(text: str) -> str:
-    """text with every control character as \\n, \\r, \\t or \\xNN / \\uNNNN."""
-    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
 
 
 class EscapingFormatter(logging.Formatter):

@@ -52,6 +52,8 @@ REASONS = {
     "backend-bad-reply": Answer(502, _CONSOLE_DOWN),
     "backend-refused-connect": Answer(502, _CONSOLE_DOWN),
     "backend-silent": Answer(502, _CONSOLE_DOWN),
+    # the console's address is outside backend_allow, or the gateway's or the store's own (console.allow)
+    "backend-not-allowed": Answer(502, _CONSOLE_DOWN),
     "backend-closed": Answer(502, _CONSOLE_DOWN),
     "backend-bad-rfb": Answer(502, _CONSOLE_DOWN),
     "backend-no-vnc-auth": Answer(502, _CONSOLE_DOWN),

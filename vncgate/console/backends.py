@@ -10,17 +10,18 @@ import select
 import socket
 import time
 
+from vncgate.console.allow import BackendAllow, resolve
 from vncgate.net import fds, http
 from vncgate.refusals import Refused
 
 XEN_REPLY_LIMIT = 4096
 
 
-def open_backend(details, timeout):
+def open_backend(details, timeout, *, allow):
     """Connect to the console of details; returns (socket, bytes already read from it).
-    Raises Refused with a backend-… reason."""
+    Raises Refused with a backend-… reason. allow: the gateway's allow.BackendAllow."""
     deadline = time.monotonic() + timeout
-    sock = connect(details.host, details.port, timeout)
+    sock = connect(details.host, details.port, timeout, allow=allow)
     try:
         leftover = _xen_connect(sock, details.internal_access_path, deadline) if details.internal_access_path else b""
         if not leftover:
@@ -31,14 +32,32 @@ def open_backend(details, timeout):
         raise
 
 
-def connect(host, port, timeout):
-    """A TCP connection to host:port; Refused with a backend-… reason when there is none."""
+def connect(host: str, port: int, timeout: float, *, allow: BackendAllow) -> socket.socket:
+    """A TCP connection to host:port; Refused with a backend-… reason when there is none.
+    The name is resolved here and only the addresses allow permits are tried (a name may
+    resolve elsewhere than it did when its token was minted): backend-not-allowed when none is."""
+    addresses = resolve(host, port)
+    if not addresses:
+        raise Refused("backend-unreachable", f"{host} does not resolve")
+    permitted = [address for address in addresses if allow.refusal(address, port) is None]
+    if not permitted:
+        raise Refused("backend-not-allowed", f"{host}:{port}: {allow.refusal(addresses[0], port)}")
+    deadline = time.monotonic() + timeout
+    for address in permitted[:-1]:  # the last one's error is the one reported
+        try:
+            return _connect_one(address, port, max(0.001, deadline - time.monotonic()))
+        except Refused:
+            continue
+    return _connect_one(permitted[-1], port, max(0.001, deadline - time.monotonic()))
+
+
+def _connect_one(address: str, port: int, timeout: float) -> socket.socket:
     try:
-        return socket.create_connection((host, port), timeout=timeout)
+        return socket.create_connection((address, port), timeout=timeout)
     except ConnectionRefusedError as error:
         raise Refused("backend-refused", str(error)) from None
     except socket.timeout:
-        raise Refused("backend-timeout", f"no connection to {host}:{port} in {timeout}s") from None
+        raise Refused("backend-timeout", f"no connection to {address}:{port} in {timeout:.3g}s") from None
     except OSError as error:
         raise Refused("no-free-fds" if fds.is_exhaustion(error) else "backend-unreachable", str(error)) from None
 

@@ -10,6 +10,9 @@ extensions real clients send), so a small strict parser suffices: a message is
 passed on, changed or dropped only when it is complete, and a message the parser does
 not know, or one larger than any client needs, ends the session. The server-to-client
 stream is never read.
+
+A serial console's bytes are not RFB: there every byte a viewer sends is input, and view-only
+drops them all (StreamFilter), so that each policy means the same on every console type.
 """
 
 import dataclasses
@@ -22,7 +25,7 @@ import struct
 import threading
 import time
 
-from vncgate.store.common import hash_token
+from vncgate.store.common import SERIAL, hash_token
 
 log = logging.getLogger("vncgate.console.policy")
 
@@ -50,6 +53,7 @@ RETURN, TAB, SHIFT_L = 0xFF0D, 0xFF09, 0xFFE1
 _SHIFTED = set('~!@#$%^&*()_+{}|:"<>?ABCDEFGHIJKLMNOPQRSTUVWXYZ') | {
     chr(code) for code in range(0xC0, 0xDF) if code != 0xD7}
 PASTE_CHARS_PER_SECOND = 50  # BIOS screens and installers drop keys that come faster
+MIN_INPUT_IDLE, MAX_SECONDS = 0.1, 10 * 365 * 86400
 # The websocket path's cookie that lets a single-use token's browser back in from another address:
 # __Host- over TLS (only a secure origin can set it, for this host and Path=/ only); browsers refuse
 # that prefix on plain http, where the bare name is all there is.
@@ -94,6 +98,16 @@ class Policy:
         fields = json.loads(text)
         known = {field.name for field in dataclasses.fields(cls)}
         return cls(**{name: value for name, value in fields.items() if name in known})
+
+    def problem(self, console_type):
+        """Why this policy cannot go with a console of console_type, or "" when it can: the one
+        rule the CLI and the API share. Every policy holds for every type, but paste-as-keys,
+        which types RFB key events (a serial console takes pasted text as it is)."""
+        if self.paste_as_keys and console_type == SERIAL:
+            return "paste-as-keys types RFB key events: a serial console takes pasted text as it is"
+        if self.input_idle and not MIN_INPUT_IDLE <= self.input_idle <= MAX_SECONDS:
+            return f"input idle must be from {MIN_INPUT_IDLE:g} to {MAX_SECONDS} seconds"
+        return ""
 
     def input_idle_limit(self, settings):
         """Seconds without input that end a session: the token's own, else the gateway's; 0: none."""
@@ -269,9 +283,11 @@ class Filter:
     (motion passes, with no buttons), clipboard text, desktop resizes and XVP power
     operations, and makes ClientInit ask for a shared session. Paste-as-keys types a
     clipboard text as key events instead of passing it. on_input() is called for every
-    key or pointer event the client sends (dropped or not: the user is there) and for
+    key event and pointer change the client sends (dropped or not: the user is there) and for
     every character typed. A malformed message calls on_violation(reason, detail) and ends
-    the direction (Violation); the messages before it were passed on.
+    the direction (Violation); the messages before it were passed on. A PointerEvent that
+    repeats the last one (same buttons, same place) is no input: it changes nothing, so a client
+    cannot keep an idle session open by sending it again and again.
     """
 
     def __init__(self, sink, policy, paste_max_chars, on_input, on_violation, pause=time.sleep):
@@ -284,6 +300,7 @@ class Filter:
         self.pause = pause
         self.parser = Parser()
         self.greeted = False
+        self.pointer = None  # the last PointerEvent's buttons and position: a repeat is no input
 
     def write(self, chunk):
         out = bytearray()
@@ -305,7 +322,10 @@ class Filter:
             return b"\x01" if self.policy.view_only else message
         kind = message[0]
         if kind in (KEY_EVENT, POINTER_EVENT) or (kind == QEMU and message[1] == QEMU_EXTENDED_KEY_EVENT):
-            self.on_input()
+            if kind != POINTER_EVENT or message[1:] != self.pointer:
+                self.on_input()
+            if kind == POINTER_EVENT:
+                self.pointer = message[1:]
             if not self.policy.view_only:
                 return message
             return message[:1] + b"\0" + message[2:] if kind == POINTER_EVENT else b""
@@ -350,6 +370,23 @@ class Filter:
             self.pause(1 / PASTE_CHARS_PER_SECOND)
 
 
+class StreamFilter:
+    """The policy of a console whose bytes are not RFB (serial): every byte the viewer sends is
+    input, and a view-only viewer's bytes are dropped, all of them."""
+
+    def __init__(self, sink, policy, on_input):
+        self.sink = sink
+        self.close_write = sink.close_write
+        self.view_only = policy.view_only
+        self.on_input = on_input
+
+    def write(self, chunk):
+        if chunk:
+            self.on_input()
+            if not self.view_only:
+                self.sink.write(chunk)
+
+
 class InputIdleWatch:
     """Ends a session (stop("input-idle")) once no input came for limit seconds. touch() on input.
 
@@ -384,10 +421,13 @@ class InputIdleWatch:
 
 
 class Enforcement:
-    """A session's policy at work: the Filter for its client's bytes and its input idle watch."""
+    """A session's policy at work: the Filter (StreamFilter) for its client's bytes and its input
+    idle watch."""
 
-    def __init__(self, policy, settings, stop):
+    def __init__(self, policy, settings, stop, stream=False):
+        """stream: the console's bytes are not RFB (serial): a StreamFilter enforces the policy."""
         self.policy = policy
+        self.stream = stream
         self.paste_max_chars = settings.paste_max_chars
         self.stop = stop
         self.violation = None  # what the parser refused, for the session's audit line
@@ -396,6 +436,8 @@ class Enforcement:
 
     def filter(self, sink):
         on_input = self.watch.touch if self.watch else _nothing
+        if self.stream:
+            return StreamFilter(sink, self.policy, on_input)
         return Filter(sink, self.policy, self.paste_max_chars, on_input, self._violated)
 
     def _violated(self, reason, detail):

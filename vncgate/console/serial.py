@@ -139,9 +139,9 @@ def follow_log(folder, instance_id, write, stopping, poll=0.2):
 class Hub(threading.Thread):
     """One serial endpoint: its backend connection, its viewers, its log while followed."""
 
-    def __init__(self, host, port, timeout, backend=None):
+    def __init__(self, host, port, timeout, allow, backend=None):
         super().__init__(name=f"serial-{host}:{port}")
-        self.host, self.port, self.timeout = host, port, timeout
+        self.host, self.port, self.timeout, self.allow = host, port, timeout, allow
         self.backend = backend
         self.follow = None
         self.log = None
@@ -155,6 +155,7 @@ class Hub(threading.Thread):
         self._selector.register(self._wake_in, selectors.EVENT_READ, self._woken)
         self._next_try = 0.0
         self._delay = BACKOFF_FIRST
+        self._refused_warned = False
         self._ending = False
         if backend is not None:
             self._adopt(backend)
@@ -255,10 +256,14 @@ class Hub(threading.Thread):
 
     def _connect(self):
         try:
-            self._adopt(backends.connect(self.host, self.port, self.timeout))
+            self._adopt(backends.connect(self.host, self.port, self.timeout, allow=self.allow))
         except Refused as error:
             self._next_try = time.monotonic() + self._delay
-            log.debug("serial console %s:%s: %s; again in %.2fs", self.host, self.port, error, self._delay)
+            # Outside backend_allow (a name that resolves elsewhere now): the operator must know, once.
+            warn = error.reason == "backend-not-allowed" and not self._refused_warned
+            self._refused_warned = self._refused_warned or warn
+            (log.warning if warn else log.debug)("serial console %s:%s: %s; again in %.2fs", self.host, self.port,
+                                                 error, self._delay)
             self._delay = min(BACKOFF_MOST, self._delay * 2)
             return
         log.info("serial console %s:%s connected", self.host, self.port)
@@ -332,7 +337,9 @@ class Consoles:
     """The gateway's hubs, by backend address: followed ones (synced from the store) and the
     ones viewers opened."""
 
-    def __init__(self, log_dir, log_bytes, timeout):
+    def __init__(self, log_dir, log_bytes, timeout, allow):
+        """allow: the allow.BackendAllow every serial endpoint is checked against, at each connection."""
+        self.allow = allow
         self.log_dir = log_dir
         self.log_bytes = log_bytes
         self.timeout = timeout
@@ -346,7 +353,7 @@ class Consoles:
         for _attempt in range(2):  # a hub may end between finding it and attaching to it
             hub = self._hub(key)
             if hub is None:
-                backend = backends.connect(details.host, details.port, timeout)
+                backend = backends.connect(details.host, details.port, timeout, allow=self.allow)
                 with self._lock:
                     hub = self._hubs.get(key)
                     if hub is None or hub.closed:
@@ -364,7 +371,7 @@ class Consoles:
             return hub if hub is not None and not hub.closed else None
 
     def _start(self, key, backend=None):
-        hub = Hub(*key, self.timeout, backend)
+        hub = Hub(*key, self.timeout, self.allow, backend)
         self._hubs[key] = hub
         hub.start()
         return hub

@@ -24,7 +24,7 @@ from typing import Optional
 
 from vncgate import refusals
 from vncgate import store as store_module
-from vncgate.console import backends, recording, rfb
+from vncgate.console import allow, backends, recording, rfb
 from vncgate.console import policy as policy_module
 from vncgate.console.housekeeping import Housekeeper, Listener
 from vncgate.net import fds, tls
@@ -101,14 +101,16 @@ class Session:
 
 class SessionManager:
     def __init__(self, store, audit, backend_timeout, throttle, heartbeat, settings, backend_tls=None,
-                 on_relaying=lambda: None, recordings=None):
+                 on_relaying=lambda: None, recordings=None, backend_allow=None):
         """settings: the policy keys of the config (resume_grace, paste_max_chars, input_idle_timeout)
         and max_sessions_per_token; backend_tls: the ssl context for consoles that speak VeNCrypt
         (tls.backend_context); on_relaying: called in a session's thread as its relay starts;
-        recordings: the recording.Recordings of record_dir."""
+        recordings: the recording.Recordings of record_dir; backend_allow: the allow.BackendAllow
+        every backend connection is checked against (default: the one settings make)."""
         self.store = store
         self.settings = settings
         self.recordings = recordings or recording.Recordings("")
+        self.backend_allow = backend_allow or allow.BackendAllow.from_config(settings)
         self.audit = audit
         self.backend_timeout = backend_timeout
         self.throttle = throttle
@@ -128,6 +130,9 @@ class SessionManager:
         # console type -> open_backend(details, timeout) for types not reached by backends.open_backend
         self.backend_openers = {}
         self._resume_key = None  # the store's shared secret for the resume cookies, once read
+
+    def _open_backend(self, details: store_module.ConnectionDetails, timeout: float) -> tuple:
+        return backends.open_backend(details, timeout, allow=self.backend_allow)
 
     def open(self, token: str, console_type: str, path: str, client: str, conn: object = None,
              resume_cookie: Optional[str] = None) -> "Session":
@@ -167,20 +172,21 @@ class SessionManager:
             backend, leftover = player.socket, b""
         else:
             try:
-                opener = self.backend_openers.get(details.console_type, backends.open_backend)
+                opener = self.backend_openers.get(details.console_type, self._open_backend)
                 backend, leftover = opener(details, self.backend_timeout)
             except Refused as error:
                 log.info("backend %s:%s for %s: %s", details.host, details.port, details.instance_id, error)
                 raise Refused(error.reason, error.detail, **fields) from None
         session = Session(details, client, path, backend, leftover, conn)
         session.policy = policy_module.Policy.from_json(details.policy)
-        # Policies read RFB: a serial console's bytes are not (its tokens carry none); a replay has no input.
-        if (details.console_type != store_module.SERIAL and not details.replay
-                and session.policy.reads_stream(self.settings)):
-            session.enforcement = policy_module.Enforcement(session.policy, self.settings, session.stop)
+        # A replay has no input. A serial console's bytes are not RFB: they are enforced as a stream.
+        serial = details.console_type == store_module.SERIAL
+        if not details.replay and session.policy.reads_stream(self.settings):
+            session.enforcement = policy_module.Enforcement(session.policy, self.settings, session.stop,
+                                                            stream=serial)
         if details.replay:
             session.security = player.error  # None: the player greets the viewer itself
-        elif details.backend_tls or details.backend_password is not None or session.enforcement:
+        elif details.backend_tls or details.backend_password is not None or (session.enforcement and not serial):
             # The gateway reads a policy's stream from ClientInit on: it does the handshake itself.
             session.security = self._authenticate_backend(session, fields)
         if session.policy.single_use and not isinstance(session.security, rfb.RfbError):

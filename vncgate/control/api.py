@@ -24,10 +24,12 @@ import socket
 import time
 
 from vncgate import store as store_module
-from vncgate.control.api_consoles import ConsoleEndpoints
+from vncgate.control.api_consoles import _TOKEN_ID, ConsoleEndpoints
+from vncgate.control.api_fields import _whole_number
 from vncgate.control.api_keys import KeyFileError, add_key, hash_key, read_keys, remove_key
-from vncgate.control.api_sessions import SessionEndpoints
+from vncgate.control.api_sessions import _SESSION_ID, SessionEndpoints
 from vncgate.control.minting import console_json, iso, mint, session_json, token_json
+from vncgate.control.scope import KeyScope
 from vncgate.front import throttle, web, websocket
 from vncgate.refusals import Refused
 
@@ -49,6 +51,23 @@ ADMIN_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connec
 
 # -- the HTTP side ----------------------------------------------------------------------------
 
+class _Route:
+    """One API path: its template (/consoles/{token_id}), the handlers by method, and the shape
+    of its id. The audit line names the template, with the id only when it has that shape
+    (a token sent where a token id goes is not written down)."""
+
+    def __init__(self, template, handlers, id_shape=None):
+        self.template = PREFIX + template
+        self.handlers = handlers
+        self.id_shape = id_shape
+        self.pattern = re.compile(re.sub(r"\\\{[a-z_]+\\\}", "([^/]+)", re.escape(self.template)))
+
+    def audit_path(self, groups):
+        if groups and self.id_shape is not None and self.id_shape.fullmatch(groups[0]):
+            return self.template.rsplit("/", 1)[0] + "/" + groups[0]
+        return self.template
+
+
 class _Call:
     """One API request as it is handled: what the audit line will say of it."""
 
@@ -57,6 +76,7 @@ class _Call:
         self.audit = {"client": client, "method": request.method, "path": request.path, "key": "-",
                       "action": "-"}
         self.body_unread = False
+        self.scope = KeyScope()  # the key's, once it is known
 
 
 class ControlPlane(ConsoleEndpoints, SessionEndpoints):
@@ -68,13 +88,13 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints):
         self._keys = read_keys(self.config.api_keys_file)  # KeyFileError: the gateway does not start
         self._rate = throttle.FailureThrottle(self.config.api_burst, self.config.api_rate)
         self._routes = [
-            (re.compile(re.escape(PREFIX) + r"/consoles"), {"POST": self.create_console, "GET": self.list_consoles,
-                                                          "DELETE": self.revoke_by_instance}),
-            (re.compile(re.escape(PREFIX) + r"/consoles/log"), {"GET": self.console_log}),
-            (re.compile(re.escape(PREFIX) + r"/consoles/([^/]+)"), {"DELETE": self.revoke_token}),
-            (re.compile(re.escape(PREFIX) + r"/sessions"), {"GET": self.list_sessions}),
-            (re.compile(re.escape(PREFIX) + r"/sessions/([^/]+)"), {"DELETE": self.kill_session}),
-            (re.compile(re.escape(PREFIX) + r"/store"), {"GET": self.store_state}),
+            _Route("/consoles", {"POST": self.create_console, "GET": self.list_consoles,
+                                 "DELETE": self.revoke_by_instance}),
+            _Route("/consoles/log", {"GET": self.console_log}),
+            _Route("/consoles/{token_id}", {"DELETE": self.revoke_token}, _TOKEN_ID),
+            _Route("/sessions", {"GET": self.list_sessions}),
+            _Route("/sessions/{session_id}", {"DELETE": self.kill_session}, _SESSION_ID),
+            _Route("/store", {"GET": self.store_state}),
         ]
 
     def reload_keys(self):
@@ -106,6 +126,11 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints):
             outage = Refused("store-unavailable", str(error))
             status, payload = outage.status, {"error": outage.sentence}
             call.audit.update(result="rejected", **outage.audit_fields())
+        except Exception as error:  # the gateway's own fault: still a JSON answer and an audit line
+            log.exception("%s %s: unexpected error in the API", request.method, call.audit["path"])
+            fault = Refused("internal-error", type(error).__name__)
+            status, payload = fault.status, {"error": fault.sentence}
+            call.audit.update(result="rejected", **fault.audit_fields())
         self.gateway.audit.record("api", **call.audit)
         headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store"),
                    ("X-Content-Type-Options", "nosniff")]
@@ -130,8 +155,8 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints):
                        ("Referrer-Policy", "no-referrer")])
 
     def _methods(self, path):
-        return sorted({method for pattern, handlers in self._routes if pattern.fullmatch(path)
-                       for method in handlers})
+        return sorted({method for route in self._routes if route.pattern.fullmatch(path)
+                       for method in route.handlers})
 
     def _handle(self, call, conn, leftover, deadline):
         request = call.request
@@ -153,9 +178,11 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints):
 
     def _route(self, call):
         path, method = call.request.path, call.request.method
-        for pattern, handlers in self._routes:
-            match = pattern.fullmatch(path)
+        for route in self._routes:
+            match = route.pattern.fullmatch(path)
             if match:
+                call.audit["path"] = route.audit_path(match.groups())
+                handlers = route.handlers
                 handler = handlers.get(method)
                 call.audit["action"] = (handler or next(iter(handlers.values()))).__name__.replace("_", "-")
                 if handler is None:
@@ -174,8 +201,9 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints):
         digest = hash_key(presented.strip() if scheme.lower() == "bearer" else "")
         name = None
         for candidate, expected in self._keys.items():
-            if hmac.compare_digest(digest, expected):
+            if hmac.compare_digest(digest, expected.digest):
                 name = candidate
+                call.scope = expected.scope
         if name is None:
             failures.failed(address)
             raise Refused("bad-api-key", "missing, unknown or removed API key")
@@ -187,10 +215,7 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints):
         request = call.request
         if request.header("transfer-encoding"):
             raise Refused("invalid-request", "send the body with Content-Length, not Transfer-Encoding")
-        length_text = request.header("content-length").strip() or "0"
-        if not length_text.isdigit():
-            raise Refused("invalid-request", "Content-Length is not a number")
-        length = int(length_text)
+        length = _whole_number(request.header("content-length").strip() or "0", "Content-Length")
         if length > MAX_BODY:
             raise Refused("body-too-large", f"Content-Length {length}")
         if request.header("content-type").split(";")[0].strip().lower() != "application/json":

@@ -10,7 +10,8 @@ from vncgate import store as store_module
 from vncgate.console import policy as policy_module
 from vncgate.console import serial as consoles
 from vncgate.control import libvirt
-from vncgate.control.api_fields import _Fields, _Query
+from vncgate.control import scope as scope_module
+from vncgate.control.api_fields import _Fields, _Query, _whole_number
 from vncgate.control.minting import console_json, mint, token_json
 from vncgate.refusals import Refused
 
@@ -43,9 +44,15 @@ class ConsoleEndpoints:
             host, port = fields.text("host"), fields.port("port")
             call.audit["instance"] = instance = fields.text("instance", f"{host}:{port}")
             internal_path = fields.text("internal_path", "")
-            password = fields.text("password", "")
+            password = fields.text("password", "", secret=True)
             fields.done()
             password = password.encode() if password else None
+        try:
+            ttl = scope_module.check_mint(self.gateway.sessions.backend_allow, self.config.token_ttl, console_type,
+                                          host, port, policy, ttl, scope=call.scope,
+                                          names={"instance": instance, "internal_path": internal_path})
+        except scope_module.Invalid as error:
+            raise Refused("invalid-request", str(error)) from None
         token, details, url = mint(self.config, self.gateway.store, console_type, host, port, instance,
                                    internal_path, ttl, password, policy.to_json(), backend_tls)
         call.audit["token_id"] = details.token_id
@@ -67,9 +74,8 @@ class ConsoleEndpoints:
         if not instance:
             raise Refused("invalid-request", "name the console: ?instance=ID")
         call.audit["instance"] = instance
-        if tail is not None and not (tail.isdigit() and int(tail) > 0):
-            raise Refused("invalid-request", "tail must be a whole number above 0")
-        output = consoles.read_log(self.config.console_log_dir, instance, int(tail) if tail else None)
+        lines = None if tail is None else _whole_number(tail, "tail", lowest=1)
+        output = consoles.read_log(self.config.console_log_dir, instance, lines)
         if output is None:
             raise Refused("not-found", f"no console log for {instance}: it was never followed")
         return 200, {"instance_id": instance, "output": output.decode("utf-8", "replace")}

@@ -1,8 +1,12 @@
 """Validation of what an API call sends: a JSON body's fields (_Fields, with the CLI's rules;
 unknown fields are refused) and the query parameters (_Query, only the named ones, each at
-most once). Every bad value is Refused("invalid-request") with a sentence naming it.
+most once), and numbers a request spells (_whole_number). Every bad value is
+Refused("invalid-request") with a sentence naming it.
 """
 
+import re
+
+from vncgate import text as text_module
 from vncgate.refusals import Refused
 
 
@@ -21,12 +25,17 @@ class _Fields:
             return default, False
         return self.body[name], True
 
-    def text(self, name, default=None):
+    def text(self, name, default=None, secret=False):
+        """A name (vncgate.text's rule), or with secret=True a password (no C0 control characters)."""
         default = _REQUIRED if default is None else default
         value, given = self._take(name, default)
-        if given and (not isinstance(value, str) or not value or len(value) > 1024
-                      or any(ord(char) < 32 for char in value)):
-            raise Refused("invalid-request", f"{name} must be a non-empty string without control characters")
+        if not given:
+            return value
+        if not isinstance(value, str):
+            raise Refused("invalid-request", f"{name} must be a string")
+        problem = _secret_problem(value) if secret else text_module.name_problem(value)
+        if problem:
+            raise Refused("invalid-request", f"{name} {problem}")
         return value
 
     def port(self, name):
@@ -61,6 +70,23 @@ class _Fields:
 
 
 _REQUIRED = object()
+
+
+def _secret_problem(value):
+    if not value or len(value) > text_module.MAX_NAME:
+        return f"must be 1 to {text_module.MAX_NAME} characters"
+    return "holds a control character" if any(ord(char) < 32 for char in value) else ""
+
+
+_DIGITS = re.compile(r"[0-9]{1,15}")
+
+
+def _whole_number(text, name, lowest=0):
+    """A number the request spells in ASCII digits (never int()'s Unicode digits, signs,
+    underscores or thousands of digits), at most 15 of them; else invalid-request."""
+    if not _DIGITS.fullmatch(text) or int(text) < lowest:
+        raise Refused("invalid-request", f"{name} must be a whole number from {lowest} written in digits")
+    return int(text)
 
 
 class _Query:

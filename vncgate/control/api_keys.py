@@ -1,11 +1,16 @@
-"""The control-plane API's keys: the key file (NAME:SHA256-HEX per line, never the key),
-read at start and on SIGHUP, and the vncgate-token api-key add / remove that write it.
+"""The control-plane API's keys: the key file (NAME:SHA256-HEX per line, never the key, then
+the key's scope as words), read at start and on SIGHUP, and the vncgate-token api-key add /
+remove that write it.
 """
 
+import collections
 import hashlib
 import os
 import re
 import secrets
+
+from vncgate import store as store_module
+from vncgate.control import scope as scope_module
 
 KEY_PREFIX = "vgk_"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -22,8 +27,12 @@ def hash_key(key):
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+ApiKey = collections.namedtuple("ApiKey", "digest scope")
+
+
 def read_keys(path):
-    """{name: sha256 hex} from the key file; blank lines and # comments are skipped."""
+    """{name: ApiKey(sha256 hex, scope.KeyScope)} from the key file: NAME:SHA256-HEX, then the
+    key's scope as words (networks=…, types=…, max-ttl=…); blank lines and # comments are skipped."""
     try:
         with open(path, encoding="utf-8") as handle:
             lines = handle.read().splitlines()
@@ -36,17 +45,22 @@ def read_keys(path):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        name, _, digest = line.partition(":")
+        name, _, rest = line.partition(":")
+        digest, *words = rest.split() or [""]
         if not _NAME.fullmatch(name) or not _HEX64.fullmatch(digest.lower()):
-            raise KeyFileError(f"{path}:{number}: not NAME:SHA256-HEX")
+            raise KeyFileError(f"{path}:{number}: not NAME:SHA256-HEX [SCOPE]")
         if name in keys:
             raise KeyFileError(f"{path}:{number}: key name {name!r} appears twice")
-        keys[name] = digest.lower()
+        try:
+            keys[name] = ApiKey(digest.lower(), scope_module.KeyScope.parse(words, store_module.CONSOLE_TYPES))
+        except ValueError as error:
+            raise KeyFileError(f"{path}:{number}: bad scope: {error}") from None
     return keys
 
 
-def add_key(path, name):
-    """A new key named name, its hash appended to the file (made 0600); returns the key."""
+def add_key(path, name, scope=None):
+    """A new key named name, its hash (and scope.KeyScope) appended to the file (made 0600);
+    returns the key."""
     if not _NAME.fullmatch(name):
         raise KeyFileError(f"key name {name!r}: letters, digits, '.', '_', '-' (at most 64), "
                            "starting with a letter or digit")
@@ -57,7 +71,8 @@ def add_key(path, name):
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with os.fdopen(fd, "a", encoding="utf-8") as handle:
-            handle.write(f"{name}:{hash_key(key)}\n")
+            words = scope.words() if scope else ""
+            handle.write(f"{name}:{hash_key(key)}{' ' + words if words else ''}\n")
     except OSError as error:
         raise KeyFileError(f"cannot write api_keys_file {path}: {error.strerror}") from None
     return key

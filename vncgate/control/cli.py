@@ -13,19 +13,22 @@ import threading
 
 from vncgate import config as config_module
 from vncgate import store as store_module
+from vncgate.console import allow, recording
 from vncgate.console import policy as policy_module
-from vncgate.console import recording
 from vncgate.console import serial as consoles
-from vncgate.control import api, libvirt
+from vncgate.control import api, libvirt, scope
 from vncgate.control.cli_common import (
     CommandFailed,
     UsageError,
+    _networks,
     _Parser,
     _port_in,
     _seconds,
+    _types,
     open_store,
     run_reporting_errors,
 )
+from vncgate.control.cli_output import log_writer, write_table
 from vncgate.control.cli_serve import serve_main, serve_main_exit
 
 # serve_main_exit is the vncgate console script's entry point (setup.py names it here).
@@ -123,6 +126,8 @@ def token_parser():
     console_log.add_argument("--instance", required=True)
     console_log.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
     console_log.add_argument("--follow", action="store_true", help="then print new output as it comes, until ^C")
+    console_log.add_argument("--raw", action="store_true", help="the bytes as they are, also on a terminal "
+                             "(where control characters are otherwise shown as escapes)")
 
     migrate = commands.add_parser("migrate", help="copy every token that is not garbage to another store")
     migrate.add_argument("--to", required=True, metavar="DATABASE",
@@ -131,7 +136,13 @@ def token_parser():
     keys = commands.add_parser("api-key", help="keys of the control-plane API (api_keys_file)")
     key_commands = keys.add_subparsers(dest="key_command", metavar="COMMAND", parser_class=_Parser)
     key_commands.required = True
-    key_commands.add_parser("add", help="make a key, print it once, keep its hash").add_argument("name")
+    key_add = key_commands.add_parser("add", help="make a key, print it once, keep its hash (and scope)")
+    key_add.add_argument("name")
+    key_add.add_argument("--networks", metavar="CIDRS", type=_networks,
+                         help="the key mints consoles at these addresses only (networks with optional "
+                              ":PORT or :LOW-HIGH, comma-separated; within backend_allow)")
+    key_add.add_argument("--types", metavar="T,...", type=_types, help="the key mints these console types only")
+    key_add.add_argument("--max-ttl", metavar="S", type=_seconds, help="the key's tokens live at most S seconds")
     key_commands.add_parser("remove", help="delete a key (the gateway drops it on SIGHUP)").add_argument("name")
     return parser
 
@@ -184,10 +195,15 @@ def cmd_add(args, config, store, out):
         raise UsageError("add takes --host H --port P, --domain NAME or --replay SESSION")
     policy = policy_module.Policy(view_only=args.view_only, single_use=args.single_use,
                                   paste_as_keys=args.paste_as_keys, input_idle=args.input_idle or 0.0)
-    if args.console_type == store_module.SERIAL and policy.to_json():
-        raise UsageError("console policies read RFB: they do not apply to --type serial")
+    try:
+        ttl = scope.check_mint(allow.BackendAllow.from_config(config), config.token_ttl, args.console_type,
+                               host, port, policy, args.ttl,
+                               names={"instance": instance, "internal_path": args.internal_path},
+                               replay=bool(args.replay))
+    except scope.Invalid as error:
+        raise UsageError(str(error)) from None
     token, details, url = api.mint(config, store, args.console_type, host, port, instance, args.internal_path,
-                                   args.ttl, password, policy.to_json(), args.backend_tls, record=args.record,
+                                   ttl, password, policy.to_json(), args.backend_tls, record=args.record,
                                    replay=args.replay or "", replay_speed=args.speed)
     if args.json:
         json.dump(api.console_json(token, details, url), out)
@@ -204,17 +220,10 @@ def cmd_list(args, config, store, out):
         json.dump([api.token_json(row, now, config.idle_timeout) for row in rows], out)
         out.write("\n")
         return
-    _write_table(out, ("ID", "TYPE", "INSTANCE", "BACKEND", "STATE", "EXPIRES (UTC)", "IDLE"),
+    write_table(out, ("ID", "TYPE", "INSTANCE", "BACKEND", "STATE", "EXPIRES (UTC)", "IDLE"),
                  [(row.token_id, row.console_type, row.instance_id, f"{row.host}:{row.port}",
                    row.state(now, config.idle_timeout), api.iso(row.expires_at), f"{now - row.updated_at:.0f}s")
                   for row in rows])
-
-
-def _write_table(out, header, rows):
-    table = [header] + rows
-    widths = [max(len(line[column]) for line in table) for column in range(len(header))]
-    for line in table:
-        out.write("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() + "\n")
 
 
 TOKENS_HELP = "tokens; - reads them from standard input, one per line (keeps them out of ps)"
@@ -282,7 +291,7 @@ def cmd_recordings(args, config, store, out):
                     "stopped": row.get("stopped")} for row in rows], out)
         out.write("\n")
         return
-    _write_table(out, ("SESSION", "INSTANCE", "STARTED (UTC)", "DURATION", "BYTES", "NOTE"),
+    write_table(out, ("SESSION", "INSTANCE", "STARTED (UTC)", "DURATION", "BYTES", "NOTE"),
                  [(row["session_id"], str(row.get("instance_id")), api.iso(row["started_at"]),
                    "live" if row.get("duration") is None else f"{row['duration']:.0f}s", str(row.get("bytes")),
                    f"stopped: {row['stopped']}" if row.get("stopped") else "") for row in rows])
@@ -294,7 +303,7 @@ def cmd_sessions(args, config, store, out):
         json.dump([api.session_json(row, store.clock()) for row in rows], out)
         out.write("\n")
         return
-    _write_table(out, ("SESSION", "INSTANCE", "TYPE", "CLIENT", "TOKEN", "GATEWAY", "STARTED (UTC)", "UP", "DOWN"),
+    write_table(out, ("SESSION", "INSTANCE", "TYPE", "CLIENT", "TOKEN", "GATEWAY", "STARTED (UTC)", "UP", "DOWN"),
                  [(row.session_id, row.instance_id, row.console_type, row.client, row.token_hash[:8],
                    row.gateway_id, api.iso(row.started_at), str(row.bytes_up), str(row.bytes_down)) for row in rows])
 
@@ -331,15 +340,26 @@ def cmd_api_key(args, config, _store, out):
         raise CommandFailed(f"api_keys_file is not set in [gateway] of {config.source or 'the built-in defaults'}")
     try:
         if args.key_command == "add":
-            out.write(api.add_key(config.api_keys_file, args.name) + "\n")
+            if args.max_ttl is not None:
+                scope.check_ttl(args.max_ttl)
+            key_scope = scope.KeyScope(args.networks or (), args.types or (), args.max_ttl or 0.0)
+            out.write(api.add_key(config.api_keys_file, args.name, key_scope) + "\n")
         else:
             api.remove_key(config.api_keys_file, args.name)
             out.write(f"removed API key {args.name}; send SIGHUP to running gateways\n")
     except api.KeyFileError as error:
         raise CommandFailed(str(error)) from None
+    except scope.Invalid as error:
+        raise UsageError(str(error)) from None
 
 
 def cmd_follow(args, config, store, out):
+    try:
+        scope.check_name("instance", args.instance)
+        scope.check_mint(allow.BackendAllow.from_config(config), config.token_ttl, store_module.SERIAL,
+                         args.host, args.port, policy_module.Policy())
+    except scope.Invalid as error:
+        raise UsageError(str(error)) from None
     store.add_follow(args.instance, args.host, args.port)
     out.write(f"following {args.instance} at {args.host}:{args.port}; the gateways attach within "
               f"touch_interval ({config.touch_interval:g}s), logging to {config.console_log_dir}\n")
@@ -357,8 +377,7 @@ def cmd_log(args, config, store, out):
     data = consoles.read_log(config.console_log_dir, args.instance, args.tail)
     if data is None:
         raise CommandFailed(f"no console log for {args.instance} in {config.console_log_dir}")
-    sink = getattr(out, "buffer", None)
-    write = sink.write if sink is not None else (lambda chunk: out.write(chunk.decode("utf-8", "replace")))
+    write = log_writer(out, args.raw)
     write(data)
     out.flush()
     if args.follow:

@@ -9,8 +9,10 @@ import argparse
 import os
 import sys
 
+from vncgate import addresses
 from vncgate import config as config_module
 from vncgate import store as store_module
+from vncgate.control import scope
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -50,6 +52,20 @@ def _seconds(text):
     if value <= 0:
         raise argparse.ArgumentTypeError(f"invalid seconds {text!r}: must be a number above 0")
     return value
+
+
+def _networks(text):
+    try:
+        return addresses.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"invalid networks: {error}") from None
+
+
+def _types(text):
+    try:
+        return scope.check_types(text, store_module.CONSOLE_TYPES)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def open_store(config, busy_timeout=5.0, database=None, checkpoint_on_commit=True):

@@ -136,7 +136,7 @@ class Gateway(socketserver.ThreadingTCPServer):
             on_relaying=self._handshake_over,
             recordings=recording.Recordings.from_config(config))
         self.consoles = consoles.Consoles(config.console_log_dir, config.console_log_bytes,
-                                          config.handshake_timeout)
+                                          config.handshake_timeout, self.sessions.backend_allow)
         self.sessions.backend_openers[store_module.SERIAL] = self.consoles.open_backend
         self.housekeeper = sessions.Housekeeper(
             self.sessions, config.touch_interval, config.housekeeping_interval,
@@ -154,6 +154,11 @@ class Gateway(socketserver.ThreadingTCPServer):
         self._accept_backoff = 0.0
         self.address_family = socket.AF_INET6 if ":" in config.listen else socket.AF_INET
         super().__init__((config.listen, config.port), ConnectionHandler)
+        self.sessions.backend_allow.add_own_port(self.server_address[1])
+        if self.api and not config.backend_allow:
+            log.warning("the API is on and backend_allow is not set: API keys may mint consoles at any "
+                        "address but link-local, the gateway's own port and the store's; set backend_allow "
+                        "to the networks where consoles live")
         # Once started for sure (a bad certificate or a busy port is one error line, nothing else).
         self.config = fit_to_fd_limit(config)
 
