@@ -7,8 +7,8 @@ Usage: python3 bench/scale.py [--sessions 9500] [--fd-limit 20000] [--sample 500
 Starts a backend that greets (an RFB banner) and echoes, in one asyncio process, and
 `vncgate` under `prlimit --nofile=LIMIT:LIMIT`, then, as an operator would see it from
 outside: the gateway's startup line; handshake latency on an empty gateway; SESSIONS
-concurrent XVP sessions opened 100 at a time from 50 loopback addresses (so the default
-max_pending_per_address = 50 is kept); the gateway's PSS per session; handshake latency
+concurrent XVP sessions opened 100 at a time from 50 loopback addresses, each in a /24 of its
+own (so the default max_pending_per_address = 50, counted per /24, is kept); the gateway's PSS per session; handshake latency
 while they are open; a connect storm of STORM clients, STORM_BATCH at a time, each
 echoing a byte; a byte echoed on a SAMPLE of the held sessions (every one must still
 relay); then SIGTERM with every session open: exit status and time to exit.
@@ -34,7 +34,7 @@ ROOT = os.path.dirname(HERE)
 BANNER = b"RFB 003.008\n"
 TOKENS_PER_SESSION_CAP = 10  # the default max_sessions_per_token
 SPARE_TOKENS = 50  # for the handshakes and the storm, besides the held sessions' (10 a token)
-ADDRESSES = [f"127.0.0.{number}" for number in range(1, 51)]
+ADDRESSES = [f"127.0.{number}.1" for number in range(1, 51)]
 
 
 # -- the backend: greet, then echo; one process, one event loop ------------------------------

@@ -1078,3 +1078,25 @@ class LibvirtDomain:
         if subprocess.run(["virsh", "--connect", self.uri, "dominfo", self.name], capture_output=True,
                           timeout=60).returncode == 0:
             self.virsh("undefine", self.name)
+
+
+def http_get(port, path, source=None, timeout=10.0, headers=""):
+    """(status line, body) of one GET (from the source address, if given); ("", b"") when the
+    gateway closed without an answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                  source_address=(source, 0) if source else None) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: gateway\r\n{headers}\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0].decode("latin-1"), body
+
+
+def xvp_session(port, token):
+    """An XVP session's socket, or None (closed) when the gateway did not answer 200."""
+    sock, status, _ = xvp_connect(port, token)
+    if status != "HTTP/1.1 200 OK":
+        sock.close()
+        return None
+    return sock

@@ -38,7 +38,7 @@ PASSWORD = b"s3cret!8"
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
     process = GatewayProcess(str(tmp_path_factory.mktemp("attacks")), web_root=NOVNC, touch_interval=0.3,
-                             failed_token_burst=1000, handshake_timeout=2)
+                             failed_token_burst=100000, handshake_timeout=2)
     yield process
     assert process.stop() == 0
 

@@ -94,8 +94,8 @@ def test_clients_that_connect_and_vanish(gateway):
 
 def test_slowloris_connections_do_not_starve_good_clients(gateway):
     slow = []
-    for _ in range(50):  # from another address: an address's own connections are capped (max_pending_per_address)
-        sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10, source_address=("127.0.0.2", 0))
+    for _ in range(50):  # from another /24: an address network's own connections are capped (max_pending_per_address)
+        sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=10, source_address=("127.0.2.2", 0))
         sock.sendall(b"CONNECT /console?token=")  # one byte at a time, never finishing
         slow.append(sock)
     try:

@@ -79,15 +79,17 @@ def test_idle_sessions_hold_their_two_sockets_only(tmp_path, backend):
 def test_fd_exhaustion_answered_503_without_spinning_then_recovers(tmp_path, backend):
     gateway = GatewayProcess(str(tmp_path), wrapper=("prlimit", f"--nofile={LIMIT}:{LIMIT}"),
                              max_connections=10000, max_sessions_per_token=1000)
-    token = gateway.mint("127.0.0.1", backend.port, "xvp-vnc", "--ttl", "600")
+    # max_sessions_per_token is lowered with max_connections (to a quarter): five tokens fill it.
+    tokens = [gateway.mint("127.0.0.1", backend.port, "xvp-vnc", "--ttl", "600") for _ in range(5)]
+    token = tokens[0]
     held = int(re.search(r"holds (\d+) connections", fit_lines(gateway)[0]).group(1))
     sessions = []
     try:
         # Up to what the fd limit holds, then 503 at once: the limit is never reached this way.
         for number in range(held):
-            sessions.append(open_session(gateway, token, source=f"127.0.0.{2 + number // 40}"))
+            sessions.append(open_session(gateway, tokens[number % 5], source=f"127.0.0.{2 + number // 40}"))
         in_use = len(gateway.fds())
-        sock, status, _ = xvp_connect(gateway.port, token, source="127.0.0.200")
+        sock, status, _ = xvp_connect(gateway.port, tokens[1], source="127.0.0.200")
         sock.close()
         assert status.startswith("HTTP/1.1 503 ")
         assert rejected(gateway, "max-connections")
@@ -138,9 +140,10 @@ def _try_session(gateway, token):
 
 
 def test_one_address_idle_sockets_cannot_keep_another_from_being_served(tmp_path, backend):
+    # Addresses count by /24 network (address_prefix_v4): each client here is in a network of its own.
     gateway = GatewayProcess(str(tmp_path), max_connections=40, max_pending_per_address=5, handshake_timeout=60)
     token = gateway.mint("127.0.0.1", backend.port, "xvp-vnc", "--ttl", "600")
-    idle = [socket.create_connection(("127.0.0.1", gateway.port), source_address=("127.0.0.2", 0))
+    idle = [socket.create_connection(("127.0.0.1", gateway.port), source_address=("127.0.2.2", 0))
             for _ in range(60)]
     try:
         refused = [sock for sock in idle if harness.closed_by_peer(sock, timeout=0.2)]
@@ -148,15 +151,15 @@ def test_one_address_idle_sockets_cannot_keep_another_from_being_served(tmp_path
         lines = harness.wait_for(lambda: len(rejected(gateway, "too-many-pending")) >= 55 and
                                  rejected(gateway, "too-many-pending"))
         assert {line["status"] for line in lines} == {429}
-        assert all(line["client"].startswith("127.0.0.2:") for line in lines)
-        sock = open_session(gateway, token, source="127.0.0.3")
+        assert all(line["client"].startswith("127.0.2.2:") for line in lines)
+        sock = open_session(gateway, token, source="127.0.3.3")
         assert echoes(sock)
         sock.close()
-        with socket.create_connection(("127.0.0.1", gateway.port), source_address=("127.0.0.4", 0)) as probe:
+        with socket.create_connection(("127.0.0.1", gateway.port), source_address=("127.0.4.4", 0)) as probe:
             probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
             assert harness.read_head(probe)[0] == "HTTP/1.1 200 OK"
         # A relaying session is not pending: the same address opens more than 5 sessions.
-        many = [open_session(gateway, token, source="127.0.0.5") for _ in range(8)]
+        many = [open_session(gateway, token, source="127.0.5.5") for _ in range(8)]
         assert all(echoes(sock) for sock in many)
         for sock in many:
             sock.close()

@@ -51,6 +51,31 @@ def _not_negative(value):
     return number
 
 
+def _bytes(value):
+    """A size in bytes, 0 or more (0: no bound)."""
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
+def _percent(value):
+    number = float(value)
+    if not 0 <= number < 100:
+        raise ValueError("must be from 0 to less than 100")
+    return number
+
+
+def _prefix(bits):
+    def parse(value):
+        number = int(value)
+        if not 0 < number <= bits:
+            raise ValueError(f"must be from 1 to {bits}")
+        return number
+    parse.__name__ = "int"
+    return parse
+
+
 def _bool(value):
     words = {"true": True, "yes": True, "on": True, "1": True,
              "false": False, "no": False, "off": False, "0": False}
@@ -123,7 +148,12 @@ PARSERS = {
     "failed_token_burst": _positive(int),
     "failed_token_rate": _positive(float),
     "handshake_timeout": _positive(float),
+    "request_head_timeout": _positive(float),
+    "address_prefix_v4": _prefix(32),
+    "address_prefix_v6": _prefix(128),
     "audit_log": _text,
+    "audit_max_bytes": _bytes,
+    "audit_keep": _positive(int),
     "metrics_allow": _networks,
     "backend_allow": _backend_allow,
     # console policies
@@ -142,6 +172,8 @@ PARSERS = {
     "record_all": _bool,
     "record_max_bytes": _positive(int),
     "record_keep_days": _positive(float),
+    "record_dir_max_bytes": _bytes,
+    "record_min_free": _percent,
 }
 
 # Where an installed noVNC is found when web_root = auto.
@@ -174,7 +206,12 @@ class Config:
     failed_token_burst: int = 10
     failed_token_rate: float = 1.0
     handshake_timeout: float = 10.0
+    request_head_timeout: float = 3.0  # the request head's own deadline, inside handshake_timeout
+    address_prefix_v4: int = 24  # per-address shares and failures: one per /24 ...
+    address_prefix_v6: int = 64  # ... and one per /64
     audit_log: str = ""
+    audit_max_bytes: int = 100 << 20  # the audit file rotated past this; 0: never (logrotate's job)
+    audit_keep: int = 5  # rotated audit files kept
     metrics_allow: tuple = _networks("127.0.0.0/8, ::1")
     # Where consoles may be reached (addresses.Reach items); empty: anywhere but link-local,
     # the gateway's own port and the store (console.allow).
@@ -194,6 +231,8 @@ class Config:
     record_all: bool = False
     record_max_bytes: int = 1 << 30
     record_keep_days: float = 30.0
+    record_dir_max_bytes: int = 10 << 30  # record_dir as a whole; the oldest finished pruned; 0: no bound
+    record_min_free: float = 5.0  # percent of the filesystem kept free: no recording below it
     source: str = ""  # the file read, "" when built-in defaults only (not a key)
 
     @property
@@ -216,8 +255,8 @@ class Config:
 DEFAULTS = {field.name: field.default for field in dataclasses.fields(Config) if field.name != "source"}
 
 # key -> what it does, one Markdown sentence or two: docs/configuration.md is generated from these,
-# the defaults above and the parsers (python3 -m vncgate.config --reference). A key without a line
-# here fails tests/test_docs.py.
+# the defaults above and the parsers (python3 -m vncgate.reference > docs/configuration.md). A key
+# without a line here fails tests/test_docs.py.
 KEY_DOCS = {
     "listen": "Address to bind.",
     "port": "The one port: XVP, WebSocket, TLS, the web side and the API.",
@@ -255,6 +294,17 @@ KEY_DOCS = {
     "handshake_timeout": "Seconds a client has to send its request; also the backend's connect budget and the "
                          "store's wait (at most 5 s).",
     "audit_log": "File for the JSON-lines audit events; empty: standard error.",
+    "request_head_timeout": "Seconds a client has to send its whole request head (and finish its TLS handshake), "
+                            "inside `handshake_timeout` (see [limits](limits.md)).",
+    "address_prefix_v4": "Client addresses share `max_pending_per_address` and the failed-token bucket by "
+                         "network: one per IPv4 /N (1 to 32).",
+    "address_prefix_v6": "The same for IPv6: one per /N (1 to 128).",
+    "audit_max_bytes": "The audit file is rotated past this many bytes (`0`: never, e.g. when logrotate does it).",
+    "audit_keep": "Older audit files kept on rotation (`audit_log.1` is the newest).",
+    "record_dir_max_bytes": "The whole `record_dir`'s bound (`0`: none): past it the oldest finished recordings "
+                            "are deleted; live ones never.",
+    "record_min_free": "Percent of `record_dir`'s filesystem kept free: below it no recording starts and live "
+                       "ones stop (the sessions go on).",
     "metrics_allow": "Addresses or networks that may read `/metrics`; others get `403`.",
     "resume_grace": "Seconds after a `--single-use` token's session drops during which its client may reconnect.",
     "paste_max_chars": "Longest clipboard text a `--paste-as-keys` session types (a longer one is not typed).",
@@ -354,7 +404,8 @@ def check_database(database, where):
 
 
 def _kind(parse):
-    kinds = {"int": "a whole number", "float": "a number", "_not_negative": "a number", "_port": "a port number"}
+    kinds = {"int": "a whole number", "float": "a number", "_not_negative": "a number", "_port": "a port number",
+             "_bytes": "a whole number", "_percent": "a number"}
     return kinds.get(parse.__name__, "valid")
 
 
@@ -365,51 +416,3 @@ def _resolve_web_root(value, base_dir):
         return ""
     return value if os.path.isabs(value) else os.path.join(base_dir, value)
 
-
-def _shown(value: object) -> str:
-    """A default as it is written in the ini file."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, tuple):
-        return ", ".join(str(item.network_address) if isinstance(item, (ipaddress.IPv4Network, ipaddress.IPv6Network))
-                         and item.prefixlen == item.max_prefixlen else str(item) for item in value)
-    return str(value)
-
-
-def reference() -> str:
-    """docs/configuration.md: every key, its default, what it accepts and does (from Config, PARSERS
-    and KEY_DOCS: the one source)."""
-    lines = ["# Configuration reference: `vncgate.ini`", "",
-             "<!-- Generated by `python3 -m vncgate.config --reference > docs/configuration.md` from",
-             "     vncgate/config.py (Config, PARSERS, KEY_DOCS); tests/test_docs.py fails when they differ. -->",
-             "",
-             "Both commands read `-c FILE`, else `$VNCGATE_CONFIG`, else `./vncgate.ini`, else the built-in "
-             "defaults. One `[gateway]` section; every key has a default, and the shipped `vncgate.ini` lists "
-             "them all with comments. Relative paths are taken from the ini file's folder.",
-             "",
-             "| key | default | accepts | meaning |", "| --- | --- | --- | --- |"]
-    for key, default in DEFAULTS.items():
-        accepts = _ACCEPTS.get(PARSERS[key].__name__, "see its meaning")
-        shown = f"`{_shown(default)}`" if _shown(default) else "(empty)"
-        lines.append(f"| `{key}` | {shown} | {accepts} | {KEY_DOCS[key]} |")
-    lines += ["", "A bad file is refused with one line naming the file, the key and the problem, e.g.",
-              "`vncgate.ini: [gateway] port: must be from 1 to 65535, got '70000'`; the gateway exits 1.", ""]
-    return "\n".join(lines)
-
-
-# a parser's name -> what the reference says it accepts
-_ACCEPTS = {"_text": "text", "_port": "1 to 65535", "int": "a whole number above 0", "float": "a number above 0",
-            "_not_negative": "a number, 0 or more", "_bool": "true or false",
-            "_origins": "origins, comma or space separated", "_networks": "addresses or networks",
-            "_key_prefix": "a word without spaces", "_frame_ancestors": "origins, comma or space separated",
-            "_backend_allow": "networks with optional ports"}
-
-
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:] != ["--reference"]:
-        sys.exit("usage: python3 -m vncgate.config --reference > docs/configuration.md")
-    sys.stdout.write(reference())

@@ -41,6 +41,8 @@ REASONS = {
     "throttled": Answer(429, "Too many failed attempts from this address; try again shortly."),
     # capacity and outages
     "max-connections": Answer(503, _BUSY),
+    "shed": Answer(503, _BUSY),  # closed in its request head to make room at max_connections
+    "store-timeout": Answer(503, _BUSY),  # the store did not answer within the request's deadline
     "store-unavailable": Answer(503, _BUSY),
     "no-free-fds": Answer(503, _BUSY),
     "too-many-pending": Answer(429, "Too many connections from this address are still opening; try again shortly."),

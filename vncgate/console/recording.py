@@ -46,6 +46,7 @@ __all__ = ["FBS_MAGIC", "INPUT_MAGIC", "PREFIX", "SESSION_ID", "BlockWriter", "H
 log = logging.getLogger("vncgate.console.recording")
 
 SESSION_ID = re.compile(r"[0-9a-f]{6,64}")
+SPACE_CHECK = 8 << 20  # bytes a recorder writes between two looks at the free space
 
 
 class Handshake:
@@ -102,7 +103,9 @@ class Recorder:
     """Writes one session. server() and client() are called by the relay's two threads with
     each chunk before it is passed on; finish() once the session is over."""
 
-    def __init__(self, folder, session_id, meta, max_bytes, on_stop, at_server_init, clock=time.monotonic):
+    def __init__(self, folder, session_id, meta, max_bytes, on_stop, at_server_init, clock=time.monotonic,
+                 space_left=lambda: True):
+        """space_left(): False once the filesystem is below record_min_free (asked every SPACE_CHECK bytes)."""
         self.folder = folder
         self.session_id = session_id
         self.meta = meta
@@ -111,6 +114,8 @@ class Recorder:
         self.clock = clock
         self.started = clock()
         self.stopped = None  # why recording ended before the session, if it did
+        self.space_left = space_left
+        self._next_space_check = SPACE_CHECK
         self.handshake = None if at_server_init else Handshake()
         self._lock = threading.Lock()
         writers = []
@@ -147,7 +152,7 @@ class Recorder:
         here (called once following is over). Returns whether the pipe was drained (False only
         when the file refused them)."""
         with self._lock:
-            if self.stopped or self._too_big(self.output, count):
+            if self.stopped or self._too_big(self.output, count) or self.stopped:
                 chunk = relay_module.read_pipe(read_end, count)  # the last chunk before the limit
                 if not self.stopped:
                     self._take_locked(chunk, True)
@@ -196,6 +201,11 @@ class Recorder:
             self._stop("record-unsupported", "no ServerInit in the first 64 KiB")
 
     def _too_big(self, writer, length):
+        if self.size >= self._next_space_check:  # the free-space floor, looked at now and then
+            self._next_space_check = self.size + SPACE_CHECK
+            if not self.space_left():
+                self._stop("record-min-free", "the filesystem is below record_min_free")
+                return True
         return self.size + writer.block_size(length) > self.max_bytes
 
     def _ms(self):
@@ -204,6 +214,8 @@ class Recorder:
     def _write(self, chunk, from_server):
         writer = self.output if from_server else self.input
         full = self._too_big(writer, len(chunk))
+        if self.stopped:  # below the free-space floor: nothing more is written
+            return
         if full:  # what fits is written: the replay plays up to the cut
             chunk = chunk[:max(0, self.max_bytes - self.size - 8) & ~3]
         try:
@@ -261,6 +273,13 @@ def _remove(folder, session_id):
             pass
 
 
+def _names(folder):
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
+
+
 def _write_json(path, value):
     temporary = path + ".tmp"
     with open(temporary, "w", encoding="utf-8", opener=lambda name, flags: os.open(name, flags, 0o600)) as handle:
@@ -271,29 +290,80 @@ def _write_json(path, value):
 class Recordings:
     """The record_dir: starting recorders, listing, purging, and playing recordings back."""
 
-    def __init__(self, folder, record_all=False, max_bytes=1 << 30, keep_days=30.0, clock=time.time):
+    def __init__(self, folder, record_all=False, max_bytes=1 << 30, keep_days=30.0, clock=time.time,
+                 dir_max_bytes=0, min_free=0.0):
+        """dir_max_bytes: the whole folder's bound (0: none), the oldest finished recordings pruned
+        past it; min_free: percent of the filesystem below which no recording starts or goes on."""
         self.folder = folder
         self.record_all = record_all
         self.max_bytes = max_bytes
         self.keep_days = keep_days
         self.clock = clock
+        self.dir_max_bytes = dir_max_bytes
+        self.min_free = min_free
+        self._pruning = threading.Lock()
 
     @classmethod
     def from_config(cls, config):
-        return cls(config.record_dir, config.record_all, config.record_max_bytes, config.record_keep_days)
+        return cls(config.record_dir, config.record_all, config.record_max_bytes, config.record_keep_days,
+                   dir_max_bytes=config.record_dir_max_bytes, min_free=config.record_min_free)
 
     def wanted(self, details):
         return not details.replay and (details.record or self.record_all)
 
+    def space_left(self):
+        """Whether the folder's filesystem has more than min_free percent free."""
+        if not self.min_free:
+            return True
+        try:
+            found = os.statvfs(self.folder)
+        except OSError:
+            return True  # no folder yet: makedirs will say what is wrong
+        return found.f_bavail * 100 > self.min_free * found.f_blocks
+
+    def prune(self):
+        """Delete the oldest finished recordings until the folder is within dir_max_bytes (live
+        ones, whose metadata has no duration yet, are never deleted); returns how many went."""
+        if not self.dir_max_bytes or not self._pruning.acquire(blocking=False):
+            return 0
+        try:
+            sizes = {}
+            for name in _names(self.folder):
+                try:
+                    sizes[name] = os.stat(os.path.join(self.folder, name)).st_size
+                except OSError:
+                    pass
+            total, gone = sum(sizes.values()), 0
+            for meta in self.list():  # oldest first
+                if total <= self.dir_max_bytes:
+                    break
+                session_id = meta["session_id"]
+                if meta.get("duration") is None:
+                    continue  # live, or its gateway died mid-session: kept for the purge by age
+                total -= sum(sizes.get(session_id + suffix, 0) for suffix in (".fbs", ".input", ".json"))
+                _remove(self.folder, session_id)
+                gone += 1
+            if gone:
+                log.info("record_dir over record_dir_max_bytes: deleted the %d oldest recordings", gone)
+            return gone
+        finally:
+            self._pruning.release()
+
     def recorder(self, session, on_stop):
-        """A Recorder for session; None (logged) when record_dir cannot be written."""
+        """A Recorder for session; None (logged, and on_stop told) when record_dir cannot be
+        written or its filesystem is below record_min_free."""
         meta = {"format": "vncgate-recording 1", "session_id": session.id,
                 "instance_id": session.details.instance_id, "console_type": session.details.console_type,
                 "started_at": round(session.started, 3), "duration": None, "bytes": 0}
+        if not self.space_left():
+            log.warning("session %s: not recorded: %s is below record_min_free", session.id, self.folder)
+            on_stop("record-min-free", f"{self.folder} is below record_min_free ({self.min_free}%)")
+            return None
         try:
             os.makedirs(self.folder, mode=0o700, exist_ok=True)
+            self.prune()
             return Recorder(self.folder, session.id, meta, self.max_bytes, on_stop,
-                            at_server_init=session.security is not None)
+                            at_server_init=session.security is not None, space_left=self.space_left)
         except OSError as error:
             log.error("session %s: cannot record in %s: %s", session.id, self.folder, error)
             on_stop("record-failed", f"cannot write in {self.folder}: {error.strerror}")

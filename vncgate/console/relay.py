@@ -57,6 +57,7 @@ __all__ = ["BUFFER_SIZE", "CAN_SPLICE", "CAN_TEE", "COPY_SIZE", "PIPES", "PIPE_S
            "splice_out", "splices", "tapped", "tee", "tune"]
 
 COPY_SIZE = 64 * 1024  # a spliced direction's chunk when no pipe is free
+LINGER = 1.0  # seconds the backend's last bytes may still flow after the client's side ended
 
 
 class Ended(OSError):
@@ -237,6 +238,7 @@ class Relay:
         self.last_active = time.monotonic()
         self.end_reason = None
         self.woken = False  # stop() has shut both sockets down
+        self.linger = LINGER
         self._lock = threading.Lock()
 
     @classmethod
@@ -274,15 +276,23 @@ class Relay:
 
     def run(self):
         """Relay in this thread and one helper thread; returns when both ways are done."""
-        for sock in self.sockets:
-            sock.settimeout(None)
-            tune(sock)
-        helper = threading.Thread(target=self.downstream.pump, args=(self,), name="relay-down", daemon=True)
-        helper.start()
-        self.upstream.pump(self)
-        helper.join()
-        for sock in self.sockets:
-            sock.close()
+        try:
+            for sock in self.sockets:
+                sock.settimeout(None)
+                tune(sock)
+            helper = threading.Thread(target=self.downstream.pump, args=(self,), name="relay-down", daemon=True)
+            helper.start()
+            self.upstream.pump(self)
+            # The client's side is over (it went, or stop()): the backend's bytes in flight get a
+            # short linger, then both ends close. A VNC session has no half-close to keep open:
+            # a console that keeps its connection and says nothing must not keep the session.
+            helper.join(self.linger)
+            if helper.is_alive():
+                self.stop(self.end_reason or "client-closed")
+                helper.join()
+        finally:
+            for sock in self.sockets:
+                sock.close()
         return self.end_reason
 
     def ended(self, direction):

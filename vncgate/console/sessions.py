@@ -29,6 +29,7 @@ from vncgate.console import policy as policy_module
 from vncgate.console.housekeeping import Housekeeper, Listener
 from vncgate.net import fds, tls
 from vncgate.refusals import Refused
+from vncgate.store import watch
 
 # The housekeeper moved to housekeeping.py; it stays importable from here (front.server uses it).
 __all__ = ["CHECKPOINT_INTERVAL", "Housekeeper", "Listener", "Session", "SessionManager"]
@@ -59,6 +60,12 @@ class Session:
         self.enforcement = None  # a policy_module.Enforcement when the policy reads the client's stream
         self.use = None  # a single-use token's use: "consumed" or "resumed"
         self.resume_cookie = None  # the cookie its client may come back with (the websocket path)
+
+    @property
+    def extra_fds(self):
+        """The fds this session holds besides its two sockets."""
+        return ((fds.RECORDED_EXTRA if self.recorder else 0)
+                + (fds.SERIAL_EXTRA if self.details.console_type == store_module.SERIAL else 0))
 
     @property
     def needs_greeting(self):
@@ -100,7 +107,7 @@ class Session:
 
 
 class SessionManager:
-    def __init__(self, store, audit, backend_timeout, throttle, heartbeat, settings, backend_tls=None,
+    def __init__(self, store, audit, backend_timeout, heartbeat, settings, backend_tls=None,
                  on_relaying=lambda: None, recordings=None, backend_allow=None):
         """settings: the policy keys of the config (resume_grace, paste_max_chars, input_idle_timeout)
         and max_sessions_per_token; backend_tls: the ssl context for consoles that speak VeNCrypt
@@ -113,18 +120,21 @@ class SessionManager:
         self.backend_allow = backend_allow or allow.BackendAllow.from_config(settings)
         self.audit = audit
         self.backend_timeout = backend_timeout
-        self.throttle = throttle
         self.heartbeat_interval = heartbeat
         self.backend_tls = backend_tls
         self.on_relaying = on_relaying
         self.gateway_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
         self._live = {}
         self._per_token = collections.Counter()  # token hash -> sessions open or opening
+        self.extra_fds = 0  # fds the live sessions hold beyond their two sockets (fds.RECORDED_EXTRA...)
         self._to_record = {}  # session id -> Session, not in the shared list yet
         self._to_remove = set()  # session ids to take out of it
         self.store_work = threading.Event()  # set when there is something to write
         self._lock = threading.Lock()
         self._store_down = False
+        # Handshakes answered 503 at once while the store hangs; a Redis call bounded as a whole
+        # (its client's retries and reconnects each have a timeout of their own).
+        self.breaker = watch.Breaker(deadline=0.8 * backend_timeout if store.pushes_events else None)
         self._stopping_all = False
         self._next_checkpoint = 0.0
         # console type -> open_backend(details, timeout) for types not reached by backends.open_backend
@@ -138,26 +148,27 @@ class SessionManager:
              resume_cookie: Optional[str] = None) -> "Session":
         """Validate the token and reach its backend; returns a Session or raises Refused.
         resume_cookie: the cookie the client presented, which lets a single-use token's client
-        back in from another address when it is the one a gateway issued last for this token."""
+        back in from another address when it is the one a gateway issued last for this token.
+        Whatever fails on the way (Refused or not), the token's share, the backend, the single
+        use and the recorder taken so far are given back before it is raised. Failed attempts
+        are counted against the client's address by the caller (the throttle is the front's)."""
         fields = {"client": client, "path": path, "console_type": console_type}
         address = client.rsplit(":", 1)[0]
-        if not self.throttle.allowed(address):
-            raise Refused("throttled", **fields)
         if not token:
-            self.throttle.failed(address)
             raise Refused("no-token", **fields)
         fields["token_id"] = store_module.hash_token(token)[:8]
-        details = self._validate(token, console_type, address, fields)
+        details = self._validate(token, console_type, fields)
         fields["instance_id"] = details.instance_id
         self._take_token_share(details.token_hash, fields)
         try:
             session = self._reach(details, client, path, conn, address, (token, resume_cookie), fields)
-        except Refused:
+        except BaseException:
             self._give_back_token_share(details.token_hash)
             raise
         with self._lock:
             self._live[session.id] = session
             self._to_record[session.id] = session
+            self.extra_fds += session.extra_fds
         self.store_work.set()
         if not isinstance(session.security, rfb.RfbError):
             self.audit.record("attempt", **session.audit_fields(), result="accepted", status=200,
@@ -178,13 +189,23 @@ class SessionManager:
                 log.info("backend %s:%s for %s: %s", details.host, details.port, details.instance_id, error)
                 raise Refused(error.reason, error.detail, **fields) from None
         session = Session(details, client, path, backend, leftover, conn)
+        try:
+            self._prepare(session, player if details.replay else None, address, resume, fields)
+        except BaseException:
+            self._abandon(session)
+            raise
+        return session
+
+    def _prepare(self, session, player, address, resume, fields):
+        """The session's policy, backend security, single use and recorder."""
+        details = session.details
         session.policy = policy_module.Policy.from_json(details.policy)
         # A replay has no input. A serial console's bytes are not RFB: they are enforced as a stream.
         serial = details.console_type == store_module.SERIAL
         if not details.replay and session.policy.reads_stream(self.settings):
             session.enforcement = policy_module.Enforcement(session.policy, self.settings, session.stop,
                                                             stream=serial)
-        if details.replay:
+        if player is not None:
             session.security = player.error  # None: the player greets the viewer itself
         elif details.backend_tls or details.backend_password is not None or (session.enforcement and not serial):
             # The gateway reads a policy's stream from ClientInit on: it does the handshake itself.
@@ -194,7 +215,15 @@ class SessionManager:
         if self.recordings.wanted(details) and not isinstance(session.security, rfb.RfbError):
             session.recorder = self.recordings.recorder(session, lambda reason, detail: self.audit.record(
                 "recording-stopped", **session.audit_fields(), recording=session.id, reason=reason, detail=detail))
-        return session
+
+    def _abandon(self, session):
+        """Give back what a session that never registered took: its use, backend, recorder."""
+        try:
+            self._release(session)
+        finally:
+            session.backend.close()
+            if session.recorder:
+                session.recorder.finish()
 
     def _consume(self, session: "Session", address: str, resume: tuple, fields: dict) -> str:
         """One use of a single-use token. resume: (token, the cookie presented or None). Each use
@@ -212,10 +241,8 @@ class SessionManager:
             session.resume_cookie = issued
             return use
         except store_module.TokenRejected as rejected:
-            session.backend.close()
             raise Refused(rejected.reason, **fields) from None
         except store_module.StoreError as error:
-            session.backend.close()
             raise Refused("store-unavailable", str(error), **fields) from None
 
     def _release(self, session):
@@ -253,7 +280,6 @@ class SessionManager:
                         details.host, details.port, error)
             if error.reason != "backend-tls-failed":
                 return error
-            session.backend.close()
             raise Refused(error.reason, error.detail, **fields) from None
 
     def greet(self, session, read_exact, write):
@@ -284,11 +310,10 @@ class SessionManager:
             log.warning("single-use state not released: %s", error)
             return None
 
-    def _validate(self, token, console_type, address, fields):
+    def _validate(self, token, console_type, fields):
         try:
-            details = self.store.validate(token, console_type)
+            details = self.breaker.call(self.store.validate, token, console_type)
         except store_module.TokenRejected as rejected:
-            self.throttle.failed(address)
             raise Refused(rejected.reason, **fields) from None
         except store_module.StoreError as error:
             if fds.exhausted():  # the store could not open a file: not its outage
@@ -303,42 +328,47 @@ class SessionManager:
         return details
 
     def run(self, session, relay):
-        """Relay the session to its end, then unregister and audit it."""
-        session.start(relay)
-        self.on_relaying()
-        if session.enforcement:
-            session.enforcement.start()
+        """Relay the session to its end, then unregister and audit it (whatever ended it)."""
+        reason = "internal-error"
         try:
+            session.start(relay)
+            self.on_relaying()
+            if session.enforcement:
+                session.enforcement.start()
             reason = relay.run()
         finally:
             if session.enforcement:
                 session.enforcement.cancel()
             self._forget(session)
-            self._release(session)
-        violation = session.enforcement.violation if session.enforcement else None
-        self.audit.record("session-end", **session.audit_fields(), reason=reason,
-                          bytes_up=relay.bytes_up, bytes_down=relay.bytes_down,
-                          duration=round(time.time() - session.started, 3),
-                          **({"detail": violation} if violation else {}),
-                          **(session.recorder.finish() if session.recorder else {}))
+            try:
+                self._release(session)
+            finally:
+                session.backend.close()  # closed by the relay already, unless it failed
+                violation = session.enforcement.violation if session.enforcement else None
+                self.audit.record("session-end", **session.audit_fields(), reason=reason,
+                                  bytes_up=relay.bytes_up, bytes_down=relay.bytes_down,
+                                  duration=round(time.time() - session.started, 3),
+                                  **({"detail": violation} if violation else {}),
+                                  **(session.recorder.finish() if session.recorder else {}))
 
     def discard(self, session):
-        """A session whose client went away before the relay started."""
-        self._forget(session)
-        self._release(session)
-        session.backend.close()
-        if session.recorder:
-            session.recorder.finish()
+        """A session whose client went away before the relay started (or whose path failed
+        before it): given back once, however often this is called."""
+        if self._forget(session):
+            self._abandon(session)
 
     def _forget(self, session):
+        """Unregister a session; False when it was not registered (any more)."""
         with self._lock:
             if self._live.pop(session.id, None) is None:
-                return
+                return False
             if self._to_record.pop(session.id, None) is None:  # written already: remove its row
                 self._to_remove.add(session.id)
+            self.extra_fds -= session.extra_fds
         self._give_back_token_share(session.details.token_hash)
         if not self._stopping_all:  # at a stop, the housekeeper's last round writes them all
             self.store_work.set()
+        return True
 
     def write_session_list(self):
         """Write the sessions that started and ended since the last call to the shared list, then

@@ -76,6 +76,7 @@ class _Call:
         self.audit = {"client": client, "method": request.method, "path": request.path, "key": "-",
                       "action": "-"}
         self.body_unread = False
+        self.key = "-"  # the client's address network (what bad keys are counted by)
         self.scope = KeyScope()  # the key's, once it is known
 
 
@@ -87,6 +88,8 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints):
         self.config = gateway.config
         self._keys = read_keys(self.config.api_keys_file)  # KeyFileError: the gateway does not start
         self._rate = throttle.FailureThrottle(self.config.api_burst, self.config.api_rate)
+        # Bad API keys per address network: a bucket of their own, apart from console failures.
+        self._bad_keys = throttle.FailureThrottle(self.config.failed_token_burst, self.config.failed_token_rate)
         self._routes = [
             _Route("/consoles", {"POST": self.create_console, "GET": self.list_consoles,
                                  "DELETE": self.revoke_by_instance}),
@@ -116,6 +119,7 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints):
             self._serve_admin(conn, request, deadline)
             return
         call = _Call(request, client)
+        call.key = self.gateway.address_key(client.rsplit(":", 1)[0])
         try:
             status, payload = self._handle(call, conn, leftover, deadline)
             call.audit.update(result="ok", status=status)
@@ -131,7 +135,12 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints):
             fault = Refused("internal-error", type(error).__name__)
             status, payload = fault.status, {"error": fault.sentence}
             call.audit.update(result="rejected", **fault.audit_fields())
-        self.gateway.audit.record("api", **call.audit)
+        if call.audit["key"] == "-" and status >= 400:
+            call.audit["path"] = "-"  # unauthenticated: nothing of what the caller chose is written
+        if call.audit.get("reason") == "throttled":  # an address out of bad keys: its lines sampled
+            self.gateway.audit.sampled(call.key, "api", **call.audit)
+        else:
+            self.gateway.audit.record("api", **call.audit)
         headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store"),
                    ("X-Content-Type-Options", "nosniff")]
         if status == 405:
@@ -168,11 +177,13 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints):
                 raise Refused("method-not-allowed")
             with open(OPENAPI_FILE, "rb") as handle:
                 return 200, handle.read()
-        handler, arguments = self._route(call)
+        # The key first, before routing and the Origin: whatever a stranger sends costs its address
+        # a bad key (and, once out of them, a sampled audit line); it learns nothing of the routes.
+        self._authenticate(call)
         origin = request.header("origin")
         if origin and not websocket.origin_allowed(origin, self.config):
             raise Refused("origin-not-allowed", "API call from a foreign page")
-        self._authenticate(call)
+        handler, arguments = self._route(call)
         body = self._read_body(call, conn, leftover, deadline) if request.method == "POST" else None
         return handler(call, body, *arguments)
 
@@ -192,11 +203,8 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints):
 
     def _authenticate(self, call):
         """The key's name, or Refused: one answer for a missing, wrong or removed key, after the
-        same work (a hash and a comparison with every key)."""
-        address = call.audit["client"].rsplit(":", 1)[0]
-        failures = self.gateway.sessions.throttle
-        if not failures.allowed(address):
-            raise Refused("throttled", "too many bad API keys from this address")
+        same work (a hash and a comparison with every key). A valid key is admitted whatever
+        its address's failures; bad ones are counted per address network, apart from consoles'."""
         scheme, _, presented = call.request.header("authorization").partition(" ")
         digest = hash_key(presented.strip() if scheme.lower() == "bearer" else "")
         name = None
@@ -205,7 +213,9 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints):
                 name = candidate
                 call.scope = expected.scope
         if name is None:
-            failures.failed(address)
+            if not self._bad_keys.allowed(call.key):
+                raise Refused("throttled", "too many bad API keys from this address")
+            self._bad_keys.failed(call.key)
             raise Refused("bad-api-key", "missing, unknown or removed API key")
         call.audit["key"] = name
         if not self._rate.take(name):

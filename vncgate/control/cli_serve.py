@@ -12,6 +12,7 @@ import threading
 
 from vncgate import config as config_module
 from vncgate import logs
+from vncgate import store as store_module
 from vncgate.control import api
 from vncgate.control.cli_common import CommandFailed, _Parser, _port_in, open_store, run_reporting_errors
 
@@ -51,9 +52,13 @@ def serve_main(argv=None):
         config = dataclasses.replace(config, **overrides)
         # A handshake waits for a locked database no longer than it may take as a whole.
         # Checkpoints are the housekeeper's (sessions.Housekeeper), never a handshake's commit.
-        store = open_store(config, busy_timeout=min(5.0, config.handshake_timeout), checkpoint_on_commit=False)
+        # Redis retries a timed-out call twice: each attempt gets under a third of that, so that a hung
+        # Redis still lets the handshake be answered within handshake_timeout.
+        wait = min(5.0, config.handshake_timeout)
+        store = open_store(config, busy_timeout=wait * 0.3 if store_module.is_redis_url(config.database) else wait,
+                           checkpoint_on_commit=False)
         try:
-            audit = audit_module.Audit.open(config.audit_log)
+            audit = audit_module.Audit.open(config.audit_log, config.audit_max_bytes, config.audit_keep)
         except OSError as error:
             raise CommandFailed(f"cannot open audit log {config.audit_log}: {error.strerror}") from None
         try:

@@ -27,21 +27,28 @@ from vncgate.console import serial as consoles
 from vncgate.front import throttle, web, websocket, xvp
 from vncgate.net import fds, http, tls
 from vncgate.refusals import Refused
+from vncgate.store import watch as store_watch
 
 log = logging.getLogger("vncgate.front.server")
+
+SHED_AT_ONCE = 64  # connections being closed to make room at most (each holds its fds until its thread ends)
 
 
 class ConnectionHandler(socketserver.BaseRequestHandler):
     def handle(self):
         gateway, conn = self.server, self.request
         client = f"{self.client_address[0]}:{self.client_address[1]}"
-        deadline = time.monotonic() + gateway.config.handshake_timeout
+        started = time.monotonic()
+        deadline = started + gateway.config.handshake_timeout
+        # The request head (and a TLS handshake before it) has a shorter deadline of its own.
+        head_deadline = min(deadline, started + gateway.config.request_head_timeout)
         path = "-"
         try:
-            conn = self._maybe_tls(conn, deadline, client)
+            conn = self._maybe_tls(conn, head_deadline, client)
             if conn is None:
                 return
-            request, leftover = http.read_request(conn, deadline)
+            request, leftover = http.read_request(conn, head_deadline)
+            gateway.head_read(self.request)
             if request.method == "CONNECT":
                 path = "xvp"
                 xvp.serve(gateway, conn, request, leftover, client)
@@ -57,7 +64,9 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             else:  # the web side answers its files, and 405 to any method but GET and HEAD
                 path = "web"
                 web.serve(gateway, conn, request, client)
-        except Refused as refusal:
+        except Refused as refused:
+            refusal = Refused("shed", "closed in its request head to make room") if gateway.was_shed(
+                self.request) else refused
             self._refuse(conn, refusal, path, client)
         except OSError as error:
             log.debug("%s: connection ended during the handshake: %s", client, error)
@@ -87,19 +96,34 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             return tls.accept(gateway.tls_context, conn, deadline,
                               on_wrapped=lambda wrapped: gateway.track(conn, wrapped))
         except tls.HandshakeFailed as error:
-            gateway.audit.record("attempt", client=client, path="tls", result="rejected", reason=error.reason,
-                                 detail=error.detail)
+            self._audit_failure(error.reason, "attempt", client=client, path="tls", result="rejected",
+                                reason=error.reason, detail=error.detail)
             return None
 
     def _refuse(self, conn, refusal, path, client):
+        gateway = self.server
         fields = refusal.fields or {"client": client, "path": path}
         # A file or page the web side cannot give is a "request" line, not a console attempt.
         event = "request" if path == "web" else "attempt"
-        self.server.audit.record(event, **fields, result="rejected", **refusal.audit_fields())
+        key = gateway.address_key(self.client_address[0])
+        if not gateway.failures.charge(key, refusal.reason):  # valid credentials never get here
+            refusal = Refused("throttled", f"{refusal.reason}, from an address out of failures")
+            gateway.audit.sampled(key, event, **fields, result="rejected", **refusal.audit_fields())
+        else:
+            gateway.audit.record(event, **fields, result="rejected", **refusal.audit_fields())
         try:
             conn.sendall(http.error_response(refusal.status, refusal.sentence, refusal.reply_headers))
         except OSError:
             pass  # the client is gone; the audit line says what it was told
+
+    def _audit_failure(self, reason, event, /, **fields):
+        """An audit line of a failure no answer can be sent for: charged, sampled once throttled."""
+        gateway = self.server
+        key = gateway.address_key(self.client_address[0])
+        if gateway.failures.charge(key, reason):
+            gateway.audit.record(event, **fields)
+        else:
+            gateway.audit.sampled(key, event, **fields)
 
 
 def _asks_for_websocket(request):
@@ -128,9 +152,10 @@ class Gateway(socketserver.ThreadingTCPServer):
         self.config = config
         self.store = store
         self.audit = audit
+        # Failed attempts per address network; charged only once credentials were found invalid.
+        self.failures = throttle.FailureThrottle(config.failed_token_burst, config.failed_token_rate)
         self.sessions = sessions.SessionManager(
             store, audit, backend_timeout=config.handshake_timeout,
-            throttle=throttle.FailureThrottle(config.failed_token_burst, config.failed_token_rate),
             heartbeat=config.touch_interval, settings=config,
             backend_tls=tls.backend_context(config.backend_ca, config.backend_cert, config.backend_key),
             on_relaying=self._handshake_over,
@@ -140,13 +165,17 @@ class Gateway(socketserver.ThreadingTCPServer):
         self.sessions.backend_openers[store_module.SERIAL] = self.consoles.open_backend
         self.housekeeper = sessions.Housekeeper(
             self.sessions, config.touch_interval, config.housekeeping_interval,
-            tasks=(lambda: self.consoles.sync(store.list_follows()),))
+            tasks=(lambda: self.consoles.sync(store.list_follows()), self.sessions.recordings.prune))
+        self.prober = store_watch.Prober(store.ping)  # /healthz's bounded look at the store
+        self.prober = store_watch.Prober(store.ping)  # /healthz's bounded look at the store
         self.tls_context = tls.server_context(config.cert, config.key) if config.cert else None
         self.api = control_plane(self) if control_plane else None
         self._connections = {}  # accepted socket -> what it is now (itself, or its TLS wrapper)
         self._pending = collections.Counter()  # client address -> its connections not relaying yet
         self._handshaking = {}  # accepted socket -> client address, until it relays
         self._handshake = threading.local()  # .request: this handler thread's, until it relays
+        self._in_head = {}  # accepted socket -> None, oldest first: still reading its request head
+        self._shed = set()  # sockets closed to make room, until their thread ends
         self._lock = threading.Lock()
         self._all_ended = threading.Condition(self._lock)
         self._spare = fds.Spare()
@@ -161,6 +190,7 @@ class Gateway(socketserver.ThreadingTCPServer):
                         "to the networks where consoles live")
         # Once started for sure (a bad certificate or a busy port is one error line, nothing else).
         self.config = fit_to_fd_limit(config)
+        self.sessions.settings = self.config  # max_sessions_per_token may have been lowered
 
     def serve_forever(self, poll_interval=0.1):
         self.housekeeper.start()
@@ -198,22 +228,51 @@ class Gateway(socketserver.ThreadingTCPServer):
         self._accept_backoff = min(0.5, max(0.01, 2 * self._accept_backoff))
         self.pause(self._accept_backoff)  # short enough for shutdown() to stay prompt
 
+    def address_key(self, address):
+        """What per-address shares and failures count by (throttle.address_key's network)."""
+        return throttle.address_key(address, self.config.address_prefix_v4, self.config.address_prefix_v6)
+
     def process_request(self, request, client_address):
-        address = client_address[0]
+        key = self.address_key(client_address[0])
+        shed = None
         with self._lock:
-            if len(self._connections) >= self.config.max_connections:
+            if self._pending[key] >= self.config.max_pending_per_address:
+                refusal = Refused("too-many-pending", f"{self._pending[key]} connections in handshake")
+            elif self._full() and not (self._in_head and len(self._shed) < SHED_AT_ONCE):
                 refusal = Refused("max-connections")
-            elif self._pending[address] >= self.config.max_pending_per_address:
-                refusal = Refused("too-many-pending", f"{self._pending[address]} connections in handshake")
             else:
                 refusal = None
+                if self._full():
+                    # Full: the oldest connection still sending its request head makes room.
+                    shed = next(iter(self._in_head))
+                    del self._in_head[shed]
+                    self._shed.add(shed)
+                    shed = self._connections[shed]
                 self._connections[request] = request
-                self._pending[address] += 1
-                self._handshaking[request] = address
+                self._pending[key] += 1
+                self._handshaking[request] = key
+                self._in_head[request] = None
+        if shed is not None:
+            tls.wake(shed)
         if refusal is not None:
             self._reject(request, client_address, refusal)
             return
         super().process_request(request, client_address)
+
+    def _full(self):
+        """max_connections reached, counting the extra fds of recorded and serial sessions
+        (fds.RECORDED_EXTRA...) as connections' worth (called holding the lock)."""
+        held = len(self._connections) - len(self._shed) + (self.sessions.extra_fds + 1) // fds.PER_CONNECTION
+        return held >= self.config.max_connections
+
+    def head_read(self, request):
+        """request's head is in: from now on it is not shed to make room."""
+        with self._lock:
+            self._in_head.pop(request, None)
+
+    def was_shed(self, request):
+        with self._lock:
+            return request in self._shed
 
     def _reject(self, request, client_address, refusal):
         """Refused before any thread is started for it: one audit line, the answer, closed."""
@@ -233,6 +292,8 @@ class Gateway(socketserver.ThreadingTCPServer):
             self._handshake_over()
             with self._lock:
                 self._connections.pop(request, None)
+                self._in_head.pop(request, None)
+                self._shed.discard(request)
                 if not self._connections:
                     self._all_ended.notify_all()
 
@@ -242,10 +303,11 @@ class Gateway(socketserver.ThreadingTCPServer):
         if request is None:
             return
         with self._lock:
-            address = self._handshaking.pop(request)
-            self._pending[address] -= 1
-            if not self._pending[address]:
-                del self._pending[address]
+            key = self._handshaking.pop(request)
+            self._in_head.pop(request, None)
+            self._pending[key] -= 1
+            if not self._pending[key]:
+                del self._pending[key]
 
     def track(self, plain, wrapped):
         """Follow a connection into its TLS wrapper, so that stop() can still wake it."""
@@ -271,6 +333,10 @@ class Gateway(socketserver.ThreadingTCPServer):
 
     def handle_error(self, request, client_address):
         log.exception("unexpected error serving %s:%s", *client_address[:2])
+
+    def threads(self):
+        """{name: up} of the gateway's long-lived threads (vncgate_thread_up, /healthz)."""
+        return self.housekeeper.threads()
 
     def connection_count(self):
         with self._lock:
@@ -298,15 +364,26 @@ class Gateway(socketserver.ThreadingTCPServer):
             self.housekeeper.stop()  # after every session ended: it writes their end to the store
         self.consoles.stop()  # after the housekeeper, which syncs the follows
         self._spare.close()
+        self.sessions.breaker.close()
 
 
 def fit_to_fd_limit(config):
-    """The config with max_connections no larger than the fd limit holds; says so in one line."""
-    room, fd_limit, reserved = fds.connections_allowed(2 * relay.PIPES.limit)
+    """The config with max_connections no larger than the fd limit holds; says so in one line.
+    The splice pipe pool is sized to the limit first. When max_connections is lowered, the
+    shares of one address and one token are lowered with it (to a quarter), warned once."""
+    fd_limit = fds.limit()
+    relay.PIPES.limit = fds.pipes(fd_limit, relay.PIPES.limit)
+    room, fd_limit, reserved = fds.connections_allowed(2 * relay.PIPES.limit, fd_limit)
     fit = (f"fd limit {fd_limit} holds {room} connections ({fds.PER_CONNECTION} fds each, {reserved} "
            f"reserved for splice pipes, the store and files)")
-    if config.max_connections > room:
-        log.warning("%s: max_connections lowered from %d to %d", fit, config.max_connections, room)
-        return dataclasses.replace(config, max_connections=room)
-    log.info("%s: max_connections = %d", fit, config.max_connections)
-    return config
+    if config.max_connections <= room:
+        log.info("%s: max_connections = %d", fit, config.max_connections)
+        return config
+    log.warning("%s: max_connections lowered from %d to %d", fit, config.max_connections, room)
+    share = max(1, room // 4)
+    lowered = {key: share for key in ("max_pending_per_address", "max_sessions_per_token")
+               if getattr(config, key) > share}
+    if lowered:
+        log.warning("with max_connections = %d: %s", room,
+                    ", ".join(f"{key} lowered from {getattr(config, key)} to {share}" for key in lowered))
+    return dataclasses.replace(config, max_connections=room, **lowered)

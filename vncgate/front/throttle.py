@@ -7,8 +7,33 @@ slowed. Buckets refill continuously; full ones are forgotten, so memory stays
 bounded by the addresses failing right now.
 """
 
+import functools
+import ipaddress
 import threading
 import time
+
+# Refusals a client brings on itself (bad or missing credentials, malformed or unwanted
+# requests): each one costs its address a token of the failure bucket, and an address
+# whose bucket is empty gets 429 (its lines sampled) instead of the answer.
+FAILURES = frozenset({
+    "bad-request", "handshake-timeout", "tls-required", "tls-not-configured", "tls-handshake-failed", "bad-upgrade",
+    "origin-not-allowed", "not-found", "not-allowed-here", "method-not-allowed", "no-token", "unknown-token",
+    "expired-token", "wrong-console-type", "sealed-password-unreadable", "refused-consumed", "shed",
+})
+
+
+@functools.lru_cache(maxsize=4096)
+def address_key(address: str, v4_prefix: int = 24, v6_prefix: int = 64) -> str:
+    """The key a client address is counted by (pending connections, failures): its IPv4
+    /v4_prefix or IPv6 /v6_prefix network, so that one host's many addresses count as one.
+    An IPv4-mapped IPv6 address counts as IPv4; anything else that is not an address, as itself."""
+    try:
+        ip = ipaddress.ip_address(address.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return address
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    prefix = v4_prefix if ip.version == 4 else v6_prefix
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
 class FailureThrottle:
@@ -41,6 +66,11 @@ class FailureThrottle:
         now = self.clock()
         with self._lock:
             self._spend(address, now)
+
+    def charge(self, key: str, reason: str) -> bool:
+        """Count a refusal against key's bucket when it is the client's own failure (FAILURES);
+        False when the bucket was empty already: the client is then told "throttled" instead."""
+        return reason not in FAILURES or self.take(key)
 
     def _spend(self, key, now):
         if len(self._buckets) >= self.max_addresses:

@@ -183,12 +183,16 @@ def content_type(name):
 
 # -- health and metrics ---------------------------------------------------------------
 
+HEALTH_WAIT = 0.8  # seconds /healthz waits for the store's answer (its reply is due within 1 s)
+
+
 def health(gateway, client):
-    """ok or unavailable, and nothing else: the reason is for the operator's log, not the world."""
-    try:
-        gateway.store.ping()
-    except store_module.StoreError as error:
-        log.debug("%s: /healthz: %s", client, error)
+    """ok or unavailable, and nothing else: the reason is for the operator's log, not the world.
+    Unavailable: the store does not answer within HEALTH_WAIT (or its breaker is open), or a
+    long-lived thread is down."""
+    down = [name for name, up in gateway.threads().items() if not up]
+    if down or gateway.sessions.breaker.open or not gateway.prober.alive(HEALTH_WAIT):
+        log.debug("%s: /healthz: unavailable (threads down: %s)", client, ", ".join(down) or "none")
         return 503, "text/plain; charset=utf-8", b"unavailable\n"
     return 200, "text/plain; charset=utf-8", b"ok"
 
@@ -224,11 +228,19 @@ def _families(gateway):
           ({"direction": "down"}, sum(down for _, down in live_counts))]),
         ("vncgate_handshakes_total", "counter", "Console attempts by client path and result.",
          [({"path": path, "result": result}, count) for (path, result), count in sorted(handshakes.items())]),
+        ("vncgate_audit_dropped_total", "counter", "Audit lines the disk refused (full, failing).",
+         [({}, audit.dropped)]),
+        ("vncgate_audit_suppressed_total", "counter",
+         "Audit lines left out of a sampled source (an address out of failures).", [({}, audit.suppressed)]),
+        ("vncgate_thread_up", "gauge", "1 while a long-lived thread runs and its last round worked.",
+         [({"thread": name}, int(up)) for name, up in sorted(gateway.threads().items())]),
     ]
-    try:
-        tokens = gateway.store.count_by_state()
-    except store_module.StoreError:
-        tokens = None
+    tokens = None
+    if not gateway.sessions.breaker.open and gateway.prober.alive(HEALTH_WAIT):  # a hung store: no wait
+        try:
+            tokens = gateway.store.count_by_state()
+        except store_module.StoreError:
+            pass
     if tokens is not None:
         families.append(("vncgate_tokens", "gauge", "Tokens in the store by state.",
                          [({"state": state}, count) for state, count in sorted(tokens.items())]))

@@ -39,15 +39,23 @@ def serve(gateway, conn, request, leftover, client, console_type=store.WEBSOCKET
     secure = isinstance(conn, ssl.SSLSocket)
     session = gateway.sessions.open(token, console_type, path, client, conn,
                                     resume_cookie=request.cookie(policy.resume_cookie_name(secure)) or None)
+    try:  # whatever fails before the relay runs, the session is given back (discard: once)
+        relayed = _relay(gateway, conn, session, secure, leftover, accept, subprotocol)
+    except BaseException:
+        gateway.sessions.discard(session)
+        raise
+    if relayed is not None:
+        gateway.sessions.run(session, relayed)
+
+
+def _relay(gateway, conn, session, secure, leftover, accept, subprotocol):
+    """The upgrade's answer, the gateway's RFB greeting if it does one, and the session's Relay;
+    None when the session ended in its greeting."""
     stream = tls.TlsStream(conn) if secure else conn
     # A single-use token: every use gets a new cookie of the gateway's, by which its browser may
     # come back, from another address too.
     cookie = [policy.resume_cookie_header(session.resume_cookie, secure)] if session.use else []
-    try:
-        stream.sendall(wsframes.upgrade_response(accept, subprotocol, cookie))
-    except OSError:
-        gateway.sessions.discard(session)
-        raise
+    stream.sendall(wsframes.upgrade_response(accept, subprotocol, cookie))
     sender = wsframes.Sender(stream)
     sink = ClientSink(sender)
     if session.needs_greeting:
@@ -58,7 +66,7 @@ def serve(gateway, conn, request, leftover, client, console_type=store.WEBSOCKET
             # The RFB reason (if any) went in binary messages; a close frame ends the WebSocket
             # cleanly, so a browser reports a closed connection, not 1006.
             sender.close(wsframes.NORMAL)
-            return
+            return None
         timed.lift()
     else:
         source = ClientSource(stream, sender, leftover)
@@ -66,13 +74,13 @@ def serve(gateway, conn, request, leftover, client, console_type=store.WEBSOCKET
     to_backend = BackendSink(backend)
     if session.client_filter:
         to_backend = session.client_filter(to_backend)
-    gateway.sessions.run(session, relay.Relay(
+    return relay.Relay(
         stream, backend,
         upstream=relay.CopyDirection("client", relay.tapped(source, recorder and recorder.client), to_backend),
         # The backend's bytes are spliced (a frame header, then the payload from a kernel pipe)
         # unless either side is TLS.
         downstream=relay.from_backend(backend, sink, session.backend_leftover, recorder,
-                                      splice=relay.splices(stream, backend))))
+                                      splice=relay.splices(stream, backend)))
 
 
 def origin_allowed(origin, config):

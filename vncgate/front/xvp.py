@@ -20,18 +20,18 @@ def serve(gateway: Gateway, conn: socket.socket | TlsStream, request: Request, l
     """The XVP path: 200 once the console is open, the gateway's RFB greeting when it does the
     security itself, then the relay."""
     session = gateway.sessions.open(request.query_value("token"), store.XVP, "xvp", client, conn)
-    try:
+    try:  # whatever fails before the relay runs, the session is given back (discard: once)
         conn.sendall(OK)
-    except OSError:
+        if session.needs_greeting:
+            # The gateway's own RFB handshake ends by one deadline, however the client drips bytes.
+            timed = relay.DeadlineSocket(conn, gateway.config.handshake_timeout)
+            reader = relay.ChunkReader(relay.SocketSource(timed), initial=leftover)
+            if not gateway.sessions.greet(session, reader.read_exact, timed.sendall):
+                return
+            leftover = reader.surplus
+        relayed = relay.Relay.raw(conn, session.backend, session.backend_leftover, leftover,
+                                  upstream_sink=session.client_filter, recorder=session.recorder)
+    except BaseException:
         gateway.sessions.discard(session)
         raise
-    if session.needs_greeting:
-        # The gateway's own RFB handshake ends by one deadline, however the client drips bytes.
-        timed = relay.DeadlineSocket(conn, gateway.config.handshake_timeout)
-        reader = relay.ChunkReader(relay.SocketSource(timed), initial=leftover)
-        if not gateway.sessions.greet(session, reader.read_exact, timed.sendall):
-            return
-        leftover = reader.surplus
-    gateway.sessions.run(session, relay.Relay.raw(conn, session.backend, session.backend_leftover, leftover,
-                                                  upstream_sink=session.client_filter,
-                                                  recorder=session.recorder))
+    gateway.sessions.run(session, relayed)
