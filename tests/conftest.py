@@ -5,10 +5,8 @@ import pytest
 
 from tests import harness
 from tests.harness import (
-    ApiClient,
     FakeBackend,
     FakeClock,
-    GatewayProcess,
     Qemu,
     RedisServer,
     check_openapi,
@@ -97,17 +95,7 @@ def on_each_store(run_token, tmp_path, database):
 def api_gateway(tmp_path):
     """A gateway with the control-plane API on, a key named "ops", and a urllib client holding it.
     Every response the test got is checked against the OpenAPI document at teardown."""
-    port = harness.free_port()
-    keys = tmp_path / "api-keys"
-    keys.write_text("# vncgate API keys\n")
-    gateway = GatewayProcess(str(tmp_path), bind_port=port, public_url=f"http://127.0.0.1:{port}",
-                             web_root=harness.NOVNC, api_keys_file=str(keys), touch_interval=0.3,
-                             failed_token_burst=1000)
-    added = gateway.token_cli("api-key", "add", "ops")
-    assert added.returncode == 0, added.stderr
-    gateway.key = added.stdout.strip()
-    gateway.reload_keys(1)
-    gateway.api = ApiClient(gateway.port, gateway.key)
+    gateway = harness.start_api_gateway(str(tmp_path), touch_interval=0.3)
     yield gateway
     assert gateway.stop() == 0
     check_openapi(gateway.api.responses)

@@ -97,7 +97,7 @@ def port_open(port, host="127.0.0.1"):
 class Qemu:
     """qemu-system-x86_64 with no disk: SeaBIOS shows its text and stays there."""
 
-    def __init__(self, extra_vnc="", monitor=False, trace_keys=None, tls_dir=None):
+    def __init__(self, extra_vnc="", monitor=False, trace_keys=None, tls_dir=None, extra_args=()):
         """trace_keys: a file where qemu logs every key event its VNC server takes (see key_events).
         tls_dir: a folder of x509 credentials (CertificateAuthority.qemu_dir): the console
         speaks VeNCrypt and asks its clients for a certificate from the same authority."""
@@ -108,7 +108,7 @@ class Qemu:
         if tls_dir:
             argv += ["-object", f"tls-creds-x509,id=tls0,dir={tls_dir},endpoint=server,verify-peer=on"]
             extra_vnc += ",tls-creds=tls0"
-        argv += ["-vnc", f"127.0.0.1:{self.display}{extra_vnc}"]
+        argv += ["-vnc", f"127.0.0.1:{self.display}{extra_vnc}", *extra_args]
         if monitor:
             argv += ["-monitor", "stdio"]
         if trace_keys:
@@ -349,6 +349,23 @@ class GatewayProcess:
                     assert not leaked, f"{path} shows token-shaped words: {leaked[:3]}"
 
 
+def start_api_gateway(folder, **settings):
+    """A GatewayProcess with the control-plane API on, a key named "ops" (.key), and an
+    ApiClient holding it (.api); settings as GatewayProcess's."""
+    port = free_port()
+    keys = os.path.join(folder, "api-keys")
+    with open(keys, "w") as handle:
+        handle.write("# vncgate API keys\n")
+    settings = {"public_url": f"http://127.0.0.1:{port}", "web_root": NOVNC, "failed_token_burst": 1000, **settings}
+    gateway = GatewayProcess(folder, bind_port=port, api_keys_file=keys, **settings)
+    added = gateway.token_cli("api-key", "add", "ops")
+    assert added.returncode == 0, added.stderr
+    gateway.key = added.stdout.strip()
+    gateway.reload_keys(1)
+    gateway.api = ApiClient(gateway.port, gateway.key)
+    return gateway
+
+
 def xvp_connect(port, token, timeout=10.0, host="127.0.0.1", source=None):
     """Open an XVP session (from the source address, if given); returns (socket, status line,
     bytes after the head)."""
@@ -494,7 +511,7 @@ def fake_rfb_server(password, banner=b"RFB 003.008\n", types=(2,), fail_reason=b
 SERVER_INIT = struct.pack("!HHBBBBHHHBBB3xI", 640, 480, 32, 24, 0, 1, 255, 255, 255, 16, 8, 0, 4) + b"test"
 
 
-def rfb_server_streaming(chunks, minor=8, answer=b""):
+def rfb_server_streaming(chunks, minor=8, answer=b"", server_init=SERVER_INIT):
     """An RFB server without security (type None) that, after ClientInit, sends SERVER_INIT and
     then each of chunks, and then waits for the client to leave; the client's bytes after the
     handshake go to backend.received, each read of them answered with `answer`."""
@@ -509,7 +526,7 @@ def rfb_server_streaming(chunks, minor=8, answer=b""):
             if minor == 8:
                 sock.sendall(struct.pack("!I", 0))
         recv_exactly(sock, 1)  # ClientInit
-        sock.sendall(SERVER_INIT)
+        sock.sendall(server_init)
         for chunk in chunks:
             sock.sendall(chunk)
         while data := sock.recv(65536):
@@ -576,8 +593,12 @@ def raw_exchange(port, request, source="127.0.0.1", context=None):
     with sock:
         sock.sendall(request)
         head, rest = read_until_blank_line(sock)
-    lines = head.decode("latin-1").split("\r\n")
-    return lines[0], response_headers(lines[1:]), rest
+        lines = head.decode("latin-1").split("\r\n")
+        headers = response_headers(lines[1:])
+        length = headers.get("content-length", "")
+        if length.isdigit() and not request.startswith(b"HEAD ") and len(rest) < int(length):
+            rest += recv_exactly(sock, int(length) - len(rest))  # the body may come in later segments
+    return lines[0], headers, rest
 
 
 def response_headers(lines):
@@ -1007,6 +1028,21 @@ class ApiClient:
         return status, reply_headers, parsed
 
 
+    def screenshot(self, token_id, query=""):
+        """(status, headers, PNG bytes or the parsed JSON error) of GET /consoles/{token_id}/screenshot."""
+        path = f"/consoles/{token_id}/screenshot{query}"
+        request = urllib.request.Request(self.base + "/api/v1" + path, headers={"Authorization": f"Bearer {self.key}"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                status, reply_headers, raw = response.status, response.headers, response.read()
+        except urllib.error.HTTPError as error:
+            status, reply_headers, raw = error.code, error.headers, error.read()
+        body = raw if status == 200 else json.loads(raw)
+        assert reply_headers["Content-Type"] == ("image/png" if status == 200 else "application/json"), status
+        self.responses.append(("GET", path.partition("?")[0], status, body))
+        return status, reply_headers, body
+
+
 def check_openapi(responses):
     """Every (method, path, status, body) must be a response the OpenAPI document describes."""
     from openapi_schema_validator import OAS31Validator
@@ -1024,6 +1060,9 @@ def check_openapi(responses):
             assert described, f"{method} {path}: status {status} is not in the OpenAPI document"
             if "$ref" in described:
                 described = document["components"]["responses"][described["$ref"].rsplit("/", 1)[1]]
+            if "image/png" in described["content"]:
+                assert isinstance(body, bytes) and body.startswith(b"\x89PNG\r\n\x1a\n"), (method, path)
+                continue
             schema = described["content"]["application/json"]["schema"]
         OAS31Validator({**schema, "components": document["components"]}).validate(body)
 

@@ -288,3 +288,24 @@ def test_a_store_outage_is_a_503_and_the_api_still_answers(api_gateway):
     outages = [line for line in api_gateway.audit() if line["event"] == "api" and line.get("status") == 503]
     assert [line["reason"] for line in outages] == ["store-unavailable", "store-unavailable"]
     assert not os.path.exists(os.path.join(api_gateway.folder, "tokens.db"))  # never silently recreated
+
+
+def test_sessions_show_the_bytes_of_this_gateways_sessions_as_they_move(tmp_path, vnc):
+    """The operator's page showed 0 bytes for a live session until the next heartbeat
+    (touch_interval, 30 s by default): this gateway's own sessions are counted live."""
+    gateway = harness.start_api_gateway(str(tmp_path))
+    api = gateway.api
+    try:
+        minted = api.call("POST", "/consoles", {"host": "127.0.0.1", "port": vnc.port, "type": "xvp-vnc"})[2]
+        sock, status, rest = xvp_connect(gateway.port, minted["token"])
+        with sock:
+            assert status == "HTTP/1.1 200 OK"
+            harness.recv_exactly(sock, 12 - len(rest))
+            sock.sendall(b"x" * 1000)
+            harness.recv_exactly(sock, 1000)
+            # Counted once passed on: the echo may reach this socket a moment before its count grows.
+            harness.wait_for(lambda: [(row["bytes_up"], row["bytes_down"]) for row in api.call("GET", "/sessions")[2]]
+                             == [(1000, 1012)], timeout=5, interval=0.25, message="the session's bytes")
+    finally:
+        assert gateway.stop() == 0
+    harness.check_openapi(api.responses)

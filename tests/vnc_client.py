@@ -26,11 +26,16 @@ class XvpVNCDoToolClient(VNCDoToolClient):
         return super().dataReceived(rest) if rest else None
 
 
-def xvp_screenshot(port, token, path, timeout=30):
-    """Connect through the gateway's XVP path and save a screenshot of the console."""
+def xvp_client(port, token, timeout=30):
+    """A vncdotool client connected through the gateway's XVP path (disconnect() it)."""
     factory = type("XvpFactory", (VNCDoToolFactory,), {"protocol": XvpVNCDoToolClient,
                                                        "xvp_target": f"/console?token={token}"})
-    client = api.connect(f"127.0.0.1::{port}", factory_class=factory, timeout=timeout)
+    return api.connect(f"127.0.0.1::{port}", factory_class=factory, timeout=timeout)
+
+
+def xvp_screenshot(port, token, path, timeout=30):
+    """Connect through the gateway's XVP path and save a screenshot of the console."""
+    client = xvp_client(port, token, timeout)
     try:
         client.captureScreen(path)
     finally:

@@ -45,7 +45,7 @@ _TOKEN_SHAPED = re.compile(r"(?<![A-Za-z0-9-])(vgk_)?(?=[A-Za-z0-9_-]{0,42}[a-z]
 REDACTED = "<redacted>"
 
 
-def redact(value):
+def redact(value: object) -> object:
     """A field's value with every token-shaped word replaced: whatever a client sent where a
     name or an id goes (DELETE /api/v1/consoles/TOKEN), a token never reaches the audit file."""
     if isinstance(value, str):

@@ -5,12 +5,15 @@ raises ConfigError whose message names the file, the key and the problem in one
 line, because that line is all an operator sees.
 """
 
+from __future__ import annotations
+
 import configparser
 import dataclasses
 import ipaddress
 import os
 import re
 import urllib.parse
+from collections.abc import Callable
 
 from vncgate import addresses, store
 
@@ -23,19 +26,19 @@ class ConfigError(Exception):
     """A configuration problem a user can fix; str() is one line."""
 
 
-def _text(value):
+def _text(value: str) -> str:
     return value.strip()
 
 
-def _port(value):
+def _port(value: str) -> int:
     port = int(value)
     if not 1 <= port <= 65535:
         raise ValueError("must be from 1 to 65535")
     return port
 
 
-def _positive(kind):
-    def parse(value):
+def _positive(kind: type[float]) -> Callable[[str], float]:
+    def parse(value: str) -> float:
         number = kind(value)
         if number <= 0:
             raise ValueError("must be greater than 0")
@@ -44,14 +47,14 @@ def _positive(kind):
     return parse
 
 
-def _not_negative(value):
+def _not_negative(value: str) -> float:
     number = float(value)
     if number < 0:
         raise ValueError("must be 0 or more")
     return number
 
 
-def _bytes(value):
+def _bytes(value: str) -> int:
     """A size in bytes, 0 or more (0: no bound)."""
     number = int(value)
     if number < 0:
@@ -59,15 +62,15 @@ def _bytes(value):
     return number
 
 
-def _percent(value):
+def _percent(value: str) -> float:
     number = float(value)
     if not 0 <= number < 100:
         raise ValueError("must be from 0 to less than 100")
     return number
 
 
-def _prefix(bits):
-    def parse(value):
+def _prefix(bits: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
         number = int(value)
         if not 0 < number <= bits:
             raise ValueError(f"must be from 1 to {bits}")
@@ -76,7 +79,7 @@ def _prefix(bits):
     return parse
 
 
-def _bool(value):
+def _bool(value: str) -> bool:
     words = {"true": True, "yes": True, "on": True, "1": True,
              "false": False, "no": False, "off": False, "0": False}
     try:
@@ -85,7 +88,7 @@ def _bool(value):
         raise ValueError("must be true or false") from None
 
 
-def _origins(value):
+def _origins(value: str) -> tuple[str, ...]:
     return tuple(item for item in (part.strip() for part in value.replace(",", " ").split()) if item)
 
 
@@ -102,14 +105,14 @@ def _frame_ancestors(value: str) -> tuple:
     return sources
 
 
-def _key_prefix(value):
+def _key_prefix(value: str) -> str:
     value = value.strip()
     if not value or any(char.isspace() for char in value):
         raise ValueError("must be a non-empty word without spaces")
     return value
 
 
-def _networks(value):
+def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     """Addresses or CIDR networks, separated by commas or spaces."""
     try:
         return tuple(ipaddress.ip_network(item, strict=False) for item in _origins(value))
@@ -117,7 +120,7 @@ def _networks(value):
         raise ValueError(f"must be addresses or networks ({error})") from None
 
 
-def _backend_allow(value):
+def _backend_allow(value: str) -> tuple[addresses.Reach, ...]:
     """Networks and port ranges where consoles live (vncgate.addresses' syntax)."""
     try:
         return addresses.parse(value)
@@ -172,6 +175,10 @@ PARSERS = {
     "record_all": _bool,
     "record_max_bytes": _positive(int),
     "record_keep_days": _positive(float),
+    "screenshot_max_concurrent": _positive(int),
+    "screenshot_timeout": _positive(float),
+    "screenshot_max_pixels": _positive(int),
+    "screenshot_key_file": _text,
     "record_dir_max_bytes": _bytes,
     "record_min_free": _percent,
 }
@@ -231,12 +238,16 @@ class Config:
     record_all: bool = False
     record_max_bytes: int = 1 << 30
     record_keep_days: float = 30.0
+    screenshot_max_concurrent: int = 4  # screenshots in flight on one gateway; more answer 503
+    screenshot_timeout: float = 10.0  # seconds for one screenshot, from connect to the last pixel
+    screenshot_max_pixels: int = 3840 * 2160  # a larger console is refused before any buffer is made
+    screenshot_key_file: str = ""  # the gateways' own key: passwords sealed under it too (screenshots)
     record_dir_max_bytes: int = 10 << 30  # record_dir as a whole; the oldest finished pruned; 0: no bound
     record_min_free: float = 5.0  # percent of the filesystem kept free: no recording below it
     source: str = ""  # the file read, "" when built-in defaults only (not a key)
 
     @property
-    def base_url(self):
+    def base_url(self) -> str:
         """public_url, or the URL of the listening address when it is not set."""
         if self.public_url:
             return self.public_url.rstrip("/")
@@ -247,86 +258,15 @@ class Config:
         return f"{scheme}://{host}:{self.port}"
 
     @property
-    def public_origin(self):
+    def public_origin(self) -> str:
         parts = urllib.parse.urlsplit(self.base_url)
         return f"{parts.scheme}://{parts.netloc}".lower()
 
 
 DEFAULTS = {field.name: field.default for field in dataclasses.fields(Config) if field.name != "source"}
 
-# key -> what it does, one Markdown sentence or two: docs/configuration.md is generated from these,
-# the defaults above and the parsers (python3 -m vncgate.reference > docs/configuration.md). A key
-# without a line here fails tests/test_docs.py.
-KEY_DOCS = {
-    "listen": "Address to bind.",
-    "port": "The one port: XVP, WebSocket, TLS, the web side and the API.",
-    "public_url": "Base of the access URLs handed to users, as users reach the gateway. Empty: "
-                  "`http(s)://{listen}:{port}`; set it behind NAT or a DNS name.",
-    "database": "The token store: an SQLite file (a relative path is taken from the ini file's folder), or a "
-                "Redis URL: `redis://[:PASSWORD@]HOST:PORT/DB`, `rediss://…` (TLS), "
-                "`redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT…]/SERVICE/DB` (needs the `[redis]` extra; "
-                "see [several hosts](cluster.md)).",
-    "key_prefix": "Redis only: the start of every key and of the revocation channel, so several deployments "
-                  "can share one Redis.",
-    "token_ttl": "TOKEN_LIFE: seconds a token can open new connections (`vncgate-token add --ttl` overrides).",
-    "idle_timeout": "IDLE_TIMEOUT: seconds without use before a token counts as idle.",
-    "touch_interval": "How often live sessions touch their tokens and notice revocation.",
-    "housekeeping_interval": "How often tokens both expired and idle are deleted.",
-    "web_root": "noVNC's files for plain GET; `auto`: `/usr/share/novnc` (or `/usr/local/share/novnc`) when "
-                "installed, else off (`off`).",
-    "allowed_origins": "WebSocket and API `Origin`s accepted besides `public_url`'s own.",
-    "frame_ancestors": "Origins (CSP host-sources: `*.` host wildcards and ports allowed) whose pages may frame "
-                       "the console pages, besides the gateway's own; set: `X-Frame-Options` is left out "
-                       "(see [security](security.md)).",
-    "backend_allow": "Networks and port ranges where consoles may be (`10.20.0.0/16:5900-6100, 192.0.2.7:2323, "
-                     "[fd00:1::/64]:5900-5999`); unset: anywhere but link-local, the gateway's own port and the "
-                     "store (see [security](security.md#where-consoles-may-be-backend_allow)).",
-    "cert": "PEM certificate for TLS on the same port (set `cert` and `key` both or neither); `SIGHUP` reloads it.",
-    "key": "PEM private key of `cert`.",
-    "tls_only": "With `cert`/`key`: answer plain connections `400` (\"TLS only\").",
-    "max_connections": "Connections beyond this are answered `503` at once; lowered at start (with a warning) to "
-                       "what the fd limit holds (see [many sessions](sessions.md)).",
-    "max_pending_per_address": "Connections one client address may have that are not relaying yet (request, TLS, "
-                               "token, backend, RFB security); beyond: `429` at once.",
-    "max_sessions_per_token": "Live sessions one token may have on this gateway; beyond: `409`.",
-    "failed_token_burst": "Failed console attempts (bad or missing token) one client address may make in a burst.",
-    "failed_token_rate": "Failed attempts per second given back to each address; beyond them: `429`.",
-    "handshake_timeout": "Seconds a client has to send its request; also the backend's connect budget and the "
-                         "store's wait (at most 5 s).",
-    "audit_log": "File for the JSON-lines audit events; empty: standard error.",
-    "request_head_timeout": "Seconds a client has to send its whole request head (and finish its TLS handshake), "
-                            "inside `handshake_timeout` (see [limits](limits.md)).",
-    "address_prefix_v4": "Client addresses share `max_pending_per_address` and the failed-token bucket by "
-                         "network: one per IPv4 /N (1 to 32).",
-    "address_prefix_v6": "The same for IPv6: one per /N (1 to 128).",
-    "audit_max_bytes": "The audit file is rotated past this many bytes (`0`: never, e.g. when logrotate does it).",
-    "audit_keep": "Older audit files kept on rotation (`audit_log.1` is the newest).",
-    "record_dir_max_bytes": "The whole `record_dir`'s bound (`0`: none): past it the oldest finished recordings "
-                            "are deleted; live ones never.",
-    "record_min_free": "Percent of `record_dir`'s filesystem kept free: below it no recording starts and live "
-                       "ones stop (the sessions go on).",
-    "metrics_allow": "Addresses or networks that may read `/metrics`; others get `403`.",
-    "resume_grace": "Seconds after a `--single-use` token's session drops during which its client may reconnect.",
-    "paste_max_chars": "Longest clipboard text a `--paste-as-keys` session types (a longer one is not typed).",
-    "input_idle_timeout": "Seconds without a key or pointer event after which any session closes; `0`: off. "
-                          "A token's `--input-idle` overrides it.",
-    "api_keys_file": "Turns on `/api/v1/` and `/admin/`: one `NAME:SHA256-HEX` a line; `SIGHUP` rereads it. "
-                     "Empty: no API.",
-    "api_burst": "API requests one key may make in a burst.",
-    "api_rate": "API requests per second given back to each key; beyond them: `429`.",
-    "backend_ca": "CA file that consoles' VeNCrypt certificates must chain to; empty: the system's trust store.",
-    "backend_cert": "PEM client certificate presented to consoles that ask for one (with `backend_key`).",
-    "backend_key": "Private key of `backend_cert`.",
-    "console_log_dir": "Where followed serial consoles' logs are kept (relative: from the ini file's folder).",
-    "console_log_bytes": "The most each followed console's log keeps on disk (its newest bytes).",
-    "record_dir": "Folder of session recordings (relative: from the ini file's folder).",
-    "record_all": "Record every console session, not only those of tokens minted with `--record`.",
-    "record_max_bytes": "A recording stops at this size (both files together); the session goes on.",
-    "record_keep_days": "`vncgate-token purge` deletes recordings older than this.",
-}
 
-
-def find_file(explicit=None):
+def find_file(explicit: str | None = None) -> str | None:
     """The file to read: -c, else $VNCGATE_CONFIG, else ./vncgate.ini if present."""
     if explicit:
         return explicit
@@ -335,7 +275,7 @@ def find_file(explicit=None):
     return DEFAULT_FILE if os.path.exists(DEFAULT_FILE) else None
 
 
-def load(path=None):
+def load(path: str | None = None) -> Config:
     """Read the config; path=None means find_file(). Raises ConfigError."""
     path = find_file(path)
     if path is None:
@@ -373,7 +313,7 @@ def _finish(raw, base_dir, source):
 
     check_database(values["database"], f"{source}: [{SECTION}] database")
     for key in ("database", "cert", "key", "audit_log", "api_keys_file", "backend_ca", "backend_cert", "backend_key",
-                "console_log_dir", "record_dir"):
+                "console_log_dir", "record_dir", "screenshot_key_file"):
         if values[key] and not os.path.isabs(values[key]) and not store.is_redis_url(values[key]):
             values[key] = os.path.join(base_dir, values[key])
     values["web_root"] = _resolve_web_root(values["web_root"], base_dir)
@@ -389,7 +329,26 @@ def _finish(raw, base_dir, source):
     return Config(source=source, **values)
 
 
-def check_database(database, where):
+MIN_KEY_BYTES = 16
+
+
+def read_key_file(path: str) -> bytes | None:
+    """The gateways' own sealing key from screenshot_key_file (None when it is not set): its
+    bytes, surrounding whitespace stripped. Raises ConfigError naming the file."""
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            key = handle.read().strip()
+    except OSError as error:
+        raise ConfigError(f"cannot read screenshot_key_file {path}: {error.strerror}") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise ConfigError(f"screenshot_key_file {path} holds {len(key)} bytes; a key is at least {MIN_KEY_BYTES} "
+                          "(e.g. head -c 32 /dev/urandom | base64)")
+    return key
+
+
+def check_database(database: str, where: str) -> None:
     """A file path, or a Redis URL the store can use; raises ConfigError starting with where.
     The message never shows a password."""
     if store.is_redis_url(database):
@@ -403,13 +362,13 @@ def check_database(database, where):
         raise ConfigError(f"{where}: must be a file path or one of {store.URL_FORMS}, got {database!r}")
 
 
-def _kind(parse):
+def _kind(parse: Callable[[str], object]) -> str:
     kinds = {"int": "a whole number", "float": "a number", "_not_negative": "a number", "_port": "a port number",
              "_bytes": "a whole number", "_percent": "a number"}
     return kinds.get(parse.__name__, "valid")
 
 
-def _resolve_web_root(value, base_dir):
+def _resolve_web_root(value: str, base_dir: str) -> str:
     if value.lower() == "auto":
         return next((path for path in NOVNC_DIRS if os.path.isfile(os.path.join(path, "vnc.html"))), "")
     if value.lower() in ("", "off", "none"):

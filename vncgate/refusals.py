@@ -62,6 +62,13 @@ REASONS = {
     "backend-auth-failed": Answer(502, "The console refused the credentials the gateway holds for it."),
     "backend-tls-failed": Answer(502, "The console's TLS identity could not be verified."),
     "backend-needs-password": Answer(502, "The console asks for a password the gateway does not hold for it."),
+    # screenshots (console/screenshot.py)
+    "screenshot-not-vnc": Answer(400, "Screenshots are taken of VNC consoles only; a serial console has its log."),
+    "screenshot-needs-session": Answer(409, "The gateway can open this console's password only while a session "
+                                            "of it is live here: open the console, then take the screenshot."),
+    "screenshot-busy": Answer(503, _BUSY),
+    "screenshot-too-large": Answer(502, "The console's screen is larger than the gateway takes screenshots of."),
+    "backend-bad-update": Answer(502, "The console sent a picture the gateway cannot read."),
     # console policies
     "refused-consumed": Answer(403, "This console link was used already; ask for a new one."),
     # the control-plane API (/api/v1/): its errors are JSON {"error": sentence}. The detail of

@@ -174,18 +174,20 @@ def _offered_minor(version: bytes) -> int:
 
 # -- with the backend: the gateway is the RFB client ------------------------------------------
 
-class _Backend:
-    """Exact reads and whole writes on a blocking socket, each bounded by one monotonic deadline."""
+class BackendIO:
+    """Exact reads and whole writes on a blocking socket, each bounded by one monotonic deadline.
+    stage names what is under way, for the errors (the security handshake, a screenshot)."""
 
-    def __init__(self, sock: Any, deadline: float, initial: bytes) -> None:
+    def __init__(self, sock: Any, deadline: float, initial: bytes = b"", stage: str = "security handshake") -> None:
         self.sock = sock
         self.deadline = deadline
         self.pending = bytes(initial)
+        self.stage = stage
 
     def budget(self) -> None:
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
-            raise RfbError("backend-timeout", "the VNC server's security handshake did not finish in time")
+            raise RfbError("backend-timeout", f"the VNC server's {self.stage} did not finish in time")
         self.sock.settimeout(remaining)
 
     def read_exact(self, count: int) -> bytes:
@@ -196,17 +198,31 @@ class _Backend:
             except socket.timeout:
                 continue  # budget() raises on the next turn
             if not chunk:
-                raise RfbError("backend-closed", "the VNC server closed the connection during the handshake")
+                raise RfbError("backend-closed", f"the VNC server closed the connection during the {self.stage}")
             self.pending += chunk
         data, self.pending = self.pending[:count], self.pending[count:]
         return data
+
+    def read_into(self, view: memoryview) -> None:
+        """Fill view exactly (pixels straight into a framebuffer, no copy through bytes)."""
+        done = min(len(self.pending), len(view))
+        view[:done], self.pending = self.pending[:done], self.pending[done:]
+        while done < len(view):
+            self.budget()
+            try:
+                count = self.sock.recv_into(view[done:])
+            except socket.timeout:
+                continue
+            if not count:
+                raise RfbError("backend-closed", f"the VNC server closed the connection during the {self.stage}")
+            done += count
 
     def write(self, data: bytes) -> None:
         self.budget()
         try:
             self.sock.sendall(data)
         except socket.timeout:
-            raise RfbError("backend-timeout", "the VNC server did not take the handshake's bytes in time") from None
+            raise RfbError("backend-timeout", f"the VNC server did not take the {self.stage}'s bytes in time") from None
 
 
 def _failure_reason(read_exact: ReadExact, fallback: str) -> str:
@@ -235,7 +251,7 @@ def authenticate_backend(sock: socket.socket, password: bytes | None, deadline: 
     backend-needs-password (no password, and type None not offered),
     backend-auth-failed (password refused, the server's reason in detail), backend-timeout
     or backend-closed."""
-    def handshake(backend: _Backend) -> bytes:
+    def handshake(backend: BackendIO) -> bytes:
         minor, offered = _security_types(backend)
         if password is not None:
             _choose(backend, minor, offered, VNC_AUTH, "backend-no-vnc-auth", "2 (VNC Authentication)")
@@ -260,7 +276,7 @@ def vencrypt_backend(sock: socket.socket, context: ssl.SSLContext, hostname: str
     Raises RfbError as authenticate_backend does, plus backend-tls-failed: no VeNCrypt,
     no sub-type the gateway can do (anonymous TLS is not one: it proves nothing), or a
     TLS handshake that failed (the console's certificate did not verify, say)."""
-    def handshake(backend: _Backend) -> tuple[bytes, ssl.SSLSocket]:
+    def handshake(backend: BackendIO) -> tuple[bytes, ssl.SSLSocket]:
         minor, offered = _security_types(backend)
         if minor == 3:  # 3.3 cannot name VeNCrypt: the server picks a type, and only 1 or 2
             raise RfbError("backend-tls-failed", "the VNC server speaks RFB 3.3, which has no VeNCrypt")
@@ -289,9 +305,20 @@ def vencrypt_backend(sock: socket.socket, context: ssl.SSLContext, hostname: str
     return _as_client(sock, deadline, initial, handshake)
 
 
-def _as_client(sock: socket.socket, deadline: float, initial: bytes, handshake: Callable[[_Backend], Any]) -> Any:
-    """Run handshake(_Backend) on sock; OSError becomes backend-closed, the timeout is restored."""
-    backend = _Backend(sock, deadline, initial)
+def secure(sock: socket.socket, password: bytes | None, deadline: float, initial: bytes = b"",
+           context: ssl.SSLContext | None = None, hostname: str = "") -> tuple:
+    """The backend's security handshake as the gateway does it for a token: VeNCrypt checked by
+    context for hostname when context is given (a backend_tls token), else VNC Authentication
+    with password (or None without one). Returns (version line, the socket to go on with: the
+    TLS one after VeNCrypt, else sock). Raises RfbError as those two do."""
+    if context is None:
+        return authenticate_backend(sock, password, deadline, initial=initial), sock
+    return vencrypt_backend(sock, context, hostname, password, deadline, initial=initial)
+
+
+def _as_client(sock: socket.socket, deadline: float, initial: bytes, handshake: Callable[[BackendIO], Any]) -> Any:
+    """Run handshake(BackendIO) on sock; OSError becomes backend-closed, the timeout is restored."""
+    backend = BackendIO(sock, deadline, initial)
     saved_timeout = sock.gettimeout()
     try:
         result = handshake(backend)
@@ -311,7 +338,7 @@ def _as_client(sock: socket.socket, deadline: float, initial: bytes, handshake: 
             pass  # closed meanwhile: nothing to restore
 
 
-def _security_types(backend: _Backend) -> tuple[int, list[int]]:
+def _security_types(backend: BackendIO) -> tuple[int, list[int]]:
     """The versions, then the security types the server offers: (minor, [types])."""
     minor = _minor(backend.read_exact(12), "backend")
     backend.write(version_line(minor))
@@ -325,26 +352,26 @@ def _security_types(backend: _Backend) -> tuple[int, list[int]]:
     return minor, offered
 
 
-def _choose(backend: _Backend, minor: int, offered: list[int], wanted: int, reason: str, name: str) -> None:
+def _choose(backend: BackendIO, minor: int, offered: list[int], wanted: int, reason: str, name: str) -> None:
     if wanted not in offered:
         raise RfbError(reason, f"the VNC server offers security types {offered}, not {name}")
     if minor != 3:
         backend.write(bytes((wanted,)))
 
 
-def _vnc_authentication(backend: _Backend, minor: int, password: bytes) -> None:
+def _vnc_authentication(backend: BackendIO, minor: int, password: bytes) -> None:
     backend.write(vnc_auth_response(password, backend.read_exact(16)))
     _security_result(backend, minor, "backend-auth-failed", "the VNC server refused the password")
 
 
-def _security_result(backend: _Backend, minor: int, reason: str, fallback: str) -> None:
+def _security_result(backend: BackendIO, minor: int, reason: str, fallback: str) -> None:
     """SecurityResult: sent for VNC Authentication and VeNCrypt in every version, for None in
     3.8; only 3.8 adds a reason to a failure."""
     if _U32.unpack(backend.read_exact(4))[0] != 0:
         raise RfbError(reason, _failure_reason(backend.read_exact, fallback) if minor == 8 else fallback)
 
 
-def _vencrypt_subtype(backend: _Backend, have_password: bool) -> int:
+def _vencrypt_subtype(backend: BackendIO, have_password: bool) -> int:
     """VeNCrypt 0.2's version and sub-type negotiation; returns the sub-type chosen, which the
     server has accepted: the TLS handshake comes next."""
     major, minor = backend.read_exact(2)
@@ -367,7 +394,7 @@ def _vencrypt_subtype(backend: _Backend, have_password: bool) -> int:
     return subtype
 
 
-def _tls_handshake(backend: _Backend, context: ssl.SSLContext, hostname: str) -> ssl.SSLSocket:
+def _tls_handshake(backend: BackendIO, context: ssl.SSLContext, hostname: str) -> ssl.SSLSocket:
     """The client side of TLS on the backend's socket, by the deadline; returns the SSLSocket."""
     wrapped = context.wrap_socket(backend.sock, server_hostname=hostname, do_handshake_on_connect=False)
     backend.sock = wrapped  # from here on only the wrapper may be used, and restored

@@ -269,11 +269,10 @@ class SessionManager:
         # A XenServer's banner may have come with its CONNECT reply: the handshake reads it.
         leftover, session.backend_leftover = session.backend_leftover, b""
         try:
-            if not details.backend_tls:
-                return rfb.authenticate_backend(session.backend, details.backend_password, deadline, initial=leftover)
-            version, secured = rfb.vencrypt_backend(session.backend, self.backend_tls, details.host,
-                                                    details.backend_password, deadline, initial=leftover)
-            session.backend = tls.TlsStream(secured)
+            version, secured = rfb.secure(session.backend, details.backend_password, deadline, leftover,
+                                          self.backend_tls if details.backend_tls else None, details.host)
+            if secured is not session.backend:
+                session.backend = tls.TlsStream(secured)
             return version
         except rfb.RfbError as error:
             log.warning("session %s: RFB security with %s:%s failed: %s", session.id,
@@ -400,6 +399,11 @@ class SessionManager:
     def live(self):
         with self._lock:
             return list(self._live.values())
+
+    def byte_counts(self) -> dict:
+        """{session id: (bytes up, bytes down)} of this gateway's sessions, counted now (the shared
+        list has them as of the last heartbeat, up to touch_interval ago)."""
+        return {session.id: session.byte_counts() for session in self.live()}
 
     def stop_all(self, reason):
         """End every session (the gateway is stopping)."""

@@ -15,6 +15,8 @@ api_consoles and api_sessions (the endpoints), api_keys (the key file), api_fiel
 and query validation), minting (tokens and their JSON, shared with the CLI).
 """
 
+from __future__ import annotations
+
 import hmac
 import json
 import logging
@@ -22,16 +24,23 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from vncgate import store as store_module
 from vncgate.control.api_consoles import _TOKEN_ID, ConsoleEndpoints
 from vncgate.control.api_fields import _whole_number
 from vncgate.control.api_keys import KeyFileError, add_key, hash_key, read_keys, remove_key
+from vncgate.control.api_screenshots import ScreenshotEndpoints
 from vncgate.control.api_sessions import _SESSION_ID, SessionEndpoints
 from vncgate.control.minting import console_json, iso, mint, session_json, token_json
 from vncgate.control.scope import KeyScope
 from vncgate.front import throttle, web, websocket
 from vncgate.refusals import Refused
+
+if TYPE_CHECKING:
+    from vncgate.front.server import Gateway
+    from vncgate.net import http
 
 # Moved to api_keys and minting; still importable from here (the CLI uses api.mint, api.add_key...).
 __all__ = ["ControlPlane", "KeyFileError", "add_key", "console_json", "hash_key", "iso", "mint", "read_keys",
@@ -45,7 +54,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OPENAPI_FILE = os.path.join(HERE, "openapi.json")
 ADMIN_DIR = os.path.join(HERE, "admin")
 ADMIN_FILES = {"/admin/": "index.html", "/admin/admin.js": "admin.js", "/admin/admin.css": "admin.css"}
-ADMIN_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+ADMIN_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' blob:; "
                 "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
@@ -56,34 +65,36 @@ class _Route:
     of its id. The audit line names the template, with the id only when it has that shape
     (a token sent where a token id goes is not written down)."""
 
-    def __init__(self, template, handlers, id_shape=None):
+    def __init__(self, template: str, handlers: dict[str, Callable[..., tuple[int, Any]]],
+                 id_shape: re.Pattern[str] | None = None) -> None:
         self.template = PREFIX + template
         self.handlers = handlers
         self.id_shape = id_shape
         self.pattern = re.compile(re.sub(r"\\\{[a-z_]+\\\}", "([^/]+)", re.escape(self.template)))
 
-    def audit_path(self, groups):
+    def audit_path(self, groups: tuple[str, ...]) -> str:
         if groups and self.id_shape is not None and self.id_shape.fullmatch(groups[0]):
-            return self.template.rsplit("/", 1)[0] + "/" + groups[0]
+            return re.sub(r"\{[a-z_]+\}", lambda _placeholder: groups[0], self.template, count=1)
         return self.template
 
 
 class _Call:
     """One API request as it is handled: what the audit line will say of it."""
 
-    def __init__(self, request, client):
+    def __init__(self, request: http.Request, client: str) -> None:
         self.request = request
-        self.audit = {"client": client, "method": request.method, "path": request.path, "key": "-",
+        self.audit: dict[str, Any] = {"client": client, "method": request.method, "path": request.path, "key": "-",
                       "action": "-"}
         self.body_unread = False
+        self.content_type = "application/json"  # an endpoint answering otherwise says so here
         self.key = "-"  # the client's address network (what bad keys are counted by)
         self.scope = KeyScope()  # the key's, once it is known
 
 
-class ControlPlane(ConsoleEndpoints, SessionEndpoints):
+class ControlPlane(ConsoleEndpoints, SessionEndpoints, ScreenshotEndpoints):
     """The API and the admin page of one gateway."""
 
-    def __init__(self, gateway):
+    def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.config = gateway.config
         self._keys = read_keys(self.config.api_keys_file)  # KeyFileError: the gateway does not start
@@ -94,13 +105,15 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints):
             _Route("/consoles", {"POST": self.create_console, "GET": self.list_consoles,
                                  "DELETE": self.revoke_by_instance}),
             _Route("/consoles/log", {"GET": self.console_log}),
+            _Route("/consoles/follows", {"GET": self.list_follows}),
             _Route("/consoles/{token_id}", {"DELETE": self.revoke_token}, _TOKEN_ID),
+            _Route("/consoles/{token_id}/screenshot", {"GET": self.console_screenshot}, _TOKEN_ID),
             _Route("/sessions", {"GET": self.list_sessions}),
             _Route("/sessions/{session_id}", {"DELETE": self.kill_session}, _SESSION_ID),
             _Route("/store", {"GET": self.store_state}),
         ]
 
-    def reload_keys(self):
+    def reload_keys(self) -> None:
         """SIGHUP: read the key file again; a bad file keeps the keys in use."""
         try:
             self._keys = read_keys(self.config.api_keys_file)
@@ -109,10 +122,10 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints):
             log.error("%s; keeping the previous API keys", error)
 
     @staticmethod
-    def claims(request):
+    def claims(request: http.Request) -> bool:
         return any(request.path == prefix or request.path.startswith(prefix + "/") for prefix in ("/api", "/admin"))
 
-    def serve(self, conn, request, leftover, client):
+    def serve(self, conn: socket.socket, request: http.Request, leftover: bytes, client: str) -> None:
         """Answer one request on /api/ or /admin/; every outcome is answered here, never raised."""
         deadline = time.monotonic() + self.config.handshake_timeout
         if request.path == "/admin" or request.path.startswith("/admin/"):
@@ -141,7 +154,8 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints):
             self.gateway.audit.sampled(call.key, "api", **call.audit)
         else:
             self.gateway.audit.record("api", **call.audit)
-        headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store"),
+        headers = [("Content-Type", call.content_type if status < 400 else "application/json"),
+                   ("Cache-Control", "no-store"),
                    ("X-Content-Type-Options", "nosniff")]
         if status == 405:
             headers.append(("Allow", ", ".join(self._methods(request.path))))
@@ -150,7 +164,7 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints):
         if call.body_unread:
             _drain(conn, deadline)
 
-    def _serve_admin(self, conn, request, deadline):
+    def _serve_admin(self, conn: socket.socket, request: http.Request, deadline: float) -> None:
         if request.path == "/admin":
             web.reply(conn, request, deadline, 308, [("Location", "/admin/"), ("Content-Length", "0")])
             return
@@ -163,11 +177,11 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints):
                       [("Content-Security-Policy", ADMIN_POLICY), ("X-Frame-Options", "DENY"),
                        ("Referrer-Policy", "no-referrer")])
 
-    def _methods(self, path):
+    def _methods(self, path: str) -> list[str]:
         return sorted({method for route in self._routes if route.pattern.fullmatch(path)
                        for method in route.handlers})
 
-    def _handle(self, call, conn, leftover, deadline):
+    def _handle(self, call: _Call, conn: socket.socket, leftover: bytes, deadline: float) -> tuple[int, Any]:
         request = call.request
         call.body_unread = bool(request.header("content-length").strip("0 ")) or bool(
             request.header("transfer-encoding"))
@@ -187,7 +201,7 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints):
         body = self._read_body(call, conn, leftover, deadline) if request.method == "POST" else None
         return handler(call, body, *arguments)
 
-    def _route(self, call):
+    def _route(self, call: _Call) -> tuple[Callable[..., tuple[int, Any]], tuple[str, ...]]:
         path, method = call.request.path, call.request.method
         for route in self._routes:
             match = route.pattern.fullmatch(path)
@@ -201,7 +215,7 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints):
                 return handler, match.groups()
         raise Refused("not-found", "no such API endpoint")
 
-    def _authenticate(self, call):
+    def _authenticate(self, call: _Call) -> None:
         """The key's name, or Refused: one answer for a missing, wrong or removed key, after the
         same work (a hash and a comparison with every key). A valid key is admitted whatever
         its address's failures; bad ones are counted per address network, apart from consoles'."""
@@ -221,7 +235,7 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints):
         if not self._rate.take(name):
             raise Refused("api-rate-limited", f"key {name} over api_burst/api_rate")
 
-    def _read_body(self, call, conn, leftover, deadline):
+    def _read_body(self, call: _Call, conn: socket.socket, leftover: bytes, deadline: float) -> dict[str, Any]:
         request = call.request
         if request.header("transfer-encoding"):
             raise Refused("invalid-request", "send the body with Content-Length, not Transfer-Encoding")
@@ -251,17 +265,17 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints):
             raise Refused("invalid-request", "the body must be a JSON object")
         return value
 
-def _sentence(refusal):
+def _sentence(refusal: Refused) -> str:
     if refusal.reason == "invalid-request" and refusal.detail:
         return f"{refusal.sentence[:-1]}: {refusal.detail}."
     return refusal.sentence
 
 
-def _no_constants(name):
+def _no_constants(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
-def _drain(conn, deadline):
+def _drain(conn: socket.socket, deadline: float) -> None:
     """After answering a request whose body was not read: read what the client still sends
     (bounded), so that closing does not reset the connection before it reads the answer."""
     try:

@@ -4,7 +4,10 @@ and revoking by instance or by token id. A mixin of ControlPlane (api.py), which
 the gateway and its config.
 """
 
+from __future__ import annotations
+
 import re
+from typing import TYPE_CHECKING, Any
 
 from vncgate import store as store_module
 from vncgate.console import policy as policy_module
@@ -14,16 +17,37 @@ from vncgate.control import scope as scope_module
 from vncgate.control.api_fields import _Fields, _Query, _whole_number
 from vncgate.control.minting import console_json, mint, token_json
 from vncgate.refusals import Refused
+from vncgate.store.common import ConnectionDetails
+
+if TYPE_CHECKING:
+    from vncgate.config import Config
+    from vncgate.control.api import _Call
 
 _TOKEN_ID = re.compile(r"[0-9a-f]{8,64}")
+
+
+def token_row(store: Any, token_id: str) -> ConnectionDetails:
+    """The one token whose id (a prefix of its hash) is token_id, expired ones too, or Refused."""
+    if not _TOKEN_ID.fullmatch(token_id):
+        raise Refused("not-found", "not a token id")
+    rows = [row for row in store.list_details(include_expired=True) if row.token_hash.startswith(token_id)]
+    if not rows:
+        raise Refused("not-found", f"no token {token_id}")
+    if len(rows) > 1:
+        raise Refused("ambiguous-token-id", f"{len(rows)} tokens start with {token_id}")
+    return rows[0]
 
 
 class ConsoleEndpoints:
     """ControlPlane's /consoles endpoints."""
 
+    gateway: Any  # ControlPlane's
+    config: Config  # ControlPlane's
+    _end_local_sessions: Any  # SessionEndpoints'
+
     # -- endpoints: each returns (status, JSON value) ------------------------------------------
 
-    def create_console(self, call, body):
+    def create_console(self, call: _Call, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         fields = _Fields(body)
         console_type = fields.choice("type", store_module.CONSOLE_TYPES, store_module.WEBSOCKET)
         ttl = fields.number("ttl")
@@ -54,11 +78,12 @@ class ConsoleEndpoints:
         except scope_module.Invalid as error:
             raise Refused("invalid-request", str(error)) from None
         token, details, url = mint(self.config, self.gateway.store, console_type, host, port, instance,
-                                   internal_path, ttl, password, policy.to_json(), backend_tls)
+                                   internal_path, ttl, password, policy.to_json(), backend_tls,
+                                   held_key=self.gateway.screenshots.held_key)
         call.audit["token_id"] = details.token_id
         return 201, console_json(token, details, url)
 
-    def list_consoles(self, call, _body):
+    def list_consoles(self, call: _Call, _body: None) -> tuple[int, list[dict[str, Any]]]:
         query = _Query(call.request, ("instance", "host"))
         call.audit["instance"] = query.get("instance") or "-"
         store = self.gateway.store
@@ -66,7 +91,7 @@ class ConsoleEndpoints:
         rows = store.list_details(instance_id=query.get("instance"), host=query.get("host"), include_expired=True)
         return 200, [token_json(row, now, self.config.idle_timeout) for row in rows]
 
-    def console_log(self, call, _body):
+    def console_log(self, call: _Call, _body: None) -> tuple[int, dict[str, str]]:
         """What a followed serial console printed (Nova's get_console_output): all that is
         kept, or its last `tail` lines."""
         query = _Query(call.request, ("instance", "tail"))
@@ -80,7 +105,13 @@ class ConsoleEndpoints:
             raise Refused("not-found", f"no console log for {instance}: it was never followed")
         return 200, {"instance_id": instance, "output": output.decode("utf-8", "replace")}
 
-    def revoke_by_instance(self, call, _body):
+    def list_follows(self, call: _Call, _body: None) -> tuple[int, list[dict[str, Any]]]:
+        """The serial consoles the gateways follow (vncgate-token follow), by instance."""
+        _Query(call.request, ())
+        return 200, [{"instance_id": follow.instance_id, "host": follow.host, "port": follow.port}
+                     for follow in self.gateway.store.list_follows()]
+
+    def revoke_by_instance(self, call: _Call, _body: None) -> tuple[int, dict[str, int]]:
         query = _Query(call.request, ("instance",))
         instance = query.get("instance")
         if not instance:
@@ -92,18 +123,12 @@ class ConsoleEndpoints:
         self._end_local_sessions(lambda session: session.details.token_hash in hashes, "revoked")
         return 200, {"revoked": revoked}
 
-    def revoke_token(self, call, _body, token_id):
-        if not _TOKEN_ID.fullmatch(token_id):
-            raise Refused("not-found", "not a token id")
+    def revoke_token(self, call: _Call, _body: None, token_id: str) -> tuple[int, dict[str, int]]:
         store = self.gateway.store
-        rows = [row for row in store.list_details(include_expired=True) if row.token_hash.startswith(token_id)]
-        if not rows:
-            raise Refused("not-found", f"no token {token_id}")
-        if len(rows) > 1:
-            raise Refused("ambiguous-token-id", f"{len(rows)} tokens start with {token_id}")
-        call.audit.update(instance=rows[0].instance_id, token_id=rows[0].token_id)
-        revoked = store.delete_hashes([rows[0].token_hash])
+        row = token_row(store, token_id)
+        call.audit.update(instance=row.instance_id, token_id=row.token_id)
+        revoked = store.delete_hashes([row.token_hash])
         if not revoked:
             raise Refused("not-found", f"token {token_id} went meanwhile")
-        self._end_local_sessions(lambda session: session.details.token_hash == rows[0].token_hash, "revoked")
+        self._end_local_sessions(lambda session: session.details.token_hash == row.token_hash, "revoked")
         return 200, {"revoked": revoked}

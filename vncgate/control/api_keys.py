@@ -3,6 +3,8 @@ the key's scope as words), read at start and on SIGHUP, and the vncgate-token ap
 remove that write it.
 """
 
+from __future__ import annotations
+
 import collections
 import hashlib
 import os
@@ -23,14 +25,14 @@ class KeyFileError(Exception):
     """The key file cannot be read or has a bad line; str() is one line."""
 
 
-def hash_key(key):
+def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
 ApiKey = collections.namedtuple("ApiKey", "digest scope")
 
 
-def read_keys(path):
+def read_keys(path: str) -> dict[str, ApiKey]:
     """{name: ApiKey(sha256 hex, scope.KeyScope)} from the key file: NAME:SHA256-HEX, then the
     key's scope as words (networks=…, types=…, max-ttl=…); blank lines and # comments are skipped."""
     try:
@@ -58,7 +60,7 @@ def read_keys(path):
     return keys
 
 
-def add_key(path, name, scope=None):
+def add_key(path: str, name: str, scope: scope_module.KeyScope | None = None) -> str:
     """A new key named name, its hash (and scope.KeyScope) appended to the file (made 0600);
     returns the key."""
     if not _NAME.fullmatch(name):
@@ -78,7 +80,7 @@ def add_key(path, name, scope=None):
     return key
 
 
-def remove_key(path, name):
+def remove_key(path: str, name: str) -> None:
     """Delete the named key's line (rewritten atomically); the gateway drops it on SIGHUP."""
     if name not in read_keys(path):
         raise KeyFileError(f"{path} has no key named {name!r}")

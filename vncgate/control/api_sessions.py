@@ -4,13 +4,21 @@ gateway's own sessions at once when their token is revoked or they are killed. A
 ControlPlane (api.py), which brings the gateway.
 """
 
+from __future__ import annotations
+
 import logging
 import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from vncgate import store as store_module
 from vncgate.control.api_fields import _Query
 from vncgate.control.minting import session_json
 from vncgate.refusals import Refused
+
+if TYPE_CHECKING:
+    from vncgate.console.sessions import Session
+    from vncgate.control.api import _Call
 
 log = logging.getLogger("vncgate.control.api")
 
@@ -20,14 +28,18 @@ _SESSION_ID = re.compile(r"[0-9a-f]{1,64}")
 class SessionEndpoints:
     """ControlPlane's /sessions and /store endpoints."""
 
-    def list_sessions(self, call, _body):
+    gateway: Any  # ControlPlane's
+
+    def list_sessions(self, call: _Call, _body: None) -> tuple[int, list[dict[str, Any]]]:
         query = _Query(call.request, ("instance",))
         call.audit["instance"] = query.get("instance") or "-"
         store = self.gateway.store
         now = store.clock()
-        return 200, [session_json(row, now) for row in store.list_sessions(instance_id=query.get("instance"))]
+        here = self.gateway.sessions.byte_counts()
+        return 200, [session_json(row, now, here.get(row.session_id))
+                     for row in store.list_sessions(instance_id=query.get("instance"))]
 
-    def kill_session(self, call, _body, session_id):
+    def kill_session(self, call: _Call, _body: None, session_id: str) -> tuple[int, dict[str, int]]:
         if not _SESSION_ID.fullmatch(session_id):
             raise Refused("not-found", "not a session id")
         call.audit["session_id"] = session_id
@@ -41,7 +53,7 @@ class SessionEndpoints:
         self._end_local_sessions(lambda session: session.id == session_id, "killed")
         return 202, {"kill_requested": 1}
 
-    def store_state(self, call, _body):
+    def store_state(self, call: _Call, _body: None) -> tuple[int, dict[str, Any]]:
         store = self.gateway.store
         try:
             tokens = store.count_by_state()
@@ -51,7 +63,7 @@ class SessionEndpoints:
         return 200, {"up": tokens is not None, "tokens": tokens, "gateway_id": self.gateway.sessions.gateway_id,
                      "sessions_here": len(self.gateway.sessions.live())}
 
-    def _end_local_sessions(self, chosen, reason):
+    def _end_local_sessions(self, chosen: Callable[[Session], bool], reason: str) -> None:
         for session in self.gateway.sessions.live():
             if chosen(session):
                 session.stop(reason)

@@ -1,5 +1,5 @@
 """The console scripts: vncgate (serve) and vncgate-token (mint, list, revoke, touch, purge,
-sessions, kill, migrate, follow, unfollow, log).
+sessions, kill, migrate, follow, unfollow, log, screenshot).
 
 This module keeps vncgate-token: its parser and its commands. The serve command is in
 cli_serve, what both share (errors, exit codes, argument types, opening the store) in
@@ -16,7 +16,7 @@ from vncgate import store as store_module
 from vncgate.console import allow, recording
 from vncgate.console import policy as policy_module
 from vncgate.console import serial as consoles
-from vncgate.control import api, libvirt, scope
+from vncgate.control import api, cli_screenshot, libvirt, scope
 from vncgate.control.cli_common import (
     CommandFailed,
     UsageError,
@@ -133,6 +133,8 @@ def token_parser():
     migrate.add_argument("--to", required=True, metavar="DATABASE",
                          help="an SQLite file or a redis://, rediss:// or redis+sentinel:// URL")
 
+    cli_screenshot.add_parser(commands)
+
     keys = commands.add_parser("api-key", help="keys of the control-plane API (api_keys_file)")
     key_commands = keys.add_subparsers(dest="key_command", metavar="COMMAND", parser_class=_Parser)
     key_commands.required = True
@@ -204,7 +206,8 @@ def cmd_add(args, config, store, out):
         raise UsageError(str(error)) from None
     token, details, url = api.mint(config, store, args.console_type, host, port, instance, args.internal_path,
                                    ttl, password, policy.to_json(), args.backend_tls, record=args.record,
-                                   replay=args.replay or "", replay_speed=args.speed)
+                                   replay=args.replay or "", replay_speed=args.speed,
+                                   held_key=config_module.read_key_file(config.screenshot_key_file) if password else None)
     if args.json:
         json.dump(api.console_json(token, details, url), out)
         out.write("\n")
@@ -389,7 +392,8 @@ def cmd_log(args, config, store, out):
 
 COMMANDS = {"add": cmd_add, "list": cmd_list, "revoke": cmd_revoke, "touch": cmd_touch, "purge": cmd_purge,
             "sessions": cmd_sessions, "recordings": cmd_recordings, "kill": cmd_kill, "migrate": cmd_migrate,
-            "follow": cmd_follow, "unfollow": cmd_unfollow, "log": cmd_log}
+            "follow": cmd_follow, "unfollow": cmd_unfollow, "log": cmd_log,
+            "screenshot": cli_screenshot.cmd_screenshot}
 
 
 def token_main(argv=None, out=None):

@@ -5,14 +5,19 @@ run_reporting_errors, which turns every expected failure into one stderr line an
 code.
 """
 
+from __future__ import annotations
+
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from typing import NoReturn
 
 from vncgate import addresses
 from vncgate import config as config_module
 from vncgate import store as store_module
 from vncgate.control import scope
+from vncgate.store.common import Store
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -28,12 +33,12 @@ class CommandFailed(Exception):
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line instead of usage + error."""
 
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _port_in(lowest):
-    def parse(text):
+def _port_in(lowest: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
         try:
             port = int(text)
         except ValueError:
@@ -44,7 +49,7 @@ def _port_in(lowest):
     return parse
 
 
-def _seconds(text):
+def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -54,27 +59,28 @@ def _seconds(text):
     return value
 
 
-def _networks(text):
+def _networks(text: str) -> tuple[addresses.Reach, ...]:
     try:
         return addresses.parse(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"invalid networks: {error}") from None
 
 
-def _types(text):
+def _types(text: str) -> tuple[str, ...]:
     try:
         return scope.check_types(text, store_module.CONSOLE_TYPES)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def open_store(config, busy_timeout=5.0, database=None, checkpoint_on_commit=True):
+def open_store(config: config_module.Config, busy_timeout: float = 5.0, database: str | None = None,
+               checkpoint_on_commit: bool = True) -> Store:
     return store_module.TokenStore(database or config.database, token_ttl=config.token_ttl,
                                    idle_timeout=config.idle_timeout, busy_timeout=busy_timeout,
                                    key_prefix=config.key_prefix, checkpoint_on_commit=checkpoint_on_commit)
 
 
-def run_reporting_errors(prog, body):
+def run_reporting_errors(prog: str, body: Callable[[], object]) -> int:
     """Run body(); turn every expected failure into one stderr line and an exit code.
     Every file either program creates (database, its WAL, audit log) is the owner's only:
     the umask says so once, here, whatever the caller's umask was."""

@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from typing import Optional, TextIO
+from typing import NoReturn, Optional, TextIO
 
 from vncgate.console import relay, rfb
 from vncgate.net import http, peercred
@@ -40,17 +40,17 @@ class ConnectError(Exception):
     """The console cannot be had through this URL; str() is one line for the terminal,
     .viewer the shorter sentence a viewer's dialog shows."""
 
-    def __init__(self, message, viewer=None):
+    def __init__(self, message: str, viewer: Optional[str] = None) -> None:
         super().__init__(message)
         self.viewer = viewer or message
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         raise ConnectError(f"{message} (see {self.prog} --help)")
 
 
-def parser():
+def parser() -> argparse.ArgumentParser:
     commands = _Parser(prog="vncgate-connect", description="Serve a vncgate console URL (xvp-vnc) to your native "
                        "VNC viewer, on a Unix socket only you can reach (or --listen: a TCP port that serves your "
                        "uid only).")
@@ -70,7 +70,7 @@ def parser():
     return commands
 
 
-def console_url(text):
+def console_url(text: str) -> urllib.parse.SplitResult:
     """The URL's parts, checked; ConnectError (a usage error) when it is not a console URL.
     The URL itself is never repeated: it holds the token."""
     parts = urllib.parse.urlsplit(text.strip())
@@ -107,7 +107,7 @@ def is_loopback(host: str) -> bool:
 class Target:
     """The gateway and the CONNECT request of a console URL."""
 
-    def __init__(self, parts, cacert=None):
+    def __init__(self, parts: urllib.parse.SplitResult, cacert: Optional[str] = None) -> None:
         """parts: the URL as urllib.parse.urlsplit gives it, checked by the parser."""
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.host = parts.hostname
@@ -122,7 +122,7 @@ class Target:
                 raise ConnectError(f"cannot load CA file {cacert}: {getattr(error, 'strerror', None) or error}"
                                    ) from None
 
-    def open(self):
+    def open(self) -> tuple[socket.socket, bytes]:
         """A connection to the gateway that has answered 200; returns (socket, bytes after the head)."""
         deadline = time.monotonic() + TIMEOUT
         try:
@@ -150,7 +150,7 @@ class Target:
         return sock, leftover
 
 
-def _refusal_sentence(sock, body, deadline):
+def _refusal_sentence(sock: socket.socket, body: bytes, deadline: float) -> str:
     """The gateway's one-line refusal ("401 Unauthorized: This console link is not valid…")."""
     try:
         while b"\n" not in body and len(body) < MAX_REPLY and time.monotonic() < deadline:
@@ -175,7 +175,7 @@ class Connector:
         self.target = target
         self.once = once
         self.err = err
-        self.failure = None  # the first ConnectError: the URL is done for, and so is this command
+        self.failure: Optional[ConnectError] = None  # the first ConnectError: the URL is done for, and so is this command
         self._stopping = threading.Event()
         self._slots = threading.BoundedSemaphore(viewers)
         self.folder = None
@@ -266,13 +266,13 @@ class Connector:
             except OSError:
                 pass
 
-    def _fail(self, error):
+    def _fail(self, error: ConnectError) -> None:
         if self.failure is None:
             self.failure = error
             print(f"vncgate-connect: error: {error}", file=self.err, flush=True)
         self.stop()
 
-    def stop(self):
+    def stop(self) -> None:
         self._stopping.set()
         try:
             self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
@@ -287,7 +287,7 @@ def _runtime_dir() -> str:
     return folder if folder and os.path.isdir(folder) and os.access(folder, os.W_OK) else tempfile.gettempdir()
 
 
-def _tell_viewer(viewer, reason):
+def _tell_viewer(viewer: socket.socket, reason: str) -> None:
     """Be the viewer's RFB server just long enough to refuse it with reason, which it shows."""
     viewer.settimeout(5)
     try:
@@ -299,7 +299,7 @@ def _tell_viewer(viewer, reason):
         viewer.close()
 
 
-def main(argv=None, out=None, err=None):
+def main(argv: Optional[list[str]] = None, out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
     try:
         args = parser().parse_args(argv)

@@ -14,6 +14,7 @@ import os
 import subprocess
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
+from typing import Optional
 
 DEFAULT_URI = "qemu:///system"
 # Transports that only open a connection to libvirtd. Not ext (runs a command named in the
@@ -30,12 +31,12 @@ class DomainError(Exception):
     """The domain's console cannot be had. .reason is a refusal word; str() is one line
     for an operator (it names the domain, never the password)."""
 
-    def __init__(self, reason, message):
+    def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
 
-def check_uri(uri):
+def check_uri(uri: str) -> str:
     """The URI, if it names a qemu driver over a plain transport; else DomainError."""
     parts = urllib.parse.urlsplit(uri)
     driver, _, transport = parts.scheme.partition("+")
@@ -46,14 +47,14 @@ def check_uri(uri):
     return uri
 
 
-def check_name(name):
+def check_name(name: object) -> str:
     if not isinstance(name, str) or not name or len(name) > 200 or name.startswith("-") \
             or any(ord(char) < 32 or char in "/\\" for char in name):
         raise DomainError("invalid-request", f"{name!r} is not a libvirt domain name")
     return name
 
 
-def console_of(name, uri=None):
+def console_of(name: str, uri: Optional[str] = None) -> Console:
     """The running domain's VNC console; DomainError when it is unknown, not running, has no
     VNC graphics on a TCP port, or libvirt cannot be asked."""
     check_name(name)
@@ -66,7 +67,7 @@ def console_of(name, uri=None):
     return _vnc_console(name, uri, _virsh(uri, "dumpxml", "--security-info", "--domain", name))
 
 
-def _virsh(uri, *args):
+def _virsh(uri: str, *args: str) -> str:
     try:
         done = subprocess.run(["virsh", "--quiet", "--connect", uri, *args], capture_output=True, text=True,
                               timeout=_TIMEOUT, env={**os.environ, "LC_ALL": "C"}, stdin=subprocess.DEVNULL)
@@ -80,7 +81,7 @@ def _virsh(uri, *args):
     return done.stdout
 
 
-def _vnc_console(name, uri, domain_xml):
+def _vnc_console(name: str, uri: str, domain_xml: str) -> Console:
     try:
         graphics = ElementTree.fromstring(domain_xml).find("./devices/graphics[@type='vnc']")
     except ElementTree.ParseError:
@@ -100,7 +101,7 @@ def _vnc_console(name, uri, domain_xml):
     return Console(_reachable_host(name, uri, address), port, password.encode() if password else None)
 
 
-def _reachable_host(name, uri, listen):
+def _reachable_host(name: str, uri: str, listen: str) -> str:
     """Where the gateway reaches a console that listens on `listen` on the domain's host."""
     remote = urllib.parse.urlsplit(uri).hostname
     try:
@@ -114,7 +115,7 @@ def _reachable_host(name, uri, listen):
     return listen
 
 
-def _is_loopback(host):
+def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:

@@ -21,8 +21,9 @@ import socketserver
 import threading
 import time
 
+from vncgate import config as config_module
 from vncgate import store as store_module
-from vncgate.console import recording, relay, sessions
+from vncgate.console import recording, relay, screenshot, sessions
 from vncgate.console import serial as consoles
 from vncgate.front import throttle, web, websocket, xvp
 from vncgate.net import fds, http, tls
@@ -163,6 +164,10 @@ class Gateway(socketserver.ThreadingTCPServer):
         self.consoles = consoles.Consoles(config.console_log_dir, config.console_log_bytes,
                                           config.handshake_timeout, self.sessions.backend_allow)
         self.sessions.backend_openers[store_module.SERIAL] = self.consoles.open_backend
+        self.screenshots = screenshot.Screenshots(audit, config.screenshot_max_concurrent, config.screenshot_timeout,
+                                                  config.screenshot_max_pixels, self.sessions.backend_allow,
+                                                  self.sessions.backend_tls,
+                                                  held_key=config_module.read_key_file(config.screenshot_key_file))
         self.housekeeper = sessions.Housekeeper(
             self.sessions, config.touch_interval, config.housekeeping_interval,
             tasks=(lambda: self.consoles.sync(store.list_follows()), self.sessions.recordings.prune))

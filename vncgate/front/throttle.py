@@ -11,6 +11,7 @@ import functools
 import ipaddress
 import threading
 import time
+from collections.abc import Callable
 
 # Refusals a client brings on itself (bad or missing credentials, malformed or unwanted
 # requests): each one costs its address a token of the failure bucket, and an address
@@ -37,23 +38,24 @@ def address_key(address: str, v4_prefix: int = 24, v6_prefix: int = 64) -> str:
 
 
 class FailureThrottle:
-    def __init__(self, burst, per_second, clock=time.monotonic, max_addresses=100_000):
+    def __init__(self, burst: float, per_second: float, clock: Callable[[], float] = time.monotonic,
+                 max_addresses: int = 100_000) -> None:
         self.burst = burst
         self.per_second = per_second
         self.clock = clock
         self.max_addresses = max_addresses
-        self._buckets = {}  # address -> (tokens, when)
+        self._buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, when)
         self._lock = threading.Lock()
 
-    def _level(self, address, now):
+    def _level(self, address: str, now: float) -> float:
         tokens, when = self._buckets.get(address, (self.burst, now))
         return min(self.burst, tokens + (now - when) * self.per_second)
 
-    def allowed(self, address):
+    def allowed(self, address: str) -> bool:
         with self._lock:
             return self._level(address, self.clock()) >= 1
 
-    def take(self, key):
+    def take(self, key: str) -> bool:
         """Spend one token of key's bucket if it has one (a request rate limit); False when empty."""
         now = self.clock()
         with self._lock:
@@ -62,7 +64,7 @@ class FailureThrottle:
             self._spend(key, now)
             return True
 
-    def failed(self, address):
+    def failed(self, address: str) -> None:
         now = self.clock()
         with self._lock:
             self._spend(address, now)
@@ -72,12 +74,12 @@ class FailureThrottle:
         False when the bucket was empty already: the client is then told "throttled" instead."""
         return reason not in FAILURES or self.take(key)
 
-    def _spend(self, key, now):
+    def _spend(self, key: str, now: float) -> None:
         if len(self._buckets) >= self.max_addresses:
             self._forget_full(now)
         self._buckets[key] = (max(0.0, self._level(key, now) - 1), now)
 
-    def _forget_full(self, now):
+    def _forget_full(self, now: float) -> None:
         for address in [address for address in self._buckets if self._level(address, now) >= self.burst]:
             del self._buckets[address]
         if len(self._buckets) >= self.max_addresses:  # a flood from many addresses: start afresh

@@ -8,6 +8,8 @@ one deadline. Errors are raised as Refused, which the server answers and audits
 like any other refusal. /metrics is served only to the networks in metrics_allow.
 """
 
+from __future__ import annotations
+
 import email.utils
 import ipaddress
 import logging
@@ -19,13 +21,16 @@ import struct
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable
-from typing import Optional
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from vncgate import store as store_module
 from vncgate.config import Config
 from vncgate.console import relay
 from vncgate.net import http
 from vncgate.refusals import Refused
+
+if TYPE_CHECKING:
+    from vncgate.front.server import Gateway
 
 log = logging.getLogger("vncgate.front.web")
 
@@ -48,7 +53,7 @@ TOKEN_SCRIPT = b'<script src="vncgate-token.js"></script>\n'
 ALLOWED_METHODS = "GET, HEAD"
 
 
-def serve(gateway, conn, request, client):
+def serve(gateway: Gateway, conn: socket.socket, request: http.Request, client: str) -> None:
     """Answer one request; raises Refused (audited and answered by the server) when it cannot."""
     if request.method not in ("GET", "HEAD"):
         raise Refused("method-not-allowed", f"method {request.method[:16]} on the web side",
@@ -70,7 +75,7 @@ def serve(gateway, conn, request, client):
                   transform=_with_token_script if request.path == NOVNC_PAGE else None)
 
 
-def page_headers(config: Config) -> list:
+def page_headers(config: Config) -> list[tuple[str, str]]:
     """What every page of the web side is served with: framed only by its own origin and the
     operator's panels (frame_ancestors), and its scripts may connect to its own origin only, so
     noVNC on the gateway's origin cannot be pointed at another VNC server by a link's fragment."""
@@ -89,7 +94,8 @@ def _with_token_script(page: bytes) -> bytes:
     return page[:end] + TOKEN_SCRIPT + page[end:] if end >= 0 else page + TOKEN_SCRIPT
 
 
-def reply(conn, request, deadline, status, headers, body=b"", file=None):
+def reply(conn: socket.socket, request: http.Request, deadline: float, status: int, headers: Iterable[tuple[str, str]],
+          body: bytes = b"", file: BinaryIO | None = None) -> None:
     """One whole reply; HEAD gets the same head and no body. One request per connection."""
     _send_by(conn, deadline, http.response(status, [*headers, ("Connection", "close")],
                                            b"" if request.method == "HEAD" else body))
@@ -98,7 +104,7 @@ def reply(conn, request, deadline, status, headers, body=b"", file=None):
             _send_by(conn, deadline, chunk)
 
 
-def _send_by(conn, deadline, data):
+def _send_by(conn: socket.socket, deadline: float, data: bytes) -> None:
     try:
         relay.DeadlineSocket(conn, deadline - time.monotonic()).sendall(data)
     except socket.timeout:
@@ -110,7 +116,7 @@ def _send_by(conn, deadline, data):
 
 # -- files ------------------------------------------------------------------------------
 
-def file_path(web_root, path):
+def file_path(web_root: str, path: str) -> str:
     """The real path under web_root that a request path names.
     Refused bad-request for a path that climbs or hides, not-found when it can name nothing there."""
     if not web_root:
@@ -127,7 +133,7 @@ def file_path(web_root, path):
     return found
 
 
-def open_regular(name):
+def open_regular(name: str) -> tuple[BinaryIO, os.stat_result]:
     """(file, stat) of a regular file, or Refused not-found. Nothing else is opened for
     long: a directory, FIFO or device is closed before it is refused."""
     try:
@@ -146,7 +152,7 @@ def open_regular(name):
 
 
 def send_file(conn: socket.socket, request: http.Request, deadline: float, name: str,
-              extra_headers: Iterable = (), transform: Optional[Callable[[bytes], bytes]] = None) -> None:
+              extra_headers: Iterable[tuple[str, str]] = (), transform: Callable[[bytes], bytes] | None = None) -> None:
     """A file, or (transform) what transform makes of its bytes (a small page)."""
     file, info = open_regular(name)
     with file:
@@ -164,7 +170,7 @@ def send_file(conn: socket.socket, request: http.Request, deadline: float, name:
               body=body, file=None if transform else file)
 
 
-def _unchanged(request, etag, mtime):
+def _unchanged(request: http.Request, etag: str, mtime: float) -> bool:
     """If-None-Match decides when it is sent, else If-Modified-Since (RFC 9110, 13.2.2)."""
     tags = request.header("if-none-match")
     if tags:
@@ -176,7 +182,7 @@ def _unchanged(request, etag, mtime):
         return False  # a date we cannot read (or cannot represent) asks for nothing
 
 
-def content_type(name):
+def content_type(name: str) -> str:
     kind = _TYPES.guess_type(name)[0] or "application/octet-stream"
     return f"{kind}; charset=utf-8" if kind.startswith(_UTF8_TYPES) else kind
 
@@ -186,7 +192,7 @@ def content_type(name):
 HEALTH_WAIT = 0.8  # seconds /healthz waits for the store's answer (its reply is due within 1 s)
 
 
-def health(gateway, client):
+def health(gateway: Gateway, client: str) -> tuple[int, str, bytes]:
     """ok or unavailable, and nothing else: the reason is for the operator's log, not the world.
     Unavailable: the store does not answer within HEALTH_WAIT (or its breaker is open), or a
     long-lived thread is down."""
@@ -197,13 +203,13 @@ def health(gateway, client):
     return 200, "text/plain; charset=utf-8", b"ok"
 
 
-def metrics(gateway, client):
+def metrics(gateway: Gateway, client: str) -> tuple[int, str, bytes]:
     if not address_in(client.rsplit(":", 1)[0], gateway.config.metrics_allow):
         raise Refused("not-allowed-here", "metrics_allow does not include this address")
     return 200, PROMETHEUS_TYPE, exposition(_families(gateway))
 
 
-def address_in(address, networks):
+def address_in(address: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
     """Whether an address (IPv4-mapped IPv6 read as IPv4) is in one of the networks."""
     try:
         ip = ipaddress.ip_address(address.strip("[]"))
@@ -213,7 +219,7 @@ def address_in(address, networks):
     return any(ip in network for network in networks)
 
 
-def _families(gateway):
+def _families(gateway: Gateway) -> list[tuple[str, str, str, list[tuple[dict[str, Any], float]]]]:
     """(name, type, help, [(labels, value)]) for each metric, read now."""
     audit, live = gateway.audit, gateway.sessions.live()
     live_counts = [session.byte_counts() for session in live]
@@ -228,6 +234,7 @@ def _families(gateway):
           ({"direction": "down"}, sum(down for _, down in live_counts))]),
         ("vncgate_handshakes_total", "counter", "Console attempts by client path and result.",
          [({"path": path, "result": result}, count) for (path, result), count in sorted(handshakes.items())]),
+        *gateway.screenshots.families(),
         ("vncgate_audit_dropped_total", "counter", "Audit lines the disk refused (full, failing).",
          [({}, audit.dropped)]),
         ("vncgate_audit_suppressed_total", "counter",
@@ -249,7 +256,7 @@ def _families(gateway):
     return families
 
 
-def exposition(families):
+def exposition(families: Iterable[tuple[str, str, str, Iterable[tuple[dict[str, Any], float]]]]) -> bytes:
     """The Prometheus text format, version 0.0.4."""
     lines = []
     for name, kind, help_text, samples in families:
@@ -258,11 +265,11 @@ def exposition(families):
     return ("\n".join(lines) + "\n").encode()
 
 
-def _labels(labels):
+def _labels(labels: dict[str, Any]) -> str:
     if not labels:
         return ""
     return "{" + ",".join(f'{key}="{_escape(value)}"' for key, value in labels.items()) + "}"
 
 
-def _escape(value):
+def _escape(value: object) -> str:
     return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')

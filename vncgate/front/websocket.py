@@ -9,8 +9,13 @@ one WebSocket. A WebSocket session ends as a whole: when either side ends, or th
 client breaks the protocol, a close frame goes out and both directions stop.
 """
 
+from __future__ import annotations
+
 import re
+import socket
 import ssl
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, NoReturn
 
 from vncgate import store
 from vncgate.console import policy, relay
@@ -18,13 +23,20 @@ from vncgate.front import wsframes
 from vncgate.net import tls
 from vncgate.refusals import Refused
 
+if TYPE_CHECKING:
+    from vncgate.config import Config
+    from vncgate.console.sessions import Session
+    from vncgate.front.server import Gateway
+    from vncgate.net import http
+
 PATH = "websocket"
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
 # scheme://host[:port], nothing else: no userinfo, no path, a port without leading zeros.
 _ORIGIN = re.compile(r"(https?)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::([1-9][0-9]{0,4}))?")
 
 
-def serve(gateway, conn, request, leftover, client, console_type=store.WEBSOCKET, path=PATH):
+def serve(gateway: Gateway, conn: socket.socket, request: http.Request, leftover: bytes, client: str,
+          console_type: str = store.WEBSOCKET, path: str = PATH) -> None:
     """One WebSocket console session: noVNC's (ws-vnc), or the serial terminal's (serial)."""
     token = wsframes.token_protocol(request) or request.query_value("token") or request.cookie("token")
     origin = request.headers.get("origin")
@@ -48,16 +60,18 @@ def serve(gateway, conn, request, leftover, client, console_type=store.WEBSOCKET
         gateway.sessions.run(session, relayed)
 
 
-def _relay(gateway, conn, session, secure, leftover, accept, subprotocol):
+def _relay(gateway: Gateway, conn: socket.socket, session: Session, secure: bool, leftover: bytes, accept: str,
+           subprotocol: str) -> relay.Relay | None:
     """The upgrade's answer, the gateway's RFB greeting if it does one, and the session's Relay;
     None when the session ended in its greeting."""
-    stream = tls.TlsStream(conn) if secure else conn
+    stream = tls.TlsStream(conn) if isinstance(conn, ssl.SSLSocket) else conn  # secure: the same test
     # A single-use token: every use gets a new cookie of the gateway's, by which its browser may
     # come back, from another address too.
     cookie = [policy.resume_cookie_header(session.resume_cookie, secure)] if session.use else []
     stream.sendall(wsframes.upgrade_response(accept, subprotocol, cookie))
     sender = wsframes.Sender(stream)
     sink = ClientSink(sender)
+    source: relay.ChunkReader | ClientSource
     if session.needs_greeting:
         # The gateway's own RFB handshake ends by one deadline, however the client drips or pings.
         timed = relay.DeadlineSocket(stream, gateway.config.handshake_timeout)
@@ -83,13 +97,13 @@ def _relay(gateway, conn, session, secure, leftover, accept, subprotocol):
                                       splice=relay.splices(stream, backend)))
 
 
-def origin_allowed(origin, config):
+def origin_allowed(origin: str, config: Config) -> bool:
     allowed = {normal_origin(item) for item in (config.public_origin, *config.allowed_origins)}
     allowed.discard(None)
     return normal_origin(origin) in allowed
 
 
-def normal_origin(origin):
+def normal_origin(origin: str) -> str | None:
     """scheme://host[:port] in lower case and without a default port, as browsers send it;
     None for anything else (browsers send "null" from sandboxes)."""
     match = _ORIGIN.fullmatch(origin.strip().lower())
@@ -105,10 +119,11 @@ class ClientSource:
     """The payloads of the client's binary messages; ends the session (wsframes.Ended)
     on its close frame or a protocol violation."""
 
-    def __init__(self, sock, sender, initial=b""):
+    def __init__(self, sock: socket.socket | tls.TlsStream | relay.DeadlineSocket, sender: wsframes.Sender,
+                 initial: bytes = b"") -> None:
         self.decoder = wsframes.Decoder(sock.recv, sender, initial)
 
-    def chunks(self):
+    def chunks(self) -> Iterator[bytes]:
         return self.decoder.chunks()
 
 
@@ -116,16 +131,16 @@ class ClientSink:
     """Backend bytes to the client, one binary message per chunk (written, or spliced from a
     pipe). The backend's end is the session's end: a close frame (1000), then both ways stop."""
 
-    def __init__(self, sender):
+    def __init__(self, sender: wsframes.Sender) -> None:
         self.sender = sender
         self.write = sender.binary
 
-    def write_from(self, read_end, count):
+    def write_from(self, read_end: int, count: int) -> None:
         """count bytes waiting in a pipe, as one binary message spliced to the client."""
         client = self.sender.sock.fileno()
         self.sender.binary_spliced(count, lambda: relay.splice_out(read_end, client, count))
 
-    def close_write(self):
+    def close_write(self) -> NoReturn:
         self.sender.close(wsframes.NORMAL)
         raise relay.Ended("backend-closed")
 
@@ -134,5 +149,5 @@ class BackendSink(relay.SocketSink):
     """Client bytes to the backend. A client connection that ends without a close frame
     ends the session as a whole: a WebSocket has no half-close."""
 
-    def close_write(self):
+    def close_write(self) -> NoReturn:
         raise relay.Ended("client-closed", "connection ended without a close frame")

@@ -179,15 +179,17 @@ class Store:
 
     def add_connection_details(self, instance_id, console_type, host, port, internal_access_path="",
                                access_url="", ttl=None, backend_password=None, policy="",
-                               backend_tls=False, record=False, replay="", replay_speed=1.0):
+                               backend_tls=False, record=False, replay="", replay_speed=1.0, held_key=None):
         """Mint a token for one console and return it; only its hash is kept. policy: the
         console policy's JSON text (vncgate.console.policy.Policy.to_json). record: its sessions are
-        recorded; replay: a session id, whose recording the token plays instead of a console."""
+        recorded; replay: a session id, whose recording the token plays instead of a console.
+        held_key: the gateways' own key (screenshot_key_file), under which the password is
+        sealed too."""
         if console_type not in CONSOLE_TYPES:
             raise ValueError(f"unknown console type {console_type!r}")
         token = new_token()
         now = self.clock()
-        sealed = sealing.seal(token, backend_password) if backend_password is not None else None
+        sealed = sealing.seal(token, backend_password, held_key) if backend_password is not None else None
         self._insert([(ConnectionDetails(
             hash_token(token), instance_id, console_type, host, int(port), access_url, internal_access_path or "",
             now, now, now + (self.token_ttl if ttl is None else ttl), sealed is not None, policy=policy,

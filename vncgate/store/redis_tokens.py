@@ -62,6 +62,11 @@ class RedisTokens:
         flat = self._script("validate", [repr(now), repr(float(self.idle_timeout)), token_hash, console_type])
         return _details(token_hash, dict(zip(flat[::2], flat[1::2]))) if flat else None
 
+    def sealed_secret(self, token_hash: str) -> "bytes | None":
+        """The token's sealed password, None when it holds none (or is gone): a screenshot's."""
+        found = self._fetch([token_hash])[0]
+        return found[1] if found else None
+
     def _dump(self):
         return [found for found in self._fetch(self._all_hashes()) if found]
 

@@ -57,6 +57,12 @@ class SqliteTokens:
                 db.execute("UPDATE console_tokens SET updated_at = ? WHERE token_hash = ?", (now, token_hash))
         return details, row[_SECRET]
 
+    def sealed_secret(self, token_hash: str) -> "bytes | None":
+        """The token's sealed password, None when it holds none (or is gone): a screenshot's."""
+        with self._db() as db:
+            row = db.execute("SELECT backend_secret FROM console_tokens WHERE token_hash = ?", (token_hash,)).fetchone()
+        return bytes(row[0]) if row and row[0] is not None else None
+
     def _dump(self):
         with self._db() as db:
             rows = db.execute(f"SELECT {_COLUMNS}, backend_secret FROM console_tokens").fetchall()
