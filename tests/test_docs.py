@@ -36,6 +36,18 @@ def shell_blocks(text):
     return blocks
 
 
+def indented_commands(text):
+    """Line numbers of indented code blocks (outside fences, after a blank line) that start with a command."""
+    lines, found, inside = text.splitlines(), [], False
+    for number, line in enumerate(lines):
+        if line.startswith("```"):
+            inside = not inside
+        elif (not inside and number and not lines[number - 1].strip()
+              and re.match(r"    (\$ )?(python3?|pip|vncgate|vncgate-token|vncgate-connect|curl|scripts/|sudo)\b", line)):
+            found.append(number + 1)
+    return found
+
+
 def test_every_config_key_has_a_doc():
     assert set(config.DEFAULTS) - set(reference.KEY_DOCS) == set(), "add a line for it to KEY_DOCS in vncgate/reference.py"
     assert set(reference.KEY_DOCS) - set(config.DEFAULTS) == set(), "KEY_DOCS names a key Config does not have"
@@ -69,6 +81,8 @@ def test_every_shell_block_is_run_by_a_test_or_marked(name, text):
         elif not NOT_RUN.fullmatch(before):
             problems.append(f"{name}:{line}: a shell block (```{language}) needs '<!-- run by tests/FILE.py::TEST -->'"
                             " or '<!-- not run: why -->' on the line before; label other blocks (```text, ```ini)")
+    problems += [f"{name}:{line}: a command in an indented block: fence it (```sh) and mark it"
+                 for line in indented_commands(text)]
     assert not problems, "\n".join(problems)
 
 

@@ -6,6 +6,8 @@ import sqlite3
 import pytest
 
 from vncgate import store as store_module
+from vncgate.config import Config
+from vncgate.control.minting import mint
 from vncgate.store import TokenRejected, TokenStore
 
 T0 = 1000.0  # FakeClock's start; tokens below are minted then, ttl 300, idle_timeout 600
@@ -234,3 +236,20 @@ def test_sessions_are_listed_and_removed_together(store):
     assert [session.session_id for session in store.list_sessions()] == ["s1"]
     store.remove_sessions([])
     assert [session.instance_id for session in store.list_sessions()] == ["vm-1"]
+
+
+def test_a_kill_request_naming_no_session_marks_none(store):
+    """Both engines answer 0 (SQLite raised TypeError when given neither ids nor an instance)."""
+    store.record_session("s0", "gw-1", "hash0", "vm-0", "xvp-vnc", "127.0.0.1:1", 30)
+    assert store.request_kill() == 0
+    assert store.request_kill(session_ids=[]) == 0
+    assert store.update_sessions({"s0": (0, 0)}) == set()
+
+
+def test_mint_refuses_a_token_that_expired_before_it_was_read_back(store, clock, monkeypatch):
+    """A ttl shorter than the store's own write (a replica's WAIT): a StoreError line, not
+    details of None for the API's or the CLI's JSON to fail on."""
+    ticks = iter(range(10))  # every read of the clock: one second later
+    monkeypatch.setattr(store, "clock", lambda: clock.now + next(ticks))
+    with pytest.raises(store_module.StoreError, match="expired before it was read back"):
+        mint(Config(), store, "ws-vnc", "10.0.0.5", 5901, ttl=1.0)

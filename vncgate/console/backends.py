@@ -13,11 +13,12 @@ import time
 from vncgate.console.allow import BackendAllow, resolve
 from vncgate.net import fds, http
 from vncgate.refusals import Refused
+from vncgate.store.common import ConnectionDetails
 
 XEN_REPLY_LIMIT = 4096
 
 
-def open_backend(details, timeout, *, allow):
+def open_backend(details: ConnectionDetails, timeout: float, *, allow: BackendAllow) -> tuple[socket.socket, bytes]:
     """Connect to the console of details; returns (socket, bytes already read from it).
     Raises Refused with a backend-… reason. allow: the gateway's allow.BackendAllow."""
     deadline = time.monotonic() + timeout
@@ -62,7 +63,7 @@ def _connect_one(address: str, port: int, timeout: float) -> socket.socket:
         raise Refused("no-free-fds" if fds.is_exhaustion(error) else "backend-unreachable", str(error)) from None
 
 
-def _xen_connect(sock, path, deadline):
+def _xen_connect(sock: socket.socket, path: str, deadline: float) -> bytes:
     try:
         sock.sendall(f"CONNECT {path} HTTP/1.1\r\n\r\n".encode("latin-1"))
         status, leftover = http.read_response_status(sock, deadline, XEN_REPLY_LIMIT)
@@ -73,7 +74,7 @@ def _xen_connect(sock, path, deadline):
     return leftover
 
 
-def _wait_for_first_byte(sock, deadline):
+def _wait_for_first_byte(sock: socket.socket, deadline: float) -> None:
     """Wait, without consuming anything, until the backend has sent its first byte."""
     poller = select.poll()  # not select.select: descriptors above 1024 are normal under load
     poller.register(sock, select.POLLIN)

@@ -4,6 +4,8 @@ copied) and checked and indexed by read_blocks, which says what is wrong with a 
 as a ReplayError. The layout of a recording's files is described in recording.py.
 """
 
+from __future__ import annotations
+
 import os
 import struct
 
@@ -22,7 +24,7 @@ class ReplayError(rfb.RfbError):
     """A recording that cannot be played; .reason is the audit word (a refusals row)."""
 
 
-def _pad(length):
+def _pad(length: int) -> int:
     return -length % 4
 
 
@@ -30,7 +32,7 @@ class BlockWriter:
     """One file of timestamped blocks; counts the bytes it wrote. A block that cannot be
     written whole is cut off again, so the file always ends at a block's end."""
 
-    def __init__(self, path, magic):
+    def __init__(self, path: str, magic: bytes) -> None:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         self.size = 0
         try:
@@ -40,13 +42,13 @@ class BlockWriter:
             raise
 
     @staticmethod
-    def block_size(length):
+    def block_size(length: int) -> int:
         return 8 + length + _pad(length)
 
-    def write(self, data, ms):
+    def write(self, data: bytes, ms: int) -> None:
         self._block((_U32.pack(len(data)), data, _trailer(len(data), ms)), self.block_size(len(data)))
 
-    def splice(self, read_end, length, ms):
+    def splice(self, read_end: int, length: int, ms: int) -> None:
         """A block whose length bytes wait in a pipe: spliced into the file, never read here."""
         start = self.size
         try:
@@ -58,7 +60,7 @@ class BlockWriter:
             raise
         self.size = start + self.block_size(length)
 
-    def _block(self, parts, size):
+    def _block(self, parts: tuple[bytes, ...], size: int) -> None:
         try:
             self._put(parts)
         except OSError:
@@ -66,7 +68,7 @@ class BlockWriter:
             raise
         self.size += size
 
-    def _put(self, parts):
+    def _put(self, parts: tuple[bytes, ...]) -> None:
         written = os.writev(self.fd, parts)
         total = sum(len(part) for part in parts)
         if written < total:  # a short write (the disk filling up): the rest, or the error why not
@@ -74,22 +76,22 @@ class BlockWriter:
             while rest:
                 rest = rest[os.write(self.fd, rest):]
 
-    def _cut(self, size):
+    def _cut(self, size: int) -> None:
         try:
             os.ftruncate(self.fd, size)
             os.lseek(self.fd, size, os.SEEK_SET)
         except OSError:
             pass  # the file stays cut mid-block: the replay says "truncated"
 
-    def close(self):
+    def close(self) -> None:
         os.close(self.fd)
 
 
-def _trailer(length, ms):
+def _trailer(length: int, ms: int) -> bytes:
     return b"\0" * _pad(length) + _U32.pack(ms)
 
 
-def read_blocks(path):
+def read_blocks(path: str | None) -> list[tuple[int, int, int]]:
     """Check a whole .fbs file and index it: [(offset of the data, length, ms)]. Raises ReplayError."""
     if path is None:
         raise ReplayError("recording-missing", "not a session id")

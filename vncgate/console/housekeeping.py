@@ -7,12 +7,19 @@ so). It owns the Listener, which takes revocations and kills pushed by a store t
 them (Redis), and survives its errors alike.
 """
 
+from __future__ import annotations
+
 import logging
 import threading
 import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Callable
 
 from vncgate import store as store_module
 from vncgate import supervise
+
+if TYPE_CHECKING:
+    from vncgate.console.sessions import SessionManager
 
 log = logging.getLogger("vncgate.console.sessions")
 
@@ -23,17 +30,17 @@ class Listener(threading.Thread):
     heartbeat), since messages may have been missed; the heartbeat stays the fallback anyway.
     An error listen() lets out is logged once and listening starts again after a backoff."""
 
-    def __init__(self, manager, stopping):
+    def __init__(self, manager: SessionManager, stopping: threading.Event) -> None:
         super().__init__(name="listener")
         self.manager = manager
         self.stopping = stopping
         self.guard = supervise.Guard("revocation listener", log, quiet=(store_module.StoreError,))
 
     @property
-    def up(self):
+    def up(self) -> bool:
         return self.is_alive() and self.guard.up
 
-    def run(self):
+    def run(self) -> None:
         supervise.loop(self.guard, lambda: self.manager.store.listen(
             self.manager.pushed, self.manager.heartbeat, self.stopping), self.stopping)
 
@@ -45,7 +52,8 @@ class Housekeeper(threading.Thread):
     its own (supervise.Guard): a store outage pauses it quietly, anything else is logged once
     with its traceback, retried with backoff and makes .up False (/healthz answers 503)."""
 
-    def __init__(self, manager, touch_interval, housekeeping_interval, tasks=()):
+    def __init__(self, manager: SessionManager, touch_interval: float, housekeeping_interval: float,
+                 tasks: Iterable[Callable[[], object]] = ()) -> None:
         """tasks: more calls to make every touch_interval, guarded like the heartbeat."""
         super().__init__(name="housekeeper")
         self.tasks = tasks
@@ -57,15 +65,15 @@ class Housekeeper(threading.Thread):
         self.listener = Listener(manager, self._stopping) if manager.store.pushes_events else None
 
     @property
-    def up(self):
+    def up(self) -> bool:
         """Running, and its last round worked (a store outage aside)."""
         return self.is_alive() and self.guard.up
 
-    def threads(self):
+    def threads(self) -> dict[str, bool]:
         """{name: up} of this thread and the one it owns."""
         return {"housekeeper": self.up, **({"listener": self.listener.up} if self.listener else {})}
 
-    def run(self):
+    def run(self) -> None:
         if self.listener is not None:
             self.listener.start()
         try:
@@ -74,14 +82,14 @@ class Housekeeper(threading.Thread):
             if self.listener is not None:
                 self.listener.join()
 
-    def _loop(self):
+    def _loop(self) -> None:
         self._next_beat = self._next_purge = time.monotonic()
         while not self._stopping.is_set():
             if not self.guard.run(self._round) and self.guard.backoff:
                 self._stopping.wait(self.guard.backoff)
         self.guard.run(self.manager.write_session_list)  # the sessions that ended at shutdown
 
-    def _round(self):
+    def _round(self) -> None:
         """One wake-up: what is due, then the wait for the next. The first failing step ends the round."""
         if time.monotonic() >= self._next_beat:
             self._next_beat = time.monotonic() + self.touch_interval
@@ -96,7 +104,7 @@ class Housekeeper(threading.Thread):
         # Woken early by a session starting or ending (or by stop()), to write it down.
         self.manager.store_work.wait(max(0.0, min(self._next_beat, self._next_purge) - time.monotonic()))
 
-    def _purge(self):
+    def _purge(self) -> None:
         deleted = self.manager.store.purge()
         if deleted:
             log.info("housekeeping deleted %d garbage tokens", deleted)
@@ -104,7 +112,7 @@ class Housekeeper(threading.Thread):
         if stale:
             log.info("housekeeping deleted %d sessions left by gateways that stopped", stale)
 
-    def stop(self):
+    def stop(self) -> None:
         self._stopping.set()
         self.manager.store_work.set()
         self.join()

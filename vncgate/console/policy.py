@@ -15,6 +15,8 @@ A serial console's bytes are not RFB: there every byte a viewer sends is input, 
 drops them all (StreamFilter), so that each policy means the same on every console type.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import hashlib
 import hmac
@@ -24,8 +26,14 @@ import secrets
 import struct
 import threading
 import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Callable
 
 from vncgate.store.common import SERIAL, hash_token
+
+if TYPE_CHECKING:
+    from vncgate.config import Config
+    from vncgate.console.streams import Chunk, Sink
 
 log = logging.getLogger("vncgate.console.policy")
 
@@ -66,7 +74,7 @@ class Malformed(Exception):
     """The client sent what no RFB client sends; .reason is the session's audit word
     (client-bad-message, client-message-too-big), .detail says what."""
 
-    def __init__(self, reason, detail):
+    def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -85,21 +93,21 @@ class Policy:
     paste_as_keys: bool = False
     input_idle: float = 0.0  # seconds; 0: the gateway's input_idle_timeout
 
-    def to_json(self):
+    def to_json(self) -> str:
         """The store's text: only what differs from no policy ("" for none at all)."""
         fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
                   if getattr(self, field.name) != field.default}
         return json.dumps(fields, sort_keys=True) if fields else ""
 
     @classmethod
-    def from_json(cls, text):
+    def from_json(cls, text: str) -> Policy:
         if not text:
             return cls()
         fields = json.loads(text)
         known = {field.name for field in dataclasses.fields(cls)}
         return cls(**{name: value for name, value in fields.items() if name in known})
 
-    def problem(self, console_type):
+    def problem(self, console_type: str) -> str:
         """Why this policy cannot go with a console of console_type, or "" when it can: the one
         rule the CLI and the API share. Every policy holds for every type, but paste-as-keys,
         which types RFB key events (a serial console takes pasted text as it is)."""
@@ -109,15 +117,15 @@ class Policy:
             return f"input idle must be from {MIN_INPUT_IDLE:g} to {MAX_SECONDS} seconds"
         return ""
 
-    def input_idle_limit(self, settings):
+    def input_idle_limit(self, settings: Config) -> float:
         """Seconds without input that end a session: the token's own, else the gateway's; 0: none."""
         return self.input_idle or settings.input_idle_timeout
 
-    def reads_stream(self, settings):
+    def reads_stream(self, settings: Config) -> bool:
         """Whether the gateway must read the client's stream: single use alone does not."""
         return self.view_only or self.paste_as_keys or self.input_idle_limit(settings) > 0
 
-    def describe(self):
+    def describe(self) -> str:
         """The audit line's words for the policy, e.g. "view-only,input-idle=60"."""
         words = [name for name, on in (("view-only", self.view_only), ("single-use", self.single_use),
                                        ("paste-as-keys", self.paste_as_keys)) if on]
@@ -149,7 +157,7 @@ def resume_cookie_valid(key: str, token: str, value: str) -> bool:
     return bool(nonce and dot) and hmac.compare_digest(mac, _resume_mac(key, token, nonce))
 
 
-def resume_cookie_header(value: str, secure: bool) -> tuple:
+def resume_cookie_header(value: str, secure: bool) -> tuple[str, str]:
     """The Set-Cookie header (name, value) of a websocket upgrade that used a single-use token."""
     return "Set-Cookie", (f"{resume_cookie_name(secure)}={value}; Path=/; HttpOnly; SameSite=Strict"
                           + ("; Secure" if secure else ""))
@@ -167,12 +175,12 @@ class Parser:
     announced the extended clipboard (set by the caller, who may hide the announcement):
     only then may a ClientCutText have a negative length."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.buffer = bytearray()
         self.initialised = False
         self.extended_clipboard = False
 
-    def feed(self, data):
+    def feed(self, data: Chunk) -> Iterator[bytes]:
         self.buffer += data
         start = 0
         try:
@@ -187,7 +195,7 @@ class Parser:
         finally:
             del self.buffer[:start]
 
-    def _size(self, start):
+    def _size(self, start: int) -> int | None:
         """The size of the message at start, or None until enough of its header is here."""
         have = len(self.buffer) - start
         if not have:
@@ -196,7 +204,7 @@ class Parser:
             return 1  # ClientInit: the shared flag
         kind = self.buffer[start]
         if kind in _FIXED:
-            size = _FIXED[kind]
+            size: int | None = _FIXED[kind]
         elif kind == SET_ENCODINGS:
             size = self._counted(start, have, 4, 2, _U16, 4, MAX_ENCODINGS, "SetEncodings")
         elif kind == CLIENT_CUT_TEXT:
@@ -211,7 +219,8 @@ class Parser:
             raise Malformed("client-bad-message", f"unknown client message type {kind}")
         return size if size is not None and have >= size else None
 
-    def _counted(self, start, have, header, at, field, each, limit, name):
+    def _counted(self, start: int, have: int, header: int, at: int, field: struct.Struct | None, each: int,
+                 limit: int, name: str) -> int | None:
         """header bytes, then a count (a u16 via field, else a byte) at offset at of items of each bytes."""
         if have < header:
             return None
@@ -220,7 +229,7 @@ class Parser:
             raise Malformed("client-message-too-big", f"{name} with {count} items (at most {limit})")
         return header + each * count
 
-    def _cut_text(self, start, have):
+    def _cut_text(self, start: int, have: int) -> int | None:
         if have < 8:
             return None
         length = _S32.unpack_from(self.buffer, start + 4)[0]
@@ -236,7 +245,7 @@ class Parser:
             raise Malformed("client-message-too-big", f"ClientCutText of {length} bytes (at most {MAX_CUT_TEXT})")
         return 8 + length
 
-    def _qemu(self, start, have):
+    def _qemu(self, start: int, have: int) -> int | None:
         if have < 2:
             return None
         subtype = self.buffer[start + 1]
@@ -256,7 +265,7 @@ class Parser:
 
 # -- the filter ----------------------------------------------------------------------------
 
-def keystrokes(text):
+def keystrokes(text: str) -> Iterator[bytes]:
     """The KeyEvent messages that type text (Latin-1): a press and a release per character,
     inside Shift where a US keyboard needs it; a newline (\\n, \\r\\n or \\r) is Return, a tab
     Tab. Other control characters are skipped. Yields one bytes per character."""
@@ -290,7 +299,8 @@ class Filter:
     cannot keep an idle session open by sending it again and again.
     """
 
-    def __init__(self, sink, policy, paste_max_chars, on_input, on_violation, pause=time.sleep):
+    def __init__(self, sink: Sink, policy: Policy, paste_max_chars: int, on_input: Callable[[], None],
+                 on_violation: Callable[[str, str], None], pause: Callable[[float], None] = time.sleep) -> None:
         self.sink = sink
         self.close_write = sink.close_write
         self.policy = policy
@@ -300,9 +310,9 @@ class Filter:
         self.pause = pause
         self.parser = Parser()
         self.greeted = False
-        self.pointer = None  # the last PointerEvent's buttons and position: a repeat is no input
+        self.pointer: bytes | None = None  # the last PointerEvent's buttons and position: a repeat is no input
 
-    def write(self, chunk):
+    def write(self, chunk: Chunk) -> None:
         out = bytearray()
         try:
             for message in self.parser.feed(chunk):
@@ -315,7 +325,7 @@ class Filter:
         if out:
             self.sink.write(out)
 
-    def _judge(self, message, pending):
+    def _judge(self, message: bytes, pending: bytearray) -> bytes:
         """The bytes that go on for message (itself, changed, or nothing)."""
         if not self.greeted:  # ClientInit
             self.greeted = True
@@ -342,7 +352,7 @@ class Filter:
             return b""
         return message
 
-    def _encodings(self, message):
+    def _encodings(self, message: bytes) -> bytes:
         """Hide the extended clipboard from the server where the client's clipboard is dropped
         or typed, so that the client keeps to plain ClientCutText; note it where it passes."""
         count = _U16.unpack_from(message, 2)[0]
@@ -355,7 +365,7 @@ class Filter:
             self.parser.extended_clipboard = EXTENDED_CLIPBOARD in encodings
         return message
 
-    def _type(self, text, pending):
+    def _type(self, text: str, pending: bytearray) -> None:
         """Type text now, after the messages that came before it, at a pace consoles keep up with."""
         if len(text) > self.paste_max_chars:
             # Typing part of it could run part of a command: nothing is typed.
@@ -374,13 +384,13 @@ class StreamFilter:
     """The policy of a console whose bytes are not RFB (serial): every byte the viewer sends is
     input, and a view-only viewer's bytes are dropped, all of them."""
 
-    def __init__(self, sink, policy, on_input):
+    def __init__(self, sink: Sink, policy: Policy, on_input: Callable[[], None]) -> None:
         self.sink = sink
         self.close_write = sink.close_write
         self.view_only = policy.view_only
         self.on_input = on_input
 
-    def write(self, chunk):
+    def write(self, chunk: Chunk) -> None:
         if chunk:
             self.on_input()
             if not self.view_only:
@@ -393,7 +403,7 @@ class InputIdleWatch:
     One thread per watched session, waiting on an Event until the earliest moment the
     limit can be reached, so the session ends within moments of it; cancel() stops it."""
 
-    def __init__(self, limit, stop, clock=time.monotonic):
+    def __init__(self, limit: float, stop: Callable[[str], None], clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
         self.stop = stop
         self.clock = clock
@@ -401,20 +411,20 @@ class InputIdleWatch:
         self._cancelled = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="input-idle", daemon=True)
 
-    def touch(self):
+    def touch(self) -> None:
         self.last_input = self.clock()
 
-    def start(self):
+    def start(self) -> None:
         self.last_input = self.clock()
         self._thread.start()
 
-    def _watch(self):
+    def _watch(self) -> None:
         while not self._cancelled.wait(max(0.0, self.last_input + self.limit - self.clock())):
             if self.clock() - self.last_input >= self.limit:
                 self.stop("input-idle")
                 return
 
-    def cancel(self):
+    def cancel(self) -> None:
         self._cancelled.set()
         if self._thread.is_alive():
             self._thread.join()
@@ -424,34 +434,34 @@ class Enforcement:
     """A session's policy at work: the Filter (StreamFilter) for its client's bytes and its input
     idle watch."""
 
-    def __init__(self, policy, settings, stop, stream=False):
+    def __init__(self, policy: Policy, settings: Config, stop: Callable[[str], None], stream: bool = False) -> None:
         """stream: the console's bytes are not RFB (serial): a StreamFilter enforces the policy."""
         self.policy = policy
         self.stream = stream
         self.paste_max_chars = settings.paste_max_chars
         self.stop = stop
-        self.violation = None  # what the parser refused, for the session's audit line
+        self.violation: str | None = None  # what the parser refused, for the session's audit line
         limit = policy.input_idle_limit(settings)
         self.watch = InputIdleWatch(limit, stop) if limit else None
 
-    def filter(self, sink):
+    def filter(self, sink: Sink) -> Sink:
         on_input = self.watch.touch if self.watch else _nothing
         if self.stream:
             return StreamFilter(sink, self.policy, on_input)
         return Filter(sink, self.policy, self.paste_max_chars, on_input, self._violated)
 
-    def _violated(self, reason, detail):
+    def _violated(self, reason: str, detail: str) -> None:
         self.violation = detail
         self.stop(reason)
 
-    def start(self):
+    def start(self) -> None:
         if self.watch:
             self.watch.start()
 
-    def cancel(self):
+    def cancel(self) -> None:
         if self.watch:
             self.watch.cancel()
 
 
-def _nothing():
+def _nothing() -> None:
     pass

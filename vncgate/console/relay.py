@@ -21,12 +21,15 @@ This module keeps the Directions and the Relay; the pipe primitives (splice, tee
 pool) are in pipes.py, the Sources and Sinks in streams.py.
 """
 
+from __future__ import annotations
+
 import os
 import select
 import socket
 import ssl
 import threading
 import time
+from typing import TYPE_CHECKING, Callable, Union
 
 from vncgate.console.pipes import (
     CAN_SPLICE,
@@ -49,6 +52,12 @@ from vncgate.console.streams import (
 )
 from vncgate.net import tls
 
+if TYPE_CHECKING:
+    from vncgate.console.recording import Recorder
+    from vncgate.console.streams import Sink, Source, SpliceSink
+
+Sock = Union[socket.socket, tls.TlsStream]
+
 # The pipe primitives moved to pipes.py, the Sources and Sinks to streams.py; their names
 # stay importable from here.
 __all__ = ["BUFFER_SIZE", "CAN_SPLICE", "CAN_TEE", "COPY_SIZE", "PIPES", "PIPE_SIZE", "ChunkReader",
@@ -63,7 +72,7 @@ LINGER = 1.0  # seconds the backend's last bytes may still flow after the client
 class Ended(OSError):
     """A direction's protocol says the whole session is over; .reason is the audit word."""
 
-    def __init__(self, reason, detail=""):
+    def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
 
@@ -71,12 +80,16 @@ class Ended(OSError):
 class Direction:
     """One way of a relay: moves bytes until EOF, counts them, and reports how it ended."""
 
-    def __init__(self, name):
+    # What each kind of Direction provides (declared for the type checker only).
+    move: Callable[[Relay], None]
+    close_write: Callable[[], None]
+
+    def __init__(self, name: str) -> None:
         self.name = name
         self.bytes = 0
-        self.failed = None  # the OSError that ended it, if any
+        self.failed: OSError | None = None  # the OSError that ended it, if any
 
-    def pump(self, relay):
+    def pump(self, relay: Relay) -> None:
         try:
             self.move(relay)
             relay.ended(self)  # on record first: the half-close may make the other side end at once
@@ -93,13 +106,13 @@ class Direction:
 class CopyDirection(Direction):
     """Through user space: a Source's chunks written to a Sink (framing, TLS)."""
 
-    def __init__(self, name, source, sink):
+    def __init__(self, name: str, source: Source, sink: Sink) -> None:
         super().__init__(name)
         self.source = source
         self.sink = sink
         self.close_write = sink.close_write
 
-    def move(self, relay):
+    def move(self, relay: Relay) -> None:
         write = self.sink.write
         for chunk in self.source.chunks():
             write(chunk)
@@ -112,14 +125,15 @@ class SpliceDirection(Direction):
     Python (the Sink's write_from splices them on, maybe after a frame header of its own).
     Between chunks it waits in poll() holding no pipe."""
 
-    def __init__(self, name, source_sock, sink, initial=b"", pipes=PIPES):
+    def __init__(self, name: str, source_sock: Sock, sink: SpliceSink, initial: bytes = b"",
+                 pipes: PipePool = PIPES) -> None:
         super().__init__(name)
         self.source_sock = source_sock
         self.sink = sink
         self.initial = initial
         self.pipes = pipes
 
-    def move(self, relay):
+    def move(self, relay: Relay) -> None:
         if self.initial:
             self.bytes += self._pass(self.initial)
         readable = select.poll()
@@ -132,12 +146,12 @@ class SpliceDirection(Direction):
             self.bytes += count
             relay.last_active = time.monotonic()
 
-    def _chunk(self):
+    def _chunk(self) -> int:
         """Moves what the source has (one chunk); returns how many bytes, 0 at its end."""
         pipe = self.pipes.take()
         return self._copy() if pipe is None else self._splice(pipe)
 
-    def _splice(self, pipe):
+    def _splice(self, pipe: tuple[int, int, int]) -> int:
         """One chunk through the pipe: as much as is there, then all of it out."""
         read_end, write_end, capacity = pipe
         drained = False
@@ -150,15 +164,15 @@ class SpliceDirection(Direction):
         finally:
             self.pipes.give_back(pipe, drained)  # a pipe with bytes left in it is closed, not reused
 
-    def _copy(self):
+    def _copy(self) -> int:
         return self._pass(self.source_sock.recv(COPY_SIZE))
 
-    def _pass(self, data):
+    def _pass(self, data: bytes) -> int:
         if data:
             self.sink.write(data)
         return len(data)
 
-    def close_write(self):
+    def close_write(self) -> None:
         self.sink.close_write()
 
 
@@ -169,11 +183,12 @@ class TeeDirection(SpliceDirection):
     the recorder follows an RFB handshake (it must read those bytes) or when no second pipe
     is free; once the recorder has stopped, chunks are only spliced."""
 
-    def __init__(self, name, source_sock, sink, recorder, initial=b"", pipes=PIPES):
+    def __init__(self, name: str, source_sock: Sock, sink: SpliceSink, recorder: Recorder, initial: bytes = b"",
+                 pipes: PipePool = PIPES) -> None:
         super().__init__(name, source_sock, sink, initial, pipes)
         self.recorder = recorder
 
-    def _chunk(self):
+    def _chunk(self) -> int:
         if self.recorder.stopped:
             return super()._chunk()
         if self.recorder.following:
@@ -187,7 +202,7 @@ class TeeDirection(SpliceDirection):
             return self._copy()
         return self._tee(pipe, copy)
 
-    def _tee(self, pipe, copy):
+    def _tee(self, pipe: tuple[int, int, int], copy: tuple[int, int, int]) -> int:
         read_end, write_end, capacity = pipe
         drained = copy_drained = False
         try:
@@ -204,46 +219,49 @@ class TeeDirection(SpliceDirection):
             self.pipes.give_back(pipe, drained)  # a pipe with bytes left in it is closed, not reused
             self.pipes.give_back(copy, copy_drained)
 
-    def _pass(self, data):
+    def _pass(self, data: bytes) -> int:
         if data:
             self.recorder.server(data)
         return super()._pass(data)
 
 
-def splices(*socks):
+def splices(*socks: object) -> bool:
     """Whether bytes between these may be spliced: the kernel has them, none is TLS."""
     return CAN_SPLICE and not any(isinstance(sock, (ssl.SSLSocket, tls.TlsStream)) for sock in socks)
 
 
-def from_backend(backend_sock, sink, leftover=b"", recorder=None, *, splice):
+def from_backend(backend_sock: Sock, sink: SpliceSink, leftover: bytes = b"", recorder: Recorder | None = None, *,
+                 splice: bool) -> Direction:
     """The backend-to-client Direction into sink: spliced when it may be (splice: see
     splices()), tee'd as well when recorded, else copied through Python (and shown to the
     recorder)."""
     if splice and recorder is None:
         return SpliceDirection("backend", backend_sock, sink, leftover)
-    if splice and CAN_TEE:
+    if splice and CAN_TEE and recorder is not None:  # it is not None here: the line above took None
         return TeeDirection("backend", backend_sock, sink, recorder, leftover)
-    return CopyDirection("backend", tapped(SocketSource(backend_sock, leftover), recorder and recorder.server), sink)
+    return CopyDirection("backend", tapped(SocketSource(backend_sock, leftover), recorder.server if recorder else None),
+                         sink)
 
 
 class Relay:
     """Relays client <-> backend until both directions end or stop() is called."""
 
-    def __init__(self, client_sock, backend_sock, upstream, downstream):
+    def __init__(self, client_sock: Sock, backend_sock: Sock, upstream: Direction | tuple[Source, Sink],
+                 downstream: Direction | tuple[Source, Sink]) -> None:
         """upstream (client -> backend) and downstream: Directions, or (Source, Sink) pairs to copy."""
         self.sockets = (client_sock, backend_sock)
         self.upstream = upstream if isinstance(upstream, Direction) else CopyDirection("client", *upstream)
         self.downstream = (downstream if isinstance(downstream, Direction)
                            else CopyDirection("backend", *downstream))
         self.last_active = time.monotonic()
-        self.end_reason = None
+        self.end_reason: str | None = None
         self.woken = False  # stop() has shut both sockets down
         self.linger = LINGER
         self._lock = threading.Lock()
 
     @classmethod
-    def raw(cls, client_sock, backend_sock, backend_leftover=b"", client_leftover=b"", upstream_sink=None,
-            recorder=None):
+    def raw(cls, client_sock: Sock, backend_sock: Sock, backend_leftover: bytes = b"", client_leftover: bytes = b"",
+            upstream_sink: Callable[[Sink], Sink] | None = None, recorder: Recorder | None = None) -> Relay:
         """A byte-for-byte relay (the XVP path): spliced where the kernel can, else copied (a TLS
         side, as an SSLSocket or a TlsStream, has its bytes in OpenSSL, not the kernel).
         upstream_sink(sink): the Sink the client's bytes go to in front of the backend's (a
@@ -256,25 +274,25 @@ class Relay:
         if upstream_sink is not None or recorder is not None or not splice:
             watcher = recorder.client if recorder else None
             sink = SocketSink(backend_sock)
-            upstream = CopyDirection("client", tapped(SocketSource(client_sock, client_leftover), watcher),
-                                     upstream_sink(sink) if upstream_sink else sink)
+            upstream: Direction = CopyDirection("client", tapped(SocketSource(client_sock, client_leftover), watcher),
+                                                upstream_sink(sink) if upstream_sink else sink)
         else:
             upstream = SpliceDirection("client", client_sock, SocketSink(backend_sock), client_leftover)
         downstream = from_backend(backend_sock, SocketSink(client_sock), backend_leftover, recorder, splice=splice)
         return cls(client_sock, backend_sock, upstream, downstream)
 
     @property
-    def bytes_up(self):
+    def bytes_up(self) -> int:
         return self.upstream.bytes
 
     @property
-    def bytes_down(self):
+    def bytes_down(self) -> int:
         return self.downstream.bytes
 
-    def idle_seconds(self):
+    def idle_seconds(self) -> float:
         return time.monotonic() - self.last_active
 
-    def run(self):
+    def run(self) -> str | None:
         """Relay in this thread and one helper thread; returns when both ways are done."""
         try:
             for sock in self.sockets:
@@ -295,15 +313,15 @@ class Relay:
                 sock.close()
         return self.end_reason
 
-    def ended(self, direction):
+    def ended(self, direction: Direction) -> None:
         self.ended_by(f"{direction.name}-closed")
 
-    def ended_by(self, reason):
+    def ended_by(self, reason: str) -> None:
         with self._lock:
             if self.end_reason is None:
                 self.end_reason = reason
 
-    def stop(self, reason):
+    def stop(self, reason: str) -> None:
         """End the relay from any thread: both blocked reads return at once. (Once is enough:
         at a SIGTERM every system call saved is a GIL hand-over saved, times thousands.)"""
         self.ended_by(reason)
@@ -314,7 +332,7 @@ class Relay:
                 tls.wake(sock)
 
 
-def tune(sock):
+def tune(sock: Sock) -> None:
     """Low latency for input events; keepalive so a vanished peer ends its session."""
     if getattr(sock, "family", None) == socket.AF_UNIX:
         return  # a serial viewer's or a replay's socketpair end: nothing to tune

@@ -4,6 +4,8 @@ other end a replay token's session relays as its backend. It answers the viewer'
 speed, and reads and drops the viewer's input.
 """
 
+from __future__ import annotations
+
 import logging
 import os
 import select
@@ -11,6 +13,7 @@ import socket
 import struct
 import threading
 import time
+from typing import IO
 
 from vncgate.console import relay as relay_module
 from vncgate.console import rfb
@@ -28,7 +31,7 @@ class Player:
     the other end (.socket) as its backend. The viewer's handshake is answered here (security
     None, the recorded ServerInit); its input is read and dropped."""
 
-    def __init__(self, path, speed):
+    def __init__(self, path: str | None, speed: float) -> None:
         self.path = path
         self.speed = speed
         self.socket, self._far = socket.socketpair()
@@ -42,7 +45,7 @@ class Player:
             return
         threading.Thread(target=self._run, name="replay", daemon=True).start()
 
-    def _read(self, handle, block):
+    def _read(self, handle: IO[bytes], block: tuple[int, int, int]) -> bytes:
         offset, length, _ms = block
         handle.seek(offset)
         return handle.read(length)
@@ -81,7 +84,7 @@ class Player:
         except (OSError, rfb.RfbError, ConnectionError) as error:
             log.debug("replay of %s ended: %s", os.path.basename(self.path), error)
 
-    def _play(self, sock, handle):
+    def _play(self, sock: socket.socket, handle: IO[bytes]) -> None:
         sock.sendall(self.server_init)
         index, skip = self.first
         origin_ms = self.blocks[index - 1][2] if index else 0
@@ -97,7 +100,7 @@ class Player:
             sock.sendall(self._read(handle, block))
 
     @staticmethod
-    def _drop_input(sock, timeout):
+    def _drop_input(sock: socket.socket, timeout: float | None) -> bool:
         """Wait up to timeout (None: for ever) for viewer input and drop it; False at its end."""
         poller = select.poll()
         poller.register(sock, select.POLLIN)

@@ -22,8 +22,10 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 NONE, VNC_AUTH, VENCRYPT = 1, 2, 19  # RFB security types
 X509_NONE, X509_VNC = 260, 261  # VeNCrypt sub-types
@@ -83,7 +85,7 @@ _S = [
 ]
 
 
-def _permute(value: int, table: list[int], width: int) -> int:
+def _permute(value: int, table: Sequence[int], width: int) -> int:
     """Bit i of the result (from the left, 1-based as in FIPS 46-3) is bit table[i] of value."""
     result = 0
     for position in table:
@@ -178,7 +180,8 @@ class BackendIO:
     """Exact reads and whole writes on a blocking socket, each bounded by one monotonic deadline.
     stage names what is under way, for the errors (the security handshake, a screenshot)."""
 
-    def __init__(self, sock: Any, deadline: float, initial: bytes = b"", stage: str = "security handshake") -> None:
+    def __init__(self, sock: socket.socket, deadline: float, initial: bytes = b"",
+                 stage: str = "security handshake") -> None:
         self.sock = sock
         self.deadline = deadline
         self.pending = bytes(initial)
@@ -225,7 +228,7 @@ class BackendIO:
             raise RfbError("backend-timeout", f"the VNC server did not take the {self.stage}'s bytes in time") from None
 
 
-def _failure_reason(read_exact: ReadExact, fallback: str) -> str:
+def _failure_reason(read_exact: Callable[[int], bytes], fallback: str) -> str:
     """The reason string that follows a failure; fallback when the server sends none."""
     try:
         length = _U32.unpack(read_exact(4))[0]
@@ -306,7 +309,7 @@ def vencrypt_backend(sock: socket.socket, context: ssl.SSLContext, hostname: str
 
 
 def secure(sock: socket.socket, password: bytes | None, deadline: float, initial: bytes = b"",
-           context: ssl.SSLContext | None = None, hostname: str = "") -> tuple:
+           context: ssl.SSLContext | None = None, hostname: str = "") -> tuple[bytes, socket.socket]:
     """The backend's security handshake as the gateway does it for a token: VeNCrypt checked by
     context for hostname when context is given (a backend_tls token), else VNC Authentication
     with password (or None without one). Returns (version line, the socket to go on with: the
@@ -316,7 +319,7 @@ def secure(sock: socket.socket, password: bytes | None, deadline: float, initial
     return vencrypt_backend(sock, context, hostname, password, deadline, initial=initial)
 
 
-def _as_client(sock: socket.socket, deadline: float, initial: bytes, handshake: Callable[[BackendIO], Any]) -> Any:
+def _as_client(sock: socket.socket, deadline: float, initial: bytes, handshake: Callable[[BackendIO], T]) -> T:
     """Run handshake(BackendIO) on sock; OSError becomes backend-closed, the timeout is restored."""
     backend = BackendIO(sock, deadline, initial)
     saved_timeout = sock.gettimeout()
@@ -412,7 +415,8 @@ def _tls_handshake(backend: BackendIO, context: ssl.SSLContext, hostname: str) -
 
 # -- with the client: the gateway is the RFB server, sans-IO ----------------------------------
 
-def _client_io(read_exact: ReadExact, write: Write) -> tuple[ReadExact, Write]:
+def _client_io(read_exact: Callable[[int], bytes],
+               write: Callable[[bytes], object]) -> tuple[Callable[[int], bytes], Callable[[bytes], object]]:
     """The caller's read_exact and write, turning EOF, short reads and socket errors into
     RfbError, so that a client's misbehaviour surfaces as one exception type."""
     def guarded(call: Callable[[Any], Any], argument: Any) -> Any:
@@ -431,7 +435,7 @@ def _client_io(read_exact: ReadExact, write: Write) -> tuple[ReadExact, Write]:
     return read, lambda data: guarded(write, data)
 
 
-def _client_version(read: ReadExact, send: Write, version: bytes) -> int:
+def _client_version(read: Callable[[int], bytes], send: Callable[[bytes], object], version: bytes) -> int:
     """Send the gateway's version, read the client's; returns the minor both will use."""
     offered = _offered_minor(version)
     send(version_line(offered))
@@ -468,7 +472,8 @@ def offer_no_auth(read_exact: ReadExact, write: Write, version: bytes) -> None:
         send(_U32.pack(0))  # SecurityResult OK; RFC 6143: 3.7 sends none for type None
 
 
-def refuse_client(read_exact: ReadExact, write: Write, version: bytes, reason: str) -> None:
+def refuse_client(read_exact: Callable[[int], bytes], write: Callable[[bytes], object], version: bytes,
+                  reason: str) -> None:
     """Tell the client in RFB why it cannot have the console: after the versions, no security
     types (3.7/3.8: count 0; 3.3: type 0) and the reason string, which RFB clients show.
     The caller closes the connection afterwards. Raises RfbError as offer_no_auth does."""

@@ -18,14 +18,17 @@ Framebuffer is sans-IO: it is handed a BackendIO (read_exact, read_into) and nev
 touches a socket itself, so its tests feed it bytes.
 """
 
+from __future__ import annotations
+
 import collections
 import contextlib
 import dataclasses
+import ssl
 import struct
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from vncgate import store as store_module
 from vncgate.console import backends, png, rfb
@@ -33,6 +36,9 @@ from vncgate.console.allow import BackendAllow
 from vncgate.refusals import Refused
 from vncgate.store import sealing
 from vncgate.store.common import ConnectionDetails
+
+if TYPE_CHECKING:
+    from vncgate.audit import Audit
 
 RAW, COPYRECT, DESKTOP_SIZE = 0, 1, -223
 ENCODINGS = (RAW, COPYRECT, DESKTOP_SIZE)
@@ -169,8 +175,8 @@ def read_screen(io: rfb.BackendIO, max_pixels: int) -> Framebuffer:
 Shot = collections.namedtuple("Shot", "png width height console_width console_height")
 
 
-def capture(details: ConnectionDetails, timeout: float, max_pixels: int, allow: BackendAllow, context=None,
-            max_width: Optional[int] = None) -> Shot:
+def capture(details: ConnectionDetails, timeout: float, max_pixels: int, allow: BackendAllow,
+            context: ssl.SSLContext | None = None, max_width: int | None = None) -> Shot:
     """One screenshot of the console of details (a token's ConnectionDetails, with its
     backend_password when the gateway holds it open), all of it by timeout seconds. allow:
     where the gateway may connect (backend_allow), as for sessions; context: the ssl context
@@ -192,7 +198,7 @@ def capture(details: ConnectionDetails, timeout: float, max_pixels: int, allow: 
     return Shot(png.encode(width, height, rgb), width, height, screen.width, screen.height)
 
 
-def openable(row: ConnectionDetails, live: list, store: Any = None, held_key: Optional[bytes] = None) -> ConnectionDetails:
+def openable(row: ConnectionDetails, live: list, store: Any = None, held_key: bytes | None = None) -> ConnectionDetails:
     """The details a screenshot of row's console is taken with: row itself, or, when the token
     holds a password, row with the password opened: by the gateways' own key (held_key, from
     screenshot_key_file) when it was sealed under it too, else from a live session of the
@@ -221,8 +227,8 @@ class Screenshots:
     screenshot-busy, never queued), one audit line each (event "screenshot"), and counts by
     result for /metrics."""
 
-    def __init__(self, audit, limit: int, timeout: float, max_pixels: int, allow: BackendAllow, context=None,
-                 held_key: Optional[bytes] = None) -> None:
+    def __init__(self, audit: Audit, limit: int, timeout: float, max_pixels: int, allow: BackendAllow,
+                 context: ssl.SSLContext | None = None, held_key: bytes | None = None) -> None:
         """allow: backend_allow (the sessions'); held_key: the gateways' own sealing key
         (screenshot_key_file), None when not set."""
         self.audit = audit
@@ -236,7 +242,7 @@ class Screenshots:
         self.in_flight = 0
         self._lock = threading.Lock()
 
-    def take(self, details: ConnectionDetails, max_width: Optional[int] = None, **fields) -> Shot:
+    def take(self, details: ConnectionDetails, max_width: int | None = None, **fields: Any) -> Shot:
         """A screenshot of details' console, or Refused; audited with fields (client, key) and counted."""
         fields.update(instance_id=details.instance_id, token_id=details.token_id, console_type=details.console_type)
         started = time.monotonic()

@@ -13,14 +13,17 @@ before it was written costs no write at all.
 The housekeeper thread (and the Listener it owns) is in housekeeping.py.
 """
 
+from __future__ import annotations
+
 import collections
 import logging
 import os
 import secrets
 import socket
+import ssl
 import threading
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Callable, TypeVar, Union
 
 from vncgate import refusals
 from vncgate import store as store_module
@@ -31,16 +34,30 @@ from vncgate.net import fds, tls
 from vncgate.refusals import Refused
 from vncgate.store import watch
 
+if TYPE_CHECKING:
+    from vncgate.audit import Audit
+    from vncgate.config import Config
+    from vncgate.console import replay
+    from vncgate.console.relay import Relay
+    from vncgate.console.streams import Sink
+    from vncgate.store.redis import RedisStore
+    from vncgate.store.sqlite import SqliteStore
+
+    AnyStore = Union[SqliteStore, RedisStore]
+
 # The housekeeper moved to housekeeping.py; it stays importable from here (front.server uses it).
 __all__ = ["CHECKPOINT_INTERVAL", "Housekeeper", "Listener", "Session", "SessionManager"]
 
 log = logging.getLogger("vncgate.console.sessions")
 
+T = TypeVar("T")
+
 CHECKPOINT_INTERVAL = 1.0  # seconds between the housekeeper's checkpoints, at most
 
 
 class Session:
-    def __init__(self, details, client, path, backend, backend_leftover, client_conn=None):
+    def __init__(self, details: store_module.ConnectionDetails, client: str, path: str,
+                 backend: socket.socket | tls.TlsStream, backend_leftover: bytes, client_conn: object = None) -> None:
         self.id = secrets.token_hex(6)
         self.details = details
         self.client = client
@@ -49,43 +66,43 @@ class Session:
         self.backend_leftover = backend_leftover
         self.client_conn = client_conn
         self.started = time.time()
-        self.relay = None
-        self.recorder = None  # a recording.Recorder when the session is recorded
-        self.stopped = None  # the reason, once stop() was called
+        self.relay: Relay | None = None
+        self.recorder: recording.Recorder | None = None  # when the session is recorded
+        self.stopped: str | None = None  # the reason, once stop() was called
         self._lock = threading.Lock()
         # The RFB security the gateway did with the backend: None (the client does its own),
         # the version line agreed (the client gets security type None), or the RfbError to tell it.
-        self.security = None
+        self.security: bytes | rfb.RfbError | None = None
         self.policy = policy_module.Policy()
-        self.enforcement = None  # a policy_module.Enforcement when the policy reads the client's stream
-        self.use = None  # a single-use token's use: "consumed" or "resumed"
-        self.resume_cookie = None  # the cookie its client may come back with (the websocket path)
+        self.enforcement: policy_module.Enforcement | None = None  # when the policy reads the client's stream
+        self.use: str | None = None  # a single-use token's use: "consumed" or "resumed"
+        self.resume_cookie: str | None = None  # the cookie its client may come back with (the websocket path)
 
     @property
-    def extra_fds(self):
+    def extra_fds(self) -> int:
         """The fds this session holds besides its two sockets."""
         return ((fds.RECORDED_EXTRA if self.recorder else 0)
                 + (fds.SERIAL_EXTRA if self.details.console_type == store_module.SERIAL else 0))
 
     @property
-    def needs_greeting(self):
+    def needs_greeting(self) -> bool:
         return self.security is not None
 
-    def audit_fields(self):
+    def audit_fields(self) -> dict[str, Any]:
         return {"client": self.client, "path": self.path, "console_type": self.details.console_type,
                 "instance_id": self.details.instance_id, "token_id": self.details.token_id,
                 "session_id": self.id, **({"policy": self.policy.describe()} if self.policy.describe() else {}),
                 **({"replay": self.details.replay} if self.details.replay else {})}
 
-    def byte_counts(self):
+    def byte_counts(self) -> tuple[int, int]:
         return (self.relay.bytes_up, self.relay.bytes_down) if self.relay else (0, 0)
 
     @property
-    def client_filter(self):
+    def client_filter(self) -> Callable[[Sink], Sink] | None:
         """None, or the function that puts the policy's Filter in front of the backend's Sink."""
         return self.enforcement.filter if self.enforcement else None
 
-    def stop(self, reason):
+    def stop(self, reason: str) -> None:
         """End the session from any thread, in its handshake with the client or relaying."""
         with self._lock:
             self.stopped = self.stopped or reason
@@ -97,7 +114,7 @@ class Session:
             if conn is not None:
                 tls.wake(conn)
 
-    def start(self, relay):
+    def start(self, relay: Relay) -> None:
         """Hand the session to its relay; a stop() that came first stops the relay too."""
         with self._lock:
             self.relay = relay
@@ -107,8 +124,10 @@ class Session:
 
 
 class SessionManager:
-    def __init__(self, store, audit, backend_timeout, heartbeat, settings, backend_tls=None,
-                 on_relaying=lambda: None, recordings=None, backend_allow=None):
+    def __init__(self, store: AnyStore, audit: Audit, backend_timeout: float, heartbeat: float, settings: Config,
+                 backend_tls: ssl.SSLContext | None = None, on_relaying: Callable[[], None] = lambda: None,
+                 recordings: recording.Recordings | None = None,
+                 backend_allow: allow.BackendAllow | None = None) -> None:
         """settings: the policy keys of the config (resume_grace, paste_max_chars, input_idle_timeout)
         and max_sessions_per_token; backend_tls: the ssl context for consoles that speak VeNCrypt
         (tls.backend_context); on_relaying: called in a session's thread as its relay starts;
@@ -124,11 +143,11 @@ class SessionManager:
         self.backend_tls = backend_tls
         self.on_relaying = on_relaying
         self.gateway_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
-        self._live = {}
-        self._per_token = collections.Counter()  # token hash -> sessions open or opening
+        self._live: dict[str, Session] = {}
+        self._per_token: collections.Counter[str] = collections.Counter()  # token hash -> sessions open or opening
         self.extra_fds = 0  # fds the live sessions hold beyond their two sockets (fds.RECORDED_EXTRA...)
-        self._to_record = {}  # session id -> Session, not in the shared list yet
-        self._to_remove = set()  # session ids to take out of it
+        self._to_record: dict[str, Session] = {}  # session id -> Session, not in the shared list yet
+        self._to_remove: set[str] = set()  # session ids to take out of it
         self.store_work = threading.Event()  # set when there is something to write
         self._lock = threading.Lock()
         self._store_down = False
@@ -138,14 +157,15 @@ class SessionManager:
         self._stopping_all = False
         self._next_checkpoint = 0.0
         # console type -> open_backend(details, timeout) for types not reached by backends.open_backend
-        self.backend_openers = {}
-        self._resume_key = None  # the store's shared secret for the resume cookies, once read
+        self.backend_openers: dict[str, Callable[[store_module.ConnectionDetails, float],
+                                                 tuple[socket.socket, bytes]]] = {}
+        self._resume_key: str | None = None  # the store's shared secret for the resume cookies, once read
 
-    def _open_backend(self, details: store_module.ConnectionDetails, timeout: float) -> tuple:
+    def _open_backend(self, details: store_module.ConnectionDetails, timeout: float) -> tuple[socket.socket, bytes]:
         return backends.open_backend(details, timeout, allow=self.backend_allow)
 
     def open(self, token: str, console_type: str, path: str, client: str, conn: object = None,
-             resume_cookie: Optional[str] = None) -> "Session":
+             resume_cookie: str | None = None) -> Session:
         """Validate the token and reach its backend; returns a Session or raises Refused.
         resume_cookie: the cookie the client presented, which lets a single-use token's client
         back in from another address when it is the one a gateway issued last for this token.
@@ -176,7 +196,8 @@ class SessionManager:
                               **({"recording": session.id} if session.recorder else {}))
         return session
 
-    def _reach(self, details, client, path, conn, address, resume, fields):
+    def _reach(self, details: store_module.ConnectionDetails, client: str, path: str, conn: object, address: str,
+               resume: tuple[str, str | None], fields: dict[str, Any]) -> Session:
         """The session with its backend connected (and secured, and a single use taken), or Refused."""
         if details.replay:  # the "backend" is a player of the recording, speaking RFB itself
             player = self.recordings.player(details.replay, details.replay_speed)
@@ -196,7 +217,8 @@ class SessionManager:
             raise
         return session
 
-    def _prepare(self, session, player, address, resume, fields):
+    def _prepare(self, session: Session, player: replay.Player | None, address: str,
+                 resume: tuple[str, str | None], fields: dict[str, Any]) -> None:
         """The session's policy, backend security, single use and recorder."""
         details = session.details
         session.policy = policy_module.Policy.from_json(details.policy)
@@ -216,7 +238,7 @@ class SessionManager:
             session.recorder = self.recordings.recorder(session, lambda reason, detail: self.audit.record(
                 "recording-stopped", **session.audit_fields(), recording=session.id, reason=reason, detail=detail))
 
-    def _abandon(self, session):
+    def _abandon(self, session: Session) -> None:
         """Give back what a session that never registered took: its use, backend, recorder."""
         try:
             self._release(session)
@@ -225,11 +247,11 @@ class SessionManager:
             if session.recorder:
                 session.recorder.finish()
 
-    def _consume(self, session: "Session", address: str, resume: tuple, fields: dict) -> str:
+    def _consume(self, session: Session, address: str, resume: tuple[str, str | None], fields: dict[str, Any]) -> str:
         """One use of a single-use token. resume: (token, the cookie presented or None). Each use
         is given a new cookie of the gateway's (session.resume_cookie), which the store records;
         a presented cookie counts only when its HMAC shows a gateway issued it for this token."""
-        token, presented = resume
+        token, presented = resume[0], resume[1] or ""
         try:
             key = self._resume_key or self.store.shared_secret(policy_module.RESUME_SECRET)
             self._resume_key = key
@@ -245,17 +267,17 @@ class SessionManager:
         except store_module.StoreError as error:
             raise Refused("store-unavailable", str(error), **fields) from None
 
-    def _release(self, session):
+    def _release(self, session: Session) -> None:
         if session.use:
             self._shared(self.store.release, session.details.token_hash)
 
-    def _take_token_share(self, token_hash, fields):
+    def _take_token_share(self, token_hash: str, fields: dict[str, Any]) -> None:
         with self._lock:
             if self._per_token[token_hash] >= self.settings.max_sessions_per_token:
                 raise Refused("too-many-sessions", f"{self._per_token[token_hash]} sessions open", **fields)
             self._per_token[token_hash] += 1
 
-    def _give_back_token_share(self, token_hash):
+    def _give_back_token_share(self, token_hash: str) -> None:
         with self._lock:
             self._per_token[token_hash] -= 1
             if not self._per_token[token_hash]:
@@ -281,7 +303,7 @@ class SessionManager:
                 return error
             raise Refused(error.reason, error.detail, **fields) from None
 
-    def greet(self, session, read_exact, write):
+    def greet(self, session: Session, read_exact: Callable[[int], bytes], write: Callable[[bytes], object]) -> bool:
         """The client's half of the RFB security handshake, after its 200 or 101. False when
         the session ends here (audited): the stored password was refused, or the client
         did not speak RFB."""
@@ -292,6 +314,7 @@ class SessionManager:
                 self.audit.record("attempt", **session.audit_fields(), result="rejected", status=200,
                                   reason=session.security.reason, detail=session.security.detail)
             else:
+                assert session.security is not None, "greet() is for a session that needs_greeting"
                 rfb.offer_no_auth(read_exact, write, session.security)
                 return True
         except (rfb.RfbError, OSError) as error:
@@ -301,7 +324,7 @@ class SessionManager:
         return False
 
     @staticmethod
-    def _shared(call, *args):
+    def _shared(call: Callable[..., T], *args: object) -> T | None:
         """A store write after a session ended: an outage must not fail the session's end over it."""
         try:
             return call(*args)
@@ -309,7 +332,7 @@ class SessionManager:
             log.warning("single-use state not released: %s", error)
             return None
 
-    def _validate(self, token, console_type, fields):
+    def _validate(self, token: str, console_type: str, fields: dict[str, Any]) -> store_module.ConnectionDetails:
         try:
             details = self.breaker.call(self.store.validate, token, console_type)
         except store_module.TokenRejected as rejected:
@@ -326,9 +349,9 @@ class SessionManager:
             self._store_down = False
         return details
 
-    def run(self, session, relay):
+    def run(self, session: Session, relay: Relay) -> None:
         """Relay the session to its end, then unregister and audit it (whatever ended it)."""
-        reason = "internal-error"
+        reason: str | None = "internal-error"
         try:
             session.start(relay)
             self.on_relaying()
@@ -350,13 +373,13 @@ class SessionManager:
                                   **({"detail": violation} if violation else {}),
                                   **(session.recorder.finish() if session.recorder else {}))
 
-    def discard(self, session):
+    def discard(self, session: Session) -> None:
         """A session whose client went away before the relay started (or whose path failed
         before it): given back once, however often this is called."""
         if self._forget(session):
             self._abandon(session)
 
-    def _forget(self, session):
+    def _forget(self, session: Session) -> bool:
         """Unregister a session; False when it was not registered (any more)."""
         with self._lock:
             if self._live.pop(session.id, None) is None:
@@ -369,7 +392,7 @@ class SessionManager:
             self.store_work.set()
         return True
 
-    def write_session_list(self):
+    def write_session_list(self) -> None:
         """Write the sessions that started and ended since the last call to the shared list, then
         let the store fold its log (at most once a CHECKPOINT_INTERVAL), off the handshakes' path."""
         with self._lock:
@@ -396,22 +419,22 @@ class SessionManager:
                 self._to_remove.update(removals)
             raise
 
-    def live(self):
+    def live(self) -> list[Session]:
         with self._lock:
             return list(self._live.values())
 
-    def byte_counts(self) -> dict:
+    def byte_counts(self) -> dict[str, tuple[int, int]]:
         """{session id: (bytes up, bytes down)} of this gateway's sessions, counted now (the shared
         list has them as of the last heartbeat, up to touch_interval ago)."""
         return {session.id: session.byte_counts() for session in self.live()}
 
-    def stop_all(self, reason):
+    def stop_all(self, reason: str) -> None:
         """End every session (the gateway is stopping)."""
         self._stopping_all = True
         for session in self.live():
             session.stop(reason)
 
-    def heartbeat(self):
+    def heartbeat(self) -> None:
         """Touch the tokens in use and report the sessions' bytes; end the sessions whose
         token is gone (revoked) or that someone asked to kill."""
         self.write_session_list()
@@ -424,7 +447,7 @@ class SessionManager:
             elif session.id in to_kill:
                 self._end(session, "killed")
 
-    def pushed(self, kind, ids):
+    def pushed(self, kind: str, ids: set[str]) -> None:
         """A revocation ("revoke", token hashes) or kill ("kill", session ids) pushed by the store:
         the affected sessions here end at once."""
         for session in self.live():
@@ -432,7 +455,7 @@ class SessionManager:
                 self._end(session, "revoked" if kind == "revoke" else "killed")
 
     @staticmethod
-    def _end(session, reason):
+    def _end(session: Session, reason: str) -> None:
         log.info("session %s: %s, closing", session.id,
                  f"token {session.details.token_id} revoked" if reason == "revoked" else "killed on request")
         session.stop(reason)

@@ -5,10 +5,39 @@ and writes share one deadline (DeadlineSocket), and a socket written or spliced 
 (SocketSink).
 """
 
+from __future__ import annotations
+
 import socket
 import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Callable, Protocol, Union
 
 from vncgate.console.pipes import splice_out
+
+if TYPE_CHECKING:
+    from vncgate.net.tls import TlsStream
+
+Chunk = Union[bytes, bytearray, memoryview]
+
+
+class Source(Protocol):
+    """What a relay direction reads: chunks until the end (views may live only until the next)."""
+
+    def chunks(self) -> Iterator[Chunk]: ...
+
+
+class Sink(Protocol):
+    """What a relay direction writes to."""
+
+    def write(self, data: Chunk, /) -> None: ...
+
+    def close_write(self) -> None: ...
+
+
+class SpliceSink(Sink, Protocol):
+    """A Sink a spliced direction writes to: bytes waiting in a pipe are spliced on (write_from)."""
+
+    def write_from(self, read_end: int, count: int, /) -> None: ...
 
 BUFFER_SIZE = 256 * 1024
 
@@ -16,13 +45,13 @@ BUFFER_SIZE = 256 * 1024
 class SocketSource:
     """Reads a socket into one reused buffer; yields views that live until the next read."""
 
-    def __init__(self, sock, initial=b""):
+    def __init__(self, sock: socket.socket | TlsStream | DeadlineSocket, initial: bytes = b"") -> None:
         self.sock = sock
         self.initial = initial
         self.buffer = bytearray(BUFFER_SIZE)
         self.view = memoryview(self.buffer)
 
-    def chunks(self):
+    def chunks(self) -> Iterator[Chunk]:
         if self.initial:
             yield self.initial
         recv_into, view = self.sock.recv_into, self.view
@@ -38,11 +67,11 @@ class ChunkReader:
     (RFB security) before relaying; .surplus is what was read beyond them. Afterwards it
     is itself the Source of the rest: the surplus, then the source's further chunks."""
 
-    def __init__(self, source, initial=b""):
+    def __init__(self, source: Source, initial: bytes = b"") -> None:
         self._chunks = source.chunks()
         self.surplus = initial
 
-    def read_exact(self, count):
+    def read_exact(self, count: int) -> bytes:
         while len(self.surplus) < count:
             chunk = next(self._chunks, None)
             if chunk is None:
@@ -51,7 +80,7 @@ class ChunkReader:
         data, self.surplus = self.surplus[:count], self.surplus[count:]
         return data
 
-    def chunks(self):
+    def chunks(self) -> Iterator[Chunk]:
         if self.surplus:
             yield self.surplus
         yield from self._chunks
@@ -60,18 +89,18 @@ class ChunkReader:
 class TappedSource:
     """A Source whose every chunk is shown to observe(chunk) first (a session's recorder)."""
 
-    def __init__(self, source, observe):
+    def __init__(self, source: Source, observe: Callable[[Chunk], object]) -> None:
         self.source = source
         self.observe = observe
 
-    def chunks(self):
+    def chunks(self) -> Iterator[Chunk]:
         observe = self.observe
         for chunk in self.source.chunks():
             observe(chunk)
             yield chunk
 
 
-def tapped(source, observe):
+def tapped(source: Source, observe: Callable[[Chunk], object] | None) -> Source:
     """source, seen by observe when there is one."""
     return source if observe is None else TappedSource(source, observe)
 
@@ -80,11 +109,11 @@ class DeadlineSocket:
     """A socket whose every read and write waits only until one deadline (socket.timeout
     after): for the bytes the gateway speaks itself, which a client may drip or pad."""
 
-    def __init__(self, sock, seconds):
+    def __init__(self, sock: socket.socket | TlsStream, seconds: float) -> None:
         self.sock = sock
-        self.deadline = time.monotonic() + seconds
+        self.deadline: float | None = time.monotonic() + seconds
 
-    def _armed(self):
+    def _armed(self) -> socket.socket | TlsStream:
         if self.deadline is not None:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
@@ -92,18 +121,18 @@ class DeadlineSocket:
             self.sock.settimeout(remaining)
         return self.sock
 
-    def recv(self, size):
+    def recv(self, size: int) -> bytes:
         return self._armed().recv(size)
 
-    def recv_into(self, view):
+    def recv_into(self, view: memoryview | bytearray) -> int:
         return self._armed().recv_into(view)
 
-    def sendall(self, data):
+    def sendall(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)  # send by send: each waits only until the one deadline
         while view:
             view = view[self._armed().send(view):]
 
-    def lift(self):
+    def lift(self) -> None:
         """No deadline from now on: the relay waits as long as the session lasts."""
         self.deadline = None
         self.sock.settimeout(None)
@@ -112,12 +141,12 @@ class DeadlineSocket:
 class SocketSink:
     """Bytes to a socket: written (write), or spliced from a pipe (write_from)."""
 
-    def __init__(self, sock):
+    def __init__(self, sock: socket.socket | TlsStream) -> None:
         self.sock = sock
-        self.write = sock.sendall
+        self.write: Callable[[Chunk], None] = sock.sendall
 
-    def write_from(self, read_end, count):
+    def write_from(self, read_end: int, count: int) -> None:
         splice_out(read_end, self.sock.fileno(), count)
 
-    def close_write(self):
+    def close_write(self) -> None:
         self.sock.shutdown(socket.SHUT_WR)

@@ -38,7 +38,11 @@ def mint(config: Config, store: Store, console_type: str, host: str, port: int, 
                                          backend_password=password, policy=policy, backend_tls=backend_tls,
                                          record=record, replay=replay, replay_speed=replay_speed,
                                          held_key=held_key)
-    return token, store.get_connection_details(token), store_module.access_url(config.base_url, console_type, token)
+    details = store.get_connection_details(token)
+    if details is None:  # a ttl shorter than the store's write (a replica's WAIT) expired it already
+        raise store_module.StoreError("the new token expired before it was read back: its ttl is shorter "
+                                      "than the store's write")
+    return token, details, store_module.access_url(config.base_url, console_type, token)
 
 
 def console_json(token: str, details: ConnectionDetails, url: str) -> dict[str, Any]:

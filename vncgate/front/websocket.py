@@ -26,6 +26,7 @@ from vncgate.refusals import Refused
 if TYPE_CHECKING:
     from vncgate.config import Config
     from vncgate.console.sessions import Session
+    from vncgate.console.streams import Sink
     from vncgate.front.server import Gateway
     from vncgate.net import http
 
@@ -67,7 +68,7 @@ def _relay(gateway: Gateway, conn: socket.socket, session: Session, secure: bool
     stream = tls.TlsStream(conn) if isinstance(conn, ssl.SSLSocket) else conn  # secure: the same test
     # A single-use token: every use gets a new cookie of the gateway's, by which its browser may
     # come back, from another address too.
-    cookie = [policy.resume_cookie_header(session.resume_cookie, secure)] if session.use else []
+    cookie = [policy.resume_cookie_header(session.resume_cookie, secure)] if session.resume_cookie else []
     stream.sendall(wsframes.upgrade_response(accept, subprotocol, cookie))
     sender = wsframes.Sender(stream)
     sink = ClientSink(sender)
@@ -85,12 +86,12 @@ def _relay(gateway: Gateway, conn: socket.socket, session: Session, secure: bool
     else:
         source = ClientSource(stream, sender, leftover)
     backend, recorder = session.backend, session.recorder
-    to_backend = BackendSink(backend)
+    to_backend: Sink = BackendSink(backend)
     if session.client_filter:
         to_backend = session.client_filter(to_backend)
     return relay.Relay(
         stream, backend,
-        upstream=relay.CopyDirection("client", relay.tapped(source, recorder and recorder.client), to_backend),
+        upstream=relay.CopyDirection("client", relay.tapped(source, recorder.client if recorder else None), to_backend),
         # The backend's bytes are spliced (a frame header, then the payload from a kernel pipe)
         # unless either side is TLS.
         downstream=relay.from_backend(backend, sink, session.backend_leftover, recorder,

@@ -111,7 +111,7 @@ class Sender:
         self._lock = threading.Lock()
         self._vectored = hasattr(sock, "sendmsg")  # a TLS stream has no sendmsg
 
-    def binary(self, payload: bytes | memoryview) -> None:
+    def binary(self, payload: bytes | bytearray | memoryview) -> None:
         with self._lock:
             if self.closed:
                 raise BrokenPipeError("the websocket is closed")
@@ -143,7 +143,7 @@ class Sender:
             except OSError:
                 pass
 
-    def _send(self, header: bytes, payload: bytes | memoryview) -> None:
+    def _send(self, header: bytes, payload: bytes | bytearray | memoryview) -> None:
         if not self._vectored:
             self.sock.sendall(header + bytes(payload))
             return

@@ -81,7 +81,7 @@ def accept(context: ssl.SSLContext, sock: socket.socket, deadline: float,
         raise HandshakeFailed(reason, str(error)[:200]) from None
 
 
-def wake(sock: socket.socket | TlsStream) -> None:
+def wake(sock: Any) -> None:
     """End a connection, TLS or not, from any thread: both ways shut down at the socket.
     Never SSLSocket.shutdown, which drops the SSL state another thread may be inside."""
     try:
@@ -128,7 +128,7 @@ class TlsStream:
             elif not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
                 raise socket.timeout("timed out")
 
-    def recv_into(self, view: memoryview) -> int:
+    def recv_into(self, view: memoryview | bytearray) -> int:
         return self._call(self.ssl_sock.recv_into, view)
 
     def recv(self, size: int) -> bytes:

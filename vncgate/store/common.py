@@ -6,11 +6,14 @@ hash. Every time decision reads one injectable clock, so expiry and idleness are
 tested without sleeping.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import hashlib
 import secrets
+import threading
 import urllib.parse
-from typing import Optional
+from typing import Callable
 
 from vncgate.store import sealing
 
@@ -34,12 +37,12 @@ class StoreBusy(StoreError):
 class TokenRejected(Exception):
     """validate() refused a token; .reason is a short word for audit lines."""
 
-    def __init__(self, reason):
+    def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
 
 
-def new_token():
+def new_token() -> str:
     """256 random bits, URL-safe; never starting with '-', which command lines read as an option."""
     while True:
         token = secrets.token_urlsafe(TOKEN_BYTES)
@@ -47,11 +50,11 @@ def new_token():
             return token
 
 
-def hash_token(token):
+def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def access_url(base_url, console_type, token):
+def access_url(base_url: str, console_type: str, token: str) -> str:
     """The URL a user opens: XVP's CONNECT target, or noVNC's (or the serial terminal's) page
     with the token in the fragment, which browsers never send; the page hands it to the
     WebSocket in Sec-WebSocket-Protocol (vncgate-token.js, serial.js), not in its URL."""
@@ -82,31 +85,32 @@ class ConnectionDetails:
     record: bool = False  # its sessions are recorded (recording.py)
     replay: str = ""  # a replay token: the session id of the recording it plays, at replay_speed
     replay_speed: float = 1.0
-    backend_password: Optional[bytes] = None  # opened only by validate(), which holds the token
+    backend_password: bytes | None = None  # opened only by validate(), which holds the token
     policy: str = ""  # the console policy, JSON text that vncgate.console.policy reads; "" for none
 
     @property
-    def token_id(self):
+    def token_id(self) -> str:
         """The short, safe name of a token in logs and listings."""
         return self.token_hash[:8]
 
-    def is_expired(self, now):
+    def is_expired(self, now: float) -> bool:
         return now > self.expires_at
 
-    def is_idle(self, now, idle_timeout):
+    def is_idle(self, now: float, idle_timeout: float) -> bool:
         return now - self.updated_at > idle_timeout
 
-    def state(self, now, idle_timeout):
+    def state(self, now: float, idle_timeout: float) -> str:
         expired, idle = self.is_expired(now), self.is_idle(now, idle_timeout)
         if expired and idle:
             return "garbage"
         return "expired" if expired else "idle" if idle else "live"
 
-    def garbage_at(self, idle_timeout):
+    def garbage_at(self, idle_timeout: float) -> float:
         """When the token becomes garbage (expired AND idle), unless touched again."""
         return max(self.expires_at, self.updated_at + idle_timeout)
 
-    def selected(self, now, idle_timeout, include_idle=True, include_expired=False, only_idle=False):
+    def selected(self, now: float, idle_timeout: float, include_idle: bool = True, include_expired: bool = False,
+                 only_idle: bool = False) -> bool:
         """The flags of the by-instance and by-host calls, as one rule."""
         if not include_expired and self.is_expired(now):
             return False
@@ -138,16 +142,17 @@ class LiveSession:
     bytes_down: int
     kill_requested: bool
 
-    def is_stale(self, now):
+    def is_stale(self, now: float) -> bool:
         """Its gateway missed three heartbeats: it died without removing the row."""
         return now - self.updated_at > stale_after(self.heartbeat)
 
 
-def stale_after(heartbeat):
+def stale_after(heartbeat: float) -> float:
     return 3 * heartbeat + 1
 
 
-def consumption(state, address, cookie_hash, grace, now):
+def consumption(state: tuple[str | None, str | None, float | None], address: str,
+                cookie_hash: str | None, grace: float, now: float) -> str:
     """The single-use rule, for every engine's consume(token_hash, address, cookie_hash, grace):
     the first caller consumes the token; after that only the same client (the same address, or
     the same resume cookie's hash) may use it again, while a session of it is live or within
@@ -172,14 +177,25 @@ class Store:
 
     pushes_events = False  # True when revocations and kills reach every gateway at once (listen())
 
-    def __init__(self, token_ttl, idle_timeout, clock):
+    # What each engine provides (declared for the type checker only).
+    _insert: Callable[[list[tuple[ConnectionDetails, bytes | None]]], None]
+    _find: Callable[[str], list[ConnectionDetails]]
+    _validate_row: Callable[[str, str, float], tuple[ConnectionDetails, bytes | None] | None]
+    _dump: Callable[[], list[tuple[ConnectionDetails, bytes | None]]]
+    list_details: Callable[..., list[ConnectionDetails]]
+    touch_hashes: Callable[[list[str]], set[str]]
+    delete_hashes: Callable[[list[str]], int]
+
+    def __init__(self, token_ttl: float, idle_timeout: float, clock: Callable[[], float]) -> None:
         self.token_ttl = token_ttl
         self.idle_timeout = idle_timeout
         self.clock = clock
 
-    def add_connection_details(self, instance_id, console_type, host, port, internal_access_path="",
-                               access_url="", ttl=None, backend_password=None, policy="",
-                               backend_tls=False, record=False, replay="", replay_speed=1.0, held_key=None):
+    def add_connection_details(self, instance_id: str, console_type: str, host: str, port: int | str,
+                               internal_access_path: str = "", access_url: str = "", ttl: float | None = None,
+                               backend_password: bytes | None = None, policy: str = "", backend_tls: bool = False,
+                               record: bool = False, replay: str = "", replay_speed: float = 1.0,
+                               held_key: bytes | None = None) -> str:
         """Mint a token for one console and return it; only its hash is kept. policy: the
         console policy's JSON text (vncgate.console.policy.Policy.to_json). record: its sessions are
         recorded; replay: a session id, whose recording the token plays instead of a console.
@@ -197,28 +213,29 @@ class Store:
             sealed)])
         return token
 
-    def get_connection_details(self, token):
+    def get_connection_details(self, token: str) -> ConnectionDetails | None:
         """The token's details, or None when it is unknown or expired."""
         found = self._find(hash_token(token))
         return found[0] if found and not found[0].is_expired(self.clock()) else None
 
-    def get_connection_details_by_instance(self, instance_id, include_idle=True, include_expired=False):
+    def get_connection_details_by_instance(self, instance_id: str, include_idle: bool = True,
+                                           include_expired: bool = False) -> list[ConnectionDetails]:
         return self.list_details(instance_id=instance_id, include_idle=include_idle,
                                  include_expired=include_expired)
 
-    def get_connection_details_by_host(self, host, only_idle=True):
+    def get_connection_details_by_host(self, host: str, only_idle: bool = True) -> list[ConnectionDetails]:
         """Every token for consoles on host, expired ones too: this is a clean-up query."""
         return self.list_details(host=host, include_expired=True, only_idle=only_idle)
 
-    def touch_connection_details(self, tokens):
+    def touch_connection_details(self, tokens: list[str]) -> int:
         """Mark tokens as in use now; returns how many exist."""
         return len(self.touch_hashes([hash_token(token) for token in tokens]))
 
-    def delete_connection_details(self, tokens):
+    def delete_connection_details(self, tokens: list[str]) -> int:
         """Revoke tokens; returns how many were deleted."""
         return self.delete_hashes([hash_token(token) for token in tokens])
 
-    def validate(self, token, console_type):
+    def validate(self, token: str, console_type: str) -> ConnectionDetails:
         """The details for a new connection, touched; raises TokenRejected."""
         now = self.clock()
         found = self._validate_row(hash_token(token), console_type, now)
@@ -240,13 +257,18 @@ class Store:
     def shared_secret(self, name: str) -> str:
         """A random secret (hex) under name, the same for every gateway on this store: made by
         the first that asks, kept by the store. Raises StoreError."""
-        raise NotImplementedError
+        raise StoreError(f"{type(self).__name__} keeps no shared secrets")
 
-    def checkpoint(self):
+    def listen(self, on_event: Callable[[str, set[str]], None], on_reconnect: Callable[[], None],
+               stopping: threading.Event, poll: float = 0.5) -> None:
+        """Pushed revocations and kills, for an engine whose pushes_events is True (RedisStore.listen)."""
+        raise StoreError(f"{type(self).__name__} pushes no events")
+
+    def checkpoint(self) -> None:
         """Fold a write-ahead log into the store, off the handshakes' path (the housekeeper calls
         it); nothing to do for an engine without one."""
 
-    def copy_tokens_to(self, other):
+    def copy_tokens_to(self, other: Store) -> tuple[int, int]:
         """Copy every token that is not garbage, hashes and sealed secrets as they are, into
         another store (migrate); returns (copied, garbage skipped)."""
         now = self.clock()

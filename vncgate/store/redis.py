@@ -20,8 +20,12 @@ concern: redis_tokens, redis_sessions, redis_follows (mixins of RedisStore) and 
 (the Lua scripts).
 """
 
+from __future__ import annotations
+
 import logging
+import threading
 import time
+from typing import Any, Callable
 
 import redis
 import redis.backoff
@@ -35,7 +39,7 @@ from vncgate.store.redis_follows import RedisFollows
 from vncgate.store.redis_scripts import _BATCH, _PRELUDE, _SCRIPTS
 from vncgate.store.redis_sessions import RedisSessions
 from vncgate.store.redis_tokens import RedisTokens
-from vncgate.store.targets import DEFAULT_PREFIX
+from vncgate.store.targets import DEFAULT_PREFIX, RedisTarget
 
 log = logging.getLogger("vncgate.store")
 
@@ -45,7 +49,7 @@ class _Subscription(redis.client.PubSub):
 
     connects = 0
 
-    def on_connect(self, connection):
+    def on_connect(self, connection: redis.connection.Connection) -> None:
         super().on_connect(connection)
         self.connects += 1
 
@@ -55,8 +59,9 @@ class RedisStore(RedisTokens, RedisSessions, RedisFollows, Store):
 
     pushes_events = True
 
-    def __init__(self, target, token_ttl=300.0, idle_timeout=600.0, clock=time.time, busy_timeout=5.0,
-                 key_prefix=DEFAULT_PREFIX):
+    def __init__(self, target: RedisTarget, token_ttl: float = 300.0, idle_timeout: float = 600.0,
+                 clock: Callable[[], float] = time.time, busy_timeout: float = 5.0,
+                 key_prefix: str = DEFAULT_PREFIX) -> None:
         super().__init__(token_ttl, idle_timeout, clock)
         self.target = target
         self.busy_timeout = busy_timeout
@@ -64,15 +69,15 @@ class RedisStore(RedisTokens, RedisSessions, RedisFollows, Store):
         self._client = _client(target, busy_timeout)
         self._scripts = {name: self._client.register_script(_PRELUDE + body) for name, body in _SCRIPTS.items()}
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"RedisStore({self.target.redacted}, prefix={self.prefix!r})"
 
     # -- plumbing ------------------------------------------------------------------------
 
-    def _key(self, *parts):
+    def _key(self, *parts: str) -> str:
         return self.prefix + "".join(parts)
 
-    def _run(self, call, *args, **kwargs):
+    def _run(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """call(...), with Redis's failures turned into one StoreError line."""
         try:
             return call(*args, **kwargs)
@@ -80,10 +85,10 @@ class RedisStore(RedisTokens, RedisSessions, RedisFollows, Store):
             text = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise StoreError(f"redis {self.target.redacted}: {text}") from None
 
-    def _script(self, name, args, client=None):
+    def _script(self, name: str, args: list[Any], client: Any = None) -> Any:
         return self._run(self._scripts[name], args=[self.prefix, *args], client=client)
 
-    def _pipelined(self, commands):
+    def _pipelined(self, commands: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
         """Run (method name, args) commands in pipelines of _BATCH; returns the replies."""
         replies = []
         for start in range(0, len(commands), _BATCH):
@@ -93,16 +98,17 @@ class RedisStore(RedisTokens, RedisSessions, RedisFollows, Store):
             replies.extend(self._run(pipe.execute))
         return replies
 
-    def close(self):
+    def close(self) -> None:
         self._client.close()
         self._client.connection_pool.disconnect()
 
-    def ping(self):
+    def ping(self) -> None:
         self._run(self._client.ping)
 
     # -- pushed revocations and kills --------------------------------------------------
 
-    def listen(self, on_event, on_reconnect, stopping, poll=0.5):
+    def listen(self, on_event: Callable[[str, set[str]], None], on_reconnect: Callable[[], None],
+               stopping: threading.Event, poll: float = 0.5) -> None:
         """Call on_event("revoke", token hashes) / on_event("kill", session ids) for every message
         until stopping is set; on_reconnect() whenever the channel comes back after a loss
         (messages may have been missed meanwhile). Redis being away is retried quietly: the
@@ -135,8 +141,8 @@ class RedisStore(RedisTokens, RedisSessions, RedisFollows, Store):
             subscription.close()
 
 
-def _client(target, busy_timeout):
-    options = {"socket_timeout": busy_timeout, "socket_connect_timeout": min(1.0, busy_timeout),
+def _client(target: RedisTarget, busy_timeout: float) -> redis.Redis:
+    options: dict[str, Any] = {"socket_timeout": busy_timeout, "socket_connect_timeout": min(1.0, busy_timeout),
                "retry": redis.retry.Retry(redis.backoff.ExponentialBackoff(cap=0.5, base=0.05), retries=2),
                "health_check_interval": 5, "client_name": "vncgate"}
     if target.scheme != "redis+sentinel":

@@ -3,23 +3,26 @@
 the client (_run, _key).
 """
 
+from __future__ import annotations
+
 from vncgate.store.common import Follow
+from vncgate.store.engine_parts import RedisParts
 
 
-class RedisFollows:
+class RedisFollows(RedisParts):
     """RedisStore's followed serial consoles."""
 
     # -- followed serial consoles ------------------------------------------------------
 
-    def add_follow(self, instance_id, host, port):
+    def add_follow(self, instance_id: str, host: str, port: int | str) -> None:
         """Follow (or re-point) one instance's serial console."""
         self._run(self._client.hset, self._key("follows"), instance_id, f"{host} {int(port)}")
 
-    def remove_follow(self, instance_id):
+    def remove_follow(self, instance_id: str) -> bool:
         """Stop following; False when it was not followed."""
         return bool(self._run(self._client.hdel, self._key("follows"), instance_id))
 
-    def list_follows(self):
+    def list_follows(self) -> list[Follow]:
         found = self._run(self._client.hgetall, self._key("follows"))
         follows = []
         for instance_id, value in found.items():

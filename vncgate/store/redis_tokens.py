@@ -4,10 +4,13 @@ consumption state (console policies). A mixin of RedisStore (redis.py), which br
 client, the scripts (_script, _pipelined, _run) and the clock.
 """
 
+from __future__ import annotations
+
 import secrets
-from typing import Any, Callable, Optional
+from typing import Any
 
 from vncgate.store.common import ConnectionDetails, StoreError, TokenRejected, consumption
+from vncgate.store.engine_parts import RedisParts
 from vncgate.store.redis_scripts import _BATCH
 
 _TOKEN_FIELDS = ("instance_id", "console_type", "host", "port", "access_url", "internal_access_path",
@@ -16,26 +19,21 @@ _TOKEN_FIELDS = ("instance_id", "console_type", "host", "port", "access_url", "i
 _LATER_FIELDS = {"record": "0", "replay": "", "replay_speed": "1.0"}
 
 
-class RedisTokens:
+class RedisTokens(RedisParts):
     """RedisStore's tokens and single-use consumption (see Store for each call)."""
-
-    # What RedisStore brings (declared for the type checker only).
-    _client: Any
-    _run: Callable[..., Any]
-    _key: Callable[..., str]
-    clock: Callable[[], float]
 
     # -- what the shared calls are made of -----------------------------------------------
 
-    def _insert(self, rows):
+    def _insert(self, rows: list[tuple[ConnectionDetails, bytes | None]]) -> None:
         """rows: (ConnectionDetails, sealed secret or None). With replicas present, returns only
         once one of them has the tokens (WAIT), so they survive a failover."""
         replicas = self._run(self._client.info, "replication").get("connected_slaves", 0)
         pipe = self._client.pipeline(transaction=False)  # one connection: WAIT counts its writes
         for start in range(0, len(rows), _BATCH):
-            args = [repr(self.clock()), repr(float(self.idle_timeout))]
+            args: list[Any] = [repr(self.clock()), repr(float(self.idle_timeout))]
             for details, sealed in rows[start:start + _BATCH]:
-                fields = [item for name in _TOKEN_FIELDS for item in (name, str(getattr(details, name)))]
+                fields: list[str | bytes] = [item for name in _TOKEN_FIELDS
+                                             for item in (name, str(getattr(details, name)))]
                 fields += ["record", str(int(details.record)), "replay", details.replay,
                            "replay_speed", repr(float(details.replay_speed))]
                 if sealed is not None:
@@ -54,26 +52,27 @@ class RedisTokens:
             raise StoreError(f"redis {self.target.redacted}: no replica confirmed the new token within "
                              f"{wait:g}s; it was not handed out")
 
-    def _find(self, token_hash):
+    def _find(self, token_hash: str) -> list[ConnectionDetails]:
         fields = self._run(self._client.hgetall, self._key("token:", token_hash))
         return [_details(token_hash, fields)[0]] if fields else []
 
-    def _validate_row(self, token_hash, console_type, now):
+    def _validate_row(self, token_hash: str, console_type: str,
+                      now: float) -> tuple[ConnectionDetails, bytes | None] | None:
         flat = self._script("validate", [repr(now), repr(float(self.idle_timeout)), token_hash, console_type])
         return _details(token_hash, dict(zip(flat[::2], flat[1::2]))) if flat else None
 
-    def sealed_secret(self, token_hash: str) -> "bytes | None":
+    def sealed_secret(self, token_hash: str) -> bytes | None:
         """The token's sealed password, None when it holds none (or is gone): a screenshot's."""
         found = self._fetch([token_hash])[0]
         return found[1] if found else None
 
-    def _dump(self):
+    def _dump(self) -> list[tuple[ConnectionDetails, bytes | None]]:
         return [found for found in self._fetch(self._all_hashes()) if found]
 
-    def _all_hashes(self):
+    def _all_hashes(self) -> list[str]:
         return [item.decode() for item in self._run(self._client.zrange, self._key("tokens"), 0, -1)]
 
-    def _fetch(self, token_hashes):
+    def _fetch(self, token_hashes: list[str]) -> list[tuple[ConnectionDetails, bytes | None] | None]:
         """(details, sealed) or None for each hash, in order."""
         replies = self._pipelined([("hgetall", (self._key("token:", token_hash),)) for token_hash in token_hashes])
         return [_details(token_hash, fields) if fields else None
@@ -81,13 +80,13 @@ class RedisTokens:
 
     # -- single-use tokens (console policies) -----------------------------------------------
 
-    def consume(self, token_hash: str, address: str, cookie_hash: Optional[str], grace: float,
-                issued_hash: Optional[str] = None) -> str:
+    def consume(self, token_hash: str, address: str, cookie_hash: str | None, grace: float,
+                issued_hash: str | None = None) -> str:
         """See common.consumption; an optimistic transaction (WATCH), retried when another
         gateway changed the token meanwhile, so two clients at once cannot both consume."""
         key = self._key("token:", token_hash)
 
-        def attempt(pipe):
+        def attempt(pipe: Any) -> str:
             state = pipe.hmget(key, "consumed_address", "consumed_cookie", "released_at")
             if not pipe.exists(key):
                 raise TokenRejected("unknown-token")
@@ -104,7 +103,7 @@ class RedisTokens:
             return outcome
         return self._run(self._client.transaction, attempt, key, value_from_callable=True)
 
-    def release(self, token_hash):
+    def release(self, token_hash: str) -> None:
         self._script("release", [token_hash, repr(self.clock())])
 
     def shared_secret(self, name: str) -> str:
@@ -115,7 +114,8 @@ class RedisTokens:
 
     # -- beyond the blueprint: what the gateway and the CLI need --------------------------
 
-    def list_details(self, instance_id=None, host=None, include_expired=False, only_idle=False, include_idle=True):
+    def list_details(self, instance_id: str | None = None, host: str | None = None, include_expired: bool = False,
+                     only_idle: bool = False, include_idle: bool = True) -> list[ConnectionDetails]:
         indexes = [self._key(kind, value) for kind, value in (("instance:", instance_id), ("host:", host))
                    if value is not None]
         if indexes:
@@ -135,23 +135,23 @@ class RedisTokens:
                                                              only_idle=only_idle)),
                       key=lambda row: (row.created_at, row.token_hash))
 
-    def touch_hashes(self, token_hashes):
+    def touch_hashes(self, token_hashes: list[str]) -> set[str]:
         """Touch by hash (sessions hold hashes, not tokens); returns the set that still exists."""
         if not token_hashes:
             return set()
         found = self._script("touch", [repr(self.clock()), repr(float(self.idle_timeout)), *token_hashes])
         return {item.decode() for item in found}
 
-    def delete_hashes(self, token_hashes):
+    def delete_hashes(self, token_hashes: list[str]) -> int:
         return self._script("delete", ["", *token_hashes]) if token_hashes else 0
 
-    def delete_by_instance(self, instance_id):
+    def delete_by_instance(self, instance_id: str) -> int:
         return self._script("delete", [f"instance:{instance_id}"])
 
-    def delete_by_host(self, host):
+    def delete_by_host(self, host: str) -> int:
         return self._script("delete", [f"host:{host}"])
 
-    def purge(self):
+    def purge(self) -> int:
         """Delete garbage Redis has not expired yet (the clock may run ahead of it)."""
         deleted, now = 0, repr(self.clock())
         while True:
@@ -160,7 +160,7 @@ class RedisTokens:
             if seen < _BATCH:
                 return deleted
 
-    def count_by_state(self):
+    def count_by_state(self) -> dict[str, int]:
         counts = dict.fromkeys(("live", "idle", "expired", "garbage"), 0)
         now = self.clock()
         for found in self._fetch(self._all_hashes()):
@@ -169,7 +169,7 @@ class RedisTokens:
         return counts
 
 
-def _details(token_hash, fields):
+def _details(token_hash: str, fields: dict[bytes, bytes]) -> tuple[ConnectionDetails, bytes | None]:
     """(ConnectionDetails, sealed secret or None) from a token's hash fields (bytes)."""
     text = {key.decode(): value for key, value in fields.items()}
     sealed = text.pop("secret", None)

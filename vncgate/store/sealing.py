@@ -31,7 +31,7 @@ class SealError(Exception):
     """The sealed blob was not made with this token, or was altered."""
 
 
-def _keys(secret: bytes, label: bytes = _TOKEN_LABEL) -> tuple:
+def _keys(secret: bytes, label: bytes = _TOKEN_LABEL) -> tuple[bytes, bytes]:
     master = hmac.new(secret, label, hashlib.sha256).digest()
     enc = hmac.new(master, b"encrypt", hashlib.sha256).digest()
     mac = hmac.new(master, b"authenticate", hashlib.sha256).digest()
@@ -56,7 +56,7 @@ def seal(token: str, secret: bytes, held_key: bytes | None = None) -> bytes:
     return _TWICE + struct.pack("!H", len(blob)) + blob + _seal(_keys(held_key, _HELD_LABEL), secret)
 
 
-def _parts(blob: bytes) -> tuple:
+def _parts(blob: bytes) -> tuple[bytes, bytes | None]:
     """(the token's blob, the held key's blob or None)."""
     if blob[:1] != _TWICE:
         return blob, None
@@ -66,7 +66,7 @@ def _parts(blob: bytes) -> tuple:
     return blob[3:3 + length], blob[3 + length:]
 
 
-def _seal(keys: tuple, secret: bytes) -> bytes:
+def _seal(keys: tuple[bytes, bytes], secret: bytes) -> bytes:
     enc, mac = keys
     nonce = secrets.token_bytes(_NONCE)
     body = _xor(secret, _keystream(enc, nonce, len(secret)))
@@ -87,7 +87,7 @@ def unseal_held(held_key: bytes, blob: bytes) -> bytes:
     return _open(_keys(held_key, _HELD_LABEL), held)
 
 
-def _open(keys: tuple, blob: bytes) -> bytes:
+def _open(keys: tuple[bytes, bytes], blob: bytes) -> bytes:
     if len(blob) < 1 + _NONCE + _TAG or blob[:1] != _VERSION:
         raise SealError("sealed secret is malformed")
     enc, mac = keys

@@ -5,12 +5,16 @@ what is kept is split by concern: sqlite_tokens, sqlite_sessions, sqlite_follows
 of SqliteStore) and sqlite_schema (the migrations). These are the only modules that speak SQL.
 """
 
+from __future__ import annotations
+
 import contextlib
 import os
 import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from typing import Callable
 
 from vncgate.store.common import Store, StoreBusy, StoreError, stale_after
 from vncgate.store.sqlite_follows import SqliteFollows
@@ -24,21 +28,22 @@ _POOL_SIZE = 16
 class SqliteStore(SqliteTokens, SqliteSessions, SqliteFollows, Store):
     """Thread-safe; several processes may share the file (WAL, busy timeout)."""
 
-    def __init__(self, path, token_ttl=300.0, idle_timeout=600.0, clock=time.time, busy_timeout=5.0,
-                 checkpoint_on_commit=True):
+    def __init__(self, path: str, token_ttl: float = 300.0, idle_timeout: float = 600.0,
+                 clock: Callable[[], float] = time.time, busy_timeout: float = 5.0,
+                 checkpoint_on_commit: bool = True) -> None:
         """checkpoint_on_commit=False: commits never fold the WAL into the file (SQLite's
         autocheckpoint, up to tens of ms at random commits); the owner calls checkpoint()."""
         super().__init__(token_ttl, idle_timeout, clock)
         self.path = path
         self.checkpoint_on_commit = checkpoint_on_commit
         self.busy_timeout = busy_timeout
-        self._pool = queue.LifoQueue(maxsize=_POOL_SIZE)
+        self._pool: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue(maxsize=_POOL_SIZE)
         self._generation = 0  # bumped when the file is replaced; older connections are dropped
-        self._identity = None
+        self._identity: tuple[int, int] | None = None
         self._reopen_lock = threading.Lock()
         self._open_file()
 
-    def _open_file(self):
+    def _open_file(self) -> None:
         try:  # a new database is the owner's only (its WAL and SHM files take its mode)
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         except OSError:
@@ -50,7 +55,7 @@ class SqliteStore(SqliteTokens, SqliteSessions, SqliteFollows, Store):
 
     # -- connections and errors -------------------------------------------------
 
-    def _connect(self):
+    def _connect(self) -> sqlite3.Connection:
         db = None
         try:
             db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
@@ -65,14 +70,14 @@ class SqliteStore(SqliteTokens, SqliteSessions, SqliteFollows, Store):
                 db.close()
             raise self._explain(error) from None
 
-    def _file_identity(self):
+    def _file_identity(self) -> tuple[int, int] | None:
         try:
             stat = os.stat(self.path)
         except FileNotFoundError:
             return None
         return stat.st_dev, stat.st_ino
 
-    def _check_file(self):
+    def _check_file(self) -> None:
         """A vanished file is an outage (connecting would create an empty one); a replaced
         file (restored from a backup, say) gets fresh connections."""
         identity = self._file_identity()
@@ -89,7 +94,7 @@ class SqliteStore(SqliteTokens, SqliteSessions, SqliteFollows, Store):
             self._open_file()
 
     @contextlib.contextmanager
-    def _db(self):
+    def _db(self) -> Iterator[sqlite3.Connection]:
         """A pooled connection; a failed one is dropped, a good one reused."""
         if self._identity is not None:
             self._check_file()
@@ -114,7 +119,7 @@ class SqliteStore(SqliteTokens, SqliteSessions, SqliteFollows, Store):
         except queue.Full:
             db.close()
 
-    def _explain(self, error):
+    def _explain(self, error: sqlite3.Error) -> StoreError:
         text = str(error)
         if "locked" in text or "busy" in text:
             return StoreBusy(f"database {self.path} is locked by another writer")
@@ -133,7 +138,7 @@ class SqliteStore(SqliteTokens, SqliteSessions, SqliteFollows, Store):
             return StoreError(f"cannot open database {self.path}: {why}")
         return StoreError(f"database {self.path}: {text}")
 
-    def _upgrade(self, db):
+    def _upgrade(self, db: sqlite3.Connection) -> None:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
             return
@@ -152,18 +157,18 @@ class SqliteStore(SqliteTokens, SqliteSessions, SqliteFollows, Store):
             db.execute("ROLLBACK")
             raise
 
-    def close(self):
+    def close(self) -> None:
         while True:
             try:
                 self._pool.get_nowait().close()
             except queue.Empty:
                 return
 
-    def checkpoint(self):
+    def checkpoint(self) -> None:
         """Fold the write-ahead log into the database file, without waiting for readers or writers."""
         with self._db() as db:
             db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
-    def ping(self):
+    def ping(self) -> None:
         with self._db() as db:
             db.execute("SELECT 1 FROM console_tokens LIMIT 1").fetchall()

@@ -6,7 +6,7 @@ when it opens a file (sqlite.py); nothing else speaks DDL.
 import sqlite3
 
 
-def _migrate_1(db):
+def _migrate_1(db: sqlite3.Connection) -> None:
     db.execute("""CREATE TABLE console_tokens (
         token_hash TEXT PRIMARY KEY,
         instance_id TEXT NOT NULL,
@@ -22,11 +22,11 @@ def _migrate_1(db):
     db.execute("CREATE INDEX console_tokens_host ON console_tokens (host)")
 
 
-def _migrate_2(db):
+def _migrate_2(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE console_tokens ADD COLUMN backend_secret BLOB")
 
 
-def _migrate_3(db):
+def _migrate_3(db: sqlite3.Connection) -> None:
     db.execute("""CREATE TABLE live_sessions (
         session_id TEXT PRIMARY KEY,
         gateway_id TEXT NOT NULL,
@@ -43,7 +43,7 @@ def _migrate_3(db):
     db.execute("CREATE INDEX live_sessions_instance ON live_sessions (instance_id)")
 
 
-def _migrate_4(db):
+def _migrate_4(db: sqlite3.Connection) -> None:
     """Console policies: the token's policy, and who consumed a single-use token, and when its
     last session ended (NULL while one is live)."""
     db.execute("ALTER TABLE console_tokens ADD COLUMN policy TEXT NOT NULL DEFAULT ''")
@@ -52,11 +52,11 @@ def _migrate_4(db):
     db.execute("ALTER TABLE console_tokens ADD COLUMN released_at REAL")
 
 
-def _migrate_5(db):
+def _migrate_5(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE console_tokens ADD COLUMN backend_tls INTEGER NOT NULL DEFAULT 0")
 
 
-def _migrate_6(db):
+def _migrate_6(db: sqlite3.Connection) -> None:
     """Followed serial consoles (vncgate-token follow)."""
     db.execute("""CREATE TABLE console_follows (
         instance_id TEXT PRIMARY KEY,
@@ -64,7 +64,7 @@ def _migrate_6(db):
         port INTEGER NOT NULL)""")
 
 
-def _migrate_7(db):
+def _migrate_7(db: sqlite3.Connection) -> None:
     """Recording: the token's sessions are recorded; a replay token names its recording."""
     db.execute("ALTER TABLE console_tokens ADD COLUMN record INTEGER NOT NULL DEFAULT 0")
     db.execute("ALTER TABLE console_tokens ADD COLUMN replay TEXT NOT NULL DEFAULT ''")

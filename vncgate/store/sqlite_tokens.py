@@ -4,13 +4,13 @@ validate, list, touch, delete, purge, count) and each single-use token's consump
 (_db) and the clock.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import secrets
-import sqlite3
-from contextlib import AbstractContextManager
-from typing import Callable, Optional
 
 from vncgate.store.common import ConnectionDetails, TokenRejected, consumption
+from vncgate.store.engine_parts import SqliteParts
 
 _COLUMNS = ("token_hash, instance_id, console_type, host, port, access_url, internal_access_path, "
             "created_at, updated_at, expires_at, backend_secret IS NOT NULL, policy, backend_tls, record, replay, "
@@ -23,16 +23,12 @@ def _details(row):
                              record=bool(row[13]), replay=row[14], replay_speed=row[15])
 
 
-class SqliteTokens:
+class SqliteTokens(SqliteParts):
     """SqliteStore's token rows and single-use consumption (see Store for each call)."""
-
-    # What SqliteStore brings (declared for the type checker only).
-    _db: Callable[[], AbstractContextManager[sqlite3.Connection]]
-    clock: Callable[[], float]
 
     # -- what the shared calls are made of ---------------------------------------------
 
-    def _insert(self, rows):
+    def _insert(self, rows: list[tuple[ConnectionDetails, bytes | None]]) -> None:
         """rows: (ConnectionDetails, sealed secret or None); a hash already present is replaced."""
         with self._db() as db:
             db.executemany("INSERT OR REPLACE INTO console_tokens (token_hash, instance_id, console_type, host, "
@@ -42,10 +38,11 @@ class SqliteTokens:
                            [(*dataclasses.astuple(details)[:10], sealed, details.policy, int(details.backend_tls),
                              int(details.record), details.replay, details.replay_speed) for details, sealed in rows])
 
-    def _find(self, token_hash):
+    def _find(self, token_hash: str) -> list[ConnectionDetails]:
         return self._select("token_hash = ?", (token_hash,), include_expired=True)
 
-    def _validate_row(self, token_hash, console_type, now):
+    def _validate_row(self, token_hash: str, console_type: str,
+                      now: float) -> tuple[ConnectionDetails, bytes | None] | None:
         """(details, sealed secret) or None; touched only when it may open console_type now."""
         with self._db() as db:
             row = db.execute(f"SELECT {_COLUMNS}, backend_secret FROM console_tokens WHERE token_hash = ?",
@@ -57,20 +54,21 @@ class SqliteTokens:
                 db.execute("UPDATE console_tokens SET updated_at = ? WHERE token_hash = ?", (now, token_hash))
         return details, row[_SECRET]
 
-    def sealed_secret(self, token_hash: str) -> "bytes | None":
+    def sealed_secret(self, token_hash: str) -> bytes | None:
         """The token's sealed password, None when it holds none (or is gone): a screenshot's."""
         with self._db() as db:
             row = db.execute("SELECT backend_secret FROM console_tokens WHERE token_hash = ?", (token_hash,)).fetchone()
         return bytes(row[0]) if row and row[0] is not None else None
 
-    def _dump(self):
+    def _dump(self) -> list[tuple[ConnectionDetails, bytes | None]]:
         with self._db() as db:
             rows = db.execute(f"SELECT {_COLUMNS}, backend_secret FROM console_tokens").fetchall()
         return [(_details(row), row[_SECRET]) for row in rows]
 
     # -- beyond the blueprint: what the gateway and the CLI need --------------------
 
-    def list_details(self, instance_id=None, host=None, include_expired=False, only_idle=False, include_idle=True):
+    def list_details(self, instance_id: str | None = None, host: str | None = None, include_expired: bool = False,
+                     only_idle: bool = False, include_idle: bool = True) -> list[ConnectionDetails]:
         where, args = [], []
         for column, value in (("instance_id", instance_id), ("host", host)):
             if value is not None:
@@ -79,7 +77,7 @@ class SqliteTokens:
         return self._select(" AND ".join(where) or "1", tuple(args), include_idle=include_idle,
                             include_expired=include_expired, only_idle=only_idle)
 
-    def touch_hashes(self, token_hashes):
+    def touch_hashes(self, token_hashes: list[str]) -> set[str]:
         """Touch by hash (sessions hold hashes, not tokens); returns the set that still exists."""
         if not token_hashes:
             return set()
@@ -90,23 +88,23 @@ class SqliteTokens:
             return {row[0] for row in db.execute(
                 f"SELECT token_hash FROM console_tokens WHERE token_hash IN ({marks})", tuple(token_hashes))}
 
-    def delete_hashes(self, token_hashes):
+    def delete_hashes(self, token_hashes: list[str]) -> int:
         return self._delete_where_in("token_hash", token_hashes)
 
-    def delete_by_instance(self, instance_id):
+    def delete_by_instance(self, instance_id: str) -> int:
         return self._delete_where_in("instance_id", [instance_id])
 
-    def delete_by_host(self, host):
+    def delete_by_host(self, host: str) -> int:
         return self._delete_where_in("host", [host])
 
-    def purge(self):
+    def purge(self) -> int:
         """Delete garbage (expired AND idle); returns how many rows went."""
         now = self.clock()
         with self._db() as db:
             return db.execute("DELETE FROM console_tokens WHERE expires_at < ? AND updated_at < ?",
                               (now, now - self.idle_timeout)).rowcount
 
-    def count_by_state(self):
+    def count_by_state(self) -> dict[str, int]:
         counts = dict.fromkeys(("live", "idle", "expired", "garbage"), 0)
         now = self.clock()
         with self._db() as db:
@@ -119,8 +117,8 @@ class SqliteTokens:
 
     # -- single-use tokens (console policies) -----------------------------------------
 
-    def consume(self, token_hash: str, address: str, cookie_hash: Optional[str], grace: float,
-                issued_hash: Optional[str] = None) -> str:
+    def consume(self, token_hash: str, address: str, cookie_hash: str | None, grace: float,
+                issued_hash: str | None = None) -> str:
         """See common.consumption; one write transaction, so two clients at once cannot both consume."""
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
@@ -143,7 +141,7 @@ class SqliteTokens:
                 raise
         return outcome
 
-    def release(self, token_hash):
+    def release(self, token_hash: str) -> None:
         with self._db() as db:
             db.execute("UPDATE console_tokens SET released_at = ? WHERE token_hash = ?", (self.clock(), token_hash))
 
@@ -173,7 +171,7 @@ class SqliteTokens:
                               "ORDER BY created_at", args).fetchall()
         return [_details(row) for row in rows]
 
-    def _delete_where_in(self, column, values):
+    def _delete_where_in(self, column: str, values: list[str]) -> int:
         if not values:
             return 0
         marks = ",".join("?" * len(values))
