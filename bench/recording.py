@@ -41,13 +41,7 @@ MiB = 1 << 20
 
 
 def client_handshake(sock, rest):
-    harness.recv_exactly(sock, 12 - len(rest))
-    sock.sendall(b"RFB 003.008\n")
-    harness.recv_exactly(sock, 2)
-    sock.sendall(b"\x01")
-    harness.recv_exactly(sock, 4)
-    sock.sendall(b"\x01")
-    harness.recv_exactly(sock, len(harness.SERVER_INIT))
+    harness.rfb_client_handshake(sock, rest)
 
 
 def update_latency(gateway, port, record, count, size):

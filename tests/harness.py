@@ -80,10 +80,19 @@ def wait_for(condition, timeout=10.0, interval=0.02, message="condition"):
         time.sleep(interval)
 
 
-def free_port():
+def free_port(host="127.0.0.1"):
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
+        probe.bind((host, 0))
         return probe.getsockname()[1]
+
+
+def established_to(port, host="127.0.0.1"):
+    """How many TCP connections to a server on host:port are established (from /proc/net/tcp:
+    accepted or still waiting in its backlog), whoever holds their other end. (Other tests'
+    clients may have the same port number as their own end on another loopback address.)"""
+    local = f"{socket.htonl(int.from_bytes(socket.inet_aton(host), 'big')):08X}:{port:04X}"
+    with open("/proc/net/tcp") as table:
+        return sum(1 for line in list(table)[1:] if line.split()[1] == local and line.split()[3] == "01")
 
 
 def port_open(port, host="127.0.0.1"):
@@ -560,19 +569,20 @@ def client_context(cert):
 # -- raw websocket requests, with frames that the websockets library builds and parses ---------
 
 def raw_upgrade(port, token, version="13", extra=b"", source="127.0.0.1", cookie=None, path="/websockify",
-                headers="", context=None):
-    """A websocket upgrade from source (any 127.0.0.0/8 address), with a Cookie header when given;
-    returns (socket, status line, bytes after the head)."""
-    sock, status, _, rest = raw_upgrade_head(port, token, version, extra, source, cookie, path, headers, context)
+                headers="", context=None, host="127.0.0.1"):
+    """A websocket upgrade from source (any 127.0.0.0/8 address) to host, with a Cookie header when
+    given; returns (socket, status line, bytes after the head)."""
+    sock, status, _, rest = raw_upgrade_head(port, token, version, extra, source, cookie, path, headers, context,
+                                             host)
     return sock, status, rest
 
 
 def raw_upgrade_head(port, token, version="13", extra=b"", source="127.0.0.1", cookie=None, path="/websockify",
-                     headers="", context=None):
+                     headers="", context=None, host="127.0.0.1"):
     """raw_upgrade's, returning (socket, status line, {lower-case header: value}, rest).
     headers: more header lines ("Name: value\r\n" each); token None: none in the query;
-    context: an ssl.SSLContext to speak TLS with."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    context: an ssl.SSLContext to speak TLS with; host: the gateway's address."""
+    sock = socket.create_connection((host, port), timeout=10, source_address=(source, 0))
     if context is not None:
         sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
     cookie_line = f"Cookie: {cookie}\r\n" if cookie else ""
@@ -761,8 +771,10 @@ class RedisServer:
     kill() then start() is a restart on the same port and folder. sentinel=True runs it as
     redis-sentinel with a config file of those settings (Sentinel rewrites its file)."""
 
-    def __init__(self, folder, port=None, sentinel=False, tls=None, **settings):
+    def __init__(self, folder, port=None, sentinel=False, tls=None, password=None, **settings):
+        """password: its requirepass (a Sentinel's own password, with sentinel=True)."""
         self.folder = str(folder)
+        self.password = password
         self.port = port or free_port()
         self.sentinel = sentinel
         self.settings = settings if sentinel else {"save": "", "appendonly": "no", **settings}
@@ -770,6 +782,8 @@ class RedisServer:
         if tls:
             self.settings.update({"port": "0", "tls_port": str(self.port), "tls_cert_file": tls[0],
                                   "tls_key_file": tls[1], "tls_ca_cert_file": tls[0], "tls_auth_clients": "no"})
+        if password:
+            self.settings["requirepass"] = password
         self.log_path = os.path.join(self.folder, f"redis-{self.port}.log")
         self.proc = None
         self.start()
@@ -803,7 +817,7 @@ class RedisServer:
         import redis
 
         tls = {"ssl": True, "ssl_ca_certs": self.ca} if self.ca else {}
-        return redis.Redis(port=self.port, socket_timeout=5, socket_connect_timeout=1, **tls)
+        return redis.Redis(port=self.port, socket_timeout=5, socket_connect_timeout=1, password=self.password, **tls)
 
     def log(self):
         with open(self.log_path) as handle:
@@ -823,12 +837,16 @@ class SentinelGroup:
 
     SERVICE = "vncgate"
 
-    def __init__(self, folder):
-        self.primary = RedisServer(folder)
-        self.replica = RedisServer(folder, replicaof=f"127.0.0.1 {self.primary.port}")
+    def __init__(self, folder, tls=None, sentinel_password=None):
+        """tls: (cert, key) every server and the sentinel speak TLS with; sentinel_password: the
+        sentinel's own requirepass."""
+        self.tls, self.sentinel_password = tls, sentinel_password
+        over_tls = {"tls_replication": "yes"} if tls else {}
+        self.primary = RedisServer(folder, tls=tls)
+        self.replica = RedisServer(folder, tls=tls, replicaof=f"127.0.0.1 {self.primary.port}", **over_tls)
         wait_for(lambda: self.replica.client().info("replication").get("master_link_status") == "up", 20,
                  message="the replica to sync")
-        self.sentinel = RedisServer(folder, sentinel=True, **{
+        self.sentinel = RedisServer(folder, sentinel=True, tls=tls, password=sentinel_password, **over_tls, **{
             "sentinel monitor": f"{self.SERVICE} 127.0.0.1 {self.primary.port} 1",
             "sentinel down-after-milliseconds": f"{self.SERVICE} 500",
             "sentinel failover-timeout": f"{self.SERVICE} 5000",
@@ -838,7 +856,10 @@ class SentinelGroup:
 
     @property
     def url(self):
-        return f"redis+sentinel://127.0.0.1:{self.sentinel.port}/{self.SERVICE}/0"
+        options = [f"ssl_ca_certs={self.tls[0]}"] if self.tls else []
+        options += [f"sentinel_password={self.sentinel_password}"] if self.sentinel_password else []
+        return (f"{'rediss' if self.tls else 'redis'}+sentinel://127.0.0.1:{self.sentinel.port}/{self.SERVICE}/0"
+                + ("?" + "&".join(options) if options else ""))
 
     def primary_port(self):
         host, port = self.sentinel.client().execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.SERVICE)
@@ -1003,8 +1024,8 @@ class ApiClient:
     """A control-plane API client with urllib only. Every response is kept, so that a test's
     teardown can check them all against the OpenAPI document (check_openapi)."""
 
-    def __init__(self, port, key=None):
-        self.base = f"http://127.0.0.1:{port}"
+    def __init__(self, port, key=None, host="127.0.0.1"):
+        self.base = f"http://{host}:{port}"
         self.key = key
         self.responses = []  # (method, path, status, parsed body)
 

@@ -115,3 +115,14 @@ def test_policy_keys(tmp_path):
                                          "input_idle_timeout = 0\n"))
     assert (loaded.resume_grace, loaded.paste_max_chars, loaded.input_idle_timeout) == (5.0, 100, 0.0)
     assert config.load(write(tmp_path, "[gateway]\ninput_idle_timeout = 90\n")).input_idle_timeout == 90.0
+
+
+def test_sentinel_urls_take_the_sentinels_password_and_tls():
+    target = store.RedisTarget.parse("rediss+sentinel://:pw@s1,s2:26380/gw/1?sentinel_password=spw&ssl_ca_certs=/ca.pem")
+    assert target.sentinel and target.tls and target.service == "gw" and target.db == 1
+    assert (target.option("sentinel_password"), target.option("ssl_ca_certs")) == ("spw", "/ca.pem")
+    assert "spw" not in target.redacted and "pw" not in target.redacted
+    assert target.redacted == "rediss+sentinel://s1:26379,s2:26380/gw/1"
+    with pytest.raises(ValueError) as refused:
+        store.RedisTarget.parse("redis+sentinel://s1/gw/0?password=x")
+    assert str(refused.value) == "may set only sentinel_password, ssl_ca_certs after '?', not password"

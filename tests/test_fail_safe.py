@@ -197,6 +197,7 @@ def test_below_record_min_free_no_recording_starts_and_live_ones_stop(tmp_path):
         class details:  # noqa: N801
             instance_id = "vm"
             console_type = "xvp-vnc"
+            token_id = "0123abcd"
     assert recordings.recorder(Session, lambda reason, detail: stopped.append(reason)) is None
     assert stopped == ["record-min-free"] and not os.listdir(tmp_path)
     space = [True]

@@ -89,7 +89,8 @@ def test_a_failure_at_any_step_gives_back_the_share_fds_and_threads(in_process, 
         assert status in ("HTTP/1.1 200 OK", "HTTP/1.1 500 Internal Server Error"), status
         sock.close()
     harness.wait_for(lambda: gateway.connection_count() == 0, message="every connection to end")
-    assert not gateway.sessions.live() and not gateway.sessions._per_token and gateway.sessions.extra_fds == 0
+    assert not gateway.sessions.live() and gateway.sessions.extra_fds == 0
+    assert gateway.store.token_usage(store_module.hash_token(token)) == (0, 0)  # every share given back
     harness.wait_for(lambda: _open_fds() <= fds and threading.active_count() <= threads,
                      message=f"fds back to {before} (now {_fd_targets()}), threads to {threads}")
     monkeypatch.undo()
@@ -211,3 +212,26 @@ def test_the_socket_of_a_session_is_not_used_after_its_end(in_process):
     sock.shutdown(socket.SHUT_WR)
     harness.wait_for(lambda: not gateway.sessions.live(), timeout=relay.LINGER + 2, message="the session's end")
     sock.close()
+
+
+def test_a_share_the_store_refused_to_take_back_is_given_back_by_the_housekeeper(tmp_path, monkeypatch):
+    """A session ended while the store failed (a full disk, an outage): its share is written
+    again at the housekeeper's next round, not left to lapse (three heartbeats, 91 s by default)."""
+    store = store_module.TokenStore(str(tmp_path / "t.db"))
+    manager = sessions.SessionManager(store, audit_module.Audit.open(str(tmp_path / "a.jsonl")), 5, 30,
+                                      config_module.Config())
+    token_hash = "c" * 64
+    assert store.take_share(token_hash, "s1", 5, 91) == (True, 0)
+    real = store.release_shares
+
+    def refused(*args):
+        raise store_module.StoreError("database is full")
+    monkeypatch.setattr(store, "release_shares", refused)
+    assert manager.shares.give_back({"s1": token_hash}) is False
+    manager._release_later("s1", token_hash, True)
+    with pytest.raises(store_module.StoreError):
+        manager.write_session_list()  # still failing: kept for the next round
+    monkeypatch.setattr(store, "release_shares", real)
+    manager.write_session_list()
+    assert store.token_usage(token_hash) == (0, 0)
+    store.close()

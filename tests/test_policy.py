@@ -304,38 +304,88 @@ def mint(store, **fields):
     return store_module.hash_token(token)
 
 
+def use(store, token_hash, session_id, address, cookie_hash=None, grace=30, issued_hash=None):
+    """What the gateway does for a session of a single-use token: take its share, then consume."""
+    assert store.take_share(token_hash, session_id, 10, 60) == (True, store.token_usage(token_hash)[0] - 1)
+    try:
+        return store.consume(token_hash, address, cookie_hash, grace, issued_hash, session_id)
+    except store_module.TokenRejected:
+        store.release_shares({session_id: token_hash}, ended=False)
+        raise
+
+
 def test_single_use_consumed_resumed_within_grace_refused_after(store, clock):
     token_hash = mint(store)
-    assert store.consume(token_hash, "10.0.0.1", None, grace=30) == "consumed"
+    assert use(store, token_hash, "s1", "10.0.0.1") == "consumed"
     with pytest.raises(store_module.TokenRejected) as refused:
-        store.consume(token_hash, "10.0.0.2", None, grace=30)
+        use(store, token_hash, "s2", "10.0.0.2")
     assert refused.value.reason == "refused-consumed"
-    assert store.consume(token_hash, "10.0.0.1", None, grace=30) == "resumed"  # a session still live
-    store.release(token_hash)
+    assert use(store, token_hash, "s3", "10.0.0.1") == "resumed"  # a session still live
+    store.release_shares({"s1": token_hash, "s3": token_hash})
     clock.advance(30)
-    assert store.consume(token_hash, "10.0.0.1", None, grace=30) == "resumed"
-    store.release(token_hash)
+    assert use(store, token_hash, "s4", "10.0.0.1") == "resumed"
+    store.release_shares({"s4": token_hash})
     clock.advance(30.5)
     with pytest.raises(store_module.TokenRejected):
-        store.consume(token_hash, "10.0.0.1", None, grace=30)
+        use(store, token_hash, "s5", "10.0.0.1")
+    assert store.token_usage(token_hash) == (0, 0)
+
+
+def test_single_use_grace_starts_when_the_last_live_session_ends(store, clock):
+    """Issue 24 item 7(b): two live sessions of the consumer, one ends: the grace has not
+    started, so a reconnect long after resume_grace is admitted while the other is live."""
+    token_hash = mint(store)
+    assert use(store, token_hash, "s1", "10.0.0.1") == "consumed"
+    assert use(store, token_hash, "s2", "10.0.0.1") == "resumed"
+    store.release_shares({"s1": token_hash})
+    clock.advance(45)
+    store.renew_shares({"s2": token_hash}, 60)
+    assert use(store, token_hash, "s3", "10.0.0.1") == "resumed"
+    store.release_shares({"s2": token_hash, "s3": token_hash})
+    clock.advance(31)
+    with pytest.raises(store_module.TokenRejected):
+        use(store, token_hash, "s4", "10.0.0.1")
+
+
+def test_a_refused_stranger_does_not_restart_the_grace(store, clock):
+    token_hash = mint(store)
+    assert use(store, token_hash, "s1", "10.0.0.1") == "consumed"
+    store.release_shares({"s1": token_hash})
+    for _ in range(4):
+        clock.advance(10)
+        with pytest.raises(store_module.TokenRejected):
+            use(store, token_hash, "x", "10.6.6.6")
+    with pytest.raises(store_module.TokenRejected):
+        use(store, token_hash, "s2", "10.0.0.1")  # 40 s after the end: past the 30 s grace
+
+
+def test_the_grace_of_sessions_whose_gateway_died_starts_when_their_shares_lapse(store, clock):
+    token_hash = mint(store)
+    assert use(store, token_hash, "s1", "10.0.0.1") == "consumed"  # its share lapses at 60 s
+    clock.advance(80)  # never released nor renewed: the gateway was killed
+    assert use(store, token_hash, "s2", "10.0.0.1") == "resumed"  # 20 s after the lapse
+    store.release_shares({"s2": token_hash})
+    clock.advance(31)
+    with pytest.raises(store_module.TokenRejected):
+        use(store, token_hash, "s3", "10.0.0.1")
 
 
 def test_single_use_resumes_by_cookie_from_another_address(store, clock):
     token_hash = mint(store)
-    assert store.consume(token_hash, "10.0.0.1", "planted", grace=30, issued_hash="cookie-hash") == "consumed"
-    store.release(token_hash)
+    assert use(store, token_hash, "s1", "10.0.0.1", "planted", issued_hash="cookie-hash") == "consumed"
+    store.release_shares({"s1": token_hash})
     clock.advance(5)
     # A cookie the consumer presented (planted in its browser, say) is never recorded: only the
     # one the gateway issued lets another address in.
     with pytest.raises(store_module.TokenRejected):
-        store.consume(token_hash, "10.9.9.7", "planted", grace=30)
-    assert store.consume(token_hash, "10.9.9.9", "cookie-hash", grace=30, issued_hash="next") == "resumed"
+        use(store, token_hash, "s2", "10.9.9.7", "planted")
+    assert use(store, token_hash, "s3", "10.9.9.9", "cookie-hash", issued_hash="next") == "resumed"
     with pytest.raises(store_module.TokenRejected):
-        store.consume(token_hash, "10.9.9.8", "another", grace=30)
+        use(store, token_hash, "s4", "10.9.9.8", "another")
     # Every use issues a new cookie: the one before it no longer opens anything.
     with pytest.raises(store_module.TokenRejected):
-        store.consume(token_hash, "10.9.9.8", "cookie-hash", grace=30)
-    assert store.consume(token_hash, "10.9.9.8", "next", grace=30) == "resumed"
+        use(store, token_hash, "s5", "10.9.9.8", "cookie-hash")
+    assert use(store, token_hash, "s6", "10.9.9.8", "next") == "resumed"
 
 
 def test_the_store_keeps_one_shared_secret_per_name(store):

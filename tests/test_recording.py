@@ -60,7 +60,7 @@ def test_a_handshake_that_cannot_be_followed_says_so(server, client):
 
 
 def fake_session(security=None, session_id="a1b2c3d4e5f6"):
-    details = types.SimpleNamespace(instance_id="vm-1", console_type="xvp-vnc", replay="", record=True)
+    details = types.SimpleNamespace(instance_id="vm-1", console_type="xvp-vnc", replay="", record=True, token_id="0123abcd")
     return types.SimpleNamespace(id=session_id, details=details, started=1000.0, security=security)
 
 

@@ -112,3 +112,29 @@ def test_with_a_replica_add_returns_only_once_the_replica_has_the_token(tmp_path
         store.close()
         replica.stop()
         primary.stop()
+
+
+def test_count_by_state_reads_no_token_and_indexes_older_tokens_once(redis_store, redis_server, clock):
+    redis_store.add_connection_details("vm-1", "xvp-vnc", "h", 5900, ttl=10)
+    redis_store.add_connection_details("vm-2", "xvp-vnc", "h", 5901, ttl=1000)
+    clock.advance(20)  # the first expired, not idle
+    assert redis_store.count_by_state() == {"live": 1, "idle": 0, "expired": 1, "garbage": 0}
+    clock.advance(700)  # the first is garbage now, the second idle
+    assert redis_store.count_by_state() == {"live": 0, "idle": 1, "expired": 0, "garbage": 1}
+    client = redis_server.client()
+    client.delete("vncgate:expiry", "vncgate:touched")  # as a store written before these sets
+    assert redis_store.count_by_state() == {"live": 0, "idle": 1, "expired": 0, "garbage": 1}
+    assert client.zcard("vncgate:expiry") == 2
+
+
+def test_the_console_log_keeps_exactly_its_newest_bytes(redis_store):
+    written = bytes(range(256)) * 40  # 10,240 bytes, every byte value
+    assert redis_store.console_log("vm-1") is None  # never followed
+    for start in range(0, len(written), 77):
+        redis_store.append_console_log("vm-1", written[start:start + 77], 1000)
+    kept, cursor = redis_store.console_log("vm-1")
+    assert kept == written[-1000:]  # exactly the bound, not between half and all of it
+    redis_store.append_console_log("vm-1", b"x" * 5000, 1000)  # one chunk larger than the bound
+    assert redis_store.console_log("vm-1")[0] == b"x" * 1000
+    assert redis_store.console_log_after("vm-1", cursor) == (b"x" * 5000, redis_store.console_log("vm-1")[1])
+    assert redis_store.console_log_after("vm-1", redis_store.console_log("vm-1")[1])[0] == b""  # waited, nothing

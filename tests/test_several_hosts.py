@@ -3,6 +3,7 @@ restart, a Sentinel failover, and migrating an SQLite store to Redis."""
 
 import http.client
 import json
+import subprocess
 import time
 
 import pytest
@@ -168,6 +169,24 @@ def test_sentinel_failover_keeps_tokens_and_service(tmp_path, vnc):
         assert gateway.stop() == 0
         group.stop()
     assert "Traceback" not in gateway.read_stderr()
+
+
+def test_sentinels_with_a_password_over_tls(tmp_path, vnc):
+    group = SentinelGroup(tmp_path, tls=harness.make_certificate(str(tmp_path), "redis"), sentinel_password="s3ntinel")
+    gateway = GatewayProcess(str(tmp_path), database=group.url, touch_interval=0.5)
+    try:
+        assert group.url.startswith("rediss+sentinel://")
+        token = gateway.mint("127.0.0.1", vnc.port, "xvp-vnc", "--ttl", "600")
+        open_session(gateway, token).close()
+        assert store_module.hash_token(token).encode() in b"".join(group.primary.client().keys("*"))
+        (tmp_path / "wrong.ini").write_text(f"[gateway]\ndatabase = {group.url.replace('s3ntinel', 'wrong')}\n")
+        refused = subprocess.run([harness.console_script("vncgate-token"), "-c", str(tmp_path / "wrong.ini"), "list"],
+                                 capture_output=True, text=True, timeout=30)
+        assert refused.returncode != 0 and "wrong" not in refused.stderr and "s3ntinel" not in refused.stderr
+    finally:
+        assert gateway.stop() == 0
+        group.stop()
+    assert "Traceback" not in gateway.read_stderr() and "s3ntinel" not in gateway.read_stderr()
 
 
 def test_migrate_sqlite_to_redis(tmp_path, run_token, redis_server):

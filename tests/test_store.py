@@ -238,6 +238,62 @@ def test_sessions_are_listed_and_removed_together(store):
     assert [session.instance_id for session in store.list_sessions()] == ["vm-1"]
 
 
+# -- per-token shares, follow leases, the recordings index (issue 27) ---------------------------
+
+def test_shares_are_capped_per_token_and_lapse_without_renewal(store, clock):
+    one, other = "a" * 64, "b" * 64
+    assert store.take_share(one, "s1", 2, 10) == (True, 0)
+    assert store.take_share(one, "s2", 2, 10, recorded=True) == (True, 1)
+    assert store.take_share(one, "s3", 2, 10) == (False, 2)
+    assert store.take_share(other, "s4", 2, 10) == (True, 0)  # another token's count
+    assert store.token_usage(one) == (2, 1)
+    clock.advance(8)
+    store.renew_shares({"s1": one}, 10)
+    clock.advance(5)  # s2 lapsed (its gateway died); s1 was renewed
+    assert store.token_usage(one) == (1, 0)
+    assert store.take_share(one, "s5", 2, 10) == (True, 1)
+    store.release_shares({"s1": one, "s5": one})
+    assert store.token_usage(one) == (0, 0)
+    assert store.take_share(one, "s6", 2, 10) == (True, 0)
+
+
+def test_a_follow_lease_has_one_holder_until_it_lapses_or_is_let_go(store, clock):
+    assert store.claim_follows("gw-a", ["vm-1", "vm-2"], 3) == {"vm-1", "vm-2"}
+    assert store.claim_follows("gw-b", ["vm-1", "vm-2", "vm-3"], 3) == {"vm-3"}
+    assert store.follow_holder("vm-1") == "gw-a" and store.follow_holder("vm-9") is None
+    clock.advance(2)
+    assert store.claim_follows("gw-a", ["vm-1"], 3) == {"vm-1"}  # renewed; vm-2 is not
+    clock.advance(2)
+    assert store.claim_follows("gw-b", ["vm-1", "vm-2"], 3) == {"vm-2"}
+    store.release_follows("gw-b", ["vm-2", "vm-1"])  # only its own go
+    assert store.follow_holder("vm-2") is None and store.follow_holder("vm-1") == "gw-a"
+
+
+def test_the_recordings_index_lists_every_gateways_recordings(store):
+    for number, (instance, gateway) in enumerate((("vm-1", "gw-a"), ("vm-2", "gw-b"), ("vm-1", "gw-b"))):
+        store.index_recording({"session_id": f"{number:012x}", "instance_id": instance, "started_at": 100 - number,
+                               "gateway_id": gateway, "bytes": 0})
+    store.index_recording({"session_id": "000000000000", "instance_id": "vm-1", "started_at": 100,
+                           "gateway_id": "gw-a", "bytes": 42})  # updated at its end
+    rows = store.list_recordings()
+    assert [row["session_id"] for row in rows] == ["000000000002", "000000000001", "000000000000"]
+    assert rows[-1]["bytes"] == 42
+    assert [row["gateway_id"] for row in store.list_recordings(instance_id="vm-1")] == ["gw-b", "gw-a"]
+    store.remove_recordings(["000000000002", "000000000000"])
+    assert [row["session_id"] for row in store.list_recordings()] == ["000000000001"]
+
+
+def test_lapsed_shares_of_tokens_nobody_uses_again_are_purged(store, clock):
+    token_hash = store_module.hash_token(store.add_connection_details("vm", "xvp-vnc", "h", 1))
+    assert store.take_share(token_hash, "s1", 2, 10) == (True, 0)
+    clock.advance(11)  # its gateway died
+    store.purge_lapsed_shares()
+    assert store.token_usage(token_hash) == (0, 0)
+    if isinstance(store, store_module.SqliteStore):  # no row is left behind
+        with store._db() as db:
+            assert db.execute("SELECT COUNT(*) FROM token_shares").fetchone()[0] == 0
+
+
 def test_a_kill_request_naming_no_session_marks_none(store):
     """Both engines answer 0 (SQLite raised TypeError when given neither ids nor an instance)."""
     store.record_session("s0", "gw-1", "hash0", "vm-0", "xvp-vnc", "127.0.0.1:1", 30)

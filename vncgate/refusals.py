@@ -87,6 +87,7 @@ REASONS = {
     "libvirt-unavailable": Answer(502, "libvirt cannot be reached right now."),
     # replays: the recording a replay token names (told in RFB, after the upgrade)
     "recording-missing": Answer(404, "This recording does not exist (any more)."),
+    "recording-elsewhere": Answer(404, "This recording is kept by another gateway."),
     "recording-foreign": Answer(422, _RECORDING_BAD),
     "recording-truncated": Answer(422, _RECORDING_BAD),
     "recording-corrupt": Answer(422, _RECORDING_BAD),

@@ -21,7 +21,10 @@ _U32 = struct.Struct("!I")
 
 
 class ReplayError(rfb.RfbError):
-    """A recording that cannot be played; .reason is the audit word (a refusals row)."""
+    """A recording that cannot be played; .reason is the audit word (a refusals row); .told
+    what the viewer is told after the row's sentence, if anything."""
+
+    told = ""
 
 
 def _pad(length: int) -> int:

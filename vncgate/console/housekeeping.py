@@ -111,6 +111,7 @@ class Housekeeper(threading.Thread):
         stale = self.manager.store.purge_stale_sessions()
         if stale:
             log.info("housekeeping deleted %d sessions left by gateways that stopped", stale)
+        self.manager.store.purge_lapsed_shares()
 
     def stop(self) -> None:
         self._stopping.set()

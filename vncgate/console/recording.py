@@ -34,8 +34,8 @@ import re
 import threading
 import time
 
+from vncgate.console import recordings_index, rfb
 from vncgate.console import relay as relay_module
-from vncgate.console import rfb
 from vncgate.console.fbs import _U32, FBS_MAGIC, INPUT_MAGIC, PREFIX, BlockWriter, ReplayError, read_blocks
 from vncgate.console.replay import Player
 
@@ -104,8 +104,10 @@ class Recorder:
     each chunk before it is passed on; finish() once the session is over."""
 
     def __init__(self, folder, session_id, meta, max_bytes, on_stop, at_server_init, clock=time.monotonic,
-                 space_left=lambda: True):
-        """space_left(): False once the filesystem is below record_min_free (asked every SPACE_CHECK bytes)."""
+                 space_left=lambda: True, index=None):
+        """space_left(): False once the filesystem is below record_min_free (asked every SPACE_CHECK
+        bytes); index: called with the metadata each time it is written (the store's recordings index)."""
+        self.index = index
         self.folder = folder
         self.session_id = session_id
         self.meta = meta
@@ -262,6 +264,8 @@ class Recorder:
 
     def _write_meta(self):
         _write_json(self.path(".json"), self.meta)
+        if self.index is not None:
+            self.index(dict(self.meta))
 
 
 def _remove(folder, session_id):
@@ -288,12 +292,16 @@ def _write_json(path, value):
 
 
 class Recordings:
-    """The record_dir: starting recorders, listing, purging, and playing recordings back."""
+    """The record_dir: starting recorders, listing, purging, and playing recordings back.
+    With a store, every recording is also in its index (recordings_index.Index), so any
+    gateway or CLI on the store lists, finds and purges every gateway's."""
 
     def __init__(self, folder, record_all=False, max_bytes=1 << 30, keep_days=30.0, clock=time.time,
-                 dir_max_bytes=0, min_free=0.0):
+                 dir_max_bytes=0, min_free=0.0, store=None, gateway_id="", gateway=""):
         """dir_max_bytes: the whole folder's bound (0: none), the oldest finished recordings pruned
-        past it; min_free: percent of the filesystem below which no recording starts or goes on."""
+        past it; min_free: percent of the filesystem below which no recording starts or goes on;
+        store: the token store, whose recordings index this gateway (gateway_id, at the base
+        URL gateway) writes and every listing reads."""
         self.folder = folder
         self.record_all = record_all
         self.max_bytes = max_bytes
@@ -302,11 +310,14 @@ class Recordings:
         self.dir_max_bytes = dir_max_bytes
         self.min_free = min_free
         self._pruning = threading.Lock()
+        self.index = recordings_index.Index(store, folder)
+        self.gateway_id, self.gateway = gateway_id, gateway
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config, store=None, gateway_id=""):
         return cls(config.record_dir, config.record_all, config.record_max_bytes, config.record_keep_days,
-                   dir_max_bytes=config.record_dir_max_bytes, min_free=config.record_min_free)
+                   dir_max_bytes=config.record_dir_max_bytes, min_free=config.record_min_free,
+                   store=store, gateway_id=gateway_id, gateway=config.base_url)
 
     def wanted(self, details):
         return not details.replay and (details.record or self.record_all)
@@ -333,8 +344,8 @@ class Recordings:
                     sizes[name] = os.stat(os.path.join(self.folder, name)).st_size
                 except OSError:
                     pass
-            total, gone = sum(sizes.values()), 0
-            for meta in self.list():  # oldest first
+            total, gone = sum(sizes.values()), []
+            for meta in self.files():  # this folder's, oldest first
                 if total <= self.dir_max_bytes:
                     break
                 session_id = meta["session_id"]
@@ -342,10 +353,11 @@ class Recordings:
                     continue  # live, or its gateway died mid-session: kept for the purge by age
                 total -= sum(sizes.get(session_id + suffix, 0) for suffix in (".fbs", ".input", ".json"))
                 _remove(self.folder, session_id)
-                gone += 1
+                gone.append(session_id)
             if gone:
-                log.info("record_dir over record_dir_max_bytes: deleted the %d oldest recordings", gone)
-            return gone
+                self.index.remove(gone)
+                log.info("record_dir over record_dir_max_bytes: deleted the %d oldest recordings", len(gone))
+            return len(gone)
         finally:
             self._pruning.release()
 
@@ -354,7 +366,8 @@ class Recordings:
         written or its filesystem is below record_min_free."""
         meta = {"format": "vncgate-recording 1", "session_id": session.id,
                 "instance_id": session.details.instance_id, "console_type": session.details.console_type,
-                "started_at": round(session.started, 3), "duration": None, "bytes": 0}
+                "started_at": round(session.started, 3), "duration": None, "bytes": 0,
+                "token_id": session.details.token_id, "gateway_id": self.gateway_id, "gateway": self.gateway}
         if not self.space_left():
             log.warning("session %s: not recorded: %s is below record_min_free", session.id, self.folder)
             on_stop("record-min-free", f"{self.folder} is below record_min_free ({self.min_free}%)")
@@ -363,14 +376,20 @@ class Recordings:
             os.makedirs(self.folder, mode=0o700, exist_ok=True)
             self.prune()
             return Recorder(self.folder, session.id, meta, self.max_bytes, on_stop,
-                            at_server_init=session.security is not None, space_left=self.space_left)
+                            at_server_init=session.security is not None, space_left=self.space_left,
+                            index=self.index.add)
         except OSError as error:
             log.error("session %s: cannot record in %s: %s", session.id, self.folder, error)
             on_stop("record-failed", f"cannot write in {self.folder}: {error.strerror}")
             return None
 
     def list(self, instance_id=None):
-        """The recordings' metadata, oldest first."""
+        """The recordings' metadata, oldest first: every gateway's (the store's index) and the
+        files of record_dir the index does not know (made before it, or during an outage)."""
+        return self.index.merged(self.files(instance_id), instance_id)
+
+    def files(self, instance_id=None):
+        """The metadata of the recordings in record_dir, oldest first."""
         found = []
         try:
             names = os.listdir(self.folder)
@@ -396,17 +415,38 @@ class Recordings:
         return next((meta for meta in self.list() if meta["session_id"] == session_id), None)
 
     def purge(self):
-        """Delete the recordings older than keep_days; returns how many."""
+        """Delete the recordings older than keep_days, on every gateway (the index tells the
+        others to delete their files); returns how many."""
         cutoff = self.clock() - self.keep_days * 86400
-        gone = 0
-        for meta in self.list():
-            if meta["started_at"] < cutoff:
-                _remove(self.folder, meta["session_id"])
-                gone += 1
-        return gone
+        gone = [meta["session_id"] for meta in self.list() if meta["started_at"] < cutoff]
+        self.remove(gone)
+        self.index.remove(gone)
+        return len(gone)
+
+    def remove(self, session_ids):
+        """Delete these recordings' files from record_dir (a purge on any gateway)."""
+        for session_id in session_ids:
+            if SESSION_ID.fullmatch(session_id):
+                _remove(self.folder, session_id)
+
+    def elsewhere(self, session_id):
+        """None when record_dir has the recording (or nobody does); else the sentence naming
+        the gateway whose record_dir holds it."""
+        if not SESSION_ID.fullmatch(session_id) or os.path.exists(os.path.join(self.folder, session_id + ".fbs")):
+            return None
+        meta = self.index.find(session_id)
+        if meta is None or not meta.get("gateway"):
+            return None
+        return (f"recording {session_id} is in the record_dir of the gateway at {meta['gateway']} "
+                f"({meta.get('gateway_id')}), which is not shared with this one")
 
     def player(self, session_id, speed):
         """A Player for a replay token: its .socket is the session's backend; its .error the
         ReplayError the viewer is told instead (then nothing plays)."""
+        where = self.elsewhere(session_id)
+        if where is not None:
+            error = ReplayError("recording-elsewhere", where)
+            error.told = where[0].upper() + where[1:] + "."
+            return Player(None, speed, error)
         return Player(os.path.join(self.folder, session_id + ".fbs") if SESSION_ID.fullmatch(session_id)
                       else None, speed)

@@ -31,11 +31,14 @@ class Player:
     the other end (.socket) as its backend. The viewer's handshake is answered here (security
     None, the recorded ServerInit); its input is read and dropped."""
 
-    def __init__(self, path: str | None, speed: float) -> None:
+    def __init__(self, path: str | None, speed: float, error: ReplayError | None = None) -> None:
+        """error: the ReplayError to tell instead of reading path."""
         self.path = path
         self.speed = speed
         self.socket, self._far = socket.socketpair()
         try:
+            if error is not None:
+                raise error
             self.blocks = read_blocks(path)
             self.server_init, self.first = self._server_init()
             self.error = None

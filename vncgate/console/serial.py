@@ -1,8 +1,9 @@
-"""Serial consoles: one backend connection per console, shared by its viewers, and the console log.
+"""Serial consoles: one backend connection per console, shared by its viewers (the console
+log itself: consolelog.py).
 
 A Hub holds the one TCP connection to a serial endpoint (qemu's -serial tcp:…,server=on,
 libvirt's <serial type='tcp'>). What the console prints goes to every attached viewer and,
-while the console is followed, to its console log on disk; what any viewer types goes to
+while the console is followed, to its console log (a file, or the store); what any viewer types goes to
 the console. A viewer is one end of a socketpair whose other end the session's relay
 treats as its backend, so the websocket path, revocation, kills and audit work for serial
 consoles exactly as for VNC.
@@ -15,14 +16,21 @@ other threads hand it work through a queue and a wake-up socket.
 
 import collections
 import logging
-import os
 import selectors
 import socket
 import threading
 import time
-import urllib.parse
 
-from vncgate.console import backends
+from vncgate.console import backends, cluster
+from vncgate.console.consolelog import (  # noqa: F401 (the log's names, still importable from here)
+    ConsoleLog,
+    console_output,
+    follow_log,
+    follow_output,
+    last_lines,
+    log_path,
+    read_log,
+)
 from vncgate.refusals import Refused
 
 log = logging.getLogger("vncgate.console.serial")
@@ -31,107 +39,6 @@ READ_SIZE = 64 * 1024
 TAIL_BYTES = 64 * 1024  # of the log, sent to a viewer as it attaches
 VIEWER_SEND_TIMEOUT = 5.0  # a viewer that takes nothing for this long is dropped, not waited for
 BACKOFF_FIRST, BACKOFF_MOST = 0.25, 5.0
-
-
-# -- the console log on disk ---------------------------------------------------------------
-
-def log_path(folder, instance_id):
-    """The log file of one instance: its id %-escaped, so no id can climb or hide."""
-    return os.path.join(folder, urllib.parse.quote(instance_id, safe="-_").replace(".", "%2E") + ".log")
-
-
-class ConsoleLog:
-    """The newest bytes of one console as two files: NAME.log (being written) and NAME.log.1.
-    When NAME.log reaches limit/2 bytes it replaces NAME.log.1, so together they always hold
-    the newest output, between limit/2 and limit bytes of it, and never more."""
-
-    def __init__(self, folder, instance_id, limit):
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        self.path = log_path(folder, instance_id)
-        self.half = max(1, limit // 2)
-        self.file = open(self.path, "ab")
-        self.size = self.file.tell()
-
-    def write(self, data):
-        view = memoryview(data)
-        while view:
-            if self.size >= self.half:
-                self._rotate()
-            piece = view[:self.half - self.size]
-            self.file.write(piece)
-            self.size += len(piece)
-            view = view[len(piece):]
-        self.file.flush()
-
-    def _rotate(self):
-        self.file.close()
-        os.replace(self.path, self.path + ".1")
-        self.file = open(self.path, "ab")
-        self.size = 0
-
-    def close(self):
-        self.file.close()
-
-
-def read_log(folder, instance_id, lines=None):
-    """The console log of instance_id, oldest byte first: all that is kept, or its last
-    `lines` lines. None when the instance has never been followed. This is what the
-    HTTP API's GET /api/v1/consoles/log serves."""
-    path = log_path(folder, instance_id)
-    data, found = b"", False
-    for name in (path + ".1", path):
-        try:
-            with open(name, "rb") as handle:
-                data += handle.read()
-            found = True
-        except FileNotFoundError:
-            pass
-    if not found:
-        return None
-    return data if lines is None else last_lines(data, lines)
-
-
-def last_lines(data, count):
-    """The last count lines of data (a final line without its newline counts)."""
-    if count <= 0:
-        return b""
-    start = len(data) - 1 if data.endswith(b"\n") else len(data)
-    for _ in range(count):
-        start = data.rfind(b"\n", 0, start)
-        if start < 0:
-            return data
-    return data[start + 1:]
-
-
-def follow_log(folder, instance_id, write, stopping, poll=0.2):
-    """Write what is appended to the log from now on, across rotations, until stopping is set."""
-    path = log_path(folder, instance_id)
-    handle = None
-    try:
-        while not stopping.is_set():
-            if handle is None:
-                try:
-                    handle = open(path, "rb")
-                except FileNotFoundError:
-                    stopping.wait(poll)
-                    continue
-                handle.seek(0, os.SEEK_END)
-            data = handle.read()
-            if data:
-                write(data)
-                continue
-            try:
-                rotated = os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino
-            except FileNotFoundError:
-                rotated = False
-            if rotated:  # the rest of the old file was read above: go on at the new one's start
-                handle.close()
-                handle = open(path, "rb")
-                continue
-            stopping.wait(poll)
-    finally:
-        if handle is not None:
-            handle.close()
 
 
 # -- hubs --------------------------------------------------------------------------------
@@ -171,9 +78,14 @@ class Hub(threading.Thread):
             return None
         return theirs
 
-    def set_follow(self, follow, log_dir=None, log_bytes=None):
-        """Start (a Follow) or stop (None) following; the log opens or closes with it."""
-        return self._call(self._set_follow, follow, log_dir, log_bytes)
+    def set_follow(self, follow, open_log=None):
+        """Start (a Follow) or stop (None) following; the log opens (open_log(follow): a
+        ConsoleLog or what writes the store's) or closes with it."""
+        return self._call(self._set_follow, follow, open_log)
+
+    def send(self, data):
+        """Bytes typed by a viewer on another gateway: to the console, after what came before."""
+        return self._call(self._to_backend, data)
 
     def stop(self):
         self._call(self._end)
@@ -231,22 +143,22 @@ class Hub(threading.Thread):
     def _add_viewer(self, viewer):
         viewer.settimeout(VIEWER_SEND_TIMEOUT)
         if self.log is not None:
-            tail = (read_log(os.path.dirname(self.log.path), self.follow.instance_id) or b"")[-TAIL_BYTES:]
+            tail = self.log.tail(TAIL_BYTES)
             if tail and not self._send(viewer, tail):
                 return
         self.viewers.add(viewer)
         self._selector.register(viewer, selectors.EVENT_READ, self._from_viewer)
 
-    def _set_follow(self, follow, log_dir, log_bytes):
+    def _set_follow(self, follow, open_log):
         if self.log is not None:
             self.log.close()
             self.log = None
         self.follow = follow
         if follow is not None:
             try:
-                self.log = ConsoleLog(log_dir, follow.instance_id, log_bytes)
+                self.log = open_log(follow)
             except OSError as error:  # still followed and shared, but not logged: say so, once
-                log.error("cannot keep the console log of %s in %s: %s", follow.instance_id, log_dir, error)
+                log.error("cannot keep the console log of %s: %s", follow.instance_id, error)
             log.info("following the serial console of %s at %s:%s", follow.instance_id, self.host, self.port)
         elif not self.viewers:
             self._end()
@@ -303,6 +215,9 @@ class Hub(threading.Thread):
             if not self.viewers and self.follow is None:
                 self._end()
             return
+        self._to_backend(data)
+
+    def _to_backend(self, data):
         if self.backend is not None:
             try:
                 self.backend.sendall(data)
@@ -334,22 +249,33 @@ def _read(sock):
 
 
 class Consoles:
-    """The gateway's hubs, by backend address: followed ones (synced from the store) and the
-    ones viewers opened."""
+    """The gateway's hubs, by backend address: followed ones (those whose lease it holds,
+    cluster.Follower) and the ones viewers opened; with a store that shares consoles, the
+    remote viewers of consoles another gateway follows, and the input pumps of those it does."""
 
-    def __init__(self, log_dir, log_bytes, timeout, allow):
-        """allow: the allow.BackendAllow every serial endpoint is checked against, at each connection."""
+    def __init__(self, log_dir, log_bytes, timeout, allow, store=None):
+        """allow: the allow.BackendAllow every serial endpoint is checked against, at each connection;
+        store: the token store, whose follow leases and (with Redis) log and I/O the consoles share."""
         self.allow = allow
         self.log_dir = log_dir
         self.log_bytes = log_bytes
         self.timeout = timeout
+        self.store = store if getattr(store, "shares_consoles", False) else None
+        self.followed = {}  # instance id -> Follow: every followed console, whoever follows it
         self._hubs = {}  # (host, port) -> Hub
+        self._pumps = {}  # instance id -> cluster.InputPump, for the consoles followed here
+        self._feeds = {}  # instance id -> cluster.RemoteFeed: the remote viewers of consoles followed elsewhere
         self._lock = threading.Lock()
 
     def open_backend(self, details, timeout):
         """For a serial session: (the viewer's socket, b""), as backends.open_backend answers.
         Raises Refused backend-… when no hub has the console and it cannot be reached."""
         key = (details.host, details.port)
+        follow = self.followed.get(details.instance_id)
+        if self.store is not None and follow is not None and (follow.host, follow.port) == key:
+            hub = self._hub(key)
+            if hub is None or hub.follow != follow:  # another gateway follows it: through the store
+                return self._remote_viewer(details.instance_id), b""
         for _attempt in range(2):  # a hub may end between finding it and attaching to it
             hub = self._hub(key)
             if hub is None:
@@ -376,9 +302,38 @@ class Consoles:
         hub.start()
         return hub
 
-    def sync(self, follows):
-        """Follow exactly these (store.Follow records); called at start and every touch_interval."""
+    def _remote_viewer(self, instance_id):
+        for _attempt in range(2):  # a feed may end between finding it and attaching to it
+            with self._lock:
+                feed = self._feeds.get(instance_id)
+                new = feed is None or feed.closed
+                if new:
+                    feed = self._feeds[instance_id] = cluster.RemoteFeed(self.store, instance_id, self._feed_ended)
+            viewer = feed.attach()
+            if new:  # started once it has a viewer: a feed without one ends
+                feed.start()
+            if viewer is not None:
+                return viewer
+        raise Refused("backend-closed", "the serial console's feed ended as the viewer attached")
+
+    def _feed_ended(self, feed):
+        with self._lock:
+            if self._feeds.get(feed.instance_id) is feed:
+                del self._feeds[feed.instance_id]
+
+    def open_log(self, follow):
+        """The log of a console followed here: in the store when it shares consoles, else a file."""
+        if self.store is not None:
+            return cluster.StoreLog(self.store, follow.instance_id, self.log_bytes)
+        return ConsoleLog(self.log_dir, follow.instance_id, self.log_bytes)
+
+    def sync(self, follows, followed=None):
+        """Follow exactly these (store.Follow records: the ones this gateway holds the lease of);
+        followed: every followed console (default: these), for the viewers of the others."""
+        self.followed = {follow.instance_id: follow for follow in (follows if followed is None else followed)}
         wanted = {(follow.host, follow.port): follow for follow in follows}
+        if self.store is not None:
+            self._sync_pumps({follow.instance_id for follow in follows})
         with self._lock:
             for key, hub in list(self._hubs.items()):
                 if hub.closed:
@@ -388,12 +343,28 @@ class Consoles:
             for key, follow in wanted.items():
                 hub = self._hubs.get(key) or self._start(key)
                 if hub.follow != follow:
-                    hub.set_follow(follow, self.log_dir, self.log_bytes)
+                    hub.set_follow(follow, self.open_log)
+                pump = self._pumps.get(follow.instance_id)
+                if pump is not None:
+                    pump.send = hub.send
+
+    def _sync_pumps(self, instance_ids):
+        for instance_id in set(self._pumps) - instance_ids:
+            self._pumps.pop(instance_id).stop()
+        for instance_id in instance_ids - set(self._pumps):
+            pump = self._pumps[instance_id] = cluster.InputPump(self.store, instance_id, lambda data: None)
+            pump.start()
 
     def stop(self):
         with self._lock:
             hubs = list(self._hubs.values())
             self._hubs.clear()
+            workers = [*self._pumps.values(), *self._feeds.values()]
+            self._pumps.clear()
+        for worker in workers:
+            worker.stop()
+        for worker in workers:
+            worker.join()
         for hub in hubs:
             hub.stop()
         for hub in hubs:

@@ -15,7 +15,6 @@ The housekeeper thread (and the Listener it owns) is in housekeeping.py.
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import secrets
@@ -29,6 +28,7 @@ from vncgate import refusals
 from vncgate import store as store_module
 from vncgate.console import allow, backends, recording, rfb
 from vncgate.console import policy as policy_module
+from vncgate.console import shares as shares_module
 from vncgate.console.housekeeping import Housekeeper, Listener
 from vncgate.net import fds, tls
 from vncgate.refusals import Refused
@@ -57,8 +57,9 @@ CHECKPOINT_INTERVAL = 1.0  # seconds between the housekeeper's checkpoints, at m
 
 class Session:
     def __init__(self, details: store_module.ConnectionDetails, client: str, path: str,
-                 backend: socket.socket | tls.TlsStream, backend_leftover: bytes, client_conn: object = None) -> None:
-        self.id = secrets.token_hex(6)
+                 backend: socket.socket | tls.TlsStream, backend_leftover: bytes, client_conn: object = None,
+                 session_id: str | None = None) -> None:
+        self.id = session_id or secrets.token_hex(6)
         self.details = details
         self.client = client
         self.path = path
@@ -123,11 +124,17 @@ class Session:
             relay.stop(stopped)
 
 
+def new_gateway_id() -> str:
+    """A gateway's name in the store: its host, its pid (what an operator can act on) and a
+    random part, so a restarted gateway with the same pid is another gateway."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
+
+
 class SessionManager:
     def __init__(self, store: AnyStore, audit: Audit, backend_timeout: float, heartbeat: float, settings: Config,
                  backend_tls: ssl.SSLContext | None = None, on_relaying: Callable[[], None] = lambda: None,
                  recordings: recording.Recordings | None = None,
-                 backend_allow: allow.BackendAllow | None = None) -> None:
+                 backend_allow: allow.BackendAllow | None = None, gateway_id: str | None = None) -> None:
         """settings: the policy keys of the config (resume_grace, paste_max_chars, input_idle_timeout)
         and max_sessions_per_token; backend_tls: the ssl context for consoles that speak VeNCrypt
         (tls.backend_context); on_relaying: called in a session's thread as its relay starts;
@@ -140,11 +147,16 @@ class SessionManager:
         self.audit = audit
         self.backend_timeout = backend_timeout
         self.heartbeat_interval = heartbeat
+        # Per-token shares in the store; max_sessions_per_token read at each take (it may be lowered).
+        self.shares = shares_module.TokenShares(store, heartbeat, lambda: self.settings.max_sessions_per_token,
+                                                lambda function, *args: self.breaker.call(function, *args))
         self.backend_tls = backend_tls
         self.on_relaying = on_relaying
-        self.gateway_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
+        self.gateway_id = gateway_id or new_gateway_id()
         self._live: dict[str, Session] = {}
-        self._per_token: collections.Counter[str] = collections.Counter()  # token hash -> sessions open or opening
+        # session id -> (token hash, ended): shares to give back by the housekeeper (at a stop, in
+        # one write; or again after the store refused it)
+        self._to_release: dict[str, tuple[str, bool]] = {}
         self.extra_fds = 0  # fds the live sessions hold beyond their two sockets (fds.RECORDED_EXTRA...)
         self._to_record: dict[str, Session] = {}  # session id -> Session, not in the shared list yet
         self._to_remove: set[str] = set()  # session ids to take out of it
@@ -160,6 +172,7 @@ class SessionManager:
         self.backend_openers: dict[str, Callable[[store_module.ConnectionDetails, float],
                                                  tuple[socket.socket, bytes]]] = {}
         self._resume_key: str | None = None  # the store's shared secret for the resume cookies, once read
+        self.event_handlers: dict[str, Callable[[set[str]], object]] = {}  # kind -> handler of other pushed events
 
     def _open_backend(self, details: store_module.ConnectionDetails, timeout: float) -> tuple[socket.socket, bytes]:
         return backends.open_backend(details, timeout, allow=self.backend_allow)
@@ -179,11 +192,14 @@ class SessionManager:
         fields["token_id"] = store_module.hash_token(token)[:8]
         details = self._validate(token, console_type, fields)
         fields["instance_id"] = details.instance_id
-        self._take_token_share(details.token_hash, fields)
+        session_id = secrets.token_hex(6)
+        self.shares.take(details.token_hash, session_id, self.recordings.wanted(details), fields)
         try:
-            session = self._reach(details, client, path, conn, address, (token, resume_cookie), fields)
+            session = self._reach(details, client, path, conn, address, (token, resume_cookie), fields,
+                                  session_id)
         except BaseException:
-            self._give_back_token_share(details.token_hash)
+            if not self.shares.give_back({session_id: details.token_hash}, ended=False):
+                self._release_later(session_id, details.token_hash, False)
             raise
         with self._lock:
             self._live[session.id] = session
@@ -197,7 +213,7 @@ class SessionManager:
         return session
 
     def _reach(self, details: store_module.ConnectionDetails, client: str, path: str, conn: object, address: str,
-               resume: tuple[str, str | None], fields: dict[str, Any]) -> Session:
+               resume: tuple[str, str | None], fields: dict[str, Any], session_id: str) -> Session:
         """The session with its backend connected (and secured, and a single use taken), or Refused."""
         if details.replay:  # the "backend" is a player of the recording, speaking RFB itself
             player = self.recordings.player(details.replay, details.replay_speed)
@@ -209,7 +225,7 @@ class SessionManager:
             except Refused as error:
                 log.info("backend %s:%s for %s: %s", details.host, details.port, details.instance_id, error)
                 raise Refused(error.reason, error.detail, **fields) from None
-        session = Session(details, client, path, backend, leftover, conn)
+        session = Session(details, client, path, backend, leftover, conn, session_id)
         try:
             self._prepare(session, player if details.replay else None, address, resume, fields)
         except BaseException:
@@ -239,13 +255,11 @@ class SessionManager:
                 "recording-stopped", **session.audit_fields(), recording=session.id, reason=reason, detail=detail))
 
     def _abandon(self, session: Session) -> None:
-        """Give back what a session that never registered took: its use, backend, recorder."""
-        try:
-            self._release(session)
-        finally:
-            session.backend.close()
-            if session.recorder:
-                session.recorder.finish()
+        """Give back what a session that never registered took: its backend, recorder (its
+        share, and with it a single use, is given back by open())."""
+        session.backend.close()
+        if session.recorder:
+            session.recorder.finish()
 
     def _consume(self, session: Session, address: str, resume: tuple[str, str | None], fields: dict[str, Any]) -> str:
         """One use of a single-use token. resume: (token, the cookie presented or None). Each use
@@ -259,29 +273,14 @@ class SessionManager:
             issued = policy_module.issue_resume_cookie(key, token)
             use = self.store.consume(session.details.token_hash, address,
                                      store_module.hash_token(presented) if valid else None,
-                                     self.settings.resume_grace, issued_hash=store_module.hash_token(issued))
+                                     self.settings.resume_grace, issued_hash=store_module.hash_token(issued),
+                                     session_id=session.id)
             session.resume_cookie = issued
             return use
         except store_module.TokenRejected as rejected:
             raise Refused(rejected.reason, **fields) from None
         except store_module.StoreError as error:
             raise Refused("store-unavailable", str(error), **fields) from None
-
-    def _release(self, session: Session) -> None:
-        if session.use:
-            self._shared(self.store.release, session.details.token_hash)
-
-    def _take_token_share(self, token_hash: str, fields: dict[str, Any]) -> None:
-        with self._lock:
-            if self._per_token[token_hash] >= self.settings.max_sessions_per_token:
-                raise Refused("too-many-sessions", f"{self._per_token[token_hash]} sessions open", **fields)
-            self._per_token[token_hash] += 1
-
-    def _give_back_token_share(self, token_hash: str) -> None:
-        with self._lock:
-            self._per_token[token_hash] -= 1
-            if not self._per_token[token_hash]:
-                del self._per_token[token_hash]
 
     def _authenticate_backend(self, session, fields):
         """The gateway's RFB security handshake with the backend: VeNCrypt for a backend_tls
@@ -310,7 +309,8 @@ class SessionManager:
         try:
             if isinstance(session.security, rfb.RfbError):
                 sentence = refusals.REASONS[session.security.reason].sentence
-                rfb.refuse_client(read_exact, write, rfb.RFB_3_8, f"vncgate: {sentence}")
+                told = getattr(session.security, "told", "")  # what the refusal may name (ReplayError)
+                rfb.refuse_client(read_exact, write, rfb.RFB_3_8, f"vncgate: {sentence}{' ' + told if told else ''}")
                 self.audit.record("attempt", **session.audit_fields(), result="rejected", status=200,
                                   reason=session.security.reason, detail=session.security.detail)
             else:
@@ -322,15 +322,6 @@ class SessionManager:
                               reason=getattr(error, "reason", "client-closed"))
         self.discard(session)
         return False
-
-    @staticmethod
-    def _shared(call: Callable[..., T], *args: object) -> T | None:
-        """A store write after a session ended: an outage must not fail the session's end over it."""
-        try:
-            return call(*args)
-        except store_module.StoreError as error:
-            log.warning("single-use state not released: %s", error)
-            return None
 
     def _validate(self, token: str, console_type: str, fields: dict[str, Any]) -> store_module.ConnectionDetails:
         try:
@@ -362,16 +353,13 @@ class SessionManager:
             if session.enforcement:
                 session.enforcement.cancel()
             self._forget(session)
-            try:
-                self._release(session)
-            finally:
-                session.backend.close()  # closed by the relay already, unless it failed
-                violation = session.enforcement.violation if session.enforcement else None
-                self.audit.record("session-end", **session.audit_fields(), reason=reason,
-                                  bytes_up=relay.bytes_up, bytes_down=relay.bytes_down,
-                                  duration=round(time.time() - session.started, 3),
-                                  **({"detail": violation} if violation else {}),
-                                  **(session.recorder.finish() if session.recorder else {}))
+            session.backend.close()  # closed by the relay already, unless it failed
+            violation = session.enforcement.violation if session.enforcement else None
+            self.audit.record("session-end", **session.audit_fields(), reason=reason,
+                              bytes_up=relay.bytes_up, bytes_down=relay.bytes_down,
+                              duration=round(time.time() - session.started, 3),
+                              **({"detail": violation} if violation else {}),
+                              **(session.recorder.finish() if session.recorder else {}))
 
     def discard(self, session: Session) -> None:
         """A session whose client went away before the relay started (or whose path failed
@@ -387,10 +375,18 @@ class SessionManager:
             if self._to_record.pop(session.id, None) is None:  # written already: remove its row
                 self._to_remove.add(session.id)
             self.extra_fds -= session.extra_fds
-        self._give_back_token_share(session.details.token_hash)
-        if not self._stopping_all:  # at a stop, the housekeeper's last round writes them all
+            if self._stopping_all:  # at a stop, the housekeeper's last round writes them all
+                self._to_release[session.id] = (session.details.token_hash, True)
+        if not self._stopping_all:
+            if not self.shares.give_back({session.id: session.details.token_hash}):
+                self._release_later(session.id, session.details.token_hash, True)
             self.store_work.set()
         return True
+
+    def _release_later(self, session_id: str, token_hash: str, ended: bool) -> None:
+        with self._lock:
+            self._to_release[session_id] = (token_hash, ended)
+        self.store_work.set()
 
     def write_session_list(self) -> None:
         """Write the sessions that started and ended since the last call to the shared list, then
@@ -399,6 +395,7 @@ class SessionManager:
             self.store_work.clear()
             records, self._to_record = list(self._to_record.values()), {}
             removals, self._to_remove = sorted(self._to_remove), set()
+            releases, self._to_release = self._to_release, {}
         recorded = 0
         try:
             for session in records:
@@ -409,6 +406,11 @@ class SessionManager:
             if removals:  # one transaction: at SIGTERM thousands end at once
                 self.store.remove_sessions(removals)
                 removals = []
+            for ended in (True, False):
+                chosen = {sid: token_hash for sid, (token_hash, was) in releases.items() if was is ended}
+                if chosen:
+                    self.store.release_shares(chosen, ended)
+                    releases = {sid: item for sid, item in releases.items() if sid not in chosen}
             if time.monotonic() >= self._next_checkpoint:
                 self._next_checkpoint = time.monotonic() + CHECKPOINT_INTERVAL
                 self.store.checkpoint()
@@ -417,6 +419,7 @@ class SessionManager:
                 self._to_record.update((session.id, session) for session in records[recorded:]
                                        if session.id in self._live)
                 self._to_remove.update(removals)
+                self._to_release.update(releases)
             raise
 
     def live(self) -> list[Session]:
@@ -441,6 +444,7 @@ class SessionManager:
         sessions = self.live()
         existing = self.store.touch_hashes(sorted({session.details.token_hash for session in sessions}))
         to_kill = self.store.update_sessions({session.id: session.byte_counts() for session in sessions})
+        self.shares.renew({session.id: session.details.token_hash for session in sessions})
         for session in sessions:
             if session.details.token_hash not in existing:
                 self._end(session, "revoked")
@@ -449,7 +453,12 @@ class SessionManager:
 
     def pushed(self, kind: str, ids: set[str]) -> None:
         """A revocation ("revoke", token hashes) or kill ("kill", session ids) pushed by the store:
-        the affected sessions here end at once."""
+        the affected sessions here end at once. Other kinds go to event_handlers[kind](ids)."""
+        if kind not in ("revoke", "kill"):
+            handler = self.event_handlers.get(kind)
+            if handler is not None:
+                handler(ids)
+            return
         for session in self.live():
             if (session.details.token_hash if kind == "revoke" else session.id) in ids:
                 self._end(session, "revoked" if kind == "revoke" else "killed")

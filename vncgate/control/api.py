@@ -33,7 +33,7 @@ from vncgate.control.api_fields import _whole_number
 from vncgate.control.api_keys import KeyFileError, add_key, hash_key, read_keys, remove_key
 from vncgate.control.api_screenshots import ScreenshotEndpoints
 from vncgate.control.api_sessions import _SESSION_ID, SessionEndpoints
-from vncgate.control.minting import console_json, iso, mint, session_json, token_json
+from vncgate.control.minting import console_json, iso, mint, recording_json, session_json, token_json
 from vncgate.control.scope import KeyScope
 from vncgate.front import throttle, web, websocket
 from vncgate.refusals import Refused
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 # Moved to api_keys and minting; still importable from here (the CLI uses api.mint, api.add_key...).
 __all__ = ["ControlPlane", "KeyFileError", "add_key", "console_json", "hash_key", "iso", "mint", "read_keys",
-           "remove_key", "session_json", "token_json"]
+           "remove_key", "recording_json", "session_json", "token_json"]
 
 log = logging.getLogger("vncgate.control.api")
 
@@ -111,6 +111,7 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints, ScreenshotEndpoints):
             _Route("/sessions", {"GET": self.list_sessions}),
             _Route("/sessions/{session_id}", {"DELETE": self.kill_session}, _SESSION_ID),
             _Route("/store", {"GET": self.store_state}),
+            _Route("/recordings", {"GET": self.list_recordings}),
         ]
 
     def reload_keys(self) -> None:

@@ -100,7 +100,7 @@ class ConsoleEndpoints:
             raise Refused("invalid-request", "name the console: ?instance=ID")
         call.audit["instance"] = instance
         lines = None if tail is None else _whole_number(tail, "tail", lowest=1)
-        output = consoles.read_log(self.config.console_log_dir, instance, lines)
+        output = consoles.console_output(self.gateway.store, self.config.console_log_dir, instance, lines)
         if output is None:
             raise Refused("not-found", f"no console log for {instance}: it was never followed")
         return 200, {"instance_id": instance, "output": output.decode("utf-8", "replace")}

@@ -1,5 +1,6 @@
-"""The control-plane API's sessions and store resources (/api/v1/sessions, /api/v1/store):
-listing the live sessions of every gateway, killing one, the store's state; and ending this
+"""The control-plane API's sessions, recordings and store resources (/api/v1/sessions,
+/api/v1/recordings, /api/v1/store): listing the live sessions of every gateway, killing one,
+listing every gateway's recordings, the store's state; and ending this
 gateway's own sessions at once when their token is revoked or they are killed. A mixin of
 ControlPlane (api.py), which brings the gateway.
 """
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from vncgate import store as store_module
 from vncgate.control.api_fields import _Query
-from vncgate.control.minting import session_json
+from vncgate.control.minting import recording_json, session_json
 from vncgate.refusals import Refused
 
 if TYPE_CHECKING:
@@ -52,6 +53,12 @@ class SessionEndpoints:
         # A session of this gateway ends now; one of another gateway within its touch_interval.
         self._end_local_sessions(lambda session: session.id == session_id, "killed")
         return 202, {"kill_requested": 1}
+
+    def list_recordings(self, call: _Call, _body: None) -> tuple[int, list]:
+        """Every gateway's recordings (the store's index), oldest first."""
+        query = _Query(call.request, ("instance",))
+        call.audit["instance"] = query.get("instance") or "-"
+        return 200, [recording_json(row) for row in self.gateway.sessions.recordings.list(query.get("instance"))]
 
     def store_state(self, call: _Call, _body: None) -> tuple[int, dict[str, Any]]:
         store = self.gateway.store

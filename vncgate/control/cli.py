@@ -164,21 +164,26 @@ def _read_password(path):
     return password
 
 
-def _replay_target(args, config):
-    """(host, port, instance) of a replay token, after checking the recording exists."""
+def _replay_target(args, config, store):
+    """(host, port, instance) of a replay token, after checking the recording exists (on any
+    gateway of the store: one whose record_dir is not shared is named on stderr)."""
     if args.host or args.port or args.domain or args.password_file or args.internal_path or args.record:
         raise UsageError("--replay takes no --host, --port, --domain, --password-file, --internal-path or --record")
     if args.console_type != store_module.WEBSOCKET:
         raise UsageError("--replay makes ws-vnc URLs only")
-    meta = recording.Recordings.from_config(config).find(args.replay)
+    recordings = recording.Recordings.from_config(config, store)
+    meta = recordings.find(args.replay)
     if meta is None:
-        raise CommandFailed(f"no recording of session {args.replay} in {config.record_dir}")
+        raise CommandFailed(f"no recording of session {args.replay} in {config.record_dir} or the store's index")
+    elsewhere = recordings.elsewhere(args.replay)
+    if elsewhere:
+        sys.stderr.write(f"vncgate-token: note: {elsewhere}: the replay plays through that gateway only\n")
     return "recording", 0, args.instance or meta.get("instance_id") or args.replay
 
 
 def cmd_add(args, config, store, out):
     if args.replay:
-        host, port, instance = _replay_target(args, config)
+        host, port, instance = _replay_target(args, config, store)
         password = None
     elif args.domain:
         if args.host or args.port or args.password_file or args.internal_path:
@@ -280,24 +285,22 @@ def cmd_touch(args, config, store, out):
 
 def cmd_purge(args, config, store, out):
     deleted = store.purge()
-    recordings = recording.Recordings.from_config(config).purge()
+    recordings = recording.Recordings.from_config(config, store).purge()
     out.write(f"purged {deleted} token{'s' if deleted != 1 else ''}"
               + (f" and {recordings} recording{'s' if recordings != 1 else ''}" if recordings else "") + "\n")
 
 
 def cmd_recordings(args, config, store, out):
-    rows = recording.Recordings.from_config(config).list(instance_id=args.instance)
+    rows = recording.Recordings.from_config(config, store).list(instance_id=args.instance)
     if args.json:
-        json.dump([{"session_id": row["session_id"], "instance_id": row.get("instance_id"),
-                    "console_type": row.get("console_type"), "started_at": api.iso(row["started_at"]),
-                    "duration": row.get("duration"), "bytes": row.get("bytes"),
-                    "stopped": row.get("stopped")} for row in rows], out)
+        json.dump([api.recording_json(row) for row in rows], out)
         out.write("\n")
         return
-    write_table(out, ("SESSION", "INSTANCE", "STARTED (UTC)", "DURATION", "BYTES", "NOTE"),
+    write_table(out, ("SESSION", "INSTANCE", "STARTED (UTC)", "DURATION", "BYTES", "GATEWAY", "NOTE"),
                  [(row["session_id"], str(row.get("instance_id")), api.iso(row["started_at"]),
                    "live" if row.get("duration") is None else f"{row['duration']:.0f}s", str(row.get("bytes")),
-                   f"stopped: {row['stopped']}" if row.get("stopped") else "") for row in rows])
+                   row.get("gateway") or "-", f"stopped: {row['stopped']}" if row.get("stopped") else "")
+                  for row in rows])
 
 
 def cmd_sessions(args, config, store, out):
@@ -364,8 +367,9 @@ def cmd_follow(args, config, store, out):
     except scope.Invalid as error:
         raise UsageError(str(error)) from None
     store.add_follow(args.instance, args.host, args.port)
-    out.write(f"following {args.instance} at {args.host}:{args.port}; the gateways attach within "
-              f"touch_interval ({config.touch_interval:g}s), logging to {config.console_log_dir}\n")
+    where = "the store" if store.shares_consoles else config.console_log_dir
+    out.write(f"following {args.instance} at {args.host}:{args.port}; one gateway attaches within a second, "
+              f"logging to {where}\n")
 
 
 def cmd_unfollow(args, config, store, out):
@@ -377,9 +381,10 @@ def cmd_unfollow(args, config, store, out):
 def cmd_log(args, config, store, out):
     if args.tail is not None and args.tail < 0:
         raise UsageError("--tail takes a number of lines, 0 or more")
-    data = consoles.read_log(config.console_log_dir, args.instance, args.tail)
+    data = consoles.console_output(store, config.console_log_dir, args.instance, args.tail)
     if data is None:
-        raise CommandFailed(f"no console log for {args.instance} in {config.console_log_dir}")
+        where = "the store" if store.shares_consoles else config.console_log_dir
+        raise CommandFailed(f"no console log for {args.instance} in {where}")
     write = log_writer(out, args.raw)
     write(data)
     out.flush()
@@ -387,7 +392,7 @@ def cmd_log(args, config, store, out):
         def write_now(chunk):
             write(chunk)
             out.flush()
-        consoles.follow_log(config.console_log_dir, args.instance, write_now, threading.Event())
+        consoles.follow_output(store, config.console_log_dir, args.instance, write_now, threading.Event())
 
 
 COMMANDS = {"add": cmd_add, "list": cmd_list, "revoke": cmd_revoke, "touch": cmd_touch, "purge": cmd_purge,

@@ -66,6 +66,14 @@ def token_json(row: ConnectionDetails, now: float, idle_timeout: float) -> dict[
             "has_password": row.has_password, "policy": policy_fields(row), "backend_tls": row.backend_tls}
 
 
+def recording_json(row: dict) -> dict[str, Any]:
+    """A recording's metadata (recording.Recordings.list) as the API and `recordings --json` show it."""
+    return {"session_id": row["session_id"], "instance_id": row.get("instance_id"),
+            "token_id": row.get("token_id"), "console_type": row.get("console_type"),
+            "started_at": iso(row["started_at"]), "duration": row.get("duration"), "bytes": row.get("bytes"),
+            "stopped": row.get("stopped"), "gateway": row.get("gateway"), "gateway_id": row.get("gateway_id")}
+
+
 def session_json(row: LiveSession, now: float, counts: tuple[int, int] | None = None) -> dict[str, Any]:
     """counts: (bytes up, bytes down) counted now, when the session is this gateway's."""
     return {"session_id": row.session_id, "gateway_id": row.gateway_id, "token_id": row.token_hash[:8],

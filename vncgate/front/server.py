@@ -23,7 +23,7 @@ import time
 
 from vncgate import config as config_module
 from vncgate import store as store_module
-from vncgate.console import recording, relay, screenshot, sessions
+from vncgate.console import cluster, recording, relay, screenshot, sessions
 from vncgate.console import serial as consoles
 from vncgate.front import throttle, web, websocket, xvp
 from vncgate.net import fds, http, tls
@@ -155,23 +155,25 @@ class Gateway(socketserver.ThreadingTCPServer):
         self.audit = audit
         # Failed attempts per address network; charged only once credentials were found invalid.
         self.failures = throttle.FailureThrottle(config.failed_token_burst, config.failed_token_rate)
+        gateway_id = sessions.new_gateway_id()
         self.sessions = sessions.SessionManager(
             store, audit, backend_timeout=config.handshake_timeout,
             heartbeat=config.touch_interval, settings=config,
             backend_tls=tls.backend_context(config.backend_ca, config.backend_cert, config.backend_key),
             on_relaying=self._handshake_over,
-            recordings=recording.Recordings.from_config(config))
+            recordings=recording.Recordings.from_config(config, store, gateway_id), gateway_id=gateway_id)
         self.consoles = consoles.Consoles(config.console_log_dir, config.console_log_bytes,
-                                          config.handshake_timeout, self.sessions.backend_allow)
+                                          config.handshake_timeout, self.sessions.backend_allow, store)
         self.sessions.backend_openers[store_module.SERIAL] = self.consoles.open_backend
         self.screenshots = screenshot.Screenshots(audit, config.screenshot_max_concurrent, config.screenshot_timeout,
                                                   config.screenshot_max_pixels, self.sessions.backend_allow,
                                                   self.sessions.backend_tls,
                                                   held_key=config_module.read_key_file(config.screenshot_key_file))
-        self.housekeeper = sessions.Housekeeper(
-            self.sessions, config.touch_interval, config.housekeeping_interval,
-            tasks=(lambda: self.consoles.sync(store.list_follows()), self.sessions.recordings.prune))
-        self.prober = store_watch.Prober(store.ping)  # /healthz's bounded look at the store
+        self.follower = cluster.Follower(store, self.sessions.gateway_id, self.consoles.sync)
+        self.sessions.event_handlers["follow"] = self.follower.wake
+        self.sessions.event_handlers["recordings-purged"] = self.sessions.recordings.remove
+        self.housekeeper = sessions.Housekeeper(self.sessions, config.touch_interval, config.housekeeping_interval,
+                                                tasks=(self.sessions.recordings.prune,))
         self.prober = store_watch.Prober(store.ping)  # /healthz's bounded look at the store
         self.tls_context = tls.server_context(config.cert, config.key) if config.cert else None
         self.api = control_plane(self) if control_plane else None
@@ -199,6 +201,7 @@ class Gateway(socketserver.ThreadingTCPServer):
 
     def serve_forever(self, poll_interval=0.1):
         self.housekeeper.start()
+        self.follower.start()
         super().serve_forever(poll_interval)
 
     def get_request(self):
@@ -341,7 +344,7 @@ class Gateway(socketserver.ThreadingTCPServer):
 
     def threads(self):
         """{name: up} of the gateway's long-lived threads (vncgate_thread_up, /healthz)."""
-        return self.housekeeper.threads()
+        return {**self.housekeeper.threads(), "follower": self.follower.up}
 
     def connection_count(self):
         with self._lock:
@@ -367,7 +370,9 @@ class Gateway(socketserver.ThreadingTCPServer):
         self.server_close()
         if self.housekeeper.is_alive():
             self.housekeeper.stop()  # after every session ended: it writes their end to the store
-        self.consoles.stop()  # after the housekeeper, which syncs the follows
+        if self.follower.is_alive():
+            self.follower.stop()  # lets its leases go: another gateway follows at its next round
+        self.consoles.stop()  # after the follower, which syncs the follows
         self._spare.close()
         self.sessions.breaker.close()
 

@@ -26,13 +26,14 @@ from vncgate.store.common import (
     TokenRejected,
     access_url,
     hash_token,
+    stale_after,
 )
 from vncgate.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore
 from vncgate.store.targets import DEFAULT_PREFIX, URL_FORMS, RedisTarget, is_redis_url
 
 __all__ = ["CONSOLE_TYPES", "SERIAL", "Follow",
            "STATES", "TOKEN_BYTES", "WEBSOCKET", "XVP", "ConnectionDetails", "LiveSession",
-           "Store", "StoreBusy", "StoreError", "TokenRejected", "access_url", "hash_token", "DEFAULT_PREFIX",
+           "Store", "StoreBusy", "StoreError", "TokenRejected", "access_url", "hash_token", "stale_after", "DEFAULT_PREFIX",
            "URL_FORMS", "RedisTarget", "RedisMissing", "is_redis_url", "MIGRATIONS", "SCHEMA_VERSION", "SqliteStore",
            "TokenStore"]
 

@@ -160,8 +160,9 @@ def consumption(state: tuple[str | None, str | None, float | None], address: str
     None for what is not set. Returns "consumed" or "resumed"; raises TokenRejected("refused-consumed").
     The engine then records the consumer's address (if new) and, as consumed_cookie, the hash of
     the cookie the gateway issues with this use (issued_hash; a presented cookie is never
-    recorded), and marks a session live (released_at unset); its release(token_hash) sets
-    released_at when a session ends."""
+    recorded), and marks a session live (released_at unset). released_at is read from the
+    token's shares (redis_shares, sqlite_shares): None while another of its sessions is live on
+    any gateway; release_shares sets it when the last one ends (the grace starts then)."""
     consumed_address, consumed_cookie, released_at = state
     if consumed_address is None:
         return "consumed"
@@ -176,6 +177,7 @@ class Store:
     _insert, _find, _validate_row, _dump, list_details, touch_hashes, delete_hashes."""
 
     pushes_events = False  # True when revocations and kills reach every gateway at once (listen())
+    shares_consoles = False  # True when console logs and serial I/O travel through the store (Redis)
 
     # What each engine provides (declared for the type checker only).
     _insert: Callable[[list[tuple[ConnectionDetails, bytes | None]]], None]

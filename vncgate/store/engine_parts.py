@@ -29,6 +29,7 @@ class RedisParts:
     _key: Callable[..., str]
     _script: Callable[..., Any]
     _pipelined: Callable[[list[tuple[str, tuple[Any, ...]]]], list[Any]]
+    _publish: Callable[[str, Any], None]  # a message on the events channel (redis_consoles)
     clock: Callable[[], float]
     idle_timeout: float
     busy_timeout: float

@@ -35,9 +35,11 @@ import redis.retry
 import redis.sentinel
 
 from vncgate.store.common import Store, StoreError
+from vncgate.store.redis_consoles import RedisConsoles
 from vncgate.store.redis_follows import RedisFollows
 from vncgate.store.redis_scripts import _BATCH, _PRELUDE, _SCRIPTS
 from vncgate.store.redis_sessions import RedisSessions
+from vncgate.store.redis_shares import RedisShares
 from vncgate.store.redis_tokens import RedisTokens
 from vncgate.store.targets import DEFAULT_PREFIX, RedisTarget
 
@@ -54,7 +56,7 @@ class _Subscription(redis.client.PubSub):
         self.connects += 1
 
 
-class RedisStore(RedisTokens, RedisSessions, RedisFollows, Store):
+class RedisStore(RedisShares, RedisConsoles, RedisTokens, RedisSessions, RedisFollows, Store):
     """Thread-safe (a connection pool); any number of processes on any number of hosts."""
 
     pushes_events = True
@@ -145,10 +147,14 @@ def _client(target: RedisTarget, busy_timeout: float) -> redis.Redis:
     options: dict[str, Any] = {"socket_timeout": busy_timeout, "socket_connect_timeout": min(1.0, busy_timeout),
                "retry": redis.retry.Retry(redis.backoff.ExponentialBackoff(cap=0.5, base=0.05), retries=2),
                "health_check_interval": 5, "client_name": "vncgate"}
-    if target.scheme != "redis+sentinel":
+    if not target.sentinel:
         return redis.Redis.from_url(target.url, **options)
-    sentinels = redis.sentinel.Sentinel(
-        list(target.hosts), sentinel_kwargs={key: options[key] for key in ("socket_timeout", "socket_connect_timeout")},
-        **options)
+    tls = {"ssl": True, **({"ssl_ca_certs": target.option("ssl_ca_certs")} if target.option("ssl_ca_certs") else {})} \
+        if target.tls else {}
+    to_sentinels = {key: options[key] for key in ("socket_timeout", "socket_connect_timeout")}
+    if target.option("sentinel_password"):
+        to_sentinels["password"] = target.option("sentinel_password")
+    sentinels = redis.sentinel.Sentinel(list(target.hosts), sentinel_kwargs={**to_sentinels, **tls},
+                                        **options, **tls)
     return sentinels.master_for(target.service, db=target.db, username=target.username or None,
                                 password=target.password or None)

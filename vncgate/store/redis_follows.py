@@ -17,10 +17,13 @@ class RedisFollows(RedisParts):
     def add_follow(self, instance_id: str, host: str, port: int | str) -> None:
         """Follow (or re-point) one instance's serial console."""
         self._run(self._client.hset, self._key("follows"), instance_id, f"{host} {int(port)}")
+        self._publish("follow", [instance_id])  # every gateway's follower acts on it at once
 
     def remove_follow(self, instance_id: str) -> bool:
         """Stop following; False when it was not followed."""
-        return bool(self._run(self._client.hdel, self._key("follows"), instance_id))
+        removed = bool(self._run(self._client.hdel, self._key("follows"), instance_id))
+        self._publish("follow", [instance_id])
+        return removed
 
     def list_follows(self) -> list[Follow]:
         found = self._run(self._client.hgetall, self._key("follows"))

@@ -22,6 +22,8 @@ local function push(hash, now, idle)
   local ms = math.max(1, math.ceil((garbage_at - now) * 1000))
   redis.call('pexpire', key, ms)
   redis.call('zadd', p .. 'tokens', garbage_at, hash)
+  redis.call('zadd', p .. 'expiry', tonumber(v[1]), hash)
+  redis.call('zadd', p .. 'touched', tonumber(v[2]), hash)
   for _, index in ipairs({p .. 'instance:' .. v[3], p .. 'host:' .. v[4]}) do
     redis.call('sadd', index, hash)
     if redis.call('pttl', index) < ms then redis.call('pexpire', index, ms) end
@@ -32,6 +34,8 @@ local function drop(hash)
   local key = p .. 'token:' .. hash
   local v = redis.call('hmget', key, 'instance_id', 'host')
   redis.call('zrem', p .. 'tokens', hash)
+  redis.call('zrem', p .. 'expiry', hash)
+  redis.call('zrem', p .. 'touched', hash)
   if redis.call('del', key) == 0 then return false end
   redis.call('srem', p .. 'instance:' .. v[1], hash)
   redis.call('srem', p .. 'host:' .. v[2], hash)
@@ -117,12 +121,6 @@ for i = 3, #ARGV, 3 do
   end
 end
 return killed
-""",
-    # ARGV: p, hash, now. A single-use token's session ended: its resume grace starts now.
-    "release": """
-local key = p .. 'token:' .. ARGV[2]
-if redis.call('exists', key) == 1 then redis.call('hset', key, 'released_at', ARGV[3]) end
-return 1
 """,
     # ARGV: p, session ids... Marks those that exist, tells every gateway; returns how many.
     "kill": """

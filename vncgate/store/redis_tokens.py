@@ -1,6 +1,6 @@
 """What the Redis engine keeps about tokens: each token's hash and the indexes over them
-(insert, find, validate, list, touch, delete, purge, count) and each single-use token's
-consumption state (console policies). A mixin of RedisStore (redis.py), which brings the
+(insert, find, validate, list, touch, delete, purge, count); a single-use token's
+consumption is read from its shares (redis_shares). A mixin of RedisStore (redis.py), which brings the
 client, the scripts (_script, _pipelined, _run) and the clock.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from vncgate.store.common import ConnectionDetails, StoreError, TokenRejected, consumption
+from vncgate.store.common import ConnectionDetails, StoreError
 from vncgate.store.engine_parts import RedisParts
 from vncgate.store.redis_scripts import _BATCH
 
@@ -78,34 +78,6 @@ class RedisTokens(RedisParts):
         return [_details(token_hash, fields) if fields else None
                 for token_hash, fields in zip(token_hashes, replies)]
 
-    # -- single-use tokens (console policies) -----------------------------------------------
-
-    def consume(self, token_hash: str, address: str, cookie_hash: str | None, grace: float,
-                issued_hash: str | None = None) -> str:
-        """See common.consumption; an optimistic transaction (WATCH), retried when another
-        gateway changed the token meanwhile, so two clients at once cannot both consume."""
-        key = self._key("token:", token_hash)
-
-        def attempt(pipe: Any) -> str:
-            state = pipe.hmget(key, "consumed_address", "consumed_cookie", "released_at")
-            if not pipe.exists(key):
-                raise TokenRejected("unknown-token")
-            address_then, cookie_then, released = (value.decode() if value is not None else None for value in state)
-            outcome = consumption((address_then, cookie_then, None if released is None else float(released)),
-                                  address, cookie_hash, grace, self.clock())
-            pipe.multi()
-            fields = {"consumed_address": address} if outcome == "consumed" else {}
-            if issued_hash is not None:  # the cookie the gateway issues now replaces any before it
-                fields["consumed_cookie"] = issued_hash
-            if fields:
-                pipe.hset(key, mapping=fields)
-            pipe.hdel(key, "released_at")
-            return outcome
-        return self._run(self._client.transaction, attempt, key, value_from_callable=True)
-
-    def release(self, token_hash: str) -> None:
-        self._script("release", [token_hash, repr(self.clock())])
-
     def shared_secret(self, name: str) -> str:
         """See Store.shared_secret: made by the first gateway that asks (SET NX), one key."""
         key = self._key("secret:", name)
@@ -127,7 +99,8 @@ class RedisTokens(RedisParts):
         vanished = [token_hash for token_hash, found in zip(hashes, fetched) if found is None]
         if vanished:  # expired by Redis since it was indexed: tidy the indexes read
             self._pipelined([("zrem" if index == self._key("tokens") else "srem", (index, *vanished))
-                             for index in indexes])
+                             for index in indexes]
+                            + [("zrem", (self._key(name), *vanished)) for name in ("expiry", "touched")])
         now = self.clock()
         rows = [found[0] for found in fetched if found]
         return sorted((row for row in rows if row.selected(now, self.idle_timeout, include_idle=include_idle,
@@ -160,13 +133,34 @@ class RedisTokens(RedisParts):
             if seen < _BATCH:
                 return deleted
 
-    def count_by_state(self) -> dict[str, int]:
-        counts = dict.fromkeys(("live", "idle", "expired", "garbage"), 0)
+    def count_by_state(self, _indexed: bool = False) -> dict[str, int]:
+        """Four counts from three sorted sets (by garbage moment, expiry and last touch), without
+        reading a token: garbage is expired AND idle. A token Redis expired counts as garbage
+        until the housekeeper's purge (or a listing) tidies it away."""
         now = self.clock()
-        for found in self._fetch(self._all_hashes()):
-            if found:
-                counts[found[0].state(now, self.idle_timeout)] += 1
-        return counts
+        pipe = self._client.pipeline(transaction=True)
+        for name, below in (("tokens", None), ("tokens", now), ("expiry", now), ("touched", now - self.idle_timeout)):
+            if below is None:
+                pipe.zcard(self._key(name))
+            else:
+                pipe.zcount(self._key(name), "-inf", f"({below!r}")
+        pipe.zcard(self._key("expiry"))
+        total, garbage, expired, idle, indexed = self._run(pipe.execute)
+        if indexed != total and not _indexed:  # tokens minted before these sets existed: index them once
+            self._index_states()
+            return self.count_by_state(_indexed=True)
+        return {"live": total - expired - idle + garbage, "idle": idle - garbage, "expired": expired - garbage,
+                "garbage": garbage}
+
+    def _index_states(self):
+        hashes = self._all_hashes()
+        fetched = self._fetch(hashes)
+        vanished = [token_hash for token_hash, found in zip(hashes, fetched) if found is None]
+        if vanished:
+            self._pipelined([("zrem", (self._key("tokens"), *vanished))])
+        rows = [found[0] for found in fetched if found]
+        self._pipelined([("zadd", (self._key(name), {row.token_hash: getattr(row, field)}))
+                         for row in rows for name, field in (("expiry", "expires_at"), ("touched", "updated_at"))])
 
 
 def _details(token_hash: str, fields: dict[bytes, bytes]) -> tuple[ConnectionDetails, bytes | None]:

@@ -17,15 +17,17 @@ from collections.abc import Iterator
 from typing import Callable
 
 from vncgate.store.common import Store, StoreBusy, StoreError, stale_after
+from vncgate.store.sqlite_consoles import SqliteConsoles
 from vncgate.store.sqlite_follows import SqliteFollows
 from vncgate.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 from vncgate.store.sqlite_sessions import SqliteSessions
+from vncgate.store.sqlite_shares import SqliteShares
 from vncgate.store.sqlite_tokens import SqliteTokens
 
 _POOL_SIZE = 16
 
 
-class SqliteStore(SqliteTokens, SqliteSessions, SqliteFollows, Store):
+class SqliteStore(SqliteShares, SqliteConsoles, SqliteTokens, SqliteSessions, SqliteFollows, Store):
     """Thread-safe; several processes may share the file (WAL, busy timeout)."""
 
     def __init__(self, path: str, token_ttl: float = 300.0, idle_timeout: float = 600.0,

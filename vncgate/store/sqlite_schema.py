@@ -76,6 +76,30 @@ def _migrate_8(db: sqlite3.Connection) -> None:
     db.execute("CREATE TABLE shared_secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
 
 
+def _migrate_9(db):
+    """Per-token shares: one row per live session of a token, on every gateway."""
+    db.execute("""CREATE TABLE token_shares (
+        session_id TEXT PRIMARY KEY,
+        token_hash TEXT NOT NULL,
+        lapses_at REAL NOT NULL,
+        recorded INTEGER NOT NULL DEFAULT 0)""")
+    db.execute("CREATE INDEX token_shares_token ON token_shares (token_hash)")
+
+
+def _migrate_10(db):
+    """Who follows each console (a lease), and every gateway's recordings."""
+    db.execute("""CREATE TABLE follow_leases (
+        instance_id TEXT PRIMARY KEY,
+        gateway_id TEXT NOT NULL,
+        lapses_at REAL NOT NULL)""")
+    db.execute("""CREATE TABLE recordings (
+        session_id TEXT PRIMARY KEY,
+        instance_id TEXT,
+        started_at REAL NOT NULL,
+        meta TEXT NOT NULL)""")
+
+
 # MIGRATIONS[n] takes a database from user_version n to n + 1. Append, never edit.
-MIGRATIONS = (_migrate_1, _migrate_2, _migrate_3, _migrate_4, _migrate_5, _migrate_6, _migrate_7, _migrate_8)
+MIGRATIONS = (_migrate_1, _migrate_2, _migrate_3, _migrate_4, _migrate_5, _migrate_6, _migrate_7, _migrate_8,
+              _migrate_9, _migrate_10)
 SCHEMA_VERSION = len(MIGRATIONS)

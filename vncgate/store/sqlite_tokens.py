@@ -1,6 +1,6 @@
 """What the SQLite engine keeps about tokens: the console_tokens table's rows (insert, find,
-validate, list, touch, delete, purge, count) and each single-use token's consumption state
-(console policies). A mixin of SqliteStore (sqlite.py), which brings the pooled connections
+validate, list, touch, delete, purge, count); a single-use token's consumption is read from
+its shares (sqlite_shares). A mixin of SqliteStore (sqlite.py), which brings the pooled connections
 (_db) and the clock.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 
-from vncgate.store.common import ConnectionDetails, TokenRejected, consumption
+from vncgate.store.common import ConnectionDetails
 from vncgate.store.engine_parts import SqliteParts
 
 _COLUMNS = ("token_hash, instance_id, console_type, host, port, access_url, internal_access_path, "
@@ -114,36 +114,6 @@ class SqliteTokens(SqliteParts):
             counts["garbage" if expired and idle else "expired" if expired else "idle" if idle
                    else "live"] += count
         return counts
-
-    # -- single-use tokens (console policies) -----------------------------------------
-
-    def consume(self, token_hash: str, address: str, cookie_hash: str | None, grace: float,
-                issued_hash: str | None = None) -> str:
-        """See common.consumption; one write transaction, so two clients at once cannot both consume."""
-        with self._db() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                row = db.execute("SELECT consumed_address, consumed_cookie, released_at FROM console_tokens "
-                                 "WHERE token_hash = ?", (token_hash,)).fetchone()
-                if row is None:
-                    raise TokenRejected("unknown-token")
-                outcome = consumption(row, address, cookie_hash, grace, self.clock())
-                if outcome == "consumed":
-                    db.execute("UPDATE console_tokens SET consumed_address = ? WHERE token_hash = ?",
-                               (address, token_hash))
-                if issued_hash is not None:  # the cookie the gateway issues now replaces any before it
-                    db.execute("UPDATE console_tokens SET consumed_cookie = ? WHERE token_hash = ?",
-                               (issued_hash, token_hash))
-                db.execute("UPDATE console_tokens SET released_at = NULL WHERE token_hash = ?", (token_hash,))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        return outcome
-
-    def release(self, token_hash: str) -> None:
-        with self._db() as db:
-            db.execute("UPDATE console_tokens SET released_at = ? WHERE token_hash = ?", (self.clock(), token_hash))
 
     def shared_secret(self, name: str) -> str:
         """See Store.shared_secret: made by the first gateway that asks, kept in the file."""

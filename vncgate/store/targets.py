@@ -9,11 +9,18 @@ from __future__ import annotations
 import dataclasses
 import urllib.parse
 
-SCHEMES = ("redis", "rediss", "redis+sentinel")
+SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel")
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+# What a Sentinel URL may say after "?": the Sentinels' own password, and the CA that signed
+# the certificates of TLS Sentinels and servers (rediss+sentinel://).
+SENTINEL_OPTIONS = ("sentinel_password", "ssl_ca_certs")
 DEFAULT_PREFIX = "vncgate:"
 DEFAULT_PORT, DEFAULT_SENTINEL_PORT = 6379, 26379
 URL_FORMS = ("redis://[:PASSWORD@]HOST:PORT/DB, rediss://[:PASSWORD@]HOST:PORT/DB or "
-             "redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE/DB")
+             "redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE/DB[?sentinel_password=P] "
+             "(rediss+sentinel:// for TLS to the Sentinels and the server)")
+
+
 def is_redis_url(database: str) -> bool:
     return urllib.parse.urlsplit(database).scheme in SCHEMES
 
@@ -28,6 +35,18 @@ class RedisTarget:
     db: int
     username: str
     password: str
+    options: tuple = ()  # ((name, value), ...) of SENTINEL_OPTIONS given after "?"
+
+    @property
+    def sentinel(self):
+        return self.scheme in SENTINEL_SCHEMES
+
+    @property
+    def tls(self):
+        return self.scheme.startswith("rediss")
+
+    def option(self, name):
+        return dict(self.options).get(name, "")
 
     @classmethod
     def parse(cls, url: str) -> RedisTarget:
@@ -37,7 +56,7 @@ class RedisTarget:
             raise ValueError(f"must be {URL_FORMS}")
         credentials, _, locations = parts.netloc.rpartition("@")
         username, _, password = credentials.partition(":")
-        sentinel = parts.scheme == "redis+sentinel"
+        sentinel = parts.scheme in SENTINEL_SCHEMES
         hosts = tuple(_host_port(item, DEFAULT_SENTINEL_PORT if sentinel else DEFAULT_PORT)
                       for item in locations.split(","))
         if len(hosts) > 1 and not sentinel:
@@ -48,8 +67,15 @@ class RedisTarget:
             raise ValueError("must name the Sentinel service: redis+sentinel://HOST:PORT/SERVICE/DB")
         if len(path) > 1 or (path and not path[0].isdigit()):
             raise ValueError(f"must end in a database number, as in {URL_FORMS}")
+        options: tuple[tuple[str, str], ...] = ()
+        if sentinel:
+            query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+            unknown = sorted({name for name, _ in query} - set(SENTINEL_OPTIONS))
+            if unknown:
+                raise ValueError(f"may set only {', '.join(SENTINEL_OPTIONS)} after '?', not {', '.join(unknown)}")
+            options = tuple(query)
         return cls(url, parts.scheme, hosts, service, int(path[0]) if path else 0,
-                   urllib.parse.unquote(username), urllib.parse.unquote(password))
+                   urllib.parse.unquote(username), urllib.parse.unquote(password), options)
 
     @property
     def redacted(self) -> str:
