@@ -1160,3 +1160,121 @@ def xvp_session(port, token):
         sock.close()
         return None
     return sock
+
+
+# -- load balancers in front of gateways: real nginx and HAProxy, as the deployment docs configure them
+
+def sbin(name):
+    """A daemon's path: Debian installs nginx and haproxy in /usr/sbin, off a user's PATH."""
+    return shutil.which(name) or os.path.join("/usr/sbin", name)
+
+
+NGINX_SITE = """
+map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+server {{
+    listen {listen} ssl;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    location / {{
+        proxy_pass http://{upstream};
+        proxy_http_version 1.1;
+        proxy_set_header Upgrade $http_upgrade;
+        proxy_set_header Connection $connection_upgrade;
+        proxy_set_header Host $host;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        proxy_set_header X-Forwarded-Proto $scheme;
+        proxy_read_timeout 1h;
+        proxy_buffering off;
+    }}
+}}
+"""
+
+
+class Nginx:
+    """nginx (nginx-light) terminating TLS on a free port in front of one gateway, in its own prefix folder."""
+
+    def __init__(self, folder, upstream_port, cert, key):
+        self.folder = str(folder)
+        self.port = free_port()
+        self.error_log = os.path.join(self.folder, "nginx-error.log")
+        temp = "".join(f"    {kind}_temp_path {self.folder}/{kind};\n"
+                       for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        site = NGINX_SITE.format(listen=f"127.0.0.1:{self.port}", cert=cert, key=key,
+                                 upstream=f"127.0.0.1:{upstream_port}")
+        self.conf = os.path.join(self.folder, "nginx.conf")
+        with open(self.conf, "w") as handle:
+            handle.write(f"daemon off;\nworker_processes 1;\npid {self.folder}/nginx.pid;\n"
+                         f"error_log {self.error_log} info;\nevents {{ worker_connections 256; }}\n"
+                         f"http {{\n    access_log off;\n{temp}{site}}}\n")
+        self.proc = subprocess.Popen([sbin("nginx"), "-p", self.folder, "-e", self.error_log, "-c", self.conf],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: self.proc.poll() is not None or port_open(self.port), 15, message="nginx to listen")
+        assert self.proc.poll() is None, f"nginx exited: {open(self.error_log).read()}"
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+HAPROXY_CONFIG = """
+global
+    stats socket {folder}/haproxy.sock mode 600 level admin
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 1h
+    timeout server 1h
+    timeout check 2s
+    retries 3
+    option redispatch
+frontend consoles
+    bind {listen}
+    default_backend gateways
+backend gateways
+    balance roundrobin
+    option httpchk GET /healthz
+    http-check expect status 200
+    default-server {proxy} check inter {interval} fall 1 rise 1 source {source}
+{servers}
+"""
+
+
+class Haproxy:
+    """HAProxy in TCP mode with send-proxy-v2 (or proxy="send-proxy": v1) in front of gateways (their
+    ports), health-checking /healthz; its connections to them come from `source`."""
+
+    def __init__(self, folder, gateway_ports, source="127.0.0.9", interval="300ms", proxy="send-proxy-v2"):
+        self.folder = str(folder)
+        self.port = free_port()
+        self.socket_path = os.path.join(self.folder, "haproxy.sock")
+        servers = "".join(f"    server gw{index} 127.0.0.1:{port}\n" for index, port in enumerate(gateway_ports))
+        self.conf = os.path.join(self.folder, "haproxy.cfg")
+        with open(self.conf, "w") as handle:
+            handle.write(HAPROXY_CONFIG.format(folder=self.folder, listen=f"127.0.0.1:{self.port}",
+                                               source=source, interval=interval, servers=servers,
+                                               proxy=proxy))
+        self.log = open(os.path.join(self.folder, "haproxy.log"), "w")
+        self.proc = subprocess.Popen([sbin("haproxy"), "-db", "-f", self.conf], stdout=self.log, stderr=self.log)
+        wait_for(lambda: self.proc.poll() is not None or port_open(self.port), 15, message="haproxy to listen")
+        assert self.proc.poll() is None, "haproxy exited: see haproxy.log"
+
+    def states(self):
+        """{server name: its status ("UP", "DOWN", ...)} from the stats socket."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(self.socket_path)
+            sock.sendall(b"show stat\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        rows = [line.split(",") for line in data.decode().splitlines() if line and not line.startswith("#")]
+        return {row[1]: row[17] for row in rows if row[0] == "gateways" and row[1] not in ("BACKEND",)}
+
+    def wait_states(self, expected, timeout=15):
+        wait_for(lambda: all(self.states().get(name, "").startswith(state) for name, state in expected.items()),
+                 timeout, interval=0.05, message=f"haproxy to see {expected}")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+        self.log.close()

@@ -132,7 +132,8 @@ def test_a_recorded_relay_writes_what_the_client_got(tmp_path, pipes):
     client_app, client_side = tcp_pair()
     backend_side, backend_app = tcp_pair()
     session = types.SimpleNamespace(id="0a1b2c3d4e5f", started=1.0, security=object(),
-                                    details=types.SimpleNamespace(instance_id="vm", console_type="xvp-vnc"))
+                                    details=types.SimpleNamespace(instance_id="vm", console_type="xvp-vnc",
+                                                                    token_id="0123abcd"))
     recorder = recording.Recordings(str(tmp_path)).recorder(session, lambda *why: None)
     relayed = relay.Relay(client_side, backend_side,
                           (relay.SocketSource(client_side), relay.SocketSink(backend_side)),

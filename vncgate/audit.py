@@ -92,6 +92,19 @@ class Audit:
             return cls()
         return cls(_open(path), path=path, max_bytes=max_bytes, keep=keep)
 
+    def reopen(self) -> None:
+        """SIGHUP after logrotate moved the file: write to a new file of the same name. dup2
+        swaps the descriptor in one step, so a line being written goes to one file or the other."""
+        if not self.path:
+            return
+        fresh = _open(self.path)
+        try:
+            with self._rotating:
+                os.dup2(fresh, self.fd)
+                self.size = os.fstat(self.fd).st_size
+        finally:
+            os.close(fresh)
+
     def count(self, event: str, fields: dict) -> None:
         """The counters an event adds to, whether its line is written or not."""
         with self._lock:
@@ -127,9 +140,10 @@ class Audit:
 
     def _write(self, event: str, fields: dict) -> None:
         stamp = datetime.datetime.fromtimestamp(self.clock(), datetime.timezone.utc)
+        via = getattr(fields.get("client"), "via", None)  # the proxy that named the client (front.proxied)
         line = json.dumps({"time": stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                           "event": event, **{key: bounded(redact(value)) for key, value in fields.items()}},
-                          separators=(",", ":"))
+                           "event": event, **{key: bounded(redact(value)) for key, value in fields.items()},
+                           **({"via": bounded(redact(via))} if via else {})}, separators=(",", ":"))
         data = memoryview((line + "\n").encode())
         try:
             while data:  # one write appends the whole line; a short one happens only on a full disk

@@ -158,6 +158,9 @@ PARSERS = {
     "audit_max_bytes": _bytes,
     "audit_keep": _positive(int),
     "metrics_allow": _networks,
+    "trusted_proxies": _networks,
+    "drain_timeout": _not_negative,
+    "drain_notice": _not_negative,
     "backend_allow": _backend_allow,
     # console policies
     "resume_grace": _positive(float),
@@ -220,6 +223,9 @@ class Config:
     audit_max_bytes: int = 100 << 20  # the audit file rotated past this; 0: never (logrotate's job)
     audit_keep: int = 5  # rotated audit files kept
     metrics_allow: tuple = _networks("127.0.0.0/8, ::1")
+    trusted_proxies: tuple = ()  # whose PROXY and forwarding headers name the client
+    drain_timeout: float = 0.0  # SIGTERM: seconds live sessions may go on; 0: they end at once
+    drain_notice: float = 5.0  # of those, seconds new consoles are still served (the balancer notices)
     # Where consoles may be reached (addresses.Reach items); empty: anywhere but link-local,
     # the gateway's own port and the store (console.allow).
     backend_allow: tuple = ()

@@ -14,6 +14,9 @@ from typing import Any, Union
 from vncgate.text import escape
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+JOURNAL_FORMAT = "%(levelname)s %(name)s: %(message)s"  # journald stamps each line itself
+# syslog priorities, as the "<N>" prefix journald reads (SyslogLevelPrefix=yes, its default)
+_PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
 class EscapingFormatter(logging.Formatter):
@@ -29,7 +32,15 @@ class EscapingFormatter(logging.Formatter):
         return "\n".join("    " + escape(line) for line in stack_info.splitlines())
 
 
-def setup(level: Union[int, str]) -> None:
+class JournalFormatter(EscapingFormatter):
+    """No timestamp, and the line's syslog priority as a "<N>" prefix for journald."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{_PRIORITIES.get(record.levelno, 6)}>{super().format(record)}"
+
+
+def setup(level: Union[int, str], journal: bool = False) -> None:
+    """Log lines to stderr; journal: journald reads stderr (systemd.journal_reads_stderr)."""
     handler = logging.StreamHandler()
-    handler.setFormatter(EscapingFormatter(FORMAT))
+    handler.setFormatter(JournalFormatter(JOURNAL_FORMAT) if journal else EscapingFormatter(FORMAT))
     logging.basicConfig(level=level, handlers=[handler])

@@ -54,6 +54,12 @@ KEY_DOCS = {
     "handshake_timeout": "Seconds a client has to send its request; also the backend's connect budget and the "
                          "store's wait (at most 5 s).",
     "audit_log": "File for the JSON-lines audit events; empty: standard error.",
+    "trusted_proxies": "Addresses or networks of the proxies and load balancers in front of the gateway, whose "
+                       "PROXY protocol header or `Forwarded`/`X-Forwarded-For` names the client (see "
+                       "[deployment](deployment.md)). Empty: the peer is the client.",
+    "drain_timeout": "On SIGTERM, seconds live sessions may go on (`0`: they end at once).",
+    "drain_notice": "Of `drain_timeout`, the seconds new consoles are still served while balancers notice "
+                    "`/healthz` answer `503 draining`.",
     "request_head_timeout": "Seconds a client has to send its whole request head (and finish its TLS handshake), "
                             "inside `handshake_timeout` (see [limits](limits.md)).",
     "address_prefix_v4": "Client addresses share `max_pending_per_address` and the failed-token bucket by "

@@ -29,6 +29,10 @@ REASONS = {
     "tls-not-configured": Answer(400, "TLS is not configured on this port."),
     "bad-upgrade": Answer(400, "The WebSocket upgrade request is malformed."),
     "origin-not-allowed": Answer(403, "Consoles cannot be opened from this page's origin."),
+    # behind a load balancer (vncgate.front.proxied)
+    "proxy-not-trusted": Answer(400, "The request is not one this gateway serves."),
+    "bad-proxy-header": Answer(400, "The request is not one this gateway serves."),
+    "bad-forwarded-header": Answer(400, "The request's forwarding headers cannot be read."),
     # the web side
     "not-found": Answer(404, "Not found."),
     "not-allowed-here": Answer(403, "Not served to this address."),

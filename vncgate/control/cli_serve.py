@@ -1,5 +1,5 @@
-"""The vncgate console script: run the gateway (serve_main) until SIGINT or SIGTERM, with
-SIGHUP reloading it; its parser, and the process made ready for many sessions (fd limit,
+"""The vncgate console script: run the gateway (serve_main) until SIGINT or SIGTERM (a drain:
+vncgate.control.service), with SIGHUP reloading it and the audit log reopened; its parser, and the process made ready for many sessions (fd limit,
 thread stacks). Its entry point stays importable as vncgate.control.cli:serve_main_exit.
 """
 
@@ -9,12 +9,17 @@ import resource
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from vncgate import config as config_module
 from vncgate import logs
 from vncgate import store as store_module
-from vncgate.control import api
+from vncgate.control import api, service, systemd
 from vncgate.control.cli_common import CommandFailed, _Parser, _port_in, open_store, run_reporting_errors
+
+if TYPE_CHECKING:
+    from vncgate.audit import Audit
+    from vncgate.front.server import Gateway
 
 
 def serve_parser():
@@ -44,7 +49,7 @@ def serve_main(argv=None):
 
     def body():
         args = serve_parser().parse_args(argv)
-        logs.setup(args.log_level)
+        logs.setup(args.log_level, journal=systemd.journal_reads_stderr())
         _prepare_process_for_many_sessions()
         config = config_module.load(args.config)
         overrides = {key: value for key, value in (("listen", args.listen), ("port", args.port))
@@ -61,32 +66,44 @@ def serve_main(argv=None):
             audit = audit_module.Audit.open(config.audit_log, config.audit_max_bytes, config.audit_keep)
         except OSError as error:
             raise CommandFailed(f"cannot open audit log {config.audit_log}: {error.strerror}") from None
+        inherited = systemd.listen_sockets()  # socket activation: serve systemd's socket, bind none
         try:
             gateway = server.Gateway(config, store, audit,
-                                     control_plane=api.ControlPlane if config.api_keys_file else None)
+                                     control_plane=api.ControlPlane if config.api_keys_file else None,
+                                     listen_socket=inherited[0] if inherited else None)
         except OSError as error:
             raise CommandFailed(f"cannot listen on {config.listen}:{config.port}: {error.strerror}") from None
         except (tls.TlsConfigError, api.KeyFileError) as error:
             raise CommandFailed(str(error)) from None
 
-        def on_signal(signum, _frame):
-            logging.getLogger("vncgate").info("%s: stopping", signal.Signals(signum).name)
-            # shutdown() waits for serve_forever, which runs in this (the main) thread.
-            threading.Thread(target=gateway.shutdown, name="stopper").start()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        lifecycle = service.Service(gateway, systemd.Notifier.from_environment(), systemd.watchdog_interval())
+        # The drain thread stops the accept loop (serve_forever, in this main thread) when it is time.
+        signal.signal(signal.SIGTERM, lambda _signum, _frame: lifecycle.on_signal("SIGTERM"))
+        signal.signal(signal.SIGINT, lambda _signum, _frame: lifecycle.on_signal("SIGINT", hurry=True))
         signal.signal(signal.SIGHUP, lambda _signum, _frame: threading.Thread(
-            target=gateway.reload, name="reload").start())
+            target=_reload, args=(gateway, audit), name="reload").start())
         host, port = gateway.server_address[:2]
         print(f"vncgate listening on {host}:{port}", file=sys.stderr, flush=True)
+        lifecycle.ready()
         try:
             gateway.serve_forever()
+            lifecycle.wait_drained()
         finally:
             gateway.stop()
+            lifecycle.close()
             store.close()
             audit.close()
     return run_reporting_errors("vncgate", body)
+
+
+def _reload(gateway: "Gateway", audit: "Audit") -> None:
+    """SIGHUP: the audit log reopened (logrotate moved it), the certificate and API keys read again."""
+    try:
+        audit.reopen()
+    except OSError as error:
+        logging.getLogger("vncgate").error("cannot reopen audit log %s: %s; writing to the old file",
+                                           audit.path, error.strerror)
+    gateway.reload()
 
 
 def serve_main_exit():

@@ -10,6 +10,9 @@ Fair shares: max_connections is lowered at start to what the fd limit holds, one
 client address may have at most max_pending_per_address connections that are not
 relaying yet (an address's idle sockets cannot take every slot), and an accept that
 fails for want of fds or memory answers 503 or backs off instead of spinning.
+
+Behind a trusted proxy the client is the one its PROXY header or forwarding header
+names (vncgate.front.proxied), and that client's share is what is counted.
 """
 
 import collections
@@ -25,7 +28,7 @@ from vncgate import config as config_module
 from vncgate import store as store_module
 from vncgate.console import cluster, recording, relay, screenshot, sessions
 from vncgate.console import serial as consoles
-from vncgate.front import throttle, web, websocket, xvp
+from vncgate.front import proxied, throttle, web, websocket, xvp
 from vncgate.net import fds, http, tls
 from vncgate.refusals import Refused
 from vncgate.store import watch as store_watch
@@ -36,7 +39,9 @@ SHED_AT_ONCE = 64  # connections being closed to make room at most (each holds i
 
 
 class ConnectionHandler(socketserver.BaseRequestHandler):
-    def handle(self):
+    server: "Gateway"
+
+    def handle(self) -> None:
         gateway, conn = self.server, self.request
         client = f"{self.client_address[0]}:{self.client_address[1]}"
         started = time.monotonic()
@@ -45,11 +50,16 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         head_deadline = min(deadline, started + gateway.config.request_head_timeout)
         path = "-"
         try:
+            # The PROXY header, like the request head after it, is due by the head's deadline.
+            client = proxied.from_proxy_header(conn, head_deadline, self.client_address,
+                                               gateway.config.trusted_proxies)
             conn = self._maybe_tls(conn, head_deadline, client)
             if conn is None:
                 return
             request, leftover = http.read_request(conn, head_deadline)
             gateway.head_read(self.request)
+            client = proxied.from_request(request, client, gateway.config.trusted_proxies)
+            gateway.pending_as(self.request, client)
             if request.method == "CONNECT":
                 path = "xvp"
                 xvp.serve(gateway, conn, request, leftover, client)
@@ -147,9 +157,10 @@ class Gateway(socketserver.ThreadingTCPServer):
     pause = staticmethod(time.sleep)  # the accept back-off's (tests record it instead)
     request_queue_size = 512
 
-    def __init__(self, config, store, audit, control_plane=None):
+    def __init__(self, config, store, audit, control_plane=None, listen_socket: socket.socket | None = None):
         """control_plane: a callable taking this gateway and returning the handler of the API's
-        requests (claims/serve/reload_keys), handed in by whoever builds the gateway."""
+        requests (claims/serve/reload_keys), handed in by whoever builds the gateway.
+        listen_socket: a listening socket to serve instead of binding listen:port (socket activation)."""
         self.config = config
         self.store = store
         self.audit = audit
@@ -177,19 +188,27 @@ class Gateway(socketserver.ThreadingTCPServer):
         self.prober = store_watch.Prober(store.ping)  # /healthz's bounded look at the store
         self.tls_context = tls.server_context(config.cert, config.key) if config.cert else None
         self.api = control_plane(self) if control_plane else None
-        self._connections = {}  # accepted socket -> what it is now (itself, or its TLS wrapper)
-        self._pending = collections.Counter()  # client address -> its connections not relaying yet
-        self._handshaking = {}  # accepted socket -> client address, until it relays
+        # accepted socket -> what it is now (itself, or its TLS wrapper)
+        self._connections: dict[socket.socket, socket.socket] = {}
+        # client address -> its connections not relaying yet
+        self._pending: collections.Counter[str] = collections.Counter()
+        # accepted socket -> client address, until it relays (None: a trusted proxy's, until pending_as)
+        self._handshaking: dict[socket.socket, str | None] = {}
         self._handshake = threading.local()  # .request: this handler thread's, until it relays
-        self._in_head = {}  # accepted socket -> None, oldest first: still reading its request head
-        self._shed = set()  # sockets closed to make room, until their thread ends
+        self._in_head: dict[socket.socket, None] = {}  # accepted socket -> None, oldest first: still reading its request head
+        self._shed: set[socket.socket] = set()  # sockets closed to make room, until their thread ends
         self._lock = threading.Lock()
         self._all_ended = threading.Condition(self._lock)
         self._spare = fds.Spare()
         self._accept_failing = False
         self._accept_backoff = 0.0
+        self.draining = False  # stopping after a drain: /healthz says so, consoles are still served
+        self.loop_beat = time.monotonic()  # when the accept loop last turned (the watchdog reads it)
         self.address_family = socket.AF_INET6 if ":" in config.listen else socket.AF_INET
-        super().__init__((config.listen, config.port), ConnectionHandler)
+        super().__init__((config.listen, config.port), ConnectionHandler, bind_and_activate=listen_socket is None)
+        if listen_socket is not None:
+            self.socket.close()
+            self.socket, self.server_address = listen_socket, listen_socket.getsockname()
         self.sessions.backend_allow.add_own_port(self.server_address[1])
         if self.api and not config.backend_allow:
             log.warning("the API is on and backend_allow is not set: API keys may mint consoles at any "
@@ -203,6 +222,15 @@ class Gateway(socketserver.ThreadingTCPServer):
         self.housekeeper.start()
         self.follower.start()
         super().serve_forever(poll_interval)
+
+    def service_actions(self) -> None:
+        self.loop_beat = time.monotonic()
+
+    def stop_accepting(self) -> None:
+        """End the accept loop and close the listening socket (another process may bind the port);
+        what is open goes on until stop()."""
+        self.shutdown()
+        self.socket.close()
 
     def get_request(self):
         try:
@@ -240,11 +268,15 @@ class Gateway(socketserver.ThreadingTCPServer):
         """What per-address shares and failures count by (throttle.address_key's network)."""
         return throttle.address_key(address, self.config.address_prefix_v4, self.config.address_prefix_v6)
 
-    def process_request(self, request, client_address):
-        key = self.address_key(client_address[0])
+    # A TCP server is handed sockets only (the supertype's union covers UDP servers too).
+    def process_request(self, request: socket.socket, client_address: tuple) -> None:  # type: ignore[override]
+        # A trusted proxy's connections are counted by the client they turn out to be from (pending_as).
+        behind_proxy = bool(self.config.trusted_proxies) and web.address_in(client_address[0],
+                                                                            self.config.trusted_proxies)
+        key = None if behind_proxy else self.address_key(client_address[0])
         shed = None
         with self._lock:
-            if self._pending[key] >= self.config.max_pending_per_address:
+            if key is not None and self._pending[key] >= self.config.max_pending_per_address:
                 refusal = Refused("too-many-pending", f"{self._pending[key]} connections in handshake")
             elif self._full() and not (self._in_head and len(self._shed) < SHED_AT_ONCE):
                 refusal = Refused("max-connections")
@@ -257,7 +289,8 @@ class Gateway(socketserver.ThreadingTCPServer):
                     self._shed.add(shed)
                     shed = self._connections[shed]
                 self._connections[request] = request
-                self._pending[key] += 1
+                if key is not None:
+                    self._pending[key] += 1
                 self._handshaking[request] = key
                 self._in_head[request] = None
         if shed is not None:
@@ -282,6 +315,18 @@ class Gateway(socketserver.ThreadingTCPServer):
         with self._lock:
             return request in self._shed
 
+    def pending_as(self, request: socket.socket, client: str) -> None:
+        """A trusted proxy's connection, now known to be client's: counted in client's share.
+        Raises Refused too-many-pending when client has its share."""
+        key = self.address_key(client.rsplit(":", 1)[0])
+        with self._lock:
+            if self._handshaking.get(request, key) is not None:
+                return  # counted by its own address at accept, or relaying already
+            if self._pending[key] >= self.config.max_pending_per_address:
+                raise Refused("too-many-pending", f"{self._pending[key]} connections in handshake")
+            self._pending[key] += 1
+            self._handshaking[request] = key
+
     def _reject(self, request, client_address, refusal):
         """Refused before any thread is started for it: one audit line, the answer, closed."""
         self.audit.record("attempt", client=f"{client_address[0]}:{client_address[1]}", path="-",
@@ -305,7 +350,7 @@ class Gateway(socketserver.ThreadingTCPServer):
                 if not self._connections:
                     self._all_ended.notify_all()
 
-    def _handshake_over(self):
+    def _handshake_over(self) -> None:
         """This handler thread's connection relays now (or ended): its address has one fewer pending."""
         request, self._handshake.request = getattr(self._handshake, "request", None), None
         if request is None:
@@ -313,6 +358,8 @@ class Gateway(socketserver.ThreadingTCPServer):
         with self._lock:
             key = self._handshaking.pop(request)
             self._in_head.pop(request, None)
+            if key is None:  # a trusted proxy's, not counted
+                return
             self._pending[key] -= 1
             if not self._pending[key]:
                 del self._pending[key]

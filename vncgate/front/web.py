@@ -193,9 +193,11 @@ HEALTH_WAIT = 0.8  # seconds /healthz waits for the store's answer (its reply is
 
 
 def health(gateway: Gateway, client: str) -> tuple[int, str, bytes]:
-    """ok or unavailable, and nothing else: the reason is for the operator's log, not the world.
+    """ok, draining or unavailable, and nothing else: the reason is for the operator's log, not the world.
     Unavailable: the store does not answer within HEALTH_WAIT (or its breaker is open), or a
-    long-lived thread is down."""
+    long-lived thread is down. Draining: stopping (a load balancer takes the gateway out of rotation)."""
+    if gateway.draining:
+        return 503, "text/plain; charset=utf-8", b"draining\n"
     down = [name for name, up in gateway.threads().items() if not up]
     if down or gateway.sessions.breaker.open or not gateway.prober.alive(HEALTH_WAIT):
         log.debug("%s: /healthz: unavailable (threads down: %s)", client, ", ".join(down) or "none")
