@@ -15,7 +15,7 @@ setup(
     extras_require={"redis": ["redis>=4.2"],
                     "test": ["redis>=4.2", "pytest", "hypothesis", "vncdotool", "playwright", "websockets", "cryptography", "websockify",
                              "prometheus_client", "jsonschema", "openapi-schema-validator",
-                             "openapi-spec-validator"]},
+                             "openapi-spec-validator", "wsproto", "coverage"]},
     entry_points={"console_scripts": [
         "vncgate = vncgate.control.cli:serve_main_exit",
         "vncgate-token = vncgate.control.cli:token_main_exit",

@@ -18,7 +18,6 @@ import time
 import urllib.error
 import urllib.request
 
-import redis
 from PIL import Image
 from playwright.sync_api import sync_playwright
 from websockets.client import ClientProtocol
@@ -801,6 +800,8 @@ class RedisServer:
         assert self.proc.poll() is None, f"{argv[0]} exited: {self.log()}"
 
     def answers(self):
+        import redis  # here, not at the top: the SQLite suite runs without redis (test_install)
+
         try:
             return self.client().ping()
         except redis.exceptions.RedisError:
@@ -813,6 +814,8 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self):
+        import redis
+
         tls = {"ssl": True, "ssl_ca_certs": self.ca} if self.ca else {}
         return redis.Redis(port=self.port, socket_timeout=5, socket_connect_timeout=1, password=self.password, **tls)
 
@@ -873,6 +876,8 @@ def stored_bytes(database):
         folder, name = os.path.split(database)
         return b"".join(open(os.path.join(folder, item), "rb").read() for item in sorted(os.listdir(folder))
                         if item.startswith(name))
+    import redis
+
     client = redis.Redis.from_url(database)
     readers = {b"hash": lambda key: b"".join(a + b for a, b in client.hgetall(key).items()),
                b"set": lambda key: b"".join(client.smembers(key)),
@@ -884,6 +889,8 @@ def stored_bytes(database):
 def session_rows(database):
     """How many live-session records a store holds, stale ones included."""
     if "://" in database:
+        import redis
+
         client = redis.Redis.from_url(database)
         return client.zcard("vncgate:sessions") + len(client.keys("vncgate:session:*"))
     with sqlite3.connect(database) as db:

@@ -380,3 +380,4 @@ def _resolve_web_root(value: str, base_dir: str) -> str:
     if value.lower() in ("", "off", "none"):
         return ""
     return value if os.path.isabs(value) else os.path.join(base_dir, value)
+

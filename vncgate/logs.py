@@ -9,6 +9,7 @@ the gateway began.
 """
 
 import logging
+from typing import Any, Union
 
 from vncgate.text import escape
 
@@ -19,13 +20,15 @@ _PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ER
 
 
 class EscapingFormatter(logging.Formatter):
-    def formatMessage(self, record):
+    """Every message, traceback and stack line escaped; traceback lines indented."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
         return escape(super().formatMessage(record))
 
-    def formatException(self, exc_info):
+    def formatException(self, exc_info: Any) -> str:
         return "\n".join("    " + escape(line) for line in super().formatException(exc_info).splitlines())
 
-    def formatStack(self, stack_info):
+    def formatStack(self, stack_info: str) -> str:
         return "\n".join("    " + escape(line) for line in stack_info.splitlines())
 
 
@@ -36,7 +39,7 @@ class JournalFormatter(EscapingFormatter):
         return f"<{_PRIORITIES.get(record.levelno, 6)}>{super().format(record)}"
 
 
-def setup(level: str, journal: bool = False) -> None:
+def setup(level: Union[int, str], journal: bool = False) -> None:
     """Log lines to stderr; journal: journald reads stderr (systemd.journal_reads_stderr)."""
     handler = logging.StreamHandler()
     handler.setFormatter(JournalFormatter(JOURNAL_FORMAT) if journal else EscapingFormatter(FORMAT))

@@ -8,8 +8,11 @@ tells a user only what a user can act on. A reason that is not in the table is a
 programming error and fails at once, where it is raised.
 """
 
+from __future__ import annotations
+
 import collections
 from collections.abc import Iterable
+from typing import Any
 
 Answer = collections.namedtuple("Answer", "status sentence")
 
@@ -113,7 +116,7 @@ class Refused(Exception):
         self.status = answer.status
         self.sentence = answer.sentence
 
-    def audit_fields(self):
+    def audit_fields(self) -> dict[str, Any]:
         """What the audit line says of this refusal, besides the fields of the attempt."""
         return {"status": self.status, "reason": self.reason,
                 **({"detail": self.detail} if self.detail else {})}

@@ -33,6 +33,8 @@ RFB_3_3, RFB_3_7, RFB_3_8 = b"RFB 003.003\n", b"RFB 003.007\n", b"RFB 003.008\n"
 MAX_REASON = 4096  # longer failure reasons are cut: they only go to a log line and a client's dialog
 _VERSION = re.compile(rb"RFB (\d{3})\.(\d{3})\n")
 _U32 = struct.Struct("!I")
+ReadExact = Callable[[int], bytes]  # n bytes (short or raising at the end)
+Write = Callable[[bytes], Any]  # all of the bytes
 
 
 class RfbError(Exception):
@@ -160,6 +162,7 @@ def _minor(line: bytes, side: str) -> int:
 
 
 def version_line(minor: int) -> bytes:
+    """The ProtocolVersion line of RFB 3.minor."""
     return b"RFB 003.%03d\n" % minor
 
 
@@ -443,7 +446,7 @@ def _client_version(read: Callable[[int], bytes], send: Callable[[bytes], object
 ONLY_NONE = "Only the security type 1 (NONE) is supported"
 
 
-def offer_no_auth(read_exact: Callable[[int], bytes], write: Callable[[bytes], object], version: bytes) -> None:
+def offer_no_auth(read_exact: ReadExact, write: Write, version: bytes) -> None:
     """Be the server of the client's RFB security handshake, offering type None only.
 
     version: the line authenticate_backend returned; the client is offered that version.

@@ -45,7 +45,7 @@ BUFFER_SIZE = 256 * 1024
 class SocketSource:
     """Reads a socket into one reused buffer; yields views that live until the next read."""
 
-    def __init__(self, sock: socket.socket | TlsStream, initial: bytes = b"") -> None:
+    def __init__(self, sock: socket.socket | TlsStream | DeadlineSocket, initial: bytes = b"") -> None:
         self.sock = sock
         self.initial = initial
         self.buffer = bytearray(BUFFER_SIZE)

@@ -2,7 +2,7 @@
 
 Asks `virsh` (libvirt-clients), not the libvirt-python binding: virsh is there
 wherever libvirt is, needs no compiler or libvirt headers at install time, and
-keeps the gateway's runtime dependencies the standard library and websockify. A
+keeps the gateway's runtime dependency the standard library alone. A
 console is looked up once per mint, so a process per call costs nothing that
 matters. The domain's XML is read with --security-info, which holds the VNC
 password; it never leaves this module but as Console.password, never logged.

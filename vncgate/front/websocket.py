@@ -62,10 +62,10 @@ def serve(gateway: Gateway, conn: socket.socket, request: http.Request, leftover
 
 
 def _relay(gateway: Gateway, conn: socket.socket, session: Session, secure: bool, leftover: bytes, accept: str,
-           subprotocol: str | None) -> relay.Relay | None:
+           subprotocol: str) -> relay.Relay | None:
     """The upgrade's answer, the gateway's RFB greeting if it does one, and the session's Relay;
     None when the session ended in its greeting."""
-    stream = tls.TlsStream(conn) if secure else conn
+    stream = tls.TlsStream(conn) if isinstance(conn, ssl.SSLSocket) else conn  # secure: the same test
     # A single-use token: every use gets a new cookie of the gateway's, by which its browser may
     # come back, from another address too.
     cookie = [policy.resume_cookie_header(session.resume_cookie, secure)] if session.resume_cookie else []

@@ -1,12 +1,24 @@
 """The XVP auth protocol of the Java console clients: CONNECT /console?token=T, then raw VNC."""
 
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING
+
 from vncgate import store
 from vncgate.console import relay
+from vncgate.net.http import Request
+from vncgate.net.tls import TlsStream
+
+if TYPE_CHECKING:
+    from vncgate.front.server import Gateway
 
 OK = b"HTTP/1.1 200 OK\r\n\r\n"
 
 
-def serve(gateway, conn, request, leftover, client):
+def serve(gateway: Gateway, conn: socket.socket | TlsStream, request: Request, leftover: bytes, client: str) -> None:
+    """The XVP path: 200 once the console is open, the gateway's RFB greeting when it does the
+    security itself, then the relay."""
     session = gateway.sessions.open(request.query_value("token"), store.XVP, "xvp", client, conn)
     try:  # whatever fails before the relay runs, the session is given back (discard: once)
         conn.sendall(OK)

@@ -12,6 +12,8 @@ a spare descriptor kept open for the purpose lets the gateway accept the waiting
 client and answer it 503 instead of leaving it in the backlog.
 """
 
+from __future__ import annotations
+
 import errno
 import os
 import resource
@@ -24,12 +26,12 @@ EXHAUSTION = (errno.EMFILE, errno.ENFILE)
 ACCEPT_SHORTAGES = EXHAUSTION + (errno.ENOBUFS, errno.ENOMEM)
 
 
-def limit():
+def limit() -> int:
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return 1 << 20 if soft == resource.RLIM_INFINITY else soft
 
 
-def open_count():
+def open_count() -> int:
     return len(os.listdir("/proc/self/fd")) - 1  # less the one listdir held
 
 
@@ -43,18 +45,18 @@ def pipes(fd_limit: int, most: int) -> int:
     return min(most, max(4, fd_limit // 32))
 
 
-def connections_allowed(pipe_fds, fd_limit=None):
+def connections_allowed(pipe_fds: int, fd_limit: int | None = None) -> tuple[int, int, int]:
     """(connections the fd limit holds, the limit, fds set aside for everything else)."""
     fd_limit = fd_limit or limit()
     reserved = open_count() + pipe_fds + reserve(fd_limit)
     return max(1, (fd_limit - reserved) // PER_CONNECTION), fd_limit, reserved
 
 
-def is_exhaustion(error):
+def is_exhaustion(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in EXHAUSTION
 
 
-def exhausted():
+def exhausted() -> bool:
     """True when the process cannot open one more descriptor (probed only on an error path)."""
     try:
         os.close(os.open(os.devnull, os.O_RDONLY))
@@ -66,11 +68,11 @@ def exhausted():
 class Spare:
     """One descriptor held back, to be given up for a moment when every other one is taken."""
 
-    def __init__(self):
-        self._fd = None
+    def __init__(self) -> None:
+        self._fd: int | None = None
         self.restore()
 
-    def release(self):
+    def release(self) -> bool:
         """Close the spare; False when there was none to close."""
         if self._fd is None:
             return False
@@ -78,12 +80,12 @@ class Spare:
         self._fd = None
         return True
 
-    def restore(self):
+    def restore(self) -> None:
         if self._fd is None:
             try:
                 self._fd = os.open(os.devnull, os.O_RDONLY)
             except OSError:
                 pass  # still short: the next release() finds none and the caller backs off
 
-    def close(self):
+    def close(self) -> None:
         self.release()

@@ -5,11 +5,15 @@ slow or oversized client costs one thread for handshake_timeout at most. Bytes
 that arrive after the head are returned, never lost: they belong to the relay.
 """
 
+from __future__ import annotations
+
 import http
 import re
 import socket
 import time
 import urllib.parse
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from vncgate.refusals import Refused
 
@@ -19,8 +23,18 @@ _METHOD = re.compile(rb"[A-Z]{1,16}")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
+class Readable(Protocol):
+    """What reading a head needs: a socket, or a TlsStream."""
+
+    def settimeout(self, timeout: float | None) -> None: ...
+
+    def recv(self, size: int) -> bytes: ...
+
+
 class Request:
-    def __init__(self, method, target, version, headers):
+    """A request head: method, target, version, headers; the path and query split from the target."""
+
+    def __init__(self, method: str, target: str, version: str, headers: dict[str, str]) -> None:
         self.method = method
         self.target = target
         self.version = version
@@ -29,10 +43,10 @@ class Request:
         self.path, _, query = target.partition("?")
         self.query = urllib.parse.parse_qs(query.partition("#")[0], keep_blank_values=True)
 
-    def header(self, name, default=""):
+    def header(self, name: str, default: str = "") -> str:
         return self.headers.get(name.lower(), default)
 
-    def query_value(self, name):
+    def query_value(self, name: str) -> str:
         """The one value of a query parameter; '' when absent, Refused when repeated."""
         values = self.query.get(name, [])
         if len(values) > 1:
@@ -50,7 +64,8 @@ class Request:
         return ""
 
 
-def _read_head(sock, deadline, limit, timeout_reason, first_line_check=None):
+def _read_head(sock: Readable, deadline: float, limit: int, timeout_reason: str,
+               first_line_check: Callable[[bytes], None] | None = None) -> tuple[bytes, bytes]:
     """Read up to and including the blank line; returns (head bytes, leftover bytes)."""
     buffer = b""
     while True:
@@ -74,17 +89,17 @@ def _read_head(sock, deadline, limit, timeout_reason, first_line_check=None):
         buffer += chunk
 
 
-def _check_method_early(buffer):
+def _check_method_early(buffer: bytes) -> None:
     """Refuse junk at once instead of waiting for 8 KiB or the timeout."""
     method, space, _ = buffer.partition(b" ")
     if (method or space) and not _METHOD.fullmatch(method):
         raise Refused("bad-request", "not an HTTP request")
 
 
-def _parse_headers(lines):
+def _parse_headers(lines: list[str]) -> dict[str, str]:
     if len(lines) > MAX_HEADERS:
         raise Refused("bad-request", f"more than {MAX_HEADERS} header lines")
-    headers = {}
+    headers: dict[str, str] = {}
     for line in lines:
         name, colon, value = line.partition(":")
         if not colon or not _TOKEN.fullmatch(name):
@@ -94,7 +109,7 @@ def _parse_headers(lines):
     return headers
 
 
-def read_request(sock, deadline, limit=MAX_HEAD):
+def read_request(sock: Readable, deadline: float, limit: int = MAX_HEAD) -> tuple[Request, bytes]:
     """A client's request head; returns (Request, leftover). Raises Refused (bad-request or
     handshake-timeout)."""
     head, leftover = _read_head(sock, deadline, limit, "handshake-timeout", _check_method_early)
@@ -105,7 +120,7 @@ def read_request(sock, deadline, limit=MAX_HEAD):
     return Request(parts[0], parts[1], parts[2], _parse_headers(lines[1:])), leftover
 
 
-def read_response_status(sock, deadline, limit):
+def read_response_status(sock: Readable, deadline: float, limit: int) -> tuple[int, bytes]:
     """A server's response head (the XenServer CONNECT reply); returns (status, leftover).
     Raises Refused: backend-timeout, or backend-bad-reply for anything but a status line."""
     try:
@@ -120,7 +135,7 @@ def read_response_status(sock, deadline, limit):
     return int(match.group(1)), leftover
 
 
-def response(status, headers=(), body=b""):
+def response(status: int, headers: Iterable[tuple[str, str]] = (), body: bytes = b"") -> bytes:
     """A complete response as bytes: status line, headers, body."""
     phrase = http.HTTPStatus(status).phrase
     lines = [f"HTTP/1.1 {status} {phrase}"] + [f"{name}: {value}" for name, value in headers]

@@ -12,11 +12,12 @@ so that a gateway can open it without the token (to take a screenshot of the con
 A copy of the database alone still opens nothing; with the key file too, it does.
 """
 
+from __future__ import annotations
+
 import hashlib
 import hmac
 import secrets
 import struct
-from typing import Optional
 
 _NONCE = 16
 _TAG = 16
@@ -47,7 +48,7 @@ def _xor(data: bytes, stream: bytes) -> bytes:
     return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(len(data), "big")
 
 
-def seal(token: str, secret: bytes, held_key: Optional[bytes] = None) -> bytes:
+def seal(token: str, secret: bytes, held_key: bytes | None = None) -> bytes:
     """secret sealed under token; and under held_key too, when given."""
     blob = _seal(_keys(token.encode()), secret)
     if held_key is None:
@@ -55,7 +56,7 @@ def seal(token: str, secret: bytes, held_key: Optional[bytes] = None) -> bytes:
     return _TWICE + struct.pack("!H", len(blob)) + blob + _seal(_keys(held_key, _HELD_LABEL), secret)
 
 
-def _parts(blob: bytes) -> tuple[bytes, Optional[bytes]]:
+def _parts(blob: bytes) -> tuple[bytes, bytes | None]:
     """(the token's blob, the held key's blob or None)."""
     if blob[:1] != _TWICE:
         return blob, None

@@ -85,8 +85,8 @@ class RedisTarget:
         return f"{self.scheme}://{where}{path}"
 
 
-def _host_port(text, default_port):
-    host, port = text, default_port
+def _host_port(text: str, default_port: int) -> tuple[str, int]:
+    host, port = text, str(default_port)
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
         if rest:
