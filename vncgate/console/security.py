@@ -11,10 +11,8 @@ messages themselves are in rfb.py; this module only ties them to a session and i
 from __future__ import annotations
 
 import logging
-import socket
-import ssl
 import time
-from typing import TYPE_CHECKING, Any, Callable, cast
+from typing import TYPE_CHECKING, Callable
 
 from vncgate import refusals
 from vncgate.console import rfb
@@ -22,6 +20,8 @@ from vncgate.net import tls
 from vncgate.refusals import Refused
 
 if TYPE_CHECKING:
+    import ssl
+
     from vncgate.audit import Audit
     from vncgate.console.sessions import Session
 
@@ -37,7 +37,7 @@ class SessionSecurity:
     audit: Audit
     discard: Callable[[Session], None]  # SessionManager.discard: give back a session that ends here
 
-    def _authenticate_backend(self, session: Session, fields: dict[str, Any]) -> bytes | rfb.RfbError:
+    def _authenticate_backend(self, session, fields):
         """The gateway's RFB security handshake with the backend: VeNCrypt for a backend_tls
         token, else VNC Authentication (or None). Returns the version line agreed, or the RfbError to
         tell the client in RFB; a console whose TLS fails is refused here (502) instead."""
@@ -45,12 +45,10 @@ class SessionSecurity:
         # A XenServer's banner may have come with its CONNECT reply: the handshake reads it.
         leftover, session.backend_leftover = session.backend_leftover, b""
         try:
-            # Before the handshake the backend is the plain socket it was reached by; after
-            # VeNCrypt, secured is the TLS socket wrapping it.
-            version, secured = rfb.secure(cast(socket.socket, session.backend), details.backend_password, deadline,
-                                          leftover, self.backend_tls if details.backend_tls else None, details.host)
+            version, secured = rfb.secure(session.backend, details.backend_password, deadline, leftover,
+                                          self.backend_tls if details.backend_tls else None, details.host)
             if secured is not session.backend:
-                session.backend = tls.TlsStream(cast(ssl.SSLSocket, secured))
+                session.backend = tls.TlsStream(secured)
             return version
         except rfb.RfbError as error:
             log.warning("session %s: RFB security with %s:%s failed: %s", session.id,
