@@ -224,7 +224,6 @@ def test_an_unreadable_cacert_exits_1_with_one_line(tmp_path):
 # -- least privilege (issue 25, item 3): only the invoking user's viewer, one at a time -----------
 
 AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c"]
-needs_root = pytest.mark.skipif(os.getuid() != 0, reason="connecting as another user needs root")
 
 
 def test_the_default_is_a_unix_socket_in_a_folder_only_its_user_can_enter(gateway):
@@ -245,7 +244,6 @@ def test_the_default_is_a_unix_socket_in_a_folder_only_its_user_can_enter(gatewa
         connect.stop()
 
 
-@needs_root
 def test_over_tcp_only_connections_of_the_same_uid_are_served(gateway):
     connect = Connect(console_url(gateway, "unknown-token"), "--once", "--listen", "127.0.0.1:0")
     try:

@@ -4,7 +4,6 @@ STOPPING) to a datagram socket, journald's log format, the audit log reopened on
 import json
 import os
 import resource
-import shutil
 import signal
 import socket
 import subprocess
@@ -12,8 +11,6 @@ import threading
 import time
 import types
 import urllib.request
-
-import pytest
 
 from tests import harness
 from vncgate.control import service, systemd
@@ -147,7 +144,6 @@ def test_sighup_reopens_the_audit_log(tmp_path):
         assert gateway.stop() == 0
 
 
-@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
 def test_the_unit_files_are_valid(tmp_path):
     for name in ("vncgate.service", "vncgate.socket"):
         text = open(os.path.join(UNITS, name)).read()
@@ -172,7 +168,6 @@ exec setpriv --no-new-privs prlimit --nofile="$NOFILE":"$NOFILE" "$@"   # NoNewP
 """
 
 
-@pytest.mark.skipif(not (shutil.which("unshare") and shutil.which("setpriv")), reason="needs unshare and setpriv")
 def test_the_gateway_runs_under_the_units_hardening(tmp_path):
     """The unit's hardening, as systemd would apply it (a private mount namespace with / read-only,
     a private /tmp, the state folder writable; no new privileges; its LimitNOFILE): the gateway
