@@ -25,7 +25,7 @@ from websockets.frames import Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
-from vncgate.console import rfb
+from vncgate.console import vncauth
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -505,7 +505,7 @@ def fake_rfb_server(password, banner=b"RFB 003.008\n", types=(2,), fail_reason=b
             backend.received.append(recv_exactly(sock, 1))
         challenge = os.urandom(16)
         sock.sendall(challenge)
-        passed = recv_exactly(sock, 16) == rfb.vnc_auth_response(password, challenge)
+        passed = recv_exactly(sock, 16) == vncauth.vnc_auth_response(password, challenge)
         sock.sendall(struct.pack("!I", 0 if passed else 1))
         if not passed:
             if minor == 8 and fail_reason is not None:

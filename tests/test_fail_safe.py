@@ -15,6 +15,7 @@ from tests import harness
 from tests.harness import FakeBackend, GatewayProcess, xvp_connect
 from vncgate import audit as audit_module
 from vncgate.console import recording
+from vncgate.console.recordings import Recordings
 
 
 def test_a_write_the_disk_refuses_is_dropped_counted_and_warned_once(caplog):
@@ -177,7 +178,7 @@ def _fake_recording(folder, session_id, started, size, finished=True):
 def test_record_dir_max_bytes_prunes_the_oldest_finished_recordings(tmp_path):
     for number, finished in enumerate((False, True, True, True)):
         _fake_recording(tmp_path, f"{number:012x}", 1000.0 + number, 1000, finished)
-    recordings = recording.Recordings(str(tmp_path), dir_max_bytes=2500)
+    recordings = Recordings(str(tmp_path), dir_max_bytes=2500)
     assert recordings.prune() == 2
     kept = sorted(meta["session_id"] for meta in recordings.list())
     assert kept == [f"{0:012x}", f"{3:012x}"]  # the unfinished (live) one is never deleted
@@ -185,7 +186,7 @@ def test_record_dir_max_bytes_prunes_the_oldest_finished_recordings(tmp_path):
 
 def test_below_record_min_free_no_recording_starts_and_live_ones_stop(tmp_path):
     stopped = []
-    recordings = recording.Recordings(str(tmp_path), record_all=True, min_free=99.99)
+    recordings = Recordings(str(tmp_path), record_all=True, min_free=99.99)
     assert not recordings.space_left()
 
     class Session:

@@ -15,7 +15,8 @@ from vncgate import audit as audit_module
 from vncgate import config as config_module
 from vncgate import store as store_module
 from vncgate import supervise
-from vncgate.console import backends, policy, recording, relay, sessions
+from vncgate.console import backends, policy, relay, sessions
+from vncgate.console.recordings import Recordings
 from vncgate.front import server, xvp
 
 
@@ -74,7 +75,7 @@ def in_process(tmp_path):
 STEPS = {
     "backend": (backends, "open_backend"),
     "policy": (policy.Policy, "from_json"),
-    "recorder": (recording.Recordings, "recorder"),
+    "recorder": (Recordings, "recorder"),
     "relay": (relay.Relay, "raw"),
     "relay-run": (relay.Relay, "run"),
     "sessions-run": (sessions.SessionManager, "run"),

@@ -24,6 +24,7 @@ from tests.harness import (
     xvp_connect,
 )
 from vncgate.console import recording, rfb
+from vncgate.console.recordings import Recordings
 from vncgate.front import wsframes
 
 U32 = struct.Struct("!I")
@@ -66,7 +67,7 @@ def fake_session(security=None, session_id="a1b2c3d4e5f6"):
 
 def test_a_recorder_writes_fbs_from_server_init_and_the_input_beside_it(tmp_path):
     stops = []
-    recorder = recording.Recordings(str(tmp_path)).recorder(fake_session(), lambda *why: stops.append(why))
+    recorder = Recordings(str(tmp_path)).recorder(fake_session(), lambda *why: stops.append(why))
     recorder.server(b"RFB 003.008\n\x01\x02")  # VNC Authentication: challenge and response never recorded
     recorder.client(b"RFB 003.008\n\x02")
     recorder.server(b"C" * 16)
@@ -89,7 +90,7 @@ def test_a_recorder_writes_fbs_from_server_init_and_the_input_beside_it(tmp_path
 
 def test_a_recorder_stops_at_max_bytes_and_a_foreign_handshake_leaves_no_file(tmp_path):
     stops = []
-    recordings = recording.Recordings(str(tmp_path), max_bytes=200)
+    recordings = Recordings(str(tmp_path), max_bytes=200)
     recorder = recordings.recorder(fake_session(security=rfb.RFB_3_8), lambda *why: stops.append(why))
     recorder.server(SERVER_INIT)
     recorder.server(b"x" * 500)

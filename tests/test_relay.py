@@ -9,6 +9,7 @@ import types
 import pytest
 
 from vncgate.console import recording, relay
+from vncgate.console.recordings import Recordings
 
 
 def tcp_pair():
@@ -134,7 +135,7 @@ def test_a_recorded_relay_writes_what_the_client_got(tmp_path, pipes):
     session = types.SimpleNamespace(id="0a1b2c3d4e5f", started=1.0, security=object(),
                                     details=types.SimpleNamespace(instance_id="vm", console_type="xvp-vnc",
                                                                     token_id="0123abcd"))
-    recorder = recording.Recordings(str(tmp_path)).recorder(session, lambda *why: None)
+    recorder = Recordings(str(tmp_path)).recorder(session, lambda *why: None)
     relayed = relay.Relay(client_side, backend_side,
                           (relay.SocketSource(client_side), relay.SocketSink(backend_side)),
                           relay.TeeDirection("backend", backend_side, relay.SocketSink(client_side), recorder, b"S",

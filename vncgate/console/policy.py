@@ -13,23 +13,21 @@ stream is never read.
 
 A serial console's bytes are not RFB: there every byte a viewer sends is input, and view-only
 drops them all (StreamFilter), so that each policy means the same on every console type.
+Single use (the store's consume and the resume cookie) is in resume.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import hmac
 import json
 import logging
-import secrets
 import struct
 import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Callable
 
-from vncgate.store.common import SERIAL, hash_token
+from vncgate.store.common import SERIAL
 
 if TYPE_CHECKING:
     from vncgate.config import Config
@@ -62,12 +60,6 @@ _SHIFTED = set('~!@#$%^&*()_+{}|:"<>?ABCDEFGHIJKLMNOPQRSTUVWXYZ') | {
     chr(code) for code in range(0xC0, 0xDF) if code != 0xD7}
 PASTE_CHARS_PER_SECOND = 50  # BIOS screens and installers drop keys that come faster
 MIN_INPUT_IDLE, MAX_SECONDS = 0.1, 10 * 365 * 86400
-# The websocket path's cookie that lets a single-use token's browser back in from another address:
-# __Host- over TLS (only a secure origin can set it, for this host and Path=/ only); browsers refuse
-# that prefix on plain http, where the bare name is all there is.
-RESUME_COOKIE = "vncgate_resume"
-RESUME_COOKIE_TLS = "__Host-vncgate_resume"
-RESUME_SECRET = "resume-cookie"  # the store's shared secret that keys the cookies' HMAC
 
 
 class Malformed(Exception):
@@ -132,35 +124,6 @@ class Policy:
         if self.input_idle:
             words.append(f"input-idle={self.input_idle:g}")
         return ",".join(words)
-
-
-def resume_cookie_name(secure: bool) -> str:
-    return RESUME_COOKIE_TLS if secure else RESUME_COOKIE
-
-
-def _resume_mac(key: str, token: str, nonce: str) -> str:
-    message = f"vncgate resume v1|{hash_token(token)}|{nonce}".encode()
-    return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()[:32]
-
-
-def issue_resume_cookie(key: str, token: str) -> str:
-    """A new cookie for one use of a single-use token: a random nonce and its HMAC under the
-    gateways' shared key, bound to the token (a cookie of one token is nothing for another)."""
-    nonce = secrets.token_urlsafe(18)
-    return f"{nonce}.{_resume_mac(key, token, nonce)}"
-
-
-def resume_cookie_valid(key: str, token: str, value: str) -> bool:
-    """Whether value is a cookie a gateway issued for this token (its HMAC checks); whether it is
-    the one issued last is the store's to say."""
-    nonce, dot, mac = value.partition(".")
-    return bool(nonce and dot) and hmac.compare_digest(mac, _resume_mac(key, token, nonce))
-
-
-def resume_cookie_header(value: str, secure: bool) -> tuple[str, str]:
-    """The Set-Cookie header (name, value) of a websocket upgrade that used a single-use token."""
-    return "Set-Cookie", (f"{resume_cookie_name(secure)}={value}; Path=/; HttpOnly; SameSite=Strict"
-                          + ("; Secure" if secure else ""))
 
 
 # -- the parser ----------------------------------------------------------------------------

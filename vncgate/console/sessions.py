@@ -10,7 +10,8 @@ are queued and the housekeeper writes them moments later, so a slow store write
 (or a checkpoint it triggers) never delays a client, and a session that ends
 before it was written costs no write at all.
 
-The housekeeper thread (and the Listener it owns) is in housekeeping.py.
+The housekeeper thread (and the Listener it owns) is in housekeeping.py, the RFB security
+handshakes of a session in security.py (mixed in), single use and its resume cookie in resume.py.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, TypeVar, Union
 
-from vncgate import refusals
 from vncgate import store as store_module
 from vncgate.console import allow, backends, recording, rfb
 from vncgate.console import policy as policy_module
+from vncgate.console import resume as resume_module
 from vncgate.console import shares as shares_module
 from vncgate.console.housekeeping import Housekeeper, Listener
+from vncgate.console.recordings import Recordings
+from vncgate.console.security import SessionSecurity
 from vncgate.net import fds, tls
 from vncgate.refusals import Refused
 from vncgate.store import watch
@@ -130,19 +133,19 @@ def new_gateway_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
 
 
-class SessionManager:
+class SessionManager(SessionSecurity):
     def __init__(self, store: AnyStore, audit: Audit, backend_timeout: float, heartbeat: float, settings: Config,
                  backend_tls: ssl.SSLContext | None = None, on_relaying: Callable[[], None] = lambda: None,
-                 recordings: recording.Recordings | None = None,
+                 recordings: Recordings | None = None,
                  backend_allow: allow.BackendAllow | None = None, gateway_id: str | None = None) -> None:
         """settings: the policy keys of the config (resume_grace, paste_max_chars, input_idle_timeout)
         and max_sessions_per_token; backend_tls: the ssl context for consoles that speak VeNCrypt
         (tls.backend_context); on_relaying: called in a session's thread as its relay starts;
-        recordings: the recording.Recordings of record_dir; backend_allow: the allow.BackendAllow
+        recordings: the Recordings of record_dir; backend_allow: the allow.BackendAllow
         every backend connection is checked against (default: the one settings make)."""
         self.store = store
         self.settings = settings
-        self.recordings = recordings or recording.Recordings("")
+        self.recordings = recordings or Recordings("")
         self.backend_allow = backend_allow or allow.BackendAllow.from_config(settings)
         self.audit = audit
         self.backend_timeout = backend_timeout
@@ -171,7 +174,7 @@ class SessionManager:
         # console type -> open_backend(details, timeout) for types not reached by backends.open_backend
         self.backend_openers: dict[str, Callable[[store_module.ConnectionDetails, float],
                                                  tuple[socket.socket, bytes]]] = {}
-        self._resume_key: str | None = None  # the store's shared secret for the resume cookies, once read
+        self.single_use = resume_module.SingleUse(store, settings)
         self.event_handlers: dict[str, Callable[[set[str]], object]] = {}  # kind -> handler of other pushed events
 
     def _open_backend(self, details: store_module.ConnectionDetails, timeout: float) -> tuple[socket.socket, bytes]:
@@ -249,7 +252,7 @@ class SessionManager:
             # The gateway reads a policy's stream from ClientInit on: it does the handshake itself.
             session.security = self._authenticate_backend(session, fields)
         if session.policy.single_use and not isinstance(session.security, rfb.RfbError):
-            session.use = self._consume(session, address, resume, fields)
+            session.use = self.single_use.consume(session, address, resume, fields)
         if self.recordings.wanted(details) and not isinstance(session.security, rfb.RfbError):
             session.recorder = self.recordings.recorder(session, lambda reason, detail: self.audit.record(
                 "recording-stopped", **session.audit_fields(), recording=session.id, reason=reason, detail=detail))
@@ -260,68 +263,6 @@ class SessionManager:
         session.backend.close()
         if session.recorder:
             session.recorder.finish()
-
-    def _consume(self, session: Session, address: str, resume: tuple[str, str | None], fields: dict[str, Any]) -> str:
-        """One use of a single-use token. resume: (token, the cookie presented or None). Each use
-        is given a new cookie of the gateway's (session.resume_cookie), which the store records;
-        a presented cookie counts only when its HMAC shows a gateway issued it for this token."""
-        token, presented = resume[0], resume[1] or ""
-        try:
-            key = self._resume_key or self.store.shared_secret(policy_module.RESUME_SECRET)
-            self._resume_key = key
-            valid = bool(presented) and policy_module.resume_cookie_valid(key, token, presented)
-            issued = policy_module.issue_resume_cookie(key, token)
-            use = self.store.consume(session.details.token_hash, address,
-                                     store_module.hash_token(presented) if valid else None,
-                                     self.settings.resume_grace, issued_hash=store_module.hash_token(issued),
-                                     session_id=session.id)
-            session.resume_cookie = issued
-            return use
-        except store_module.TokenRejected as rejected:
-            raise Refused(rejected.reason, **fields) from None
-        except store_module.StoreError as error:
-            raise Refused("store-unavailable", str(error), **fields) from None
-
-    def _authenticate_backend(self, session, fields):
-        """The gateway's RFB security handshake with the backend: VeNCrypt for a backend_tls
-        token, else VNC Authentication (or None). Returns the version line agreed, or the RfbError to
-        tell the client in RFB; a console whose TLS fails is refused here (502) instead."""
-        details, deadline = session.details, time.monotonic() + self.backend_timeout
-        # A XenServer's banner may have come with its CONNECT reply: the handshake reads it.
-        leftover, session.backend_leftover = session.backend_leftover, b""
-        try:
-            version, secured = rfb.secure(session.backend, details.backend_password, deadline, leftover,
-                                          self.backend_tls if details.backend_tls else None, details.host)
-            if secured is not session.backend:
-                session.backend = tls.TlsStream(secured)
-            return version
-        except rfb.RfbError as error:
-            log.warning("session %s: RFB security with %s:%s failed: %s", session.id,
-                        details.host, details.port, error)
-            if error.reason != "backend-tls-failed":
-                return error
-            raise Refused(error.reason, error.detail, **fields) from None
-
-    def greet(self, session: Session, read_exact: Callable[[int], bytes], write: Callable[[bytes], object]) -> bool:
-        """The client's half of the RFB security handshake, after its 200 or 101. False when
-        the session ends here (audited): the stored password was refused, or the client
-        did not speak RFB."""
-        try:
-            if isinstance(session.security, rfb.RfbError):
-                sentence = refusals.REASONS[session.security.reason].sentence
-                told = getattr(session.security, "told", "")  # what the refusal may name (ReplayError)
-                rfb.refuse_client(read_exact, write, rfb.RFB_3_8, f"vncgate: {sentence}{' ' + told if told else ''}")
-                self.audit.record("attempt", **session.audit_fields(), result="rejected", status=200,
-                                  reason=session.security.reason, detail=session.security.detail)
-            else:
-                assert session.security is not None, "greet() is for a session that needs_greeting"
-                rfb.offer_no_auth(read_exact, write, session.security)
-                return True
-        except (rfb.RfbError, OSError) as error:
-            self.audit.record("session-end", **session.audit_fields(), bytes_up=0, bytes_down=0, duration=0,
-                              reason=getattr(error, "reason", "client-closed"))
-        self.discard(session)
-        return False
 
     def _validate(self, token: str, console_type: str, fields: dict[str, Any]) -> store_module.ConnectionDetails:
         try:

@@ -13,9 +13,10 @@ import threading
 
 from vncgate import config as config_module
 from vncgate import store as store_module
-from vncgate.console import allow, recording
+from vncgate.console import allow
 from vncgate.console import policy as policy_module
 from vncgate.console import serial as consoles
+from vncgate.console.recordings import Recordings
 from vncgate.control import api, cli_screenshot, libvirt, scope
 from vncgate.control.cli_common import (
     CommandFailed,
@@ -171,7 +172,7 @@ def _replay_target(args, config, store):
         raise UsageError("--replay takes no --host, --port, --domain, --password-file, --internal-path or --record")
     if args.console_type != store_module.WEBSOCKET:
         raise UsageError("--replay makes ws-vnc URLs only")
-    recordings = recording.Recordings.from_config(config, store)
+    recordings = Recordings.from_config(config, store)
     meta = recordings.find(args.replay)
     if meta is None:
         raise CommandFailed(f"no recording of session {args.replay} in {config.record_dir} or the store's index")
@@ -285,13 +286,13 @@ def cmd_touch(args, config, store, out):
 
 def cmd_purge(args, config, store, out):
     deleted = store.purge()
-    recordings = recording.Recordings.from_config(config, store).purge()
+    recordings = Recordings.from_config(config, store).purge()
     out.write(f"purged {deleted} token{'s' if deleted != 1 else ''}"
               + (f" and {recordings} recording{'s' if recordings != 1 else ''}" if recordings else "") + "\n")
 
 
 def cmd_recordings(args, config, store, out):
-    rows = recording.Recordings.from_config(config, store).list(instance_id=args.instance)
+    rows = Recordings.from_config(config, store).list(instance_id=args.instance)
     if args.json:
         json.dump([api.recording_json(row) for row in rows], out)
         out.write("\n")

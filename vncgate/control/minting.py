@@ -67,7 +67,7 @@ def token_json(row: ConnectionDetails, now: float, idle_timeout: float) -> dict[
 
 
 def recording_json(row: dict) -> dict[str, Any]:
-    """A recording's metadata (recording.Recordings.list) as the API and `recordings --json` show it."""
+    """A recording's metadata (recordings.Recordings.list) as the API and `recordings --json` show it."""
     return {"session_id": row["session_id"], "instance_id": row.get("instance_id"),
             "token_id": row.get("token_id"), "console_type": row.get("console_type"),
             "started_at": iso(row["started_at"]), "duration": row.get("duration"), "bytes": row.get("bytes"),

@@ -26,8 +26,9 @@ import time
 
 from vncgate import config as config_module
 from vncgate import store as store_module
-from vncgate.console import cluster, recording, relay, screenshot, sessions
+from vncgate.console import cluster, relay, screenshot, sessions
 from vncgate.console import serial as consoles
+from vncgate.console.recordings import Recordings
 from vncgate.front import proxied, throttle, web, websocket, xvp
 from vncgate.net import fds, http, tls
 from vncgate.refusals import Refused
@@ -172,7 +173,7 @@ class Gateway(socketserver.ThreadingTCPServer):
             heartbeat=config.touch_interval, settings=config,
             backend_tls=tls.backend_context(config.backend_ca, config.backend_cert, config.backend_key),
             on_relaying=self._handshake_over,
-            recordings=recording.Recordings.from_config(config, store, gateway_id), gateway_id=gateway_id)
+            recordings=Recordings.from_config(config, store, gateway_id), gateway_id=gateway_id)
         self.consoles = consoles.Consoles(config.console_log_dir, config.console_log_bytes,
                                           config.handshake_timeout, self.sessions.backend_allow, store)
         self.sessions.backend_openers[store_module.SERIAL] = self.consoles.open_backend

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, NoReturn
 
 from vncgate import store
-from vncgate.console import policy, relay
+from vncgate.console import relay, resume
 from vncgate.front import wsframes
 from vncgate.net import tls
 from vncgate.refusals import Refused
@@ -51,7 +51,7 @@ def serve(gateway: Gateway, conn: socket.socket, request: http.Request, leftover
 
     secure = isinstance(conn, ssl.SSLSocket)
     session = gateway.sessions.open(token, console_type, path, client, conn,
-                                    resume_cookie=request.cookie(policy.resume_cookie_name(secure)) or None)
+                                    resume_cookie=request.cookie(resume.resume_cookie_name(secure)) or None)
     try:  # whatever fails before the relay runs, the session is given back (discard: once)
         relayed = _relay(gateway, conn, session, secure, leftover, accept, subprotocol)
     except BaseException:
@@ -68,7 +68,7 @@ def _relay(gateway: Gateway, conn: socket.socket, session: Session, secure: bool
     stream = tls.TlsStream(conn) if isinstance(conn, ssl.SSLSocket) else conn  # secure: the same test
     # A single-use token: every use gets a new cookie of the gateway's, by which its browser may
     # come back, from another address too.
-    cookie = [policy.resume_cookie_header(session.resume_cookie, secure)] if session.resume_cookie else []
+    cookie = [resume.resume_cookie_header(session.resume_cookie, secure)] if session.resume_cookie else []
     stream.sendall(wsframes.upgrade_response(accept, subprotocol, cookie))
     sender = wsframes.Sender(stream)
     sink = ClientSink(sender)
