@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 import threading
-from typing import TYPE_CHECKING, TextIO, Union
+from typing import TYPE_CHECKING, TextIO
 
 from vncgate import config as config_module
 from vncgate import store as store_module
@@ -35,10 +35,7 @@ from vncgate.control.cli_output import log_writer, write_table
 from vncgate.control.cli_serve import serve_main, serve_main_exit
 
 if TYPE_CHECKING:
-    from vncgate.store.redis import RedisStore
-    from vncgate.store.sqlite import SqliteStore
-
-    AnyStore = Union[SqliteStore, RedisStore]
+    from vncgate.store import AnyStore
 
 # serve_main_exit is the vncgate console script's entry point (setup.py names it here).
 __all__ = ["serve_main", "serve_main_exit", "token_main", "token_main_exit"]

@@ -19,8 +19,7 @@ from vncgate import store as store_module
 from vncgate.control import scope
 
 if TYPE_CHECKING:
-    from vncgate.store.redis import RedisStore
-    from vncgate.store.sqlite import SqliteStore
+    from vncgate.store import AnyStore
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -77,7 +76,7 @@ def _types(text: str) -> tuple[str, ...]:
 
 
 def open_store(config: config_module.Config, busy_timeout: float = 5.0, database: str | None = None,
-               checkpoint_on_commit: bool = True) -> SqliteStore | RedisStore:
+               checkpoint_on_commit: bool = True) -> AnyStore:
     return store_module.TokenStore(database or config.database, token_ttl=config.token_ttl,
                                    idle_timeout=config.idle_timeout, busy_timeout=busy_timeout,
                                    key_prefix=config.key_prefix, checkpoint_on_commit=checkpoint_on_commit)

@@ -25,7 +25,7 @@ import socket
 import socketserver
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable
 
 from vncgate import config as config_module
 from vncgate import store as store_module
@@ -38,10 +38,7 @@ from vncgate.refusals import Refused
 from vncgate.store import watch as store_watch
 
 if TYPE_CHECKING:
-    from vncgate.store.redis import RedisStore
-    from vncgate.store.sqlite import SqliteStore
-
-    AnyStore = Union[SqliteStore, RedisStore]
+    from vncgate.store import AnyStore
 
 log = logging.getLogger("vncgate.front.server")
 

@@ -11,7 +11,7 @@ is imported when a redis:// database is opened, never by `import vncgate`.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Union
 
 from vncgate.store.common import (
     CONSOLE_TYPES,
@@ -36,6 +36,8 @@ from vncgate.store.targets import DEFAULT_PREFIX, URL_FORMS, RedisTarget, is_red
 
 if TYPE_CHECKING:
     from vncgate.store.redis import RedisStore
+
+    AnyStore = Union[SqliteStore, RedisStore]  # what TokenStore opens (for annotations only)
 
 __all__ = ["CONSOLE_TYPES", "SERIAL", "Follow",
            "STATES", "TOKEN_BYTES", "WEBSOCKET", "XVP", "ConnectionDetails", "LiveSession",
@@ -66,7 +68,7 @@ def redis_engine() -> type[RedisStore]:
 
 def TokenStore(database: str, token_ttl: float = 300.0, idle_timeout: float = 600.0,  # noqa: N802
                clock: Callable[[], float] = time.time, busy_timeout: float = 5.0,
-               key_prefix: str = DEFAULT_PREFIX, checkpoint_on_commit: bool = True) -> SqliteStore | RedisStore:
+               key_prefix: str = DEFAULT_PREFIX, checkpoint_on_commit: bool = True) -> AnyStore:
     """Open the store `database` names: a Redis URL, else an SQLite file path.
     busy_timeout bounds how long one call waits for the store; checkpoint_on_commit=False
     leaves SQLite's checkpoints to whoever calls checkpoint()."""
