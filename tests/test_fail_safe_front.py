@@ -14,7 +14,7 @@ from tests import harness
 from tests.harness import FakeBackend, GatewayProcess, xvp_connect
 from vncgate import config as config_module
 from vncgate.console import relay
-from vncgate.front import server, throttle
+from vncgate.front import limits, throttle
 from vncgate.net import fds
 
 
@@ -135,7 +135,7 @@ def test_shares_are_lowered_with_the_fd_limit_and_said_once(monkeypatch, caplog)
     monkeypatch.setattr(fds, "limit", lambda: 128)
     monkeypatch.setattr(fds, "open_count", lambda: 10)
     monkeypatch.setattr(relay.PIPES, "limit", 64)
-    fitted = server.fit_to_fd_limit(config_module.Config(max_connections=1000))
+    fitted = limits.fit_to_fd_limit(config_module.Config(max_connections=1000))
     assert fitted.max_connections < 1000
     assert fitted.max_pending_per_address <= max(1, fitted.max_connections // 4)
     assert fitted.max_sessions_per_token <= max(1, fitted.max_connections // 4)

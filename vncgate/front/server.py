@@ -18,7 +18,6 @@ names (vncgate.front.proxied), and that client's share is what is counted.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import gc
 import logging
 import socket
@@ -30,10 +29,10 @@ from typing import TYPE_CHECKING, Any, Callable
 from vncgate import config as config_module
 from vncgate import store as store_module
 from vncgate.audit import Audit
-from vncgate.console import cluster, relay, screenshot, sessions
+from vncgate.console import cluster, screenshot, sessions
 from vncgate.console import serial as consoles
 from vncgate.console.recordings import Recordings
-from vncgate.front import proxied, throttle, web, websocket, xvp
+from vncgate.front import limits, proxied, throttle, web, websocket, xvp
 from vncgate.net import fds, http, tls
 from vncgate.refusals import Refused
 from vncgate.store import watch as store_watch
@@ -226,7 +225,7 @@ class Gateway(socketserver.ThreadingTCPServer):
                         "address but link-local, the gateway's own port and the store's; set backend_allow "
                         "to the networks where consoles live")
         # Once started for sure (a bad certificate or a busy port is one error line, nothing else).
-        self.config = fit_to_fd_limit(config)
+        self.config = limits.fit_to_fd_limit(config)
         self.sessions.settings = self.config  # max_sessions_per_token may have been lowered
 
     def serve_forever(self, poll_interval: float = 0.1) -> None:
@@ -433,25 +432,3 @@ class Gateway(socketserver.ThreadingTCPServer):
         self.consoles.stop()  # after the follower, which syncs the follows
         self._spare.close()
         self.sessions.breaker.close()
-
-
-def fit_to_fd_limit(config: config_module.Config) -> config_module.Config:
-    """The config with max_connections no larger than the fd limit holds; says so in one line.
-    The splice pipe pool is sized to the limit first. When max_connections is lowered, the
-    shares of one address and one token are lowered with it (to a quarter), warned once."""
-    fd_limit = fds.limit()
-    relay.PIPES.limit = fds.pipes(fd_limit, relay.PIPES.limit)
-    room, fd_limit, reserved = fds.connections_allowed(2 * relay.PIPES.limit, fd_limit)
-    fit = (f"fd limit {fd_limit} holds {room} connections ({fds.PER_CONNECTION} fds each, {reserved} "
-           f"reserved for splice pipes, the store and files)")
-    if config.max_connections <= room:
-        log.info("%s: max_connections = %d", fit, config.max_connections)
-        return config
-    log.warning("%s: max_connections lowered from %d to %d", fit, config.max_connections, room)
-    share = max(1, room // 4)
-    lowered: dict[str, Any] = {key: share for key in ("max_pending_per_address", "max_sessions_per_token")
-               if getattr(config, key) > share}
-    if lowered:
-        log.warning("with max_connections = %d: %s", room,
-                    ", ".join(f"{key} lowered from {getattr(config, key)} to {share}" for key in lowered))
-    return dataclasses.replace(config, max_connections=room, **lowered)
