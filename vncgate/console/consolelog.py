@@ -3,12 +3,16 @@ two halves, for SQLite and one host), or in the store when it shares consoles (R
 cluster.StoreLog); reading it (all, the last lines) and following it, for `vncgate-token
 log` and GET /api/v1/consoles/log, which answer the same on every gateway."""
 
+from __future__ import annotations
+
 import os
+import threading
 import urllib.parse
+from typing import Any, Callable
 
 # -- the console log on disk ---------------------------------------------------------------
 
-def log_path(folder, instance_id):
+def log_path(folder: str, instance_id: str) -> str:
     """The log file of one instance: its id %-escaped, so no id can climb or hide."""
     return os.path.join(folder, urllib.parse.quote(instance_id, safe="-_").replace(".", "%2E") + ".log")
 
@@ -18,7 +22,7 @@ class ConsoleLog:
     When NAME.log reaches limit/2 bytes it replaces NAME.log.1, so together they always hold
     the newest output, between limit/2 and limit bytes of it, and never more."""
 
-    def __init__(self, folder, instance_id, limit):
+    def __init__(self, folder: str, instance_id: str, limit: int) -> None:
         os.makedirs(folder, mode=0o700, exist_ok=True)
         self.folder, self.instance_id = folder, instance_id
         self.path = log_path(folder, instance_id)
@@ -26,7 +30,7 @@ class ConsoleLog:
         self.file = open(self.path, "ab")
         self.size = self.file.tell()
 
-    def write(self, data):
+    def write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             if self.size >= self.half:
@@ -37,21 +41,21 @@ class ConsoleLog:
             view = view[len(piece):]
         self.file.flush()
 
-    def _rotate(self):
+    def _rotate(self) -> None:
         self.file.close()
         os.replace(self.path, self.path + ".1")
         self.file = open(self.path, "ab")
         self.size = 0
 
-    def tail(self, count):
+    def tail(self, count: int) -> bytes:
         """The log's last count bytes."""
         return (read_log(self.folder, self.instance_id) or b"")[-count:]
 
-    def close(self):
+    def close(self) -> None:
         self.file.close()
 
 
-def read_log(folder, instance_id, lines=None):
+def read_log(folder: str, instance_id: str, lines: int | None = None) -> bytes | None:
     """The console log of instance_id, oldest byte first: all that is kept, or its last
     `lines` lines. None when the instance has never been followed."""
     path = log_path(folder, instance_id)
@@ -68,7 +72,7 @@ def read_log(folder, instance_id, lines=None):
     return data if lines is None else last_lines(data, lines)
 
 
-def console_output(store, folder, instance_id, lines=None):
+def console_output(store: Any, folder: str, instance_id: str, lines: int | None = None) -> bytes | None:
     """What `vncgate-token log` and GET /api/v1/consoles/log answer, the same on every gateway:
     the log in the store when it shares consoles (Redis), else the file log in folder."""
     if not getattr(store, "shares_consoles", False):
@@ -79,7 +83,8 @@ def console_output(store, folder, instance_id, lines=None):
     return found[0] if lines is None else last_lines(found[0], lines)
 
 
-def follow_output(store, folder, instance_id, write, stopping):
+def follow_output(store: Any, folder: str, instance_id: str, write: Callable[[bytes], object],
+                  stopping: threading.Event) -> None:
     """Write what the console prints from now on until stopping is set (`log --follow`)."""
     if not getattr(store, "shares_consoles", False):
         follow_log(folder, instance_id, write, stopping)
@@ -92,7 +97,7 @@ def follow_output(store, folder, instance_id, write, stopping):
             write(data)
 
 
-def last_lines(data, count):
+def last_lines(data: bytes, count: int) -> bytes:
     """The last count lines of data (a final line without its newline counts)."""
     if count <= 0:
         return b""
@@ -104,7 +109,8 @@ def last_lines(data, count):
     return data[start + 1:]
 
 
-def follow_log(folder, instance_id, write, stopping, poll=0.2):
+def follow_log(folder: str, instance_id: str, write: Callable[[bytes], object],
+               stopping: threading.Event, poll: float = 0.2) -> None:
     """Write what is appended to the log from now on, across rotations, until stopping is set."""
     path = log_path(folder, instance_id)
     handle = None

@@ -14,14 +14,18 @@ when its last viewer leaves. Each hub's state is changed by its own thread only:
 other threads hand it work through a queue and a wake-up socket.
 """
 
+from __future__ import annotations
+
 import collections
 import logging
 import selectors
 import socket
 import threading
 import time
+from typing import Any, Callable, Union
 
 from vncgate.console import backends, cluster
+from vncgate.console.allow import BackendAllow
 from vncgate.console.consolelog import (  # noqa: F401 (the log's names, still importable from here)
     ConsoleLog,
     console_output,
@@ -32,6 +36,7 @@ from vncgate.console.consolelog import (  # noqa: F401 (the log's names, still i
     read_log,
 )
 from vncgate.refusals import Refused
+from vncgate.store.common import ConnectionDetails, Follow
 
 log = logging.getLogger("vncgate.console.serial")
 
@@ -40,21 +45,25 @@ TAIL_BYTES = 64 * 1024  # of the log, sent to a viewer as it attaches
 VIEWER_SEND_TIMEOUT = 5.0  # a viewer that takes nothing for this long is dropped, not waited for
 BACKOFF_FIRST, BACKOFF_MOST = 0.25, 5.0
 
+# Where a followed console's output is kept: a file, or the store (cluster.StoreLog).
+Log = Union[ConsoleLog, cluster.StoreLog]
+
 
 # -- hubs --------------------------------------------------------------------------------
 
 class Hub(threading.Thread):
     """One serial endpoint: its backend connection, its viewers, its log while followed."""
 
-    def __init__(self, host, port, timeout, allow, backend=None):
+    def __init__(self, host: str, port: int, timeout: float, allow: BackendAllow,
+                 backend: socket.socket | None = None) -> None:
         super().__init__(name=f"serial-{host}:{port}")
         self.host, self.port, self.timeout, self.allow = host, port, timeout, allow
         self.backend = backend
-        self.follow = None
-        self.log = None
-        self.viewers = set()
+        self.follow: Follow | None = None
+        self.log: Log | None = None
+        self.viewers: set[socket.socket] = set()
         self.closed = False  # set by the hub's thread when it ends; attach() then fails
-        self._work = collections.deque()
+        self._work: collections.deque[tuple[Callable[..., None], tuple[Any, ...]]] = collections.deque()
         self._lock = threading.Lock()
         self._selector = selectors.DefaultSelector()
         self._wake_in, self._wake_out = socket.socketpair()
@@ -69,7 +78,7 @@ class Hub(threading.Thread):
 
     # -- called from other threads --
 
-    def attach(self):
+    def attach(self) -> socket.socket | None:
         """A new viewer: the socket its session relays to. None when the hub has ended."""
         mine, theirs = socket.socketpair()
         if not self._call(self._add_viewer, mine):
@@ -78,19 +87,19 @@ class Hub(threading.Thread):
             return None
         return theirs
 
-    def set_follow(self, follow, open_log=None):
+    def set_follow(self, follow: Follow | None, open_log: Callable[[Follow], Log] | None = None) -> bool:
         """Start (a Follow) or stop (None) following; the log opens (open_log(follow): a
         ConsoleLog or what writes the store's) or closes with it."""
         return self._call(self._set_follow, follow, open_log)
 
-    def send(self, data):
+    def send(self, data: bytes) -> bool:
         """Bytes typed by a viewer on another gateway: to the console, after what came before."""
         return self._call(self._to_backend, data)
 
-    def stop(self):
+    def stop(self) -> None:
         self._call(self._end)
 
-    def _call(self, task, *args):
+    def _call(self, task: Callable[..., None], *args: Any) -> bool:
         with self._lock:
             if self.closed:
                 return False
@@ -103,7 +112,7 @@ class Hub(threading.Thread):
 
     # -- the hub's own thread --
 
-    def run(self):
+    def run(self) -> None:
         try:
             while not self._ending:
                 if self.backend is None and self.follow is not None and time.monotonic() >= self._next_try:
@@ -253,7 +262,7 @@ class Consoles:
     cluster.Follower) and the ones viewers opened; with a store that shares consoles, the
     remote viewers of consoles another gateway follows, and the input pumps of those it does."""
 
-    def __init__(self, log_dir, log_bytes, timeout, allow, store=None):
+    def __init__(self, log_dir: str, log_bytes: int, timeout: float, allow: BackendAllow, store: Any = None) -> None:
         """allow: the allow.BackendAllow every serial endpoint is checked against, at each connection;
         store: the token store, whose follow leases and (with Redis) log and I/O the consoles share."""
         self.allow = allow
@@ -261,13 +270,13 @@ class Consoles:
         self.log_bytes = log_bytes
         self.timeout = timeout
         self.store = store if getattr(store, "shares_consoles", False) else None
-        self.followed = {}  # instance id -> Follow: every followed console, whoever follows it
-        self._hubs = {}  # (host, port) -> Hub
-        self._pumps = {}  # instance id -> cluster.InputPump, for the consoles followed here
-        self._feeds = {}  # instance id -> cluster.RemoteFeed: the remote viewers of consoles followed elsewhere
+        self.followed: dict[str, Follow] = {}  # instance id -> Follow: every followed console, whoever follows it
+        self._hubs: dict[tuple[str, int], Hub] = {}  # (host, port) -> Hub
+        self._pumps: dict[str, cluster.InputPump] = {}  # instance id -> cluster.InputPump, for the consoles followed here
+        self._feeds: dict[str, cluster.RemoteFeed] = {}  # instance id -> cluster.RemoteFeed: the remote viewers of consoles followed elsewhere
         self._lock = threading.Lock()
 
-    def open_backend(self, details, timeout):
+    def open_backend(self, details: ConnectionDetails, timeout: float) -> tuple[socket.socket, bytes]:
         """For a serial session: (the viewer's socket, b""), as backends.open_backend answers.
         Raises Refused backend-… when no hub has the console and it cannot be reached."""
         key = (details.host, details.port)
@@ -321,13 +330,13 @@ class Consoles:
             if self._feeds.get(feed.instance_id) is feed:
                 del self._feeds[feed.instance_id]
 
-    def open_log(self, follow):
+    def open_log(self, follow: Follow) -> Log:
         """The log of a console followed here: in the store when it shares consoles, else a file."""
         if self.store is not None:
             return cluster.StoreLog(self.store, follow.instance_id, self.log_bytes)
         return ConsoleLog(self.log_dir, follow.instance_id, self.log_bytes)
 
-    def sync(self, follows, followed=None):
+    def sync(self, follows: list[Follow], followed: list[Follow] | None = None) -> None:
         """Follow exactly these (store.Follow records: the ones this gateway holds the lease of);
         followed: every followed console (default: these), for the viewers of the others."""
         self.followed = {follow.instance_id: follow for follow in (follows if followed is None else followed)}
@@ -355,7 +364,7 @@ class Consoles:
             pump = self._pumps[instance_id] = cluster.InputPump(self.store, instance_id, lambda data: None)
             pump.start()
 
-    def stop(self):
+    def stop(self) -> None:
         with self._lock:
             hubs = list(self._hubs.values())
             self._hubs.clear()

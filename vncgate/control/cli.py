@@ -6,10 +6,13 @@ cli_serve, what both share (errors, exit codes, argument types, opening the stor
 cli_common; both entry points stay importable from here (setup.py names them here).
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import sys
 import threading
+from typing import TYPE_CHECKING, TextIO
 
 from vncgate import config as config_module
 from vncgate import store as store_module
@@ -32,11 +35,14 @@ from vncgate.control.cli_common import (
 from vncgate.control.cli_output import log_writer, write_table
 from vncgate.control.cli_serve import serve_main, serve_main_exit
 
+if TYPE_CHECKING:
+    from vncgate.store import AnyStore
+
 # serve_main_exit is the vncgate console script's entry point (setup.py names it here).
 __all__ = ["serve_main", "serve_main_exit", "token_main", "token_main_exit"]
 
 
-def _instance_id(text):
+def _instance_id(text: str) -> str:
     if not text or len(text) > MAX_INSTANCE_ID:
         raise argparse.ArgumentTypeError(f"an instance id is 1 to {MAX_INSTANCE_ID} characters")
     return text
@@ -45,7 +51,7 @@ def _instance_id(text):
 MAX_INSTANCE_ID = 128  # it names the console log's file
 
 
-def token_parser():
+def token_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vncgate-token", description="Mint, list, touch and revoke console tokens.")
     parser.add_argument("-c", "--config", metavar="FILE", help="config file (default: $VNCGATE_CONFIG, "
                         "else ./vncgate.ini, else built-in defaults)")
@@ -150,11 +156,11 @@ def token_parser():
     return parser
 
 
-def _shown(database):
+def _shown(database: str) -> str:
     return store_module.RedisTarget.parse(database).redacted if store_module.is_redis_url(database) else database
 
 
-def _read_password(path):
+def _read_password(path: str) -> bytes:
     try:
         with open(path, "rb") as handle:
             password = handle.read().rstrip(b"\r\n")
@@ -165,7 +171,8 @@ def _read_password(path):
     return password
 
 
-def _replay_target(args, config, store):
+def _replay_target(args: argparse.Namespace, config: config_module.Config,
+                   store: AnyStore) -> tuple[str, int, str]:
     """(host, port, instance) of a replay token, after checking the recording exists (on any
     gateway of the store: one whose record_dir is not shared is named on stderr)."""
     if args.host or args.port or args.domain or args.password_file or args.internal_path or args.record:
@@ -182,7 +189,7 @@ def _replay_target(args, config, store):
     return "recording", 0, args.instance or meta.get("instance_id") or args.replay
 
 
-def cmd_add(args, config, store, out):
+def cmd_add(args: argparse.Namespace, config: config_module.Config, store: AnyStore, out: TextIO) -> None:
     if args.replay:
         host, port, instance = _replay_target(args, config, store)
         password = None
@@ -221,7 +228,7 @@ def cmd_add(args, config, store, out):
         out.write(url + "\n")
 
 
-def cmd_list(args, config, store, out):
+def cmd_list(args: argparse.Namespace, config: config_module.Config, store: AnyStore, out: TextIO) -> None:
     rows = store.list_details(instance_id=args.instance, host=args.host,
                               include_expired=args.include_expired, only_idle=args.only_idle)
     now = store.clock()
@@ -238,7 +245,7 @@ def cmd_list(args, config, store, out):
 TOKENS_HELP = "tokens; - reads them from standard input, one per line (keeps them out of ps)"
 
 
-def _tokens(args, stdin):
+def _tokens(args: argparse.Namespace, stdin: TextIO) -> list[str]:
     """The tokens named on the command line, read from stdin for '-', and from --token-file:
     a token on a command line is visible to every local user in ps."""
     tokens = [token for token in args.tokens if token != "-"]
@@ -255,7 +262,7 @@ def _tokens(args, stdin):
     return tokens + [line.strip() for line in lines if line.strip()]
 
 
-def cmd_revoke(args, config, store, out):
+def cmd_revoke(args: argparse.Namespace, config: config_module.Config, store: AnyStore, out: TextIO) -> None:
     tokens = _tokens(args, sys.stdin) if args.tokens or args.token_file else []
     chosen = sum(bool(choice) for choice in (args.tokens or args.token_file, args.instance, args.host))
     if chosen != 1:
@@ -274,7 +281,7 @@ def cmd_revoke(args, config, store, out):
     out.write(f"revoked {deleted} token{'s' if deleted != 1 else ''}\n")
 
 
-def cmd_touch(args, config, store, out):
+def cmd_touch(args: argparse.Namespace, config: config_module.Config, store: AnyStore, out: TextIO) -> None:
     tokens = _tokens(args, sys.stdin)
     if not tokens:
         raise UsageError("touch takes TOKEN..., - or --token-file F")
@@ -284,14 +291,14 @@ def cmd_touch(args, config, store, out):
     out.write(f"touched {touched} token{'s' if touched != 1 else ''}\n")
 
 
-def cmd_purge(args, config, store, out):
+def cmd_purge(args: argparse.Namespace, config: config_module.Config, store: AnyStore, out: TextIO) -> None:
     deleted = store.purge()
     recordings = Recordings.from_config(config, store).purge()
     out.write(f"purged {deleted} token{'s' if deleted != 1 else ''}"
               + (f" and {recordings} recording{'s' if recordings != 1 else ''}" if recordings else "") + "\n")
 
 
-def cmd_recordings(args, config, store, out):
+def cmd_recordings(args: argparse.Namespace, config: config_module.Config, store: AnyStore, out: TextIO) -> None:
     rows = Recordings.from_config(config, store).list(instance_id=args.instance)
     if args.json:
         json.dump([api.recording_json(row) for row in rows], out)
@@ -304,7 +311,7 @@ def cmd_recordings(args, config, store, out):
                   for row in rows])
 
 
-def cmd_sessions(args, config, store, out):
+def cmd_sessions(args: argparse.Namespace, config: config_module.Config, store: AnyStore, out: TextIO) -> None:
     rows = store.list_sessions(instance_id=args.instance)
     if args.json:
         json.dump([api.session_json(row, store.clock()) for row in rows], out)
@@ -315,7 +322,7 @@ def cmd_sessions(args, config, store, out):
                    row.gateway_id, api.iso(row.started_at), str(row.bytes_up), str(row.bytes_down)) for row in rows])
 
 
-def cmd_kill(args, config, store, out):
+def cmd_kill(args: argparse.Namespace, config: config_module.Config, store: AnyStore, out: TextIO) -> None:
     if bool(args.session_ids) == bool(args.instance):
         raise UsageError("kill takes SESSION... or --instance ID (exactly one)")
     if args.instance:
@@ -329,7 +336,7 @@ def cmd_kill(args, config, store, out):
     out.write(f"kill requested for {marked} session{'s' if marked != 1 else ''}; they end {when}\n")
 
 
-def cmd_migrate(args, config, store, out):
+def cmd_migrate(args: argparse.Namespace, config: config_module.Config, store: AnyStore, out: TextIO) -> None:
     config_module.check_database(args.to, "--to")
     if args.to == config.database:
         raise UsageError("--to names the database the config already uses")
@@ -342,7 +349,7 @@ def cmd_migrate(args, config, store, out):
               f" ({skipped} garbage skipped); point database at it, then restart the gateways\n")
 
 
-def cmd_api_key(args, config, _store, out):
+def cmd_api_key(args: argparse.Namespace, config: config_module.Config, _store: None, out: TextIO) -> None:
     if not config.api_keys_file:
         raise CommandFailed(f"api_keys_file is not set in [gateway] of {config.source or 'the built-in defaults'}")
     try:
@@ -360,7 +367,7 @@ def cmd_api_key(args, config, _store, out):
         raise UsageError(str(error)) from None
 
 
-def cmd_follow(args, config, store, out):
+def cmd_follow(args: argparse.Namespace, config: config_module.Config, store: AnyStore, out: TextIO) -> None:
     try:
         scope.check_name("instance", args.instance)
         scope.check_mint(allow.BackendAllow.from_config(config), config.token_ttl, store_module.SERIAL,
@@ -373,13 +380,13 @@ def cmd_follow(args, config, store, out):
               f"logging to {where}\n")
 
 
-def cmd_unfollow(args, config, store, out):
+def cmd_unfollow(args: argparse.Namespace, config: config_module.Config, store: AnyStore, out: TextIO) -> None:
     if not store.remove_follow(args.instance):
         raise CommandFailed(f"{args.instance} is not followed")
     out.write(f"no longer following {args.instance}\n")
 
 
-def cmd_log(args, config, store, out):
+def cmd_log(args: argparse.Namespace, config: config_module.Config, store: AnyStore, out: TextIO) -> None:
     if args.tail is not None and args.tail < 0:
         raise UsageError("--tail takes a number of lines, 0 or more")
     data = consoles.console_output(store, config.console_log_dir, args.instance, args.tail)
@@ -390,7 +397,7 @@ def cmd_log(args, config, store, out):
     write(data)
     out.flush()
     if args.follow:
-        def write_now(chunk):
+        def write_now(chunk: bytes) -> None:
             write(chunk)
             out.flush()
         consoles.follow_output(store, config.console_log_dir, args.instance, write_now, threading.Event())
@@ -402,8 +409,8 @@ COMMANDS = {"add": cmd_add, "list": cmd_list, "revoke": cmd_revoke, "touch": cmd
             "screenshot": cli_screenshot.cmd_screenshot}
 
 
-def token_main(argv=None, out=None):
-    def body():
+def token_main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
+    def body() -> None:
         args = token_parser().parse_args(argv)
         config = config_module.load(args.config)
         if args.command == "api-key":  # the key file only, not the store
@@ -417,5 +424,5 @@ def token_main(argv=None, out=None):
     return run_reporting_errors("vncgate-token", body)
 
 
-def token_main_exit():
+def token_main_exit() -> None:
     sys.exit(token_main())

@@ -11,13 +11,15 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from vncgate import addresses
 from vncgate import config as config_module
 from vncgate import store as store_module
 from vncgate.control import scope
-from vncgate.store.common import Store
+
+if TYPE_CHECKING:
+    from vncgate.store import AnyStore
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -74,7 +76,7 @@ def _types(text: str) -> tuple[str, ...]:
 
 
 def open_store(config: config_module.Config, busy_timeout: float = 5.0, database: str | None = None,
-               checkpoint_on_commit: bool = True) -> Store:
+               checkpoint_on_commit: bool = True) -> AnyStore:
     return store_module.TokenStore(database or config.database, token_ttl=config.token_ttl,
                                    idle_timeout=config.idle_timeout, busy_timeout=busy_timeout,
                                    key_prefix=config.key_prefix, checkpoint_on_commit=checkpoint_on_commit)

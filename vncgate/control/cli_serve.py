@@ -3,6 +3,9 @@ vncgate.control.service), with SIGHUP reloading it and the audit log reopened; i
 thread stacks). Its entry point stays importable as vncgate.control.cli:serve_main_exit.
 """
 
+from __future__ import annotations
+
+import argparse
 import dataclasses
 import logging
 import resource
@@ -22,7 +25,7 @@ if TYPE_CHECKING:
     from vncgate.front.server import Gateway
 
 
-def serve_parser():
+def serve_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vncgate", description="Run the VNC console gateway until SIGINT or SIGTERM.")
     parser.add_argument("-c", "--config", metavar="FILE", help="config file (default: $VNCGATE_CONFIG, "
                         "else ./vncgate.ini, else built-in defaults)")
@@ -33,7 +36,7 @@ def serve_parser():
     return parser
 
 
-def _prepare_process_for_many_sessions():
+def _prepare_process_for_many_sessions() -> None:
     """Each session holds two sockets (and two splice pipes) and two threads: lift the fd soft
     limit to the hard one, and give threads a small stack (relay loops are shallow)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -42,12 +45,12 @@ def _prepare_process_for_many_sessions():
     threading.stack_size(512 * 1024)
 
 
-def serve_main(argv=None):
+def serve_main(argv: list[str] | None = None) -> int:
     from vncgate import audit as audit_module
     from vncgate.front import server
     from vncgate.net import tls  # the token CLI does not need these
 
-    def body():
+    def body() -> None:
         args = serve_parser().parse_args(argv)
         logs.setup(args.log_level, journal=systemd.journal_reads_stderr())
         _prepare_process_for_many_sessions()
@@ -96,7 +99,7 @@ def serve_main(argv=None):
     return run_reporting_errors("vncgate", body)
 
 
-def _reload(gateway: "Gateway", audit: "Audit") -> None:
+def _reload(gateway: Gateway, audit: Audit) -> None:
     """SIGHUP: the audit log reopened (logrotate moved it), the certificate and API keys read again."""
     try:
         audit.reopen()
@@ -106,5 +109,5 @@ def _reload(gateway: "Gateway", audit: "Audit") -> None:
     gateway.reload()
 
 
-def serve_main_exit():
+def serve_main_exit() -> None:
     sys.exit(serve_main())

@@ -15,6 +15,8 @@ Behind a trusted proxy the client is the one its PROXY header or forwarding head
 names (vncgate.front.proxied), and that client's share is what is counted.
 """
 
+from __future__ import annotations
+
 import collections
 import dataclasses
 import gc
@@ -23,9 +25,11 @@ import socket
 import socketserver
 import threading
 import time
+from typing import TYPE_CHECKING, Any, Callable
 
 from vncgate import config as config_module
 from vncgate import store as store_module
+from vncgate.audit import Audit
 from vncgate.console import cluster, relay, screenshot, sessions
 from vncgate.console import serial as consoles
 from vncgate.console.recordings import Recordings
@@ -34,13 +38,16 @@ from vncgate.net import fds, http, tls
 from vncgate.refusals import Refused
 from vncgate.store import watch as store_watch
 
+if TYPE_CHECKING:
+    from vncgate.store import AnyStore
+
 log = logging.getLogger("vncgate.front.server")
 
 SHED_AT_ONCE = 64  # connections being closed to make room at most (each holds its fds until its thread ends)
 
 
 class ConnectionHandler(socketserver.BaseRequestHandler):
-    server: "Gateway"
+    server: Gateway
 
     def handle(self) -> None:
         gateway, conn = self.server, self.request
@@ -157,8 +164,11 @@ class Gateway(socketserver.ThreadingTCPServer):
     stop_wait = 30.0  # seconds stop() waits for the connections it ended to finish
     pause = staticmethod(time.sleep)  # the accept back-off's (tests record it instead)
     request_queue_size = 512
+    server_address: tuple[Any, ...]  # (host, port) or IPv6's (host, port, flowinfo, scope_id)
 
-    def __init__(self, config, store, audit, control_plane=None, listen_socket: socket.socket | None = None):
+    def __init__(self, config: config_module.Config, store: AnyStore, audit: Audit,
+                 control_plane: Callable[[Gateway], Any] | None = None,
+                 listen_socket: socket.socket | None = None) -> None:
         """control_plane: a callable taking this gateway and returning the handler of the API's
         requests (claims/serve/reload_keys), handed in by whoever builds the gateway.
         listen_socket: a listening socket to serve instead of binding listen:port (socket activation)."""
@@ -219,7 +229,7 @@ class Gateway(socketserver.ThreadingTCPServer):
         self.config = fit_to_fd_limit(config)
         self.sessions.settings = self.config  # max_sessions_per_token may have been lowered
 
-    def serve_forever(self, poll_interval=0.1):
+    def serve_forever(self, poll_interval: float = 0.1) -> None:
         self.housekeeper.start()
         self.follower.start()
         super().serve_forever(poll_interval)
@@ -233,7 +243,7 @@ class Gateway(socketserver.ThreadingTCPServer):
         self.shutdown()
         self.socket.close()
 
-    def get_request(self):
+    def get_request(self) -> tuple[socket.socket, Any]:
         try:
             request = super().get_request()
         except OSError as error:
@@ -265,7 +275,7 @@ class Gateway(socketserver.ThreadingTCPServer):
         self._accept_backoff = min(0.5, max(0.01, 2 * self._accept_backoff))
         self.pause(self._accept_backoff)  # short enough for shutdown() to stay prompt
 
-    def address_key(self, address):
+    def address_key(self, address: str) -> str:
         """What per-address shares and failures count by (throttle.address_key's network)."""
         return throttle.address_key(address, self.config.address_prefix_v4, self.config.address_prefix_v6)
 
@@ -307,12 +317,12 @@ class Gateway(socketserver.ThreadingTCPServer):
         held = len(self._connections) - len(self._shed) + (self.sessions.extra_fds + 1) // fds.PER_CONNECTION
         return held >= self.config.max_connections
 
-    def head_read(self, request):
+    def head_read(self, request: socket.socket) -> None:
         """request's head is in: from now on it is not shed to make room."""
         with self._lock:
             self._in_head.pop(request, None)
 
-    def was_shed(self, request):
+    def was_shed(self, request: socket.socket) -> bool:
         with self._lock:
             return request in self._shed
 
@@ -338,7 +348,7 @@ class Gateway(socketserver.ThreadingTCPServer):
             pass
         self.shutdown_request(request)
 
-    def process_request_thread(self, request, client_address):
+    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:  # type: ignore[override]
         self._handshake.request = request
         try:
             super().process_request_thread(request, client_address)
@@ -365,19 +375,19 @@ class Gateway(socketserver.ThreadingTCPServer):
             if not self._pending[key]:
                 del self._pending[key]
 
-    def track(self, plain, wrapped):
+    def track(self, plain: socket.socket, wrapped: socket.socket) -> None:
         """Follow a connection into its TLS wrapper, so that stop() can still wake it."""
         with self._lock:
             if plain in self._connections:
                 self._connections[plain] = wrapped
 
-    def reload(self):
+    def reload(self) -> None:
         """SIGHUP: the TLS certificate and the API keys, read again."""
         self.reload_tls()
         if self.api:
             self.api.reload_keys()
 
-    def reload_tls(self):
+    def reload_tls(self) -> None:
         """Load cert and key again (SIGHUP); live sessions keep the TLS state they have."""
         if not self.config.cert:
             return
@@ -387,18 +397,18 @@ class Gateway(socketserver.ThreadingTCPServer):
         except tls.TlsConfigError as error:
             log.error("%s; keeping the previous certificate", error)
 
-    def handle_error(self, request, client_address):
+    def handle_error(self, request: Any, client_address: Any) -> None:
         log.exception("unexpected error serving %s:%s", *client_address[:2])
 
-    def threads(self):
+    def threads(self) -> dict[str, bool]:
         """{name: up} of the gateway's long-lived threads (vncgate_thread_up, /healthz)."""
         return {**self.housekeeper.threads(), "follower": self.follower.up}
 
-    def connection_count(self):
+    def connection_count(self) -> int:
         with self._lock:
             return len(self._connections)
 
-    def stop(self):
+    def stop(self) -> None:
         """Stop accepting, end every session and handshake, wait for their threads."""
         self.shutdown()
         # Thousands of threads end: no full garbage collection (60 ms each with 9,500
@@ -425,7 +435,7 @@ class Gateway(socketserver.ThreadingTCPServer):
         self.sessions.breaker.close()
 
 
-def fit_to_fd_limit(config):
+def fit_to_fd_limit(config: config_module.Config) -> config_module.Config:
     """The config with max_connections no larger than the fd limit holds; says so in one line.
     The splice pipe pool is sized to the limit first. When max_connections is lowered, the
     shares of one address and one token are lowered with it (to a quarter), warned once."""
@@ -439,7 +449,7 @@ def fit_to_fd_limit(config):
         return config
     log.warning("%s: max_connections lowered from %d to %d", fit, config.max_connections, room)
     share = max(1, room // 4)
-    lowered = {key: share for key in ("max_pending_per_address", "max_sessions_per_token")
+    lowered: dict[str, Any] = {key: share for key in ("max_pending_per_address", "max_sessions_per_token")
                if getattr(config, key) > share}
     if lowered:
         log.warning("with max_connections = %d: %s", room,

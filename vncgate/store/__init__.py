@@ -8,7 +8,10 @@ The only place that speaks SQL or Redis. May import the root modules only. The R
 is imported when a redis:// database is opened, never by `import vncgate`.
 """
 
+from __future__ import annotations
+
 import time
+from typing import TYPE_CHECKING, Callable, Union
 
 from vncgate.store.common import (
     CONSOLE_TYPES,
@@ -31,6 +34,11 @@ from vncgate.store.common import (
 from vncgate.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore
 from vncgate.store.targets import DEFAULT_PREFIX, URL_FORMS, RedisTarget, is_redis_url
 
+if TYPE_CHECKING:
+    from vncgate.store.redis import RedisStore
+
+    AnyStore = Union[SqliteStore, RedisStore]  # what TokenStore opens (for annotations only)
+
 __all__ = ["CONSOLE_TYPES", "SERIAL", "Follow",
            "STATES", "TOKEN_BYTES", "WEBSOCKET", "XVP", "ConnectionDetails", "LiveSession",
            "Store", "StoreBusy", "StoreError", "TokenRejected", "access_url", "hash_token", "stale_after", "DEFAULT_PREFIX",
@@ -45,7 +53,7 @@ class RedisMissing(StoreError):
     """A redis:// database on an install without the Redis client (the [redis] extra)."""
 
 
-def redis_engine():
+def redis_engine() -> type[RedisStore]:
     """The Redis engine's class, imported only when a redis:// database is used, so that
     `import vncgate` and an SQLite-only install never need the `redis` package."""
     try:
@@ -58,8 +66,9 @@ def redis_engine():
     return RedisStore
 
 
-def TokenStore(database, token_ttl=300.0, idle_timeout=600.0, clock=time.time, busy_timeout=5.0,  # noqa: N802
-               key_prefix=DEFAULT_PREFIX, checkpoint_on_commit=True):
+def TokenStore(database: str, token_ttl: float = 300.0, idle_timeout: float = 600.0,  # noqa: N802
+               clock: Callable[[], float] = time.time, busy_timeout: float = 5.0,
+               key_prefix: str = DEFAULT_PREFIX, checkpoint_on_commit: bool = True) -> AnyStore:
     """Open the store `database` names: a Redis URL, else an SQLite file path.
     busy_timeout bounds how long one call waits for the store; checkpoint_on_commit=False
     leaves SQLite's checkpoints to whoever calls checkpoint()."""

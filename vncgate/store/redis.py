@@ -149,7 +149,7 @@ def _client(target: RedisTarget, busy_timeout: float) -> redis.Redis:
                "health_check_interval": 5, "client_name": "vncgate"}
     if not target.sentinel:
         return redis.Redis.from_url(target.url, **options)
-    tls = {"ssl": True, **({"ssl_ca_certs": target.option("ssl_ca_certs")} if target.option("ssl_ca_certs") else {})} \
+    tls: dict[str, Any] = {"ssl": True, **({"ssl_ca_certs": target.option("ssl_ca_certs")} if target.option("ssl_ca_certs") else {})} \
         if target.tls else {}
     to_sentinels = {key: options[key] for key in ("socket_timeout", "socket_connect_timeout")}
     if target.option("sentinel_password"):

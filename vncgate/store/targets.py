@@ -38,14 +38,14 @@ class RedisTarget:
     options: tuple = ()  # ((name, value), ...) of SENTINEL_OPTIONS given after "?"
 
     @property
-    def sentinel(self):
+    def sentinel(self) -> bool:
         return self.scheme in SENTINEL_SCHEMES
 
     @property
-    def tls(self):
+    def tls(self) -> bool:
         return self.scheme.startswith("rediss")
 
-    def option(self, name):
+    def option(self, name: str) -> str:
         return dict(self.options).get(name, "")
 
     @classmethod
