@@ -11,6 +11,7 @@ import struct
 
 from vncgate.console import relay as relay_module
 from vncgate.console import rfb
+from vncgate.console.streams import Chunk
 
 FBS_MAGIC = b"FBS 001.000\n"
 INPUT_MAGIC = b"VGI 001.000\n"
@@ -48,7 +49,7 @@ class BlockWriter:
     def block_size(length: int) -> int:
         return 8 + length + _pad(length)
 
-    def write(self, data: bytes, ms: int) -> None:
+    def write(self, data: Chunk, ms: int) -> None:
         self._block((_U32.pack(len(data)), data, _trailer(len(data), ms)), self.block_size(len(data)))
 
     def splice(self, read_end: int, length: int, ms: int) -> None:
@@ -63,7 +64,7 @@ class BlockWriter:
             raise
         self.size = start + self.block_size(length)
 
-    def _block(self, parts: tuple[bytes, ...], size: int) -> None:
+    def _block(self, parts: tuple[Chunk, ...], size: int) -> None:
         try:
             self._put(parts)
         except OSError:
@@ -71,7 +72,7 @@ class BlockWriter:
             raise
         self.size += size
 
-    def _put(self, parts: tuple[bytes, ...]) -> None:
+    def _put(self, parts: tuple[Chunk, ...]) -> None:
         written = os.writev(self.fd, parts)
         total = sum(len(part) for part in parts)
         if written < total:  # a short write (the disk filling up): the rest, or the error why not

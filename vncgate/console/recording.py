@@ -28,16 +28,20 @@ starting recorders, its budget and pruning, listing, purging) is in recordings.p
 format in fbs.py, playing back in replay.py.
 """
 
+from __future__ import annotations
+
 import json
 import logging
 import os
 import re
 import threading
 import time
+from typing import Any, Callable
 
 from vncgate.console import relay as relay_module
 from vncgate.console import rfb
 from vncgate.console.fbs import _U32, FBS_MAGIC, INPUT_MAGIC, PREFIX, BlockWriter, ReplayError, read_blocks
+from vncgate.console.streams import Chunk
 
 # The file format moved to fbs.py and playing back to replay.py; their names stay importable here.
 __all__ = ["FBS_MAGIC", "INPUT_MAGIC", "PREFIX", "SESSION_ID", "BlockWriter", "Handshake", "Recorder",
@@ -53,11 +57,11 @@ class Handshake:
     """Follows an RFB handshake from both sides' bytes; .done gives where ServerInit and
     ClientInit begin. Raises ValueError for a handshake it cannot follow or that failed."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.server = b""
         self.client = b""
 
-    def offsets(self):
+    def offsets(self) -> tuple[int, int] | None:
         """(ServerInit's offset in the server bytes, ClientInit's in the client's), or None
         while more bytes are needed."""
         s, c = self.server, self.client
@@ -91,7 +95,7 @@ class Handshake:
         return at, client_at
 
 
-def _minor(line):
+def _minor(line: bytes) -> int:
     match = re.fullmatch(rb"RFB (\d{3})\.(\d{3})\n", line)
     if not match:
         raise ValueError(f"not an RFB version line: {line!r}")
@@ -103,8 +107,10 @@ class Recorder:
     """Writes one session. server() and client() are called by the relay's two threads with
     each chunk before it is passed on; finish() once the session is over."""
 
-    def __init__(self, folder, session_id, meta, max_bytes, on_stop, at_server_init, clock=time.monotonic,
-                 space_left=lambda: True, index=None):
+    def __init__(self, folder: str, session_id: str, meta: dict[str, Any], max_bytes: int,
+                 on_stop: Callable[[str, str], object], at_server_init: bool,
+                 clock: Callable[[], float] = time.monotonic, space_left: Callable[[], bool] = lambda: True,
+                 index: Callable[[dict[str, Any]], object] | None = None) -> None:
         """space_left(): False once the filesystem is below record_min_free (asked every SPACE_CHECK
         bytes); index: called with the metadata each time it is written (the store's recordings index)."""
         self.index = index
@@ -115,10 +121,10 @@ class Recorder:
         self.on_stop = on_stop
         self.clock = clock
         self.started = clock()
-        self.stopped = None  # why recording ended before the session, if it did
+        self.stopped: str | None = None  # why recording ended before the session, if it did
         self.space_left = space_left
         self._next_space_check = SPACE_CHECK
-        self.handshake = None if at_server_init else Handshake()
+        self.handshake: Handshake | None = None if at_server_init else Handshake()
         self._lock = threading.Lock()
         writers = []
         try:
@@ -133,23 +139,23 @@ class Recorder:
             _remove(folder, session_id)
             raise
 
-    def path(self, suffix):
+    def path(self, suffix: str) -> str:
         return os.path.join(self.folder, self.session_id + suffix)
 
     @property
-    def size(self):
+    def size(self) -> int:
         return self.output.size + self.input.size
 
     @property
-    def following(self):
+    def following(self) -> bool:
         """True while the RFB handshake is being followed: the server's bytes must be shown
         to server(), not to server_pipe()."""
         return self.handshake is not None
 
-    def server(self, chunk):
+    def server(self, chunk: Chunk) -> None:
         self._take(chunk, True)
 
-    def server_pipe(self, read_end, count):
+    def server_pipe(self, read_end: int, count: int) -> bool:
         """The server's next count bytes, waiting in a pipe: spliced into the file, never read
         here (called once following is over). Returns whether the pipe was drained (False only
         when the file refused them)."""
@@ -166,24 +172,23 @@ class Recorder:
                 return False
             return True
 
-    def client(self, chunk):
+    def client(self, chunk: Chunk) -> None:
         self._take(chunk, False)
 
-    def _take(self, chunk, from_server):
+    def _take(self, chunk: Chunk, from_server: bool) -> None:
         if self.stopped:
             return
         with self._lock:
             if not self.stopped:
                 self._take_locked(chunk, from_server)
 
-    def _take_locked(self, chunk, from_server):
+    def _take_locked(self, chunk: Chunk, from_server: bool) -> None:
         if self.handshake is not None:
-            self._follow(bytes(chunk), from_server)
+            self._follow(self.handshake, bytes(chunk), from_server)
         else:
             self._write(chunk, from_server)
 
-    def _follow(self, chunk, from_server):
-        handshake = self.handshake
+    def _follow(self, handshake: Handshake, chunk: bytes, from_server: bool) -> None:
         if from_server:
             handshake.server += chunk
         else:
@@ -202,7 +207,7 @@ class Recorder:
         elif len(handshake.server) + len(handshake.client) > 1 << 16:
             self._stop("record-unsupported", "no ServerInit in the first 64 KiB")
 
-    def _too_big(self, writer, length):
+    def _too_big(self, writer: BlockWriter, length: int) -> bool:
         if self.size >= self._next_space_check:  # the free-space floor, looked at now and then
             self._next_space_check = self.size + SPACE_CHECK
             if not self.space_left():
@@ -210,10 +215,10 @@ class Recorder:
                 return True
         return self.size + writer.block_size(length) > self.max_bytes
 
-    def _ms(self):
+    def _ms(self) -> int:
         return int((self.clock() - self.started) * 1000)
 
-    def _write(self, chunk, from_server):
+    def _write(self, chunk: Chunk, from_server: bool) -> None:
         writer = self.output if from_server else self.input
         full = self._too_big(writer, len(chunk))
         if self.stopped:  # below the free-space floor: nothing more is written
@@ -229,17 +234,17 @@ class Recorder:
         if full:
             self._stop("record-max-bytes", f"record_max_bytes ({self.max_bytes}) reached")
 
-    def _failed(self, error):
+    def _failed(self, error: OSError) -> None:
         """A write the file refused (a full disk, a file size limit): recording ends, the
         session goes on; the file ends at its last whole block."""
         self._stop("record-failed", f"cannot write the recording: {error.strerror or error}")
 
-    def _stop(self, reason, detail):
+    def _stop(self, reason: str, detail: str) -> None:
         self.stopped = reason
         log.info("session %s: recording stopped: %s", self.session_id, detail)
         self.on_stop(reason, detail)
 
-    def finish(self):
+    def finish(self) -> dict[str, Any]:
         """Close the files; the fields the session's audit line adds (none when nothing of
         the session's screen was recorded, and then no files are left)."""
         with self._lock:
@@ -262,13 +267,13 @@ class Recorder:
             fields["recording_stopped"] = self.stopped
         return fields
 
-    def _write_meta(self):
+    def _write_meta(self) -> None:
         _write_json(self.path(".json"), self.meta)
         if self.index is not None:
             self.index(dict(self.meta))
 
 
-def _remove(folder, session_id):
+def _remove(folder: str, session_id: str) -> None:
     """A recording's files, whichever of them exist."""
     for suffix in (".fbs", ".input", ".json"):
         try:
@@ -277,7 +282,7 @@ def _remove(folder, session_id):
             pass
 
 
-def _write_json(path, value):
+def _write_json(path: str, value: object) -> None:
     temporary = path + ".tmp"
     with open(temporary, "w", encoding="utf-8", opener=lambda name, flags: os.open(name, flags, 0o600)) as handle:
         json.dump(value, handle)

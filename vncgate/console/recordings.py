@@ -9,21 +9,32 @@ a recording's Player (replay.py) for a replay token. The files' format is in rec
 and fbs.py.
 """
 
+from __future__ import annotations
+
 import json
 import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Callable
 
 from vncgate.console import recordings_index
 from vncgate.console.fbs import ReplayError
 from vncgate.console.recording import SESSION_ID, Recorder, _remove
 from vncgate.console.replay import Player
 
+if TYPE_CHECKING:
+    from vncgate.config import Config
+    from vncgate.console.sessions import Session
+    from vncgate.store.common import ConnectionDetails
+
 log = logging.getLogger("vncgate.console.recording")
 
+Metas = list[dict[str, Any]]  # recordings' metadata (a name apart: Recordings.list hides the builtin)
 
-def _names(folder):
+
+def _names(folder: str) -> list[str]:
     try:
         return os.listdir(folder)
     except OSError:
@@ -35,8 +46,9 @@ class Recordings:
     With a store, every recording is also in its index (recordings_index.Index), so any
     gateway or CLI on the store lists, finds and purges every gateway's."""
 
-    def __init__(self, folder, record_all=False, max_bytes=1 << 30, keep_days=30.0, clock=time.time,
-                 dir_max_bytes=0, min_free=0.0, store=None, gateway_id="", gateway=""):
+    def __init__(self, folder: str, record_all: bool = False, max_bytes: int = 1 << 30, keep_days: float = 30.0,
+                 clock: Callable[[], float] = time.time, dir_max_bytes: int = 0, min_free: float = 0.0,
+                 store: Any = None, gateway_id: str = "", gateway: str = "") -> None:
         """dir_max_bytes: the whole folder's bound (0: none), the oldest finished recordings pruned
         past it; min_free: percent of the filesystem below which no recording starts or goes on;
         store: the token store, whose recordings index this gateway (gateway_id, at the base
@@ -53,15 +65,15 @@ class Recordings:
         self.gateway_id, self.gateway = gateway_id, gateway
 
     @classmethod
-    def from_config(cls, config, store=None, gateway_id=""):
+    def from_config(cls, config: Config, store: Any = None, gateway_id: str = "") -> Recordings:
         return cls(config.record_dir, config.record_all, config.record_max_bytes, config.record_keep_days,
                    dir_max_bytes=config.record_dir_max_bytes, min_free=config.record_min_free,
                    store=store, gateway_id=gateway_id, gateway=config.base_url)
 
-    def wanted(self, details):
+    def wanted(self, details: ConnectionDetails) -> bool:
         return not details.replay and (details.record or self.record_all)
 
-    def space_left(self):
+    def space_left(self) -> bool:
         """Whether the folder's filesystem has more than min_free percent free."""
         if not self.min_free:
             return True
@@ -71,7 +83,7 @@ class Recordings:
             return True  # no folder yet: makedirs will say what is wrong
         return found.f_bavail * 100 > self.min_free * found.f_blocks
 
-    def prune(self):
+    def prune(self) -> int:
         """Delete the oldest finished recordings until the folder is within dir_max_bytes (live
         ones, whose metadata has no duration yet, are never deleted); returns how many went."""
         if not self.dir_max_bytes or not self._pruning.acquire(blocking=False):
@@ -100,7 +112,7 @@ class Recordings:
         finally:
             self._pruning.release()
 
-    def recorder(self, session, on_stop):
+    def recorder(self, session: Session, on_stop: Callable[[str, str], object]) -> Recorder | None:
         """A Recorder for session; None (logged, and on_stop told) when record_dir cannot be
         written or its filesystem is below record_min_free."""
         meta = {"format": "vncgate-recording 1", "session_id": session.id,
@@ -122,12 +134,12 @@ class Recordings:
             on_stop("record-failed", f"cannot write in {self.folder}: {error.strerror}")
             return None
 
-    def list(self, instance_id=None):
+    def list(self, instance_id: str | None = None) -> Metas:
         """The recordings' metadata, oldest first: every gateway's (the store's index) and the
         files of record_dir the index does not know (made before it, or during an outage)."""
         return self.index.merged(self.files(instance_id), instance_id)
 
-    def files(self, instance_id=None):
+    def files(self, instance_id: str | None = None) -> Metas:
         """The metadata of the recordings in record_dir, oldest first."""
         found = []
         try:
@@ -149,11 +161,11 @@ class Recordings:
                 found.append(meta)
         return sorted(found, key=lambda meta: (meta["started_at"], meta["session_id"]))
 
-    def find(self, session_id):
+    def find(self, session_id: str) -> dict[str, Any] | None:
         """The metadata of one recording, or None."""
         return next((meta for meta in self.list() if meta["session_id"] == session_id), None)
 
-    def purge(self):
+    def purge(self) -> int:
         """Delete the recordings older than keep_days, on every gateway (the index tells the
         others to delete their files); returns how many."""
         cutoff = self.clock() - self.keep_days * 86400
@@ -162,13 +174,13 @@ class Recordings:
         self.index.remove(gone)
         return len(gone)
 
-    def remove(self, session_ids):
+    def remove(self, session_ids: Iterable[str]) -> None:
         """Delete these recordings' files from record_dir (a purge on any gateway)."""
         for session_id in session_ids:
             if SESSION_ID.fullmatch(session_id):
                 _remove(self.folder, session_id)
 
-    def elsewhere(self, session_id):
+    def elsewhere(self, session_id: str) -> str | None:
         """None when record_dir has the recording (or nobody does); else the sentence naming
         the gateway whose record_dir holds it."""
         if not SESSION_ID.fullmatch(session_id) or os.path.exists(os.path.join(self.folder, session_id + ".fbs")):
@@ -179,7 +191,7 @@ class Recordings:
         return (f"recording {session_id} is in the record_dir of the gateway at {meta['gateway']} "
                 f"({meta.get('gateway_id')}), which is not shared with this one")
 
-    def player(self, session_id, speed):
+    def player(self, session_id: str, speed: float) -> Player:
         """A Player for a replay token: its .socket is the session's backend; its .error the
         ReplayError the viewer is told instead (then nothing plays)."""
         where = self.elsewhere(session_id)

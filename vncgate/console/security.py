@@ -11,8 +11,10 @@ messages themselves are in rfb.py; this module only ties them to a session and i
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from vncgate import refusals
 from vncgate.console import rfb
@@ -20,8 +22,6 @@ from vncgate.net import tls
 from vncgate.refusals import Refused
 
 if TYPE_CHECKING:
-    import ssl
-
     from vncgate.audit import Audit
     from vncgate.console.sessions import Session
 
@@ -37,17 +37,19 @@ class SessionSecurity:
     audit: Audit
     discard: Callable[[Session], None]  # SessionManager.discard: give back a session that ends here
 
-    def _authenticate_backend(self, session, fields):
+    def _authenticate_backend(self, session: Session, fields: dict[str, Any]) -> bytes | rfb.RfbError:
         """The gateway's RFB security handshake with the backend: VeNCrypt for a backend_tls
         token, else VNC Authentication (or None). Returns the version line agreed, or the RfbError to
         tell the client in RFB; a console whose TLS fails is refused here (502) instead."""
         details, deadline = session.details, time.monotonic() + self.backend_timeout
         # A XenServer's banner may have come with its CONNECT reply: the handshake reads it.
         leftover, session.backend_leftover = session.backend_leftover, b""
+        backend = session.backend
+        assert isinstance(backend, socket.socket), "a backend is wrapped in TLS only here, once"
         try:
-            version, secured = rfb.secure(session.backend, details.backend_password, deadline, leftover,
+            version, secured = rfb.secure(backend, details.backend_password, deadline, leftover,
                                           self.backend_tls if details.backend_tls else None, details.host)
-            if secured is not session.backend:
+            if isinstance(secured, ssl.SSLSocket):  # VeNCrypt: from here on the backend is its TLS socket
                 session.backend = tls.TlsStream(secured)
             return version
         except rfb.RfbError as error:
