@@ -11,7 +11,7 @@ import pytest
 from tests import harness, vnc_client
 from tests.harness import NOVNC, CertificateAuthority, GatewayProcess, bright_pixels, open_console_in_chromium
 from vncgate import config, refusals
-from vncgate.console import relay, rfb
+from vncgate.console import pipes, relay, rfb
 from vncgate.net import tls
 
 PASSWORD = "x509-pw1"
@@ -291,7 +291,7 @@ def test_a_tls_backend_is_copied_not_spliced():
         secured = relay.Relay.raw(left, wrapped)
         assert all(isinstance(way, relay.CopyDirection) for way in (secured.upstream, secured.downstream))
         assert isinstance(secured.sockets[1], tls.TlsStream)
-        if relay.CAN_SPLICE:
+        if pipes.CAN_SPLICE:
             plain = relay.Relay.raw(left, right)
             assert isinstance(plain.upstream, relay.SpliceDirection)
     finally:

@@ -13,7 +13,7 @@ import pytest
 from tests import harness
 from tests.harness import FakeBackend, GatewayProcess, xvp_connect
 from vncgate import config as config_module
-from vncgate.console import relay
+from vncgate.console import pipes
 from vncgate.front import limits, throttle
 from vncgate.net import fds
 
@@ -124,7 +124,7 @@ def test_a_request_head_has_its_own_short_deadline(tmp_path):
 
 def test_the_reserve_scales_so_1024_fds_hold_at_least_400_sessions():
     """Old code: a fixed 96 + 128 pipe fds reserve left 395 sessions under 1,024 fds."""
-    room, _, _ = fds.connections_allowed(2 * fds.pipes(1024, relay.PIPES.limit), 1024)
+    room, _, _ = fds.connections_allowed(2 * fds.pipes(1024, pipes.PIPES.limit), 1024)
     assert room >= 400
 
 
@@ -134,7 +134,7 @@ def test_shares_are_lowered_with_the_fd_limit_and_said_once(monkeypatch, caplog)
     caplog.set_level(logging.INFO, logger="vncgate.front.server")
     monkeypatch.setattr(fds, "limit", lambda: 128)
     monkeypatch.setattr(fds, "open_count", lambda: 10)
-    monkeypatch.setattr(relay.PIPES, "limit", 64)
+    monkeypatch.setattr(pipes.PIPES, "limit", 64)
     fitted = limits.fit_to_fd_limit(config_module.Config(max_connections=1000))
     assert fitted.max_connections < 1000
     assert fitted.max_pending_per_address <= max(1, fitted.max_connections // 4)

@@ -15,7 +15,7 @@ from vncgate import audit as audit_module
 from vncgate import config as config_module
 from vncgate import store as store_module
 from vncgate import supervise
-from vncgate.console import backends, policy, relay, sessions
+from vncgate.console import backends, housekeeping, policy, relay, sessions
 from vncgate.console.recordings import Recordings
 from vncgate.front import server, xvp
 
@@ -195,7 +195,7 @@ def test_the_housekeeper_survives_any_error_logs_it_once_and_says_it_is_down(tmp
         if failures:
             raise failures.pop()
     manager.heartbeat = heartbeat
-    keeper = sessions.Housekeeper(manager, 0.05, 60)
+    keeper = housekeeping.Housekeeper(manager, 0.05, 60)
     keeper.start()
     try:
         harness.wait_for(lambda: not keeper.up and keeper.is_alive(), message="the housekeeper failing")

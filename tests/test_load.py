@@ -8,7 +8,7 @@ import pytest
 
 from tests import harness
 from tests.harness import FakeBackend, GatewayProcess, xvp_connect
-from vncgate.console import relay
+from vncgate.console import pipes
 
 LIVE_SESSIONS = 500
 HANDSHAKES_PER_SECOND = 50
@@ -66,8 +66,8 @@ def test_live_sessions_plus_steady_handshakes(tmp_path):
                          message=f"threads back to {baseline_threads}")
         harness.wait_for(lambda: gateway.session_fds() == baseline_fds,
                          timeout=20, message="file descriptors back to where they were")
-        pipes = [fd for fd in gateway.fds() if fd.startswith("pipe:")]
-        assert len(pipes) <= 2 * relay.PIPES.keep
+        pipe_fds = [fd for fd in gateway.fds() if fd.startswith("pipe:")]
+        assert len(pipe_fds) <= 2 * pipes.PIPES.keep
         print(f"\n{handshakes} handshakes, p99 {sorted(latencies)[int(len(latencies) * 0.99)] * 1e3:.1f} ms")
     finally:
         backend.stop()

@@ -23,7 +23,7 @@ from tests.harness import (
     rfb_server_streaming,
     xvp_connect,
 )
-from vncgate.console import recording, rfb
+from vncgate.console import fbs, recording, rfb
 from vncgate.console.recordings import Recordings
 from vncgate.front import wsframes
 
@@ -76,12 +76,12 @@ def test_a_recorder_writes_fbs_from_server_init_and_the_input_beside_it(tmp_path
     recorder.client(b"key")
     fields = recorder.finish()
     assert fields == {"recording": "a1b2c3d4e5f6", "recording_bytes": recorder.size} and stops == []
-    blocks = recording.read_blocks(str(tmp_path / "a1b2c3d4e5f6.fbs"))
+    blocks = fbs.read_blocks(str(tmp_path / "a1b2c3d4e5f6.fbs"))
     data = (tmp_path / "a1b2c3d4e5f6.fbs").read_bytes()
     stream = b"".join(data[offset:offset + length] for offset, length, _ms in blocks)
-    assert stream == recording.PREFIX + SERVER_INIT + b"update"
+    assert stream == fbs.PREFIX + SERVER_INIT + b"update"
     written = (tmp_path / "a1b2c3d4e5f6.input").read_bytes()
-    assert written.startswith(recording.INPUT_MAGIC) and b"\x01" in written and b"key" in written
+    assert written.startswith(fbs.INPUT_MAGIC) and b"\x01" in written and b"key" in written
     assert b"R" * 16 not in written and b"C" * 16 not in (tmp_path / "a1b2c3d4e5f6.fbs").read_bytes()
     meta = json.loads((tmp_path / "a1b2c3d4e5f6.json").read_text())
     assert (meta["session_id"], meta["instance_id"], meta["bytes"]) == ("a1b2c3d4e5f6", "vm-1", recorder.size)
@@ -221,10 +221,10 @@ def test_a_full_disk_ends_the_recording_not_the_session(tmp_path):
         assert os.path.getsize(path) <= limit
         with open(path, "rb") as handle:
             data = handle.read()
-        blocks = recording.read_blocks(path)  # whole blocks only: no "truncated"
+        blocks = fbs.read_blocks(path)  # whole blocks only: no "truncated"
         stream = b"".join(data[offset:offset + length] for offset, length, _ms in blocks)
-        assert len(stream) >= len(recording.PREFIX + SERVER_INIT)
-        assert stream == (recording.PREFIX + SERVER_INIT + b"".join(updates))[:len(stream)]
+        assert len(stream) >= len(fbs.PREFIX + SERVER_INIT)
+        assert stream == (fbs.PREFIX + SERVER_INIT + b"".join(updates))[:len(stream)]
         again = recorded_xvp_session(process, backend)  # still serving, still recording
         assert recv_exactly(again, len(SERVER_INIT)) == SERVER_INIT
         again.close()
@@ -233,7 +233,7 @@ def test_a_full_disk_ends_the_recording_not_the_session(tmp_path):
         assert process.stop() == 0
 
 
-FBS = recording.FBS_MAGIC
+FBS = fbs.FBS_MAGIC
 
 
 def block(data, ms=0):
@@ -242,10 +242,10 @@ def block(data, ms=0):
 
 DAMAGED = {
     "foreign": (b"GIF89a" + bytes(100), "recording-foreign"),
-    "truncated": (FBS + block(recording.PREFIX) + block(SERVER_INIT + b"x" * 100, 5)[:60], "recording-truncated"),
-    "time backwards": (FBS + block(recording.PREFIX, 9) + block(SERVER_INIT, 3), "recording-corrupt"),
+    "truncated": (FBS + block(fbs.PREFIX) + block(SERVER_INIT + b"x" * 100, 5)[:60], "recording-truncated"),
+    "time backwards": (FBS + block(fbs.PREFIX, 9) + block(SERVER_INIT, 3), "recording-corrupt"),
     "no ServerInit": (FBS + block(b"hello, world, this is not RFB at all"), "recording-corrupt"),
-    "cut ServerInit": (FBS + block(recording.PREFIX) + block(SERVER_INIT[:26]), "recording-truncated"),
+    "cut ServerInit": (FBS + block(fbs.PREFIX) + block(SERVER_INIT[:26]), "recording-truncated"),
     "missing": (None, "recording-missing"),
 }
 

@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from vncgate.console import recording, relay
+from vncgate.console import fbs, pipes, relay, streams
 from vncgate.console.recordings import Recordings
 
 
@@ -23,7 +23,7 @@ def tcp_pair():
 def test_chunk_reader_reads_exactly_and_keeps_the_surplus():
     left, right = socket.socketpair()
     right.sendall(b"FB 003.008\n\x01extra")
-    reader = relay.ChunkReader(relay.SocketSource(left, initial=b"R"))
+    reader = streams.ChunkReader(streams.SocketSource(left, initial=b"R"))
     assert reader.read_exact(1) == b"R"
     assert reader.read_exact(12) == b"FB 003.008\n\x01"
     assert reader.surplus == b"extra"
@@ -37,7 +37,7 @@ def test_chunk_reader_goes_on_as_the_source_of_the_rest():
     left, right = socket.socketpair()
     right.sendall(b"greeting-rest")
     right.close()
-    reader = relay.ChunkReader(relay.SocketSource(left))
+    reader = streams.ChunkReader(streams.SocketSource(left))
     assert reader.read_exact(9) == b"greeting-"
     assert b"".join(bytes(chunk) for chunk in reader.chunks()) == b"rest"
     left.close()
@@ -45,7 +45,7 @@ def test_chunk_reader_goes_on_as_the_source_of_the_rest():
 
 def test_deadline_socket_ends_a_dripping_peer_at_its_deadline():
     left, right = socket.socketpair()
-    timed = relay.DeadlineSocket(left, 0.5)
+    timed = streams.DeadlineSocket(left, 0.5)
     started = time.monotonic()
     with pytest.raises(socket.timeout):
         while True:  # one byte every 0.1 s: each read is quick, the whole is not
@@ -67,8 +67,8 @@ def test_half_close_and_counts(kind):
         relayed = relay.Relay.raw(client_side, backend_side, backend_leftover=b"B", client_leftover=b"C")
     else:
         relayed = relay.Relay(client_side, backend_side,
-                              (relay.SocketSource(client_side, b"C"), relay.SocketSink(backend_side)),
-                              (relay.SocketSource(backend_side, b"B"), relay.SocketSink(client_side)))
+                              (streams.SocketSource(client_side, b"C"), streams.SocketSink(backend_side)),
+                              (streams.SocketSource(backend_side, b"B"), streams.SocketSink(client_side)))
     runner = threading.Thread(target=relayed.run)
     runner.start()
     client_app.sendall(b"x" * 100_000)
@@ -105,27 +105,27 @@ def test_stop_ends_both_directions_at_once():
 def test_tee_duplicates_a_pipe_without_consuming_it():
     first, second = os.pipe(), os.pipe()
     os.write(first[1], b"frame update")
-    assert relay.tee(first[0], second[1], 5) == 5  # the adapter around libc's tee
+    assert pipes.tee(first[0], second[1], 5) == 5  # the adapter around libc's tee
     assert os.read(second[0], 100) == b"frame"
-    assert relay.read_pipe(first[0], 12) == b"frame update"  # the first pipe still holds it all
+    assert pipes.read_pipe(first[0], 12) == b"frame update"  # the first pipe still holds it all
     with pytest.raises(OSError):
-        relay.tee(first[1], second[1], 5)  # a write end cannot be tee'd from: errno, not -1
+        pipes.tee(first[1], second[1], 5)  # a write end cannot be tee'd from: errno, not -1
     for fd in (*first, *second):
         os.close(fd)
 
 
-class UnevenPipes(relay.PipePool):
+class UnevenPipes(pipes.PipePool):
     """Makes a one-page pipe after each full one: tee(2) then duplicates only part of a chunk."""
 
     def __init__(self):
         super().__init__(keep=0, size=4096)
 
     def take(self):
-        self.size = 4096 if self.size == relay.PIPE_SIZE else relay.PIPE_SIZE
+        self.size = 4096 if self.size == pipes.PIPE_SIZE else pipes.PIPE_SIZE
         return super().take()
 
 
-@pytest.mark.parametrize("pipes", [relay.PipePool, lambda: relay.PipePool(limit=1), UnevenPipes],
+@pytest.mark.parametrize("pipes", [pipes.PipePool, lambda: pipes.PipePool(limit=1), UnevenPipes],
                          ids=["tee", "no-free-pipe", "small-copy-pipe"])
 def test_a_recorded_relay_writes_what_the_client_got(tmp_path, pipes):
     """The server side of a recorded session reaches the client and the recording whole and
@@ -137,8 +137,8 @@ def test_a_recorded_relay_writes_what_the_client_got(tmp_path, pipes):
                                                                     token_id="0123abcd"))
     recorder = Recordings(str(tmp_path)).recorder(session, lambda *why: None)
     relayed = relay.Relay(client_side, backend_side,
-                          (relay.SocketSource(client_side), relay.SocketSink(backend_side)),
-                          relay.TeeDirection("backend", backend_side, relay.SocketSink(client_side), recorder, b"S",
+                          (streams.SocketSource(client_side), streams.SocketSink(backend_side)),
+                          relay.TeeDirection("backend", backend_side, streams.SocketSink(client_side), recorder, b"S",
                                              pipes=pipes()))
     runner = threading.Thread(target=relayed.run)
     runner.start()
@@ -157,19 +157,19 @@ def test_a_recorded_relay_writes_what_the_client_got(tmp_path, pipes):
     path = str(tmp_path / "0a1b2c3d4e5f.fbs")
     with open(path, "rb") as handle:
         data = handle.read()
-    stream = b"".join(data[offset:offset + length] for offset, length, _ms in recording.read_blocks(path))
-    assert stream == recording.PREFIX + b"S" + sent
+    stream = b"".join(data[offset:offset + length] for offset, length, _ms in fbs.read_blocks(path))
+    assert stream == fbs.PREFIX + b"S" + sent
 
 
 def test_the_backend_side_is_spliced_tee_d_or_copied_as_it_may_be(tmp_path):
     client_side, backend_side = tcp_pair()
-    sink = relay.SocketSink(client_side)
+    sink = streams.SocketSink(client_side)
     recorder = types.SimpleNamespace(server=lambda chunk: None)
     chosen = [type(relay.from_backend(backend_side, sink, recorder=with_recorder, splice=splice))
               for splice, with_recorder in ((True, None), (True, recorder), (False, None), (False, recorder))]
-    tee = relay.TeeDirection if relay.CAN_TEE else relay.CopyDirection
+    tee = relay.TeeDirection if pipes.CAN_TEE else relay.CopyDirection
     assert chosen == [relay.SpliceDirection, tee, relay.CopyDirection, relay.CopyDirection]
-    assert relay.splices(client_side, backend_side) == relay.CAN_SPLICE
+    assert relay.splices(client_side, backend_side) == pipes.CAN_SPLICE
     assert not relay.splices(client_side, relay.tls.TlsStream(backend_side))  # TLS: OpenSSL has the bytes
     client_side.close()
     backend_side.close()

@@ -292,7 +292,7 @@ def test_offer_no_auth_refuses_bad_clients(client_bytes, reason):
 
 @pytest.mark.parametrize("failure, reason", [
     (ConnectionResetError(104, "reset"), "client-closed"),
-    (ConnectionError("the client closed during the handshake"), "client-closed"),  # relay.ChunkReader at EOF
+    (ConnectionError("the client closed during the handshake"), "client-closed"),  # streams.ChunkReader at EOF
     (socket.timeout("timed out"), "handshake-timeout"),
 ])
 def test_client_io_errors_become_rfb_errors(failure, reason):

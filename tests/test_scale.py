@@ -12,7 +12,7 @@ import pytest
 
 from tests import harness
 from tests.harness import GatewayProcess, xvp_connect
-from vncgate.console import relay
+from vncgate.console import pipes
 
 LIMIT = 512
 
@@ -69,7 +69,7 @@ def test_idle_sessions_hold_their_two_sockets_only(tmp_path, backend):
         assert all(echoes(sock) for sock in held)
         fds = gateway.fds()
         assert len([fd for fd in fds if fd.startswith("socket:")]) >= 80
-        assert len([fd for fd in fds if fd.startswith("pipe:")]) <= 2 * relay.PIPES.keep
+        assert len([fd for fd in fds if fd.startswith("pipe:")]) <= 2 * pipes.PIPES.keep
     finally:
         for sock in held:
             sock.close()

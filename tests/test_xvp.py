@@ -8,7 +8,7 @@ import pytest
 
 from tests import harness
 from tests.harness import FakeBackend, GatewayProcess, closed_by_peer, xvp_connect
-from vncgate.console import relay
+from vncgate.console import pipes
 
 
 @pytest.fixture
@@ -196,7 +196,7 @@ def test_1000_sequential_sessions_leave_threads_and_fds_as_they_were(gateway, vn
                              f"fds {fds} -> {gateway.session_fds()}") from None
     database_fds = [fd for fd in gateway.fds() if "tokens.db" in fd]
     assert len(database_fds) <= 3 * sqlite._POOL_SIZE  # db, -wal, -shm per pooled connection
-    assert len([fd for fd in gateway.fds() if fd.startswith("pipe:")]) <= 2 * relay.PIPES.keep
+    assert len([fd for fd in gateway.fds() if fd.startswith("pipe:")]) <= 2 * pipes.PIPES.keep
     ends = [line for line in gateway.audit() if line["event"] == "session-end"]
     assert len(ends) == 1001
 

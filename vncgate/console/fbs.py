@@ -9,8 +9,7 @@ from __future__ import annotations
 import os
 import struct
 
-from vncgate.console import relay as relay_module
-from vncgate.console import rfb
+from vncgate.console import pipes, rfb
 from vncgate.console.streams import Chunk
 
 FBS_MAGIC = b"FBS 001.000\n"
@@ -57,7 +56,7 @@ class BlockWriter:
         start = self.size
         try:
             self._put((_U32.pack(length),))
-            relay_module.splice_out(read_end, self.fd, length)
+            pipes.splice_out(read_end, self.fd, length)
             self._put((_trailer(length, ms),))
         except OSError:
             self._cut(start)

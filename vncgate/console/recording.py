@@ -38,14 +38,11 @@ import threading
 import time
 from typing import Any, Callable
 
-from vncgate.console import relay as relay_module
-from vncgate.console import rfb
-from vncgate.console.fbs import _U32, FBS_MAGIC, INPUT_MAGIC, PREFIX, BlockWriter, ReplayError, read_blocks
+from vncgate.console import pipes, rfb
+from vncgate.console.fbs import _U32, FBS_MAGIC, INPUT_MAGIC, PREFIX, BlockWriter
 from vncgate.console.streams import Chunk
 
 # The file format moved to fbs.py and playing back to replay.py; their names stay importable here.
-__all__ = ["FBS_MAGIC", "INPUT_MAGIC", "PREFIX", "SESSION_ID", "BlockWriter", "Handshake", "Recorder",
-           "ReplayError", "read_blocks"]
 
 log = logging.getLogger("vncgate.console.recording")
 
@@ -161,7 +158,7 @@ class Recorder:
         when the file refused them)."""
         with self._lock:
             if self.stopped or self._too_big(self.output, count) or self.stopped:
-                chunk = relay_module.read_pipe(read_end, count)  # the last chunk before the limit
+                chunk = pipes.read_pipe(read_end, count)  # the last chunk before the limit
                 if not self.stopped:
                     self._take_locked(chunk, True)
                 return True

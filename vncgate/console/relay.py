@@ -34,20 +34,14 @@ from typing import TYPE_CHECKING, Callable, Union
 from vncgate.console.pipes import (
     CAN_SPLICE,
     CAN_TEE,
-    PIPE_SIZE,
     PIPES,
     PipePool,
     read_pipe,
-    splice_out,
     tee,
 )
 from vncgate.console.streams import (
-    BUFFER_SIZE,
-    ChunkReader,
-    DeadlineSocket,
     SocketSink,
     SocketSource,
-    TappedSource,
     tapped,
 )
 from vncgate.net import tls
@@ -60,10 +54,6 @@ Sock = Union[socket.socket, tls.TlsStream]
 
 # The pipe primitives moved to pipes.py, the Sources and Sinks to streams.py; their names
 # stay importable from here.
-__all__ = ["BUFFER_SIZE", "CAN_SPLICE", "CAN_TEE", "COPY_SIZE", "PIPES", "PIPE_SIZE", "ChunkReader",
-           "CopyDirection", "DeadlineSocket", "Direction", "Ended", "PipePool", "Relay", "SocketSink",
-           "SocketSource", "SpliceDirection", "TappedSource", "TeeDirection", "from_backend", "read_pipe",
-           "splice_out", "splices", "tapped", "tee", "tune"]
 
 COPY_SIZE = 64 * 1024  # a spliced direction's chunk when no pipe is free
 LINGER = 1.0  # seconds the backend's last bytes may still flow after the client's side ended

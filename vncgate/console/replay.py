@@ -15,8 +15,7 @@ import threading
 import time
 from typing import IO
 
-from vncgate.console import relay as relay_module
-from vncgate.console import rfb
+from vncgate.console import rfb, streams
 from vncgate.console.fbs import PREFIX, ReplayError, read_blocks
 
 log = logging.getLogger("vncgate.console.recording")
@@ -78,7 +77,7 @@ class Player:
         sock = self._far
         try:
             with sock, open(self.path, "rb") as handle:
-                reader = relay_module.ChunkReader(relay_module.SocketSource(sock))
+                reader = streams.ChunkReader(streams.SocketSource(sock))
                 rfb.offer_no_auth(reader.read_exact, sock.sendall, rfb.RFB_3_8)
                 reader.read_exact(1)  # ClientInit: shared or not, there is one screen
                 self._play(sock, handle)

@@ -30,7 +30,6 @@ from vncgate.console import allow, backends, recording, rfb
 from vncgate.console import policy as policy_module
 from vncgate.console import resume as resume_module
 from vncgate.console import shares as shares_module
-from vncgate.console.housekeeping import Housekeeper, Listener
 from vncgate.console.recordings import Recordings
 from vncgate.console.security import SessionSecurity
 from vncgate.net import fds, tls
@@ -49,7 +48,6 @@ if TYPE_CHECKING:
     AnyStore = Union[SqliteStore, RedisStore]
 
 # The housekeeper moved to housekeeping.py; it stays importable from here (front.server uses it).
-__all__ = ["CHECKPOINT_INTERVAL", "Housekeeper", "Listener", "Session", "SessionManager"]
 
 log = logging.getLogger("vncgate.console.sessions")
 

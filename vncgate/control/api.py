@@ -30,10 +30,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from vncgate import store as store_module
 from vncgate.control.api_consoles import _TOKEN_ID, ConsoleEndpoints
 from vncgate.control.api_fields import _whole_number
-from vncgate.control.api_keys import KeyFileError, add_key, hash_key, read_keys, remove_key
+from vncgate.control.api_keys import KeyFileError, hash_key, read_keys
 from vncgate.control.api_screenshots import ScreenshotEndpoints
 from vncgate.control.api_sessions import _SESSION_ID, SessionEndpoints
-from vncgate.control.minting import console_json, iso, mint, recording_json, session_json, token_json
 from vncgate.control.scope import KeyScope
 from vncgate.front import throttle, web, websocket
 from vncgate.refusals import Refused
@@ -43,8 +42,6 @@ if TYPE_CHECKING:
     from vncgate.net import http
 
 # Moved to api_keys and minting; still importable from here (the CLI uses api.mint, api.add_key...).
-__all__ = ["ControlPlane", "KeyFileError", "add_key", "console_json", "hash_key", "iso", "mint", "read_keys",
-           "remove_key", "recording_json", "session_json", "token_json"]
 
 log = logging.getLogger("vncgate.control.api")
 

@@ -20,7 +20,7 @@ from vncgate.console import allow
 from vncgate.console import policy as policy_module
 from vncgate.console import serial as consoles
 from vncgate.console.recordings import Recordings
-from vncgate.control import api, cli_screenshot, libvirt, scope
+from vncgate.control import api_keys, cli_screenshot, libvirt, minting, scope
 from vncgate.control.cli_common import (
     CommandFailed,
     UsageError,
@@ -217,12 +217,12 @@ def cmd_add(args: argparse.Namespace, config: config_module.Config, store: AnySt
                                replay=bool(args.replay))
     except scope.Invalid as error:
         raise UsageError(str(error)) from None
-    token, details, url = api.mint(config, store, args.console_type, host, port, instance, args.internal_path,
+    token, details, url = minting.mint(config, store, args.console_type, host, port, instance, args.internal_path,
                                    ttl, password, policy.to_json(), args.backend_tls, record=args.record,
                                    replay=args.replay or "", replay_speed=args.speed,
                                    held_key=config_module.read_key_file(config.screenshot_key_file) if password else None)
     if args.json:
-        json.dump(api.console_json(token, details, url), out)
+        json.dump(minting.console_json(token, details, url), out)
         out.write("\n")
     else:
         out.write(url + "\n")
@@ -233,12 +233,12 @@ def cmd_list(args: argparse.Namespace, config: config_module.Config, store: AnyS
                               include_expired=args.include_expired, only_idle=args.only_idle)
     now = store.clock()
     if args.json:
-        json.dump([api.token_json(row, now, config.idle_timeout) for row in rows], out)
+        json.dump([minting.token_json(row, now, config.idle_timeout) for row in rows], out)
         out.write("\n")
         return
     write_table(out, ("ID", "TYPE", "INSTANCE", "BACKEND", "STATE", "EXPIRES (UTC)", "IDLE"),
                  [(row.token_id, row.console_type, row.instance_id, f"{row.host}:{row.port}",
-                   row.state(now, config.idle_timeout), api.iso(row.expires_at), f"{now - row.updated_at:.0f}s")
+                   row.state(now, config.idle_timeout), minting.iso(row.expires_at), f"{now - row.updated_at:.0f}s")
                   for row in rows])
 
 
@@ -301,11 +301,11 @@ def cmd_purge(args: argparse.Namespace, config: config_module.Config, store: Any
 def cmd_recordings(args: argparse.Namespace, config: config_module.Config, store: AnyStore, out: TextIO) -> None:
     rows = Recordings.from_config(config, store).list(instance_id=args.instance)
     if args.json:
-        json.dump([api.recording_json(row) for row in rows], out)
+        json.dump([minting.recording_json(row) for row in rows], out)
         out.write("\n")
         return
     write_table(out, ("SESSION", "INSTANCE", "STARTED (UTC)", "DURATION", "BYTES", "GATEWAY", "NOTE"),
-                 [(row["session_id"], str(row.get("instance_id")), api.iso(row["started_at"]),
+                 [(row["session_id"], str(row.get("instance_id")), minting.iso(row["started_at"]),
                    "live" if row.get("duration") is None else f"{row['duration']:.0f}s", str(row.get("bytes")),
                    row.get("gateway") or "-", f"stopped: {row['stopped']}" if row.get("stopped") else "")
                   for row in rows])
@@ -314,12 +314,12 @@ def cmd_recordings(args: argparse.Namespace, config: config_module.Config, store
 def cmd_sessions(args: argparse.Namespace, config: config_module.Config, store: AnyStore, out: TextIO) -> None:
     rows = store.list_sessions(instance_id=args.instance)
     if args.json:
-        json.dump([api.session_json(row, store.clock()) for row in rows], out)
+        json.dump([minting.session_json(row, store.clock()) for row in rows], out)
         out.write("\n")
         return
     write_table(out, ("SESSION", "INSTANCE", "TYPE", "CLIENT", "TOKEN", "GATEWAY", "STARTED (UTC)", "UP", "DOWN"),
                  [(row.session_id, row.instance_id, row.console_type, row.client, row.token_hash[:8],
-                   row.gateway_id, api.iso(row.started_at), str(row.bytes_up), str(row.bytes_down)) for row in rows])
+                   row.gateway_id, minting.iso(row.started_at), str(row.bytes_up), str(row.bytes_down)) for row in rows])
 
 
 def cmd_kill(args: argparse.Namespace, config: config_module.Config, store: AnyStore, out: TextIO) -> None:
@@ -357,11 +357,11 @@ def cmd_api_key(args: argparse.Namespace, config: config_module.Config, _store: 
             if args.max_ttl is not None:
                 scope.check_ttl(args.max_ttl)
             key_scope = scope.KeyScope(args.networks or (), args.types or (), args.max_ttl or 0.0)
-            out.write(api.add_key(config.api_keys_file, args.name, key_scope) + "\n")
+            out.write(api_keys.add_key(config.api_keys_file, args.name, key_scope) + "\n")
         else:
-            api.remove_key(config.api_keys_file, args.name)
+            api_keys.remove_key(config.api_keys_file, args.name)
             out.write(f"removed API key {args.name}; send SIGHUP to running gateways\n")
-    except api.KeyFileError as error:
+    except api_keys.KeyFileError as error:
         raise CommandFailed(str(error)) from None
     except scope.Invalid as error:
         raise UsageError(str(error)) from None

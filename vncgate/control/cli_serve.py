@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from vncgate import config as config_module
 from vncgate import logs
 from vncgate import store as store_module
-from vncgate.control import api, service, systemd
+from vncgate.control import api, api_keys, service, systemd
 from vncgate.control.cli_common import CommandFailed, _Parser, _port_in, open_store, run_reporting_errors
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def serve_main(argv: list[str] | None = None) -> int:
                      if value is not None}
         config = dataclasses.replace(config, **overrides)
         # A handshake waits for a locked database no longer than it may take as a whole.
-        # Checkpoints are the housekeeper's (sessions.Housekeeper), never a handshake's commit.
+        # Checkpoints are the housekeeper's (housekeeping.Housekeeper), never a handshake's commit.
         # Redis retries a timed-out call twice: each attempt gets under a third of that, so that a hung
         # Redis still lets the handshake be answered within handshake_timeout.
         wait = min(5.0, config.handshake_timeout)
@@ -76,7 +76,7 @@ def serve_main(argv: list[str] | None = None) -> int:
                                      listen_socket=inherited[0] if inherited else None)
         except OSError as error:
             raise CommandFailed(f"cannot listen on {config.listen}:{config.port}: {error.strerror}") from None
-        except (tls.TlsConfigError, api.KeyFileError) as error:
+        except (tls.TlsConfigError, api_keys.KeyFileError) as error:
             raise CommandFailed(str(error)) from None
 
         lifecycle = service.Service(gateway, systemd.Notifier.from_environment(), systemd.watchdog_interval())

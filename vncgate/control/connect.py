@@ -27,7 +27,7 @@ import time
 import urllib.parse
 from typing import NoReturn, Optional, TextIO
 
-from vncgate.console import relay, rfb
+from vncgate.console import relay, rfb, streams
 from vncgate.net import http, peercred
 from vncgate.refusals import Refused
 
@@ -291,7 +291,7 @@ def _tell_viewer(viewer: socket.socket, reason: str) -> None:
     """Be the viewer's RFB server just long enough to refuse it with reason, which it shows."""
     viewer.settimeout(5)
     try:
-        reader = relay.ChunkReader(relay.SocketSource(viewer))
+        reader = streams.ChunkReader(streams.SocketSource(viewer))
         rfb.refuse_client(reader.read_exact, viewer.sendall, rfb.RFB_3_8, reason)
     except rfb.RfbError:
         pass  # not an RFB viewer, or gone: the terminal line is the message

@@ -9,7 +9,7 @@ import logging
 from typing import Any
 
 from vncgate import config as config_module
-from vncgate.console import relay
+from vncgate.console import pipes
 from vncgate.net import fds
 
 log = logging.getLogger("vncgate.front.server")  # the line an operator knows from the start
@@ -20,8 +20,8 @@ def fit_to_fd_limit(config: config_module.Config) -> config_module.Config:
     The splice pipe pool is sized to the limit first. When max_connections is lowered, the
     shares of one address and one token are lowered with it (to a quarter), warned once."""
     fd_limit = fds.limit()
-    relay.PIPES.limit = fds.pipes(fd_limit, relay.PIPES.limit)
-    room, fd_limit, reserved = fds.connections_allowed(2 * relay.PIPES.limit, fd_limit)
+    pipes.PIPES.limit = fds.pipes(fd_limit, pipes.PIPES.limit)
+    room, fd_limit, reserved = fds.connections_allowed(2 * pipes.PIPES.limit, fd_limit)
     fit = (f"fd limit {fd_limit} holds {room} connections ({fds.PER_CONNECTION} fds each, {reserved} "
            f"reserved for splice pipes, the store and files)")
     if config.max_connections <= room:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from vncgate import config as config_module
 from vncgate import store as store_module
 from vncgate.audit import Audit
-from vncgate.console import cluster, screenshot, sessions
+from vncgate.console import cluster, housekeeping, screenshot, sessions
 from vncgate.console import serial as consoles
 from vncgate.console.recordings import Recordings
 from vncgate.front import limits, proxied, throttle, web, websocket, xvp
@@ -193,7 +193,7 @@ class Gateway(socketserver.ThreadingTCPServer):
         self.follower = cluster.Follower(store, self.sessions.gateway_id, self.consoles.sync)
         self.sessions.event_handlers["follow"] = self.follower.wake
         self.sessions.event_handlers["recordings-purged"] = self.sessions.recordings.remove
-        self.housekeeper = sessions.Housekeeper(self.sessions, config.touch_interval, config.housekeeping_interval,
+        self.housekeeper = housekeeping.Housekeeper(self.sessions, config.touch_interval, config.housekeeping_interval,
                                                 tasks=(self.sessions.recordings.prune,))
         self.prober = store_watch.Prober(store.ping)  # /healthz's bounded look at the store
         self.tls_context = tls.server_context(config.cert, config.key) if config.cert else None

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from vncgate import store as store_module
 from vncgate.config import Config
-from vncgate.console import relay
+from vncgate.console import streams
 from vncgate.net import http
 from vncgate.refusals import Refused
 
@@ -106,7 +106,7 @@ def reply(conn: socket.socket, request: http.Request, deadline: float, status: i
 
 def _send_by(conn: socket.socket, deadline: float, data: bytes) -> None:
     try:
-        relay.DeadlineSocket(conn, deadline - time.monotonic()).sendall(data)
+        streams.DeadlineSocket(conn, deadline - time.monotonic()).sendall(data)
     except socket.timeout:
         # Cut, not closed: a graceful close would let the kernel go on delivering what
         # its buffers hold to this slow reader. Linger 0 makes the close a reset.

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, NoReturn
 
 from vncgate import store
-from vncgate.console import relay, resume
+from vncgate.console import pipes, relay, resume, streams
 from vncgate.front import wsframes
 from vncgate.net import tls
 from vncgate.refusals import Refused
@@ -72,11 +72,11 @@ def _relay(gateway: Gateway, conn: socket.socket, session: Session, secure: bool
     stream.sendall(wsframes.upgrade_response(accept, subprotocol, cookie))
     sender = wsframes.Sender(stream)
     sink = ClientSink(sender)
-    source: relay.ChunkReader | ClientSource
+    source: streams.ChunkReader | ClientSource
     if session.needs_greeting:
         # The gateway's own RFB handshake ends by one deadline, however the client drips or pings.
-        timed = relay.DeadlineSocket(stream, gateway.config.handshake_timeout)
-        source = relay.ChunkReader(ClientSource(timed, sender, leftover))
+        timed = streams.DeadlineSocket(stream, gateway.config.handshake_timeout)
+        source = streams.ChunkReader(ClientSource(timed, sender, leftover))
         if not gateway.sessions.greet(session, source.read_exact, sink.write):
             # The RFB reason (if any) went in binary messages; a close frame ends the WebSocket
             # cleanly, so a browser reports a closed connection, not 1006.
@@ -91,7 +91,7 @@ def _relay(gateway: Gateway, conn: socket.socket, session: Session, secure: bool
         to_backend = session.client_filter(to_backend)
     return relay.Relay(
         stream, backend,
-        upstream=relay.CopyDirection("client", relay.tapped(source, recorder.client if recorder else None), to_backend),
+        upstream=relay.CopyDirection("client", streams.tapped(source, recorder.client if recorder else None), to_backend),
         # The backend's bytes are spliced (a frame header, then the payload from a kernel pipe)
         # unless either side is TLS.
         downstream=relay.from_backend(backend, sink, session.backend_leftover, recorder,
@@ -120,7 +120,7 @@ class ClientSource:
     """The payloads of the client's binary messages; ends the session (wsframes.Ended)
     on its close frame or a protocol violation."""
 
-    def __init__(self, sock: socket.socket | tls.TlsStream | relay.DeadlineSocket, sender: wsframes.Sender,
+    def __init__(self, sock: socket.socket | tls.TlsStream | streams.DeadlineSocket, sender: wsframes.Sender,
                  initial: bytes = b"") -> None:
         self.decoder = wsframes.Decoder(sock.recv, sender, initial)
 
@@ -139,14 +139,14 @@ class ClientSink:
     def write_from(self, read_end: int, count: int) -> None:
         """count bytes waiting in a pipe, as one binary message spliced to the client."""
         client = self.sender.sock.fileno()
-        self.sender.binary_spliced(count, lambda: relay.splice_out(read_end, client, count))
+        self.sender.binary_spliced(count, lambda: pipes.splice_out(read_end, client, count))
 
     def close_write(self) -> NoReturn:
         self.sender.close(wsframes.NORMAL)
         raise relay.Ended("backend-closed")
 
 
-class BackendSink(relay.SocketSink):
+class BackendSink(streams.SocketSink):
     """Client bytes to the backend. A client connection that ends without a close frame
     ends the session as a whole: a WebSocket has no half-close."""
 

@@ -6,7 +6,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from vncgate import store
-from vncgate.console import relay
+from vncgate.console import relay, streams
 from vncgate.net.http import Request
 from vncgate.net.tls import TlsStream
 
@@ -24,8 +24,8 @@ def serve(gateway: Gateway, conn: socket.socket | TlsStream, request: Request, l
         conn.sendall(OK)
         if session.needs_greeting:
             # The gateway's own RFB handshake ends by one deadline, however the client drips bytes.
-            timed = relay.DeadlineSocket(conn, gateway.config.handshake_timeout)
-            reader = relay.ChunkReader(relay.SocketSource(timed), initial=leftover)
+            timed = streams.DeadlineSocket(conn, gateway.config.handshake_timeout)
+            reader = streams.ChunkReader(streams.SocketSource(timed), initial=leftover)
             if not gateway.sessions.greet(session, reader.read_exact, timed.sendall):
                 return
             leftover = reader.surplus

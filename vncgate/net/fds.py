@@ -3,7 +3,7 @@
 A session holds two sockets (client and backend), and more by kind: a recorded one its
 two recording files (RECORDED_EXTRA), a serial viewer the console hub's end of its
 socketpair (SERIAL_EXTRA); the gateway counts those extra fds against its connections.
-The splice pipes are a bounded pool (relay.PIPES) and the rest (store connections,
+The splice pipes are a bounded pool (console/pipes.py: PIPES) and the rest (store connections,
 audit log, files the web side sends) fits in a reserve; both scale with a small limit
 (pipes() and reserve()), so that 1,024 fds still hold 400 sessions and more. From the fd limit the gateway works out how many
 connections it can hold and never admits more, so fds normally never run out. When
