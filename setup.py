@@ -17,7 +17,7 @@ setup(
                              "prometheus_client", "jsonschema", "openapi-schema-validator",
                              "openapi-spec-validator", "wsproto", "coverage"]},
     entry_points={"console_scripts": [
-        "vncgate = vncgate.control.cli:serve_main_exit",
+        "vncgate = vncgate.control.cli_serve:serve_main_exit",
         "vncgate-token = vncgate.control.cli:token_main_exit",
         "vncgate-connect = vncgate.control.connect:main_exit",
     ]},

@@ -186,7 +186,7 @@ def start(folder, args, procs):
     env = dict(os.environ, PYTHONPATH=args.source)
     gateway = subprocess.Popen(
         ["prlimit", f"--nofile={args.fd_limit}:{args.fd_limit}", "--", sys.executable, "-c",
-         "from vncgate.control.cli import serve_main_exit; serve_main_exit()", "-c", ini, "--port", "0"],
+         "from vncgate.control.cli_serve import serve_main_exit; serve_main_exit()", "-c", ini, "--port", "0"],
         cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     procs.append(gateway)
     deadline = time.monotonic() + 30

@@ -3,7 +3,7 @@ sessions, kill, migrate, follow, unfollow, log, screenshot).
 
 This module keeps vncgate-token: its parser and its commands. The serve command is in
 cli_serve, what both share (errors, exit codes, argument types, opening the store) in
-cli_common; both entry points stay importable from here (setup.py names them here).
+cli_common; setup.py names each entry point in its own module.
 """
 
 from __future__ import annotations
@@ -33,13 +33,9 @@ from vncgate.control.cli_common import (
     run_reporting_errors,
 )
 from vncgate.control.cli_output import log_writer, write_table
-from vncgate.control.cli_serve import serve_main, serve_main_exit
 
 if TYPE_CHECKING:
     from vncgate.store import AnyStore
-
-# serve_main_exit is the vncgate console script's entry point (setup.py names it here).
-__all__ = ["serve_main", "serve_main_exit", "token_main", "token_main_exit"]
 
 
 def _instance_id(text: str) -> str:
