@@ -147,8 +147,10 @@ def test_a_session_ends_when_its_client_goes_even_if_the_console_hangs(tmp_path,
     try:
         token = gateway.mint("127.0.0.1", hung_console.port, "xvp-vnc", "--ttl", "600")
         for _ in range(3):  # more than the token's share: each one's end gives it back
-            sock, status, _ = xvp_connect(gateway.port, token)
+            sock, status, rest = xvp_connect(gateway.port, token)
             assert status == "HTTP/1.1 200 OK"
+            # The banner is read first: a socket closed with unread data sends a reset, not a FIN.
+            assert rest + harness.recv_exactly(sock, 12 - len(rest)) == b"RFB 003.008\n"
             closed_at = time.monotonic()
             sock.close()
             harness.wait_for(lambda: _live_count(gateway) == 0, timeout=5, message="the session's end")

@@ -115,7 +115,11 @@ def test_fd_exhaustion_answered_503_without_spinning_then_recovers(tmp_path, bac
         stderr = gateway.read_stderr()
         assert stderr.count("cannot accept connections") == 1
         assert "token store" not in stderr
-        # Sessions end: fds free up and the gateway serves again by itself.
+        # The fds come back (the other process ends) and sessions end: the gateway serves again
+        # by itself. (Closing sessions alone is not enough here: under a limit lowered below the
+        # highest open fd only fds under the limit can be reused, and which ones a session holds
+        # depends on what else opened and closed meanwhile.)
+        subprocess.run(["prlimit", f"--pid={gateway.proc.pid}", f"--nofile={LIMIT}:{LIMIT}"], check=True)
         for sock in sessions[:10]:
             sock.close()
         sessions = sessions[10:]
