@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from vncgate.console.sessions import SessionManager
 
 log = logging.getLogger("vncgate.console.sessions")
+# Seconds the housekeeper lets sessions that start and end gather once woken, so that a burst
+# of them is one write, not one each (the shared list lags this much more).
+GATHER = 0.02
 
 
 class Listener(threading.Thread):
@@ -102,7 +105,8 @@ class Housekeeper(threading.Thread):
             self._next_purge = time.monotonic() + self.housekeeping_interval
             self._purge()
         # Woken early by a session starting or ending (or by stop()), to write it down.
-        self.manager.store_work.wait(max(0.0, min(self._next_beat, self._next_purge) - time.monotonic()))
+        if self.manager.store_work.wait(max(0.0, min(self._next_beat, self._next_purge) - time.monotonic())):
+            self._stopping.wait(GATHER)
 
     def _purge(self) -> None:
         deleted = self.manager.store.purge()

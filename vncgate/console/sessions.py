@@ -149,8 +149,7 @@ class SessionManager(SessionSecurity):
         self.backend_timeout = backend_timeout
         self.heartbeat_interval = heartbeat
         # Per-token shares in the store; max_sessions_per_token read at each take (it may be lowered).
-        self.shares = shares_module.TokenShares(store, heartbeat, lambda: self.settings.max_sessions_per_token,
-                                                lambda function, *args: self.breaker.call(function, *args))
+        self.shares = shares_module.TokenShares(store, heartbeat, lambda: self.settings.max_sessions_per_token)
         self.backend_tls = backend_tls
         self.on_relaying = on_relaying
         self.gateway_id = gateway_id or new_gateway_id()
@@ -165,7 +164,9 @@ class SessionManager(SessionSecurity):
         self._lock = threading.Lock()
         self._store_down = False
         # Handshakes answered 503 at once while the store hangs; a Redis call bounded as a whole
-        # (its client's retries and reconnects each have a timeout of their own).
+        # (its client's retries and reconnects each have a timeout of their own). SQLite's calls
+        # stay in the handshake's thread: a hop to a worker costs more at the tail than it saves
+        # (docs/performance.md, "The per-token share at scale").
         self.breaker = watch.Breaker(deadline=0.8 * backend_timeout if store.pushes_events else None)
         self._stopping_all = False
         self._next_checkpoint = 0.0
@@ -191,10 +192,8 @@ class SessionManager(SessionSecurity):
         if not token:
             raise Refused("no-token", **fields)
         fields["token_id"] = store_module.hash_token(token)[:8]
-        details = self._validate(token, console_type, fields)
-        fields["instance_id"] = details.instance_id
         session_id = secrets.token_hex(6)
-        self.shares.take(details.token_hash, session_id, self.recordings.wanted(details), fields)
+        details = self._admit(token, console_type, session_id, fields)
         try:
             session = self._reach(details, client, path, conn, address, (token, resume_cookie), fields,
                                   session_id)
@@ -262,9 +261,12 @@ class SessionManager(SessionSecurity):
         if session.recorder:
             session.recorder.finish()
 
-    def _validate(self, token: str, console_type: str, fields: dict[str, Any]) -> store_module.ConnectionDetails:
+    def _admit(self, token: str, console_type: str, session_id: str,
+               fields: dict[str, Any]) -> store_module.ConnectionDetails:
+        """The token's details with a share taken for session_id, or Refused: validation and the
+        share are one call to the breaker (with a deadline, one hop to its workers: Redis)."""
         try:
-            details = self.breaker.call(self.store.validate, token, console_type)
+            details, live = self.breaker.call(self._validate_and_take, token, console_type, session_id)
         except store_module.TokenRejected as rejected:
             raise Refused(rejected.reason, **fields) from None
         except store_module.StoreError as error:
@@ -277,7 +279,15 @@ class SessionManager(SessionSecurity):
         if self._store_down:
             log.warning("token store available again")
             self._store_down = False
+        fields["instance_id"] = details.instance_id
+        if live is not None:
+            raise Refused("too-many-sessions", f"{live} sessions open", **fields)
         return details
+
+    def _validate_and_take(self, token: str, console_type: str,
+                           session_id: str) -> tuple[store_module.ConnectionDetails, int | None]:
+        details = self.store.validate(token, console_type)
+        return details, self.shares.take(details.token_hash, session_id, self.recordings.wanted(details))
 
     def run(self, session: Session, relay: Relay) -> None:
         """Relay the session to its end, then unregister and audit it (whatever ended it)."""

@@ -8,31 +8,22 @@ from collections.abc import Callable
 from typing import Any
 
 from vncgate import store as store_module
-from vncgate.net import fds
-from vncgate.refusals import Refused
 
 log = logging.getLogger("vncgate.console.sessions")
 
 
 class TokenShares:
-    def __init__(self, store: Any, heartbeat: float, limit: Callable[[], int],
-                 call: Callable[..., Any] = lambda function, *args: function(*args)) -> None:
-        """limit: max_sessions_per_token, read at each take (lowered with the fd limit at start);
-        call(function, *args): how a handshake's store call is made (the breaker's, bounded)."""
+    def __init__(self, store: Any, heartbeat: float, limit: Callable[[], int]) -> None:
+        """limit: max_sessions_per_token, read at each take (lowered with the fd limit at start)."""
         self.store = store
-        self.call = call
         self.ttl = store_module.stale_after(heartbeat)  # three missed heartbeats, as the session list's
         self.limit = limit
 
-    def take(self, token_hash: str, session_id: str, recorded: bool, fields: dict) -> None:
-        """Count the session among its token's live sessions, or refuse it (Refused)."""
-        try:
-            taken, live = self.call(self.store.take_share, token_hash, session_id, self.limit(), self.ttl, recorded)
-        except store_module.StoreError as error:
-            reason = "no-free-fds" if fds.exhausted() else "store-unavailable"  # as validate's are told apart
-            raise Refused(reason, str(error), **fields) from None
-        if not taken:
-            raise Refused("too-many-sessions", f"{live} sessions open", **fields)
+    def take(self, token_hash: str, session_id: str, recorded: bool) -> int | None:
+        """Count the session among its token's live sessions: None, or how many are live when
+        the token has no share left. StoreError as the store raises it (the caller's to answer)."""
+        taken, live = self.store.take_share(token_hash, session_id, self.limit(), self.ttl, recorded)
+        return None if taken else live
 
     def give_back(self, shares: dict, ended: bool = True) -> bool:
         """{session id: token hash}; ended=False for an attempt refused before it was a session

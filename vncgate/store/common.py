@@ -24,6 +24,10 @@ CONSOLE_TYPES = (XVP, WEBSOCKET, SERIAL)
 
 TOKEN_BYTES = 32  # 256 bits; the blueprint asks for at least 128
 STATES = ("live", "idle", "expired", "garbage")
+# A token's last use may be kept this many seconds stale: a token touched less than this ago is
+# not written again (a reconnect storm reads the token, it does not rewrite it each time); idle
+# is measured in minutes (idle_timeout), so nothing tells the difference.
+TOUCH_GRAIN = 1.0
 
 
 class StoreError(Exception):

@@ -7,6 +7,7 @@ redis_follows), declared once for the type checker: SqliteStore (sqlite.py), Red
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Callable
 
@@ -14,9 +15,12 @@ from vncgate.store.targets import RedisTarget
 
 
 class SqliteParts:
-    """SqliteStore's pooled connections and Store's clock and idle timeout."""
+    """SqliteStore's pooled connections (_db reads; _write is a write transaction, _write_chunks
+    a batch of them) and Store's clock and idle timeout."""
 
     _db: Callable[[], AbstractContextManager[sqlite3.Connection]]
+    _write: Callable[[], AbstractContextManager[sqlite3.Connection]]
+    _write_chunks: Callable[[Sequence[Any], Callable[[sqlite3.Connection, Sequence[Any]], object]], None]
     clock: Callable[[], float]
     idle_timeout: float
 

@@ -13,8 +13,8 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from typing import Callable
+from collections.abc import Iterator, Sequence
+from typing import Callable, TypeVar
 
 from vncgate.store.common import Store, StoreBusy, StoreError, stale_after
 from vncgate.store.sqlite_consoles import SqliteConsoles
@@ -25,6 +25,9 @@ from vncgate.store.sqlite_shares import SqliteShares
 from vncgate.store.sqlite_tokens import SqliteTokens
 
 _POOL_SIZE = 16
+WRITE_CHUNK = 256  # rows per transaction of a batched write (a heartbeat's, a stop's)
+
+T = TypeVar("T")
 
 
 class SqliteStore(SqliteShares, SqliteConsoles, SqliteTokens, SqliteSessions, SqliteFollows, Store):
@@ -43,6 +46,7 @@ class SqliteStore(SqliteShares, SqliteConsoles, SqliteTokens, SqliteSessions, Sq
         self._generation = 0  # bumped when the file is replaced; older connections are dropped
         self._identity: tuple[int, int] | None = None
         self._reopen_lock = threading.Lock()
+        self._write_lock = threading.Lock()  # this process's writers, one at a time (_write)
         self._open_file()
 
     def _open_file(self) -> None:
@@ -120,6 +124,27 @@ class SqliteStore(SqliteShares, SqliteConsoles, SqliteTokens, SqliteSessions, Sq
             self._pool.put_nowait(db)
         except queue.Full:
             db.close()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction. This process's writers take turns on a lock first: they wait
+        for each other without meeting SQLite's busy handler, which sleeps in steps of 1 to
+        100 ms (writers in other processes on the file still meet it, up to busy_timeout)."""
+        with self._write_lock, self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def _write_chunks(self, items: Sequence[T], write: Callable[[sqlite3.Connection, Sequence[T]], object]) -> None:
+        """write(db, chunk) in one transaction per WRITE_CHUNK items: thousands at once (a
+        heartbeat, a stop) never hold the write lock long; a handshake waits one chunk at most."""
+        for start in range(0, len(items), WRITE_CHUNK):
+            with self._write() as db:
+                write(db, items[start:start + WRITE_CHUNK])
 
     def _explain(self, error: sqlite3.Error) -> StoreError:
         text = str(error)

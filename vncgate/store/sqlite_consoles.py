@@ -2,17 +2,15 @@
 console log stays in files: console/serial.py's ConsoleLog)."""
 
 import json
-import sqlite3
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
+from collections.abc import Iterable
 from typing import Optional
 
+from vncgate.store.engine_parts import SqliteParts
 
-class SqliteConsoles:
+
+class SqliteConsoles(SqliteParts):
     """Mixed into SqliteStore: claim_follows, release_follows, follow_holder, the recordings index."""
 
-    clock: Callable[[], float]
-    _db: Callable[[], AbstractContextManager[sqlite3.Connection]]
     shares_consoles = False  # one host: the log is a file, every viewer's gateway opens the console
 
     def claim_follows(self, gateway_id: str, instance_ids: Iterable[str], ttl: float) -> set:
@@ -20,7 +18,7 @@ class SqliteConsoles:
         if not ids:
             return set()
         now = self.clock()
-        with self._db() as db:
+        with self._write() as db:
             db.executemany("INSERT INTO follow_leases (instance_id, gateway_id, lapses_at) VALUES (?, ?, ?) "
                            "ON CONFLICT (instance_id) DO UPDATE SET gateway_id = excluded.gateway_id, "
                            "lapses_at = excluded.lapses_at WHERE gateway_id = excluded.gateway_id OR lapses_at < ?",
@@ -31,7 +29,7 @@ class SqliteConsoles:
                 (gateway_id, *ids))}
 
     def release_follows(self, gateway_id: str, instance_ids: Iterable[str]) -> None:
-        with self._db() as db:
+        with self._write() as db:
             db.executemany("DELETE FROM follow_leases WHERE instance_id = ? AND gateway_id = ?",
                            [(instance_id, gateway_id) for instance_id in instance_ids])
 
@@ -42,7 +40,7 @@ class SqliteConsoles:
         return row[0] if row else None
 
     def index_recording(self, meta: dict) -> None:
-        with self._db() as db:
+        with self._write() as db:
             db.execute("INSERT OR REPLACE INTO recordings (session_id, instance_id, started_at, meta) "
                        "VALUES (?, ?, ?, ?)",
                        (meta["session_id"], meta.get("instance_id"), float(meta["started_at"]), json.dumps(meta)))
@@ -54,5 +52,5 @@ class SqliteConsoles:
         return [json.loads(row[0]) for row in rows]
 
     def remove_recordings(self, session_ids: Iterable[str]) -> None:
-        with self._db() as db:
+        with self._write() as db:
             db.executemany("DELETE FROM recordings WHERE session_id = ?", [(item,) for item in session_ids])

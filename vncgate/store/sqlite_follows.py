@@ -16,13 +16,13 @@ class SqliteFollows(SqliteParts):
 
     def add_follow(self, instance_id: str, host: str, port: int | str) -> None:
         """Follow (or re-point) one instance's serial console."""
-        with self._db() as db:
+        with self._write() as db:
             db.execute("INSERT OR REPLACE INTO console_follows (instance_id, host, port) VALUES (?, ?, ?)",
                        (instance_id, host, int(port)))
 
     def remove_follow(self, instance_id: str) -> bool:
         """Stop following; False when it was not followed."""
-        with self._db() as db:
+        with self._write() as db:
             return db.execute("DELETE FROM console_follows WHERE instance_id = ?", (instance_id,)).rowcount > 0
 
     def list_follows(self) -> list[Follow]:

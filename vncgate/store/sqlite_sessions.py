@@ -22,7 +22,7 @@ class SqliteSessions(SqliteParts):
     def record_session(self, session_id: str, gateway_id: str, token_hash: str, instance_id: str, console_type: str,
                        client: str, heartbeat: float) -> None:
         now = self.clock()
-        with self._db() as db:
+        with self._write() as db:
             db.execute(f"INSERT INTO live_sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, 0)",
                        (session_id, gateway_id, token_hash, instance_id, console_type, client, now, now, heartbeat))
 
@@ -31,18 +31,18 @@ class SqliteSessions(SqliteParts):
         if not counts:
             return set()
         now = self.clock()
+        self._write_chunks([(now, up, down, sid) for sid, (up, down) in counts.items()], lambda db, rows: db.executemany(
+            "UPDATE live_sessions SET updated_at = ?, bytes_up = ?, bytes_down = ? WHERE session_id = ?", rows))
         with self._db() as db:
-            db.executemany("UPDATE live_sessions SET updated_at = ?, bytes_up = ?, bytes_down = ? "
-                           "WHERE session_id = ?", [(now, up, down, sid) for sid, (up, down) in counts.items()])
             marks = ",".join("?" * len(counts))
             return {row[0] for row in db.execute(
                 f"SELECT session_id FROM live_sessions WHERE kill_requested AND session_id IN ({marks})",
                 tuple(counts))}
 
     def remove_sessions(self, session_ids: Iterable[str]) -> None:
-        """Take sessions out of the shared list, in one transaction."""
-        with self._db() as db:
-            db.executemany("DELETE FROM live_sessions WHERE session_id = ?", [(item,) for item in session_ids])
+        """Take sessions out of the shared list (thousands at a stop: in chunks)."""
+        self._write_chunks([(item,) for item in session_ids],
+                           lambda db, rows: db.executemany("DELETE FROM live_sessions WHERE session_id = ?", rows))
 
     def list_sessions(self, instance_id: str | None = None) -> list[LiveSession]:
         """Sessions of live gateways (rows left by dead ones are not shown)."""
@@ -55,7 +55,7 @@ class SqliteSessions(SqliteParts):
 
     def request_kill(self, session_ids: list[str] | None = None, instance_id: str | None = None) -> int:
         """Ask the gateways to end sessions; returns how many were marked."""
-        with self._db() as db:
+        with self._write() as db:
             if instance_id is not None:
                 return db.execute("UPDATE live_sessions SET kill_requested = 1 WHERE instance_id = ?",
                                   (instance_id,)).rowcount
@@ -66,6 +66,6 @@ class SqliteSessions(SqliteParts):
     def purge_stale_sessions(self) -> int:
         """Delete the rows of gateways that died; returns how many."""
         now = self.clock()
-        with self._db() as db:
+        with self._write() as db:
             return db.execute("DELETE FROM live_sessions WHERE ? - updated_at > stale_after(heartbeat)",
                               (now,)).rowcount

@@ -3,31 +3,16 @@ gateway on the file, and the single-use state read from that count (see redis_sh
 the rule: a share lapses three missed heartbeats after its gateway last renewed it; a token's
 released_at is set when its count reaches zero, unset while one is live)."""
 
-import contextlib
 import sqlite3
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
-from typing import Any, Optional
+from collections.abc import Mapping, Sequence
+from typing import Optional
 
 from vncgate.store.common import TokenRejected, consumption
+from vncgate.store.engine_parts import SqliteParts
 
 
-class SqliteShares:
+class SqliteShares(SqliteParts):
     """Mixed into SqliteStore: take_share, renew_shares, release_shares, token_usage, consume."""
-
-    clock: Callable[[], float]
-    _db: Callable[[], AbstractContextManager[sqlite3.Connection]]
-
-    @contextlib.contextmanager
-    def _write(self) -> Any:
-        with self._db() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
 
     @staticmethod
     def _live(db: sqlite3.Connection, token_hash: str, now: float) -> int:
@@ -54,20 +39,20 @@ class SqliteShares:
         return True, count
 
     def renew_shares(self, shares: Mapping[str, str], ttl: float) -> None:
-        if shares:
-            with self._db() as db:
-                db.executemany("UPDATE token_shares SET lapses_at = ? WHERE session_id = ?",
-                               [(self.clock() + ttl, sid) for sid in shares])
+        lapses_at = self.clock() + ttl
+        self._write_chunks([(lapses_at, sid) for sid in shares], lambda db, rows: db.executemany(
+            "UPDATE token_shares SET lapses_at = ? WHERE session_id = ?", rows))
 
     def release_shares(self, shares: Mapping[str, str], ended: bool = True) -> None:
-        if not shares:
-            return
         now = self.clock()
-        with self._write() as db:
-            for sid, token_hash in shares.items():
-                if db.execute("DELETE FROM token_shares WHERE session_id = ?", (sid,)).rowcount \
-                        and not self._live(db, token_hash, now) and ended:
+
+        def release(db: sqlite3.Connection, chunk: Sequence[tuple[str, str]]) -> None:
+            released = {token_hash for sid, token_hash in chunk
+                        if db.execute("DELETE FROM token_shares WHERE session_id = ?", (sid,)).rowcount}
+            for token_hash in released:  # a token's count, once per chunk (ten sessions of it end at a stop)
+                if not self._live(db, token_hash, now) and ended:
                     db.execute("UPDATE console_tokens SET released_at = ? WHERE token_hash = ?", (now, token_hash))
+        self._write_chunks(list(shares.items()), release)
 
     def purge_lapsed_shares(self) -> int:
         """Forget the shares of gateways that died, for tokens nobody uses again (a token in use

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 
-from vncgate.store.common import ConnectionDetails
+from vncgate.store.common import TOUCH_GRAIN, ConnectionDetails
 from vncgate.store.engine_parts import SqliteParts
 
 _COLUMNS = ("token_hash, instance_id, console_type, host, port, access_url, internal_access_path, "
@@ -30,7 +30,7 @@ class SqliteTokens(SqliteParts):
 
     def _insert(self, rows: list[tuple[ConnectionDetails, bytes | None]]) -> None:
         """rows: (ConnectionDetails, sealed secret or None); a hash already present is replaced."""
-        with self._db() as db:
+        with self._write() as db:
             db.executemany("INSERT OR REPLACE INTO console_tokens (token_hash, instance_id, console_type, host, "
                            "port, access_url, internal_access_path, created_at, updated_at, expires_at, "
                            "backend_secret, policy, backend_tls, record, replay, replay_speed) "
@@ -47,10 +47,12 @@ class SqliteTokens(SqliteParts):
         with self._db() as db:
             row = db.execute(f"SELECT {_COLUMNS}, backend_secret FROM console_tokens WHERE token_hash = ?",
                              (token_hash,)).fetchone()
-            if row is None:
-                return None
-            details = _details(row)
-            if not details.is_expired(now) and details.console_type == console_type:
+        if row is None:
+            return None
+        details = _details(row)
+        if not details.is_expired(now) and details.console_type == console_type \
+                and not now - TOUCH_GRAIN < details.updated_at <= now:
+            with self._write() as db:
                 db.execute("UPDATE console_tokens SET updated_at = ? WHERE token_hash = ?", (now, token_hash))
         return details, row[_SECRET]
 
@@ -82,7 +84,7 @@ class SqliteTokens(SqliteParts):
         if not token_hashes:
             return set()
         marks = ",".join("?" * len(token_hashes))
-        with self._db() as db:
+        with self._write() as db:
             db.execute(f"UPDATE console_tokens SET updated_at = ? WHERE token_hash IN ({marks})",
                        (self.clock(), *token_hashes))
             return {row[0] for row in db.execute(
@@ -100,7 +102,7 @@ class SqliteTokens(SqliteParts):
     def purge(self) -> int:
         """Delete garbage (expired AND idle); returns how many rows went."""
         now = self.clock()
-        with self._db() as db:
+        with self._write() as db:
             return db.execute("DELETE FROM console_tokens WHERE expires_at < ? AND updated_at < ?",
                               (now, now - self.idle_timeout)).rowcount
 
@@ -117,7 +119,7 @@ class SqliteTokens(SqliteParts):
 
     def shared_secret(self, name: str) -> str:
         """See Store.shared_secret: made by the first gateway that asks, kept in the file."""
-        with self._db() as db:
+        with self._write() as db:
             db.execute("INSERT OR IGNORE INTO shared_secrets (name, value) VALUES (?, ?)",
                        (name, secrets.token_hex(32)))
             return db.execute("SELECT value FROM shared_secrets WHERE name = ?", (name,)).fetchone()[0]
@@ -145,6 +147,6 @@ class SqliteTokens(SqliteParts):
         if not values:
             return 0
         marks = ",".join("?" * len(values))
-        with self._db() as db:
+        with self._write() as db:
             return db.execute(f"DELETE FROM console_tokens WHERE {column} IN ({marks})",
                               tuple(values)).rowcount
