@@ -101,7 +101,8 @@ def test_a_revoke_whose_write_hangs_is_told_its_outcome_is_unknown_and_repeating
 # -- the adapter itself, in the process ------------------------------------------------------
 
 class HangingStore:
-    """list_details answers; delete_hashes hangs until released; count_by_state fails slowly."""
+    """list_details answers; delete_hashes hangs until released; count_by_state and
+    delete_by_instance fail at once."""
 
     pushes_events = True
 
@@ -124,6 +125,9 @@ class HangingStore:
     def count_by_state(self):
         raise StoreError("no answer")
 
+    def delete_by_instance(self, instance_id):
+        raise StoreError("connection refused")
+
 
 def test_bounded_shares_one_deadline_marks_writes_sent_and_fails_fast_once_the_breaker_opens():
     store = HangingStore()
@@ -131,18 +135,21 @@ def test_bounded_shares_one_deadline_marks_writes_sent_and_fails_fast_once_the_b
     try:
         bounded = watch.Bounded(store, breaker, breaker.clock() + 0.3)
         assert bounded.clock() == 1234.0 and bounded.pushes_events  # not store calls: as they are
-        assert bounded.list_details(instance_id="vm") == ["vm"] and not bounded.wrote
+        assert bounded.list_details(instance_id="vm") == ["vm"] and not bounded.maybe_written
         with pytest.raises(StoreError):
             bounded.count_by_state()  # a read that failed: nothing was written
-        assert not bounded.wrote
+        assert not bounded.maybe_written
+        with pytest.raises(StoreError):
+            bounded.delete_by_instance("vm")  # a write refused at once: not sent
+        assert not bounded.maybe_written
         started = time.monotonic()
         with pytest.raises(watch.StoreTimeout):
             bounded.delete_hashes(["a"])
         assert 0.1 < time.monotonic() - started < 0.6  # what was left of the 0.3 s, not the store's
-        assert bounded.wrote and store.deletes == 1
+        assert bounded.maybe_written and store.deletes == 1
         with pytest.raises(watch.StoreTimeout):  # the deadline passed: not asked at all
             bounded.list_details()
-        for _ in range(2):  # two more deadline passes (the first count_by_state was fast: reset)
+        for _ in range(2):  # two more deadline passes (the fast failures before reset the count)
             with pytest.raises(watch.StoreTimeout):
                 watch.Bounded(store, breaker, breaker.clock() + 0.05).delete_hashes(["b"])
         assert breaker.open
@@ -150,7 +157,7 @@ def test_bounded_shares_one_deadline_marks_writes_sent_and_fails_fast_once_the_b
         started = time.monotonic()
         with pytest.raises(watch.BreakerOpen):
             fresh.delete_hashes(["c"])
-        assert time.monotonic() - started < 0.1 and not fresh.wrote and store.deletes == deletes
+        assert time.monotonic() - started < 0.1 and not fresh.maybe_written and store.deletes == deletes
     finally:
         store.release.set()
         breaker.close()

@@ -48,7 +48,7 @@ REASONS = {
     "shed": Answer(503, _BUSY),  # closed in its request head to make room at max_connections
     "store-timeout": Answer(503, _BUSY),  # the store did not answer within the request's deadline
     "store-unavailable": Answer(503, _BUSY),
-    # an API write (mint, revoke, kill) sent to a store that then failed or did not answer in time
+    # an API write (mint, revoke, kill) that may have reached a store that then timed out (docs/limits.md)
     "store-outcome-unknown": Answer(503, "The token store did not answer in time; this change may still be applied "
                                          "when it recovers (the outcome is unknown). Repeating a revoke or a kill "
                                          "is harmless; a minted token nobody received expires with its ttl."),

@@ -144,8 +144,8 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints, ScreenshotEndpoints):
             status, payload = refusal.status, {"error": _sentence(refusal)}
             call.audit.update(result="rejected", **refusal.audit_fields())
         except store_module.StoreError as error:
-            # A write sent to a store that then failed (or hung) may still be applied: say so.
-            outage = Refused("store-outcome-unknown" if call.store.wrote else "store-unavailable", str(error))
+            # A write that may have reached a store that then failed (or hung) may still be applied: say so.
+            outage = Refused("store-outcome-unknown" if call.store.maybe_written else "store-unavailable", str(error))
             status, payload = outage.status, {"error": outage.sentence}
             call.audit.update(result="rejected", **outage.audit_fields())
         except Exception as error:  # the gateway's own fault: still a JSON answer and an audit line

@@ -123,14 +123,16 @@ UNBOUNDED = frozenset({"clock"})  # callables of a store that do not ask it
 class Bounded:
     """store, each of its calls made through breaker within what is left until `until` (on the
     breaker's clock): past it StoreTimeout, at once. Every call but READS counts as a write
-    (unknown ones too: the safe side); .wrote says whether one was sent (not refused by the
-    breaker before it reached the store), whatever its outcome."""
+    (unknown ones too: the safe side). .maybe_written: a write may have reached the store: it
+    succeeded, or it failed by timing out (this deadline, or the store client's own, told by
+    taking breaker.slow as the breaker tells it); a write refused at once (the breaker open, a
+    refused connection, a vanished database) was not sent, or was undone."""
 
     def __init__(self, store: Any, breaker: Breaker, until: float) -> None:
         self._store = store
         self._breaker = breaker
         self._until = until
-        self.wrote = False
+        self.maybe_written = False
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._store, name)
@@ -138,18 +140,19 @@ class Bounded:
             return value
 
         def bounded(*args: Any, **keywords: Any) -> Any:
-            left = self._until - self._breaker.clock()
-            if left <= 0:
+            started = self._breaker.clock()
+            if self._until <= started:
                 raise StoreTimeout("the request's deadline passed before the token store was asked")
-            sent = True
             try:
-                return self._breaker.call(functools.partial(value, *args, **keywords), within=left)
+                result = self._breaker.call(functools.partial(value, *args, **keywords), within=self._until - started)
             except BreakerOpen:
-                sent = False
                 raise
-            finally:
-                if sent and name not in READS:
-                    self.wrote = True
+            except StoreError as error:
+                timed_out = isinstance(error, StoreTimeout) or self._breaker.clock() - started >= self._breaker.slow
+                self.maybe_written |= timed_out and name not in READS
+                raise
+            self.maybe_written |= name not in READS
+            return result
         return bounded
 
 
