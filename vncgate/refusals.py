@@ -48,6 +48,10 @@ REASONS = {
     "shed": Answer(503, _BUSY),  # closed in its request head to make room at max_connections
     "store-timeout": Answer(503, _BUSY),  # the store did not answer within the request's deadline
     "store-unavailable": Answer(503, _BUSY),
+    # an API write (mint, revoke, kill) that may have reached a store that then timed out (docs/limits.md)
+    "store-outcome-unknown": Answer(503, "The token store did not answer in time; this change may still be applied "
+                                         "when it recovers (the outcome is unknown). Repeating a revoke or a kill "
+                                         "is harmless; a minted token nobody received expires with its ttl."),
     "no-free-fds": Answer(503, _BUSY),
     "too-many-pending": Answer(429, "Too many connections from this address are still opening; try again shortly."),
     "too-many-sessions": Answer(409, "This console link already has as many open sessions as it may have."),

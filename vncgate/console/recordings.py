@@ -134,10 +134,11 @@ class Recordings:
             on_stop("record-failed", f"cannot write in {self.folder}: {error.strerror}")
             return None
 
-    def list(self, instance_id: str | None = None) -> Metas:
+    def list(self, instance_id: str | None = None, store: Any = None) -> Metas:
         """The recordings' metadata, oldest first: every gateway's (the store's index) and the
-        files of record_dir the index does not know (made before it, or during an outage)."""
-        return self.index.merged(self.files(instance_id), instance_id)
+        files of record_dir the index does not know (made before it, or during an outage).
+        store: the one to ask instead of the index's own (the API's, bounded by its request's deadline)."""
+        return self.index.merged(self.files(instance_id), instance_id, store)
 
     def files(self, instance_id: str | None = None) -> Metas:
         """The metadata of the recordings in record_dir, oldest first."""

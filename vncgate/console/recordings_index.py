@@ -35,9 +35,11 @@ class Index:
     def add(self, meta: dict) -> None:
         self._guarded(lambda: self.store.index_recording(meta))
 
-    def merged(self, files: list, instance_id: Optional[str] = None) -> list:
-        """The index's recordings and the folder's files it does not know, oldest first."""
-        indexed = self._guarded(lambda: self.store.list_recordings(instance_id), default=[])
+    def merged(self, files: list, instance_id: Optional[str] = None, store: Any = None) -> list:
+        """The index's recordings and the folder's files it does not know, oldest first.
+        store: the one to ask instead of self.store (the same store, seen through a deadline)."""
+        source = self.store if store is None else store
+        indexed = self._guarded(lambda: source.list_recordings(instance_id), default=[])
         known = {meta["session_id"] for meta in indexed}
         rows = indexed + [meta for meta in files if meta["session_id"] not in known]
         return sorted(rows, key=lambda meta: (meta["started_at"], meta["session_id"]))

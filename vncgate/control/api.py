@@ -36,6 +36,7 @@ from vncgate.control.api_sessions import _SESSION_ID, SessionEndpoints
 from vncgate.control.scope import KeyScope
 from vncgate.front import throttle, web, websocket
 from vncgate.refusals import Refused
+from vncgate.store import watch
 
 if TYPE_CHECKING:
     from vncgate.front.server import Gateway
@@ -47,6 +48,7 @@ log = logging.getLogger("vncgate.control.api")
 
 PREFIX = "/api/v1"
 MAX_BODY = 64 * 1024
+STORE_SHARE = 0.8  # of handshake_timeout: what a request's store calls may take together
 HERE = os.path.dirname(os.path.abspath(__file__))
 OPENAPI_FILE = os.path.join(HERE, "openapi.json")
 ADMIN_DIR = os.path.join(HERE, "admin")
@@ -76,10 +78,12 @@ class _Route:
 
 
 class _Call:
-    """One API request as it is handled: what the audit line will say of it."""
+    """One API request as it is handled: what the audit line will say of it, and the store as
+    the request sees it (every call through the gateway's breaker, within the request's deadline)."""
 
-    def __init__(self, request: http.Request, client: str) -> None:
+    def __init__(self, request: http.Request, client: str, store: watch.Bounded) -> None:
         self.request = request
+        self.store: Any = store
         self.audit: dict[str, Any] = {"client": client, "method": request.method, "path": request.path, "key": "-",
                       "action": "-"}
         self.body_unread = False
@@ -129,7 +133,9 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints, ScreenshotEndpoints):
         if request.path == "/admin" or request.path.startswith("/admin/"):
             self._serve_admin(conn, request, deadline)
             return
-        call = _Call(request, client)
+        # The store's calls share one deadline, the reply keeps a fifth of the request's (as a handshake's).
+        store_until = self.gateway.sessions.breaker.clock() + STORE_SHARE * self.config.handshake_timeout
+        call = _Call(request, client, watch.Bounded(self.gateway.store, self.gateway.sessions.breaker, store_until))
         call.key = self.gateway.address_key(client.rsplit(":", 1)[0])
         try:
             status, payload = self._handle(call, conn, leftover, deadline)
@@ -138,7 +144,8 @@ class ControlPlane(ConsoleEndpoints, SessionEndpoints, ScreenshotEndpoints):
             status, payload = refusal.status, {"error": _sentence(refusal)}
             call.audit.update(result="rejected", **refusal.audit_fields())
         except store_module.StoreError as error:
-            outage = Refused("store-unavailable", str(error))
+            # A write that may have reached a store that then failed (or hung) may still be applied: say so.
+            outage = Refused("store-outcome-unknown" if call.store.maybe_written else "store-unavailable", str(error))
             status, payload = outage.status, {"error": outage.sentence}
             call.audit.update(result="rejected", **outage.audit_fields())
         except Exception as error:  # the gateway's own fault: still a JSON answer and an audit line

@@ -77,7 +77,7 @@ class ConsoleEndpoints:
                                           names={"instance": instance, "internal_path": internal_path})
         except scope_module.Invalid as error:
             raise Refused("invalid-request", str(error)) from None
-        token, details, url = mint(self.config, self.gateway.store, console_type, host, port, instance,
+        token, details, url = mint(self.config, call.store, console_type, host, port, instance,
                                    internal_path, ttl, password, policy.to_json(), backend_tls,
                                    held_key=self.gateway.screenshots.held_key)
         call.audit["token_id"] = details.token_id
@@ -86,7 +86,7 @@ class ConsoleEndpoints:
     def list_consoles(self, call: _Call, _body: None) -> tuple[int, list[dict[str, Any]]]:
         query = _Query(call.request, ("instance", "host"))
         call.audit["instance"] = query.get("instance") or "-"
-        store = self.gateway.store
+        store = call.store
         now = store.clock()
         rows = store.list_details(instance_id=query.get("instance"), host=query.get("host"), include_expired=True)
         return 200, [token_json(row, now, self.config.idle_timeout) for row in rows]
@@ -100,7 +100,7 @@ class ConsoleEndpoints:
             raise Refused("invalid-request", "name the console: ?instance=ID")
         call.audit["instance"] = instance
         lines = None if tail is None else _whole_number(tail, "tail", lowest=1)
-        output = consoles.console_output(self.gateway.store, self.config.console_log_dir, instance, lines)
+        output = consoles.console_output(call.store, self.config.console_log_dir, instance, lines)
         if output is None:
             raise Refused("not-found", f"no console log for {instance}: it was never followed")
         return 200, {"instance_id": instance, "output": output.decode("utf-8", "replace")}
@@ -109,7 +109,7 @@ class ConsoleEndpoints:
         """The serial consoles the gateways follow (vncgate-token follow), by instance."""
         _Query(call.request, ())
         return 200, [{"instance_id": follow.instance_id, "host": follow.host, "port": follow.port}
-                     for follow in self.gateway.store.list_follows()]
+                     for follow in call.store.list_follows()]
 
     def revoke_by_instance(self, call: _Call, _body: None) -> tuple[int, dict[str, int]]:
         query = _Query(call.request, ("instance",))
@@ -117,14 +117,13 @@ class ConsoleEndpoints:
         if not instance:
             raise Refused("invalid-request", "name the tokens to revoke: ?instance=ID")
         call.audit["instance"] = instance
-        hashes = {row.token_hash for row in self.gateway.store.list_details(instance_id=instance,
-                                                                            include_expired=True)}
-        revoked = self.gateway.store.delete_by_instance(instance)
+        hashes = {row.token_hash for row in call.store.list_details(instance_id=instance, include_expired=True)}
+        revoked = call.store.delete_by_instance(instance)
         self._end_local_sessions(lambda session: session.details.token_hash in hashes, "revoked")
         return 200, {"revoked": revoked}
 
     def revoke_token(self, call: _Call, _body: None, token_id: str) -> tuple[int, dict[str, int]]:
-        store = self.gateway.store
+        store = call.store
         row = token_row(store, token_id)
         call.audit.update(instance=row.instance_id, token_id=row.token_id)
         revoked = store.delete_hashes([row.token_hash])

@@ -32,9 +32,9 @@ class ScreenshotEndpoints:
 
     def console_screenshot(self, call: _Call, _body: None, token_id: str) -> tuple[int, bytes]:
         max_width = max_width_of(_Query(call.request, ("max_width",)).get("max_width"))
-        row = token_row(self.gateway.store, token_id)
+        row = token_row(call.store, token_id)
         call.audit.update(instance=row.instance_id, token_id=row.token_id)
-        details = screenshot.openable(row, self.gateway.sessions.live(), self.gateway.store,
+        details = screenshot.openable(row, self.gateway.sessions.live(), call.store,
                                       self.gateway.screenshots.held_key)
         shot = self.gateway.screenshots.take(details, max_width, client=call.audit["client"], key=call.audit["key"])
         call.content_type = "image/png"

@@ -34,7 +34,7 @@ class SessionEndpoints:
     def list_sessions(self, call: _Call, _body: None) -> tuple[int, list[dict[str, Any]]]:
         query = _Query(call.request, ("instance",))
         call.audit["instance"] = query.get("instance") or "-"
-        store = self.gateway.store
+        store = call.store
         now = store.clock()
         here = self.gateway.sessions.byte_counts()
         return 200, [session_json(row, now, here.get(row.session_id))
@@ -44,7 +44,7 @@ class SessionEndpoints:
         if not _SESSION_ID.fullmatch(session_id):
             raise Refused("not-found", "not a session id")
         call.audit["session_id"] = session_id
-        store = self.gateway.store
+        store = call.store
         found = [row for row in store.list_sessions() if row.session_id == session_id]
         if found:
             call.audit["instance"] = found[0].instance_id
@@ -58,10 +58,11 @@ class SessionEndpoints:
         """Every gateway's recordings (the store's index), oldest first."""
         query = _Query(call.request, ("instance",))
         call.audit["instance"] = query.get("instance") or "-"
-        return 200, [recording_json(row) for row in self.gateway.sessions.recordings.list(query.get("instance"))]
+        rows = self.gateway.sessions.recordings.list(query.get("instance"), store=call.store)
+        return 200, [recording_json(row) for row in rows]
 
     def store_state(self, call: _Call, _body: None) -> tuple[int, dict[str, Any]]:
-        store = self.gateway.store
+        store = call.store
         try:
             tokens = store.count_by_state()
         except store_module.StoreError as error:

@@ -9,12 +9,18 @@ try it again (the others still fail fast) and its outcome closes or reopens the 
 
 The Prober pings the store from a thread of its own, so that /healthz can wait for the
 answer at most a bound of its own (one second) whatever the store does.
+
+Bounded is a store seen through a breaker with one deadline for a whole request (the API's):
+each call gets what is left of it, and it remembers whether a write was sent, so that a
+request that then fails can say its outcome is unknown (a write sent to a hung Redis is
+applied when it wakes).
 """
 
 import concurrent.futures
+import functools
 import threading
 import time
-from typing import Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 from vncgate.store.common import StoreError
 
@@ -27,6 +33,11 @@ COOL_DOWN = 5.0  # seconds the breaker stays open before one call tries the stor
 
 class BreakerOpen(StoreError):
     """The store is not asked: it timed out repeatedly just before."""
+
+
+class StoreTimeout(StoreError):
+    """A call outlived its deadline; its worker may still be waiting for the store (and a write
+    it sent may still be applied)."""
 
 
 WORKERS = 16  # threads that make deadline-bound store calls (hung ones included)
@@ -54,8 +65,9 @@ class Breaker:
         with self._lock:
             return self._open_until is not None
 
-    def call(self, function: Callable[..., T], *args: object) -> T:
-        """function(*args), or BreakerOpen at once while the store is known to hang."""
+    def call(self, function: Callable[..., T], *args: object, within: Optional[float] = None) -> T:
+        """function(*args), or BreakerOpen at once while the store is known to hang. within: the
+        seconds this call may take, instead of the breaker's deadline (made by a worker too)."""
         with self._lock:
             trial = False
             if self._open_until is not None:
@@ -64,9 +76,10 @@ class Breaker:
                 self._trying = trial = True
         started = self.clock()
         try:
-            result = self._bounded(function, *args) if self.deadline else function(*args)
-        except StoreError:
-            self._failed(self.clock() - started >= self.slow, trial)
+            within = self.deadline if within is None else within
+            result = self._bounded(within, function, *args) if within else function(*args)
+        except StoreError as error:
+            self._failed(isinstance(error, StoreTimeout) or self.clock() - started >= self.slow, trial)
             raise
         except BaseException:
             if trial:
@@ -77,17 +90,17 @@ class Breaker:
             self._slow_failures, self._open_until, self._trying = 0, None, False
         return result
 
-    def _bounded(self, function: Callable[..., T], *args: object) -> T:
+    def _bounded(self, within: float, function: Callable[..., T], *args: object) -> T:
         if self._workers is None:
             with self._lock:
                 if self._workers is None:
                     self._workers = concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="store-call")
         future = self._workers.submit(function, *args)
         try:
-            return future.result(timeout=self.deadline)
+            return future.result(timeout=within)
         except concurrent.futures.TimeoutError:
             future.cancel()
-            raise StoreError(f"the token store did not answer within {self.deadline:g} s") from None
+            raise StoreTimeout(f"the token store did not answer within {within:.3g} s") from None
 
     def close(self) -> None:
         if self._workers is not None:
@@ -99,6 +112,48 @@ class Breaker:
             self._slow_failures = self._slow_failures + 1 if slow else 0
             if trial or self._slow_failures >= self.break_after:
                 self._open_until = self.clock() + self.cool_down
+
+
+READS = frozenset({"get_connection_details", "get_connection_details_by_instance", "get_connection_details_by_host",
+                   "list_details", "list_sessions", "list_follows", "list_recordings", "count_by_state",
+                   "console_log", "console_log_after", "sealed_secret", "token_usage", "follow_holder", "ping"})
+UNBOUNDED = frozenset({"clock"})  # callables of a store that do not ask it
+
+
+class Bounded:
+    """store, each of its calls made through breaker within what is left until `until` (on the
+    breaker's clock): past it StoreTimeout, at once. Every call but READS counts as a write
+    (unknown ones too: the safe side). .maybe_written: a write may have reached the store: it
+    succeeded, or it failed by timing out (this deadline, or the store client's own, told by
+    taking breaker.slow as the breaker tells it); a write refused at once (the breaker open, a
+    refused connection, a vanished database) was not sent, or was undone."""
+
+    def __init__(self, store: Any, breaker: Breaker, until: float) -> None:
+        self._store = store
+        self._breaker = breaker
+        self._until = until
+        self.maybe_written = False
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._store, name)
+        if name.startswith("_") or name in UNBOUNDED or not callable(value):
+            return value
+
+        def bounded(*args: Any, **keywords: Any) -> Any:
+            started = self._breaker.clock()
+            if self._until <= started:
+                raise StoreTimeout("the request's deadline passed before the token store was asked")
+            try:
+                result = self._breaker.call(functools.partial(value, *args, **keywords), within=self._until - started)
+            except BreakerOpen:
+                raise
+            except StoreError as error:
+                timed_out = isinstance(error, StoreTimeout) or self._breaker.clock() - started >= self._breaker.slow
+                self.maybe_written |= timed_out and name not in READS
+                raise
+            self.maybe_written |= name not in READS
+            return result
+        return bounded
 
 
 class Prober:
