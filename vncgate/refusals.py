@@ -46,7 +46,6 @@ REASONS = {
     # capacity and outages
     "max-connections": Answer(503, _BUSY),
     "shed": Answer(503, _BUSY),  # closed in its request head to make room at max_connections
-    "store-timeout": Answer(503, _BUSY),  # the store did not answer within the request's deadline
     "store-unavailable": Answer(503, _BUSY),
     # an API write (mint, revoke, kill) that may have reached a store that then timed out (docs/limits.md)
     "store-outcome-unknown": Answer(503, "The token store did not answer in time; this change may still be applied "
