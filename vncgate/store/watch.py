@@ -79,7 +79,7 @@ class Breaker:
             within = self.deadline if within is None else within
             result = self._bounded(within, function, *args) if within else function(*args)
         except StoreError as error:
-            self._failed(isinstance(error, StoreTimeout) or self.clock() - started >= self.slow, trial)
+            self._failed(self.timed_out(error, started), trial)
             raise
         except BaseException:
             if trial:
@@ -89,6 +89,11 @@ class Breaker:
         with self._lock:
             self._slow_failures, self._open_until, self._trying = 0, None, False
         return result
+
+    def timed_out(self, error: StoreError, started: float) -> bool:
+        """A failure of a call started at `started` (this clock) was a timeout, not a refusal:
+        a deadline passed, or the store's client took `slow` seconds to give up."""
+        return isinstance(error, StoreTimeout) or self.clock() - started >= self.slow
 
     def _bounded(self, within: float, function: Callable[..., T], *args: object) -> T:
         if self._workers is None:
@@ -125,7 +130,7 @@ class Bounded:
     breaker's clock): past it StoreTimeout, at once. Every call but READS counts as a write
     (unknown ones too: the safe side). .maybe_written: a write may have reached the store: it
     succeeded, or it failed by timing out (this deadline, or the store client's own, told by
-    taking breaker.slow as the breaker tells it); a write refused at once (the breaker open, a
+    breaker.timed_out); a write refused at once (the breaker open, a
     refused connection, a vanished database) was not sent, or was undone."""
 
     def __init__(self, store: Any, breaker: Breaker, until: float) -> None:
@@ -148,8 +153,7 @@ class Bounded:
             except BreakerOpen:
                 raise
             except StoreError as error:
-                timed_out = isinstance(error, StoreTimeout) or self._breaker.clock() - started >= self._breaker.slow
-                self.maybe_written |= timed_out and name not in READS
+                self.maybe_written |= self._breaker.timed_out(error, started) and name not in READS
                 raise
             self.maybe_written |= name not in READS
             return result
