@@ -1,6 +1,7 @@
 """Issue 24, items 2, 7 and 8: whatever fails, a session's share, fds and threads are given back;
 a session ends when its client goes; the housekeeper survives any error."""
 
+import json
 import logging
 import os
 import socket
@@ -77,8 +78,9 @@ STEPS = {
     "policy": (policy.Policy, "from_json"),
     "recorder": (Recordings, "recorder"),
     "relay": (relay.Relay, "raw"),
-    "relay-run": (relay.Relay, "run"),
-    "sessions-run": (sessions.SessionManager, "run"),
+    "relay-start": (relay.Relay, "start"),  # in the handshake's thread
+    "relay-run": (relay.Relay, "run"),  # in the relay's own, once the handshake's ended
+    "sessions-begin": (sessions.SessionManager, "begin"),
     "greeting": (sessions.SessionManager, "greet"),
     "reply": (xvp, "OK"),  # not callable: the 200's sendall fails
 }
@@ -116,6 +118,33 @@ def test_a_failure_at_any_step_gives_back_the_share_fds_and_threads(in_process, 
 
 def _session(gateway, token):
     return harness.xvp_session(gateway.port, token)
+
+
+def test_the_handshakes_thread_ends_once_its_session_relays(in_process, tmp_path, monkeypatch):
+    """A relay lives for hours, the handshake's thread must not: its stack went deep (the store,
+    the RFB handshakes) and the allocator keeps per-thread caches of what it freed, ~4 KiB a
+    session at 9,500 (docs/performance.md). Old code relayed in the handshake's thread."""
+    gateway, token = in_process
+    handshakes = []
+    real_open = gateway.sessions.open
+
+    def open_noting_the_thread(*args, **kwargs):
+        handshakes.append(threading.current_thread())
+        return real_open(*args, **kwargs)
+    monkeypatch.setattr(gateway.sessions, "open", open_noting_the_thread)
+    sock, status, rest = xvp_connect(gateway.port, token)
+    try:
+        assert status == "HTTP/1.1 200 OK"
+        assert harness.rfb_client_handshake(sock, rest) == (640, 480, 4)  # the gateway's own, then ServerInit relayed
+        harness.wait_for(lambda: not handshakes[0].is_alive(), message="the handshake's thread to end")
+        [session] = gateway.sessions.live()
+        assert session.relay is not None and session.relay.end_reason is None  # relaying still
+    finally:
+        sock.close()
+    harness.wait_for(lambda: not gateway.sessions.live(), message="the session's end")
+    with open(tmp_path / "audit.jsonl") as audit:
+        ends = [line for line in map(json.loads, audit) if line["event"] == "session-end"]
+    assert [line["reason"] for line in ends] == ["client-closed"]
 
 
 # -- item 7: a session ends when its client goes -----------------------------------------------

@@ -248,6 +248,7 @@ class Relay:
         self.woken = False  # stop() has shut both sockets down
         self.linger = LINGER
         self._lock = threading.Lock()
+        self._helper: threading.Thread | None = None  # the backend's way, once start()ed
 
     @classmethod
     def raw(cls, client_sock: Sock, backend_sock: Sock, backend_leftover: bytes = b"", client_leftover: bytes = b"",
@@ -282,14 +283,23 @@ class Relay:
     def idle_seconds(self) -> float:
         return time.monotonic() - self.last_active
 
+    def start(self) -> threading.Thread:
+        """The backend's bytes flow from here on, in a thread of the relay's own (returned); run()
+        moves the client's (in another thread, maybe: the gateway's handshake thread starts a relay
+        and ends)."""
+        for sock in self.sockets:
+            sock.settimeout(None)
+            tune(sock)
+        helper = threading.Thread(target=self.downstream.pump, args=(self,), name="relay-down", daemon=True)
+        helper.start()
+        self._helper = helper
+        return helper
+
     def run(self) -> str | None:
-        """Relay in this thread and one helper thread; returns when both ways are done."""
+        """Relay the client's bytes in this thread (and the backend's in start()'s, started here
+        if it was not); returns when both ways are done, their sockets closed."""
         try:
-            for sock in self.sockets:
-                sock.settimeout(None)
-                tune(sock)
-            helper = threading.Thread(target=self.downstream.pump, args=(self,), name="relay-down", daemon=True)
-            helper.start()
+            helper = self._helper or self.start()
             self.upstream.pump(self)
             # The client's side is over (it went, or stop()): the backend's bytes in flight get a
             # short linger, then both ends close. A VNC session has no half-close to keep open:
@@ -299,6 +309,9 @@ class Relay:
                 self.stop(self.end_reason or "client-closed")
                 helper.join()
         finally:
+            if self._helper is not None and self._helper.is_alive():  # this way failed: the other ends too
+                self.stop("internal-error")
+                self._helper.join()
             for sock in self.sockets:
                 sock.close()
         return self.end_reason

@@ -16,6 +16,7 @@ handshakes of a session in security.py (mixed in), single use and its resume coo
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -133,13 +134,12 @@ def new_gateway_id() -> str:
 
 class SessionManager(SessionSecurity):
     def __init__(self, store: AnyStore, audit: Audit, backend_timeout: float, heartbeat: float, settings: Config,
-                 backend_tls: ssl.SSLContext | None = None, on_relaying: Callable[[], None] = lambda: None,
+                 backend_tls: ssl.SSLContext | None = None,
                  recordings: Recordings | None = None,
                  backend_allow: allow.BackendAllow | None = None, gateway_id: str | None = None) -> None:
         """settings: the policy keys of the config (resume_grace, paste_max_chars, input_idle_timeout)
         and max_sessions_per_token; backend_tls: the ssl context for consoles that speak VeNCrypt
-        (tls.backend_context); on_relaying: called in a session's thread as its relay starts;
-        recordings: the Recordings of record_dir; backend_allow: the allow.BackendAllow
+        (tls.backend_context); recordings: the Recordings of record_dir; backend_allow: the allow.BackendAllow
         every backend connection is checked against (default: the one settings make)."""
         self.store = store
         self.settings = settings
@@ -151,7 +151,6 @@ class SessionManager(SessionSecurity):
         # Per-token shares in the store; max_sessions_per_token read at each take (it may be lowered).
         self.shares = shares_module.TokenShares(store, heartbeat, lambda: self.settings.max_sessions_per_token)
         self.backend_tls = backend_tls
-        self.on_relaying = on_relaying
         self.gateway_id = gateway_id or new_gateway_id()
         self._live: dict[str, Session] = {}
         # session id -> (token hash, ended): shares to give back by the housekeeper (at a stop, in
@@ -289,15 +288,30 @@ class SessionManager(SessionSecurity):
         details = self.store.validate(token, console_type)
         return details, self.shares.take(details.token_hash, session_id, self.recordings.wanted(details))
 
-    def run(self, session: Session, relay: Relay) -> None:
+    def begin(self, session: Session, relay: Relay) -> Callable[[], None]:
+        """The session relays from now on, the backend's bytes at once (in a thread of the relay's
+        own). Returns the rest, for the caller to run in a thread (the gateway: a fresh one, so the
+        handshake's ends): the client's bytes to the session's end, then its unregistering and
+        audit. Raises when the relay could not start (the caller discards the session then)."""
+        session.start(relay)
+        try:
+            if session.enforcement:
+                session.enforcement.start()
+            relay.start()
+        except BaseException:
+            if session.enforcement:
+                session.enforcement.cancel()
+            raise
+        return functools.partial(self._finish, session, relay)
+
+    def _finish(self, session: Session, relay: Relay) -> None:
         """Relay the session to its end, then unregister and audit it (whatever ended it)."""
         reason: str | None = "internal-error"
         try:
-            session.start(relay)
-            self.on_relaying()
-            if session.enforcement:
-                session.enforcement.start()
             reason = relay.run()
+        except BaseException:
+            relay.stop("internal-error")  # the backend's way ends too
+            raise
         finally:
             if session.enforcement:
                 session.enforcement.cancel()

@@ -47,6 +47,7 @@ SHED_AT_ONCE = 64  # connections being closed to make room at most (each holds i
 
 class ConnectionHandler(socketserver.BaseRequestHandler):
     server: Gateway
+    then: Callable[[], None] | None = None  # a session's relay, run once this handshake's thread is done
 
     def handle(self) -> None:
         gateway, conn = self.server, self.request
@@ -69,16 +70,16 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             gateway.pending_as(self.request, client)
             if request.method == "CONNECT":
                 path = "xvp"
-                xvp.serve(gateway, conn, request, leftover, client)
+                self.then = xvp.serve(gateway, conn, request, leftover, client)
             elif gateway.api and gateway.api.claims(request):
                 path = "web"  # the API answers and audits its own errors; the admin page's are the web side's
                 gateway.api.serve(conn, request, leftover, client)
             elif request.method == "GET" and _asks_for_websocket(request) and _is_serial(request):
                 path = "serial"
-                websocket.serve(gateway, conn, request, leftover, client, store_module.SERIAL, path)
+                self.then = websocket.serve(gateway, conn, request, leftover, client, store_module.SERIAL, path)
             elif request.method == "GET" and _asks_for_websocket(request):
                 path = "websocket"
-                websocket.serve(gateway, conn, request, leftover, client)
+                self.then = websocket.serve(gateway, conn, request, leftover, client)
             else:  # the web side answers its files, and 405 to any method but GET and HEAD
                 path = "web"
                 web.serve(gateway, conn, request, client)
@@ -92,8 +93,8 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             log.exception("%s: unexpected error on the %s path", client, path)
             self._refuse(conn, Refused("internal-error"), path, client)
         finally:
-            if conn is not None and conn is not self.request:
-                conn.close()  # the TLS wrapper; socketserver closes the plain socket
+            if conn is not None and conn is not self.request and self.then is None:
+                conn.close()  # the TLS wrapper (a relay closes its own); the plain socket is closed by Gateway._finish
 
     def _maybe_tls(self, conn, deadline, client):
         """The connection to read the request from: TLS-wrapped on a ClientHello, else as it is.
@@ -181,7 +182,6 @@ class Gateway(socketserver.ThreadingTCPServer):
             store, audit, backend_timeout=config.handshake_timeout,
             heartbeat=config.touch_interval, settings=config,
             backend_tls=tls.backend_context(config.backend_ca, config.backend_cert, config.backend_key),
-            on_relaying=self._handshake_over,
             recordings=Recordings.from_config(config, store, gateway_id), gateway_id=gateway_id)
         self.consoles = consoles.Consoles(config.console_log_dir, config.console_log_bytes,
                                           config.handshake_timeout, self.sessions.backend_allow, store)
@@ -204,7 +204,6 @@ class Gateway(socketserver.ThreadingTCPServer):
         self._pending: collections.Counter[str] = collections.Counter()
         # accepted socket -> client address, until it relays (None: a trusted proxy's, until pending_as)
         self._handshaking: dict[socket.socket, str | None] = {}
-        self._handshake = threading.local()  # .request: this handler thread's, until it relays
         self._in_head: dict[socket.socket, None] = {}  # accepted socket -> None, oldest first: still reading its request head
         self._shed: set[socket.socket] = set()  # sockets closed to make room, until their thread ends
         self._lock = threading.Lock()
@@ -348,11 +347,42 @@ class Gateway(socketserver.ThreadingTCPServer):
         self.shutdown_request(request)
 
     def process_request_thread(self, request: socket.socket, client_address: Any) -> None:  # type: ignore[override]
-        self._handshake.request = request
+        """A connection's handshake in this thread; a session's relay in threads of its own,
+        so that this one ends with the handshake. Its stack went deep (TLS, the store) and the
+        allocator keeps per-thread caches of what it freed: a relay lives for hours, and kept
+        them, ~4 KiB a session (docs/performance.md, "The handshake's thread ends")."""
+        then = None
         try:
-            super().process_request_thread(request, client_address)
+            then = self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
-            self._handshake_over()
+            self._handshake_over(request)
+            if then is None or not self._hand_over(then, request, client_address):
+                self._finish(request, client_address, then)
+
+    def finish_request(self, request: socket.socket, client_address: Any) -> Callable[[], None] | None:  # type: ignore[override]
+        """The handshake; returns the session's relay to run, if it has one."""
+        return ConnectionHandler(request, client_address, self).then
+
+    def _hand_over(self, then: Callable[[], None], request: socket.socket, client_address: Any) -> bool:
+        try:
+            threading.Thread(target=self._finish, args=(request, client_address, then), name="relay-up",
+                             daemon=True).start()
+        except RuntimeError as error:  # no thread to be had: the session relays in this one
+            log.warning("relaying in the handshake's thread: %s", error)
+            return False
+        return True
+
+    def _finish(self, request: socket.socket, client_address: Any, then: Callable[[], None] | None) -> None:
+        """What is left of a connection (a session's relay), then the connection let go."""
+        try:
+            if then is not None:
+                then()
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
             with self._lock:
                 self._connections.pop(request, None)
                 self._in_head.pop(request, None)
@@ -360,11 +390,8 @@ class Gateway(socketserver.ThreadingTCPServer):
                 if not self._connections:
                     self._all_ended.notify_all()
 
-    def _handshake_over(self) -> None:
-        """This handler thread's connection relays now (or ended): its address has one fewer pending."""
-        request, self._handshake.request = getattr(self._handshake, "request", None), None
-        if request is None:
-            return
+    def _handshake_over(self, request: socket.socket) -> None:
+        """A connection's handshake is over (it relays now, or ended): its address has one fewer pending."""
         with self._lock:
             key = self._handshaking.pop(request)
             self._in_head.pop(request, None)

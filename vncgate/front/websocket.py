@@ -15,7 +15,7 @@ import re
 import socket
 import ssl
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Callable, NoReturn
 
 from vncgate import store
 from vncgate.console import pipes, relay, resume, streams
@@ -37,8 +37,9 @@ _ORIGIN = re.compile(r"(https?)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::([1-9][0-9]{0
 
 
 def serve(gateway: Gateway, conn: socket.socket, request: http.Request, leftover: bytes, client: str,
-          console_type: str = store.WEBSOCKET, path: str = PATH) -> None:
-    """One WebSocket console session: noVNC's (ws-vnc), or the serial terminal's (serial)."""
+          console_type: str = store.WEBSOCKET, path: str = PATH) -> Callable[[], None] | None:
+    """One WebSocket console session: noVNC's (ws-vnc), or the serial terminal's (serial).
+    Returns the rest of the session (SessionManager.begin), or None when it ended in its greeting."""
     token = wsframes.token_protocol(request) or request.query_value("token") or request.cookie("token")
     origin = request.headers.get("origin")
     # Present but blank is refused, as Nova does; only a request with no Origin at all (a native
@@ -54,11 +55,10 @@ def serve(gateway: Gateway, conn: socket.socket, request: http.Request, leftover
                                     resume_cookie=request.cookie(resume.resume_cookie_name(secure)) or None)
     try:  # whatever fails before the relay runs, the session is given back (discard: once)
         relayed = _relay(gateway, conn, session, secure, leftover, accept, subprotocol)
+        return gateway.sessions.begin(session, relayed) if relayed is not None else None
     except BaseException:
         gateway.sessions.discard(session)
         raise
-    if relayed is not None:
-        gateway.sessions.run(session, relayed)
 
 
 def _relay(gateway: Gateway, conn: socket.socket, session: Session, secure: bool, leftover: bytes, accept: str,

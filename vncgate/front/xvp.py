@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from vncgate import store
 from vncgate.console import relay, streams
@@ -16,9 +16,11 @@ if TYPE_CHECKING:
 OK = b"HTTP/1.1 200 OK\r\n\r\n"
 
 
-def serve(gateway: Gateway, conn: socket.socket | TlsStream, request: Request, leftover: bytes, client: str) -> None:
+def serve(gateway: Gateway, conn: socket.socket | TlsStream, request: Request, leftover: bytes,
+          client: str) -> Callable[[], None] | None:
     """The XVP path: 200 once the console is open, the gateway's RFB greeting when it does the
-    security itself, then the relay."""
+    security itself, then the relay; returns the rest of the session (SessionManager.begin), or
+    None when it ended in its greeting."""
     session = gateway.sessions.open(request.query_value("token"), store.XVP, "xvp", client, conn)
     try:  # whatever fails before the relay runs, the session is given back (discard: once)
         conn.sendall(OK)
@@ -27,11 +29,11 @@ def serve(gateway: Gateway, conn: socket.socket | TlsStream, request: Request, l
             timed = streams.DeadlineSocket(conn, gateway.config.handshake_timeout)
             reader = streams.ChunkReader(streams.SocketSource(timed), initial=leftover)
             if not gateway.sessions.greet(session, reader.read_exact, timed.sendall):
-                return
+                return None
             leftover = reader.surplus
-        relayed = relay.Relay.raw(conn, session.backend, session.backend_leftover, leftover,
-                                  upstream_sink=session.client_filter, recorder=session.recorder)
+        return gateway.sessions.begin(session, relay.Relay.raw(
+            conn, session.backend, session.backend_leftover, leftover,
+            upstream_sink=session.client_filter, recorder=session.recorder))
     except BaseException:
         gateway.sessions.discard(session)
         raise
-    gateway.sessions.run(session, relayed)
