@@ -5,8 +5,11 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
-from vncgate.store import TokenStore
+from tests import harness
+from vncgate.store import TokenStore, sqlite
 
 ROUNDS = 40  # per thread: 2 x 8 x 40 = 640 mints, bounded
 
@@ -30,3 +33,53 @@ def test_two_processes_eight_threads_each(database):
     assert max(collections.Counter(row.instance_id for row in rows).values()) == 1
     for token in kept:
         assert store.validate(token, "xvp-vnc") is not None
+
+
+# -- this process's writers take turns in order (SQLite) -------------------------------------------
+
+def test_the_write_turn_goes_to_the_longest_waiter_not_back_to_its_holder():
+    """A threading.Lock released and taken again at once stays with its holder: a batch that
+    gave way between chunks took it straight back (the old _write_lock)."""
+    turns = sqlite.WriteTurns()
+    order = []
+
+    def waiter(name):
+        with turns:
+            order.append(name)
+    turns.__enter__()  # this thread holds the turn, as a batch between two chunks
+    queued = []
+    for name in ("first", "second"):
+        thread = threading.Thread(target=waiter, args=(name,))
+        thread.start()
+        queued.append(thread)
+        harness.wait_for(lambda: len(turns._waiters) == len(queued), message=f"{name} to wait")
+    assert turns.waiting()
+    turns.__exit__(None, None, None)
+    with turns:  # taken again at once: after the two that waited
+        order.append("holder")
+    for thread in queued:
+        thread.join(5)
+    assert order == ["first", "second", "holder"] and not turns.waiting()
+
+
+def test_a_handshakes_write_waits_one_chunk_of_a_heartbeat_not_the_whole_of_it(tmp_path, monkeypatch):
+    """Old code: a take_share during a heartbeat's renewal of many shares waited for all of it."""
+    store = TokenStore(str(tmp_path / "t.db"), token_ttl=3600)
+    token_hash = store.validate(store.add_connection_details("vm", "xvp-vnc", "127.0.0.1", 5900),
+                                "xvp-vnc").token_hash
+    shares = {f"s{number}": token_hash for number in range(40_000)}
+    with store._write() as db:
+        db.executemany("INSERT INTO token_shares (session_id, token_hash, lapses_at, recorded) VALUES (?, ?, ?, 0)",
+                       [(sid, token_hash, time.time() + 90) for sid in shares])
+    chunks = []
+    real = store._write_chunks
+    monkeypatch.setattr(store, "_write_chunks", lambda items, write: real(
+        items, lambda db, chunk: (chunks.append(time.monotonic()), write(db, chunk))))
+    heartbeat = threading.Thread(target=store.renew_shares, args=(shares, 90))
+    heartbeat.start()
+    harness.wait_for(lambda: len(chunks) >= 2, message="the renewal to be under way")
+    store.take_share(token_hash, "handshake", 10**6, 90)
+    taken_after = len(chunks)
+    heartbeat.join(60)
+    assert len(chunks) == -(-len(shares) // sqlite.WRITE_CHUNK)
+    assert taken_after < len(chunks) // 2, f"the take waited {taken_after} of {len(chunks)} chunks"

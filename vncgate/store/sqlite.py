@@ -7,6 +7,7 @@ of SqliteStore) and sqlite_schema (the migrations). These are the only modules t
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import queue
@@ -25,9 +26,41 @@ from vncgate.store.sqlite_shares import SqliteShares
 from vncgate.store.sqlite_tokens import SqliteTokens
 
 _POOL_SIZE = 16
-WRITE_CHUNK = 256  # rows per transaction of a batched write (a heartbeat's, a stop's)
+WRITE_CHUNK = 256  # rows a batched write (a heartbeat's, a stop's) writes before it looks for a waiting writer
 
 T = TypeVar("T")
+
+
+class WriteTurns:
+    """This process's writers, one at a time and in the order they came: on release the turn is
+    handed to the longest waiter. (A threading.Lock is not fair: a batch that released it
+    between chunks took it straight back, and a handshake waited the whole batch, 40-50 ms for
+    a heartbeat's 9,500 renewals.) waiting() tells a batch to give way."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._held = False
+        self._waiters: collections.deque[threading.Lock] = collections.deque()
+
+    def __enter__(self) -> None:
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return
+            baton = threading.Lock()
+            baton.acquire()
+            self._waiters.append(baton)
+        baton.acquire()  # released by the holder as it hands the turn over
+
+    def __exit__(self, *_exc: object) -> None:
+        with self._mutex:
+            if self._waiters:
+                self._waiters.popleft().release()  # still held: by the waiter now
+            else:
+                self._held = False
+
+    def waiting(self) -> bool:
+        return bool(self._waiters)
 
 
 class SqliteStore(SqliteShares, SqliteConsoles, SqliteTokens, SqliteSessions, SqliteFollows, Store):
@@ -46,7 +79,7 @@ class SqliteStore(SqliteShares, SqliteConsoles, SqliteTokens, SqliteSessions, Sq
         self._generation = 0  # bumped when the file is replaced; older connections are dropped
         self._identity: tuple[int, int] | None = None
         self._reopen_lock = threading.Lock()
-        self._write_lock = threading.Lock()  # this process's writers, one at a time (_write)
+        self._turns = WriteTurns()  # this process's writers, one at a time (_write)
         self._open_file()
 
     def _open_file(self) -> None:
@@ -127,10 +160,10 @@ class SqliteStore(SqliteShares, SqliteConsoles, SqliteTokens, SqliteSessions, Sq
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction. This process's writers take turns on a lock first: they wait
-        for each other without meeting SQLite's busy handler, which sleeps in steps of 1 to
-        100 ms (writers in other processes on the file still meet it, up to busy_timeout)."""
-        with self._write_lock, self._db() as db:
+        """A write transaction. This process's writers take turns first: they wait for each
+        other without meeting SQLite's busy handler, which sleeps in steps of 1 to 100 ms
+        (writers in other processes on the file still meet it, up to busy_timeout)."""
+        with self._turns, self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
@@ -140,11 +173,17 @@ class SqliteStore(SqliteShares, SqliteConsoles, SqliteTokens, SqliteSessions, Sq
                 raise
 
     def _write_chunks(self, items: Sequence[T], write: Callable[[sqlite3.Connection, Sequence[T]], object]) -> None:
-        """write(db, chunk) in one transaction per WRITE_CHUNK items: thousands at once (a
-        heartbeat, a stop) never hold the write lock long; a handshake waits one chunk at most."""
-        for start in range(0, len(items), WRITE_CHUNK):
+        """write(db, chunk) for each WRITE_CHUNK items, in as few transactions as can be: one while
+        no other writer of this process waits, a new one once it has had its turn. A handshake
+        waits one chunk of a heartbeat at most; a stop's thousands are one transaction."""
+        start = 0
+        while start < len(items):
             with self._write() as db:
-                write(db, items[start:start + WRITE_CHUNK])
+                while start < len(items):
+                    write(db, items[start:start + WRITE_CHUNK])
+                    start += WRITE_CHUNK
+                    if self._turns.waiting():
+                        break
 
     def _explain(self, error: sqlite3.Error) -> StoreError:
         text = str(error)
