@@ -350,7 +350,7 @@ class Gateway(socketserver.ThreadingTCPServer):
         """A connection's handshake in this thread; a session's relay in threads of its own,
         so that this one ends with the handshake. Its stack went deep (TLS, the store) and the
         allocator keeps per-thread caches of what it freed: a relay lives for hours, and kept
-        them, ~4 KiB a session (docs/performance.md, "The handshake's thread ends")."""
+        them, ~5 KiB a session (docs/performance.md, "The handshake's thread ends")."""
         then = None
         try:
             then = self.finish_request(request, client_address)
