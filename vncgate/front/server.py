@@ -3,8 +3,9 @@
 A TLS ClientHello is wrapped in TLS and read again; then CONNECT goes to the XVP
 path, a GET with Upgrade: websocket to the websocket path, any other GET or HEAD
 to the web side; anything else is answered with an HTTP error. A connection beyond
-max_connections is refused at once, and every connection is tracked so that
-stop() can end handshakes and sessions alike within moments.
+max_connections is refused at once, and every connection is registered
+(vncgate.front.connections) so that stop() can end handshakes and sessions alike
+within moments.
 
 Fair shares: max_connections is lowered at start to what the fd limit holds, one
 client address may have at most max_pending_per_address connections that are not
@@ -17,7 +18,6 @@ names (vncgate.front.proxied), and that client's share is what is counted.
 
 from __future__ import annotations
 
-import collections
 import gc
 import logging
 import socket
@@ -32,7 +32,7 @@ from vncgate.audit import Audit
 from vncgate.console import cluster, housekeeping, screenshot, sessions
 from vncgate.console import serial as consoles
 from vncgate.console.recordings import Recordings
-from vncgate.front import limits, proxied, throttle, web, websocket, xvp
+from vncgate.front import connections, limits, proxied, throttle, web, websocket, xvp
 from vncgate.net import fds, http, tls
 from vncgate.refusals import Refused
 from vncgate.store import watch as store_watch
@@ -41,8 +41,6 @@ if TYPE_CHECKING:
     from vncgate.store import AnyStore
 
 log = logging.getLogger("vncgate.front.server")
-
-SHED_AT_ONCE = 64  # connections being closed to make room at most (each holds its fds until its thread ends)
 
 
 class ConnectionHandler(socketserver.BaseRequestHandler):
@@ -65,7 +63,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             if conn is None:
                 return
             request, leftover = http.read_request(conn, head_deadline)
-            gateway.head_read(self.request)
+            gateway.connections.head_read(self.request)
             client = proxied.from_request(request, client, gateway.config.trusted_proxies)
             gateway.pending_as(self.request, client)
             if request.method == "CONNECT":
@@ -84,7 +82,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                 path = "web"
                 web.serve(gateway, conn, request, client)
         except Refused as refused:
-            refusal = Refused("shed", "closed in its request head to make room") if gateway.was_shed(
+            refusal = Refused("shed", "closed in its request head to make room") if gateway.connections.was_shed(
                 self.request) else refused
             self._refuse(conn, refusal, path, client)
         except OSError as error:
@@ -113,7 +111,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             raise Refused("tls-not-configured")
         try:
             return tls.accept(gateway.tls_context, conn, deadline,
-                              on_wrapped=lambda wrapped: gateway.track(conn, wrapped))
+                              on_wrapped=lambda wrapped: gateway.connections.track(conn, wrapped))
         except tls.HandshakeFailed as error:
             self._audit_failure(error.reason, "attempt", client=client, path="tls", result="rejected",
                                 reason=error.reason, detail=error.detail)
@@ -198,16 +196,7 @@ class Gateway(socketserver.ThreadingTCPServer):
         self.prober = store_watch.Prober(store.ping)  # /healthz's bounded look at the store
         self.tls_context = tls.server_context(config.cert, config.key) if config.cert else None
         self.api = control_plane(self) if control_plane else None
-        # accepted socket -> what it is now (itself, or its TLS wrapper)
-        self._connections: dict[socket.socket, socket.socket] = {}
-        # client address -> its connections not relaying yet
-        self._pending: collections.Counter[str] = collections.Counter()
-        # accepted socket -> client address, until it relays (None: a trusted proxy's, until pending_as)
-        self._handshaking: dict[socket.socket, str | None] = {}
-        self._in_head: dict[socket.socket, None] = {}  # accepted socket -> None, oldest first: still reading its request head
-        self._shed: set[socket.socket] = set()  # sockets closed to make room, until their thread ends
-        self._lock = threading.Lock()
-        self._all_ended = threading.Condition(self._lock)
+        self.connections = connections.Connections()
         self._spare = fds.Spare()
         self._accept_failing = False
         self._accept_backoff = 0.0
@@ -283,58 +272,23 @@ class Gateway(socketserver.ThreadingTCPServer):
         behind_proxy = bool(self.config.trusted_proxies) and web.address_in(client_address[0],
                                                                             self.config.trusted_proxies)
         key = None if behind_proxy else self.address_key(client_address[0])
-        shed = None
-        with self._lock:
-            if key is not None and self._pending[key] >= self.config.max_pending_per_address:
-                refusal = Refused("too-many-pending", f"{self._pending[key]} connections in handshake")
-            elif self._full() and not (self._in_head and len(self._shed) < SHED_AT_ONCE):
-                refusal = Refused("max-connections")
-            else:
-                refusal = None
-                if self._full():
-                    # Full: the oldest connection still sending its request head makes room.
-                    shed = next(iter(self._in_head))
-                    del self._in_head[shed]
-                    self._shed.add(shed)
-                    shed = self._connections[shed]
-                self._connections[request] = request
-                if key is not None:
-                    self._pending[key] += 1
-                self._handshaking[request] = key
-                self._in_head[request] = None
-        if shed is not None:
-            tls.wake(shed)
-        if refusal is not None:
+        # The live sessions' extra fds (recorded, serial: fds.RECORDED_EXTRA...) count as connections' worth.
+        extra = (self.sessions.extra_fds + 1) // fds.PER_CONNECTION
+        try:
+            shed = self.connections.admit(request, key, self.config.max_pending_per_address,
+                                          self.config.max_connections, extra)
+        except Refused as refusal:
             self._reject(request, client_address, refusal)
             return
+        if shed is not None:
+            tls.wake(shed)
         super().process_request(request, client_address)
-
-    def _full(self):
-        """max_connections reached, counting the extra fds of recorded and serial sessions
-        (fds.RECORDED_EXTRA...) as connections' worth (called holding the lock)."""
-        held = len(self._connections) - len(self._shed) + (self.sessions.extra_fds + 1) // fds.PER_CONNECTION
-        return held >= self.config.max_connections
-
-    def head_read(self, request: socket.socket) -> None:
-        """request's head is in: from now on it is not shed to make room."""
-        with self._lock:
-            self._in_head.pop(request, None)
-
-    def was_shed(self, request: socket.socket) -> bool:
-        with self._lock:
-            return request in self._shed
 
     def pending_as(self, request: socket.socket, client: str) -> None:
         """A trusted proxy's connection, now known to be client's: counted in client's share.
         Raises Refused too-many-pending when client has its share."""
-        key = self.address_key(client.rsplit(":", 1)[0])
-        with self._lock:
-            if self._handshaking.get(request, key) is not None:
-                return  # counted by its own address at accept, or relaying already
-            if self._pending[key] >= self.config.max_pending_per_address:
-                raise Refused("too-many-pending", f"{self._pending[key]} connections in handshake")
-            self._pending[key] += 1
-            self._handshaking[request] = key
+        self.connections.pending_as(request, self.address_key(client.rsplit(":", 1)[0]),
+                                    self.config.max_pending_per_address)
 
     def _reject(self, request, client_address, refusal):
         """Refused before any thread is started for it: one audit line, the answer, closed."""
@@ -357,7 +311,7 @@ class Gateway(socketserver.ThreadingTCPServer):
         except Exception:
             self.handle_error(request, client_address)
         finally:
-            self._handshake_over(request)
+            self.connections.handshake_over(request)
             if then is None or not self._hand_over(then, request, client_address):
                 self._finish(request, client_address, then)
 
@@ -383,29 +337,7 @@ class Gateway(socketserver.ThreadingTCPServer):
             self.handle_error(request, client_address)
         finally:
             self.shutdown_request(request)
-            with self._lock:
-                self._connections.pop(request, None)
-                self._in_head.pop(request, None)
-                self._shed.discard(request)
-                if not self._connections:
-                    self._all_ended.notify_all()
-
-    def _handshake_over(self, request: socket.socket) -> None:
-        """A connection's handshake is over (it relays now, or ended): its address has one fewer pending."""
-        with self._lock:
-            key = self._handshaking.pop(request)
-            self._in_head.pop(request, None)
-            if key is None:  # a trusted proxy's, not counted
-                return
-            self._pending[key] -= 1
-            if not self._pending[key]:
-                del self._pending[key]
-
-    def track(self, plain: socket.socket, wrapped: socket.socket) -> None:
-        """Follow a connection into its TLS wrapper, so that stop() can still wake it."""
-        with self._lock:
-            if plain in self._connections:
-                self._connections[plain] = wrapped
+            self.connections.ended(request)
 
     def reload(self) -> None:
         """SIGHUP: the TLS certificate and the API keys, read again."""
@@ -431,8 +363,7 @@ class Gateway(socketserver.ThreadingTCPServer):
         return {**self.housekeeper.threads(), "follower": self.follower.up}
 
     def connection_count(self) -> int:
-        with self._lock:
-            return len(self._connections)
+        return self.connections.count()
 
     def stop(self) -> None:
         """Stop accepting, end every session and handshake, wait for their threads."""
@@ -442,13 +373,10 @@ class Gateway(socketserver.ThreadingTCPServer):
         gc.disable()
         try:
             self.sessions.stop_all("shutdown")
-            with self._lock:  # the sessions' connections are woken by stop_all: these are the others
-                pending = [self._connections[request] for request in self._handshaking]
-            for conn in pending:
+            for conn in self.connections.in_handshake():  # the sessions' are woken by stop_all: these are the others
                 tls.wake(conn)
-            with self._lock:
-                if not self._all_ended.wait_for(lambda: not self._connections, self.stop_wait):
-                    log.warning("%d connections still open after %.0f s", len(self._connections), self.stop_wait)
+            if not self.connections.wait_all_ended(self.stop_wait):
+                log.warning("%d connections still open after %.0f s", self.connections.count(), self.stop_wait)
         finally:
             gc.enable()
         self.server_close()
