@@ -120,6 +120,12 @@ def _session(gateway, token):
     return harness.xvp_session(gateway.port, token)
 
 
+def _end_reasons(folder):
+    """The reasons of the session-end lines in the in_process gateway's audit."""
+    with open(folder / "audit.jsonl") as audit:
+        return [line["reason"] for line in map(json.loads, audit) if line["event"] == "session-end"]
+
+
 def test_the_handshakes_thread_ends_once_its_session_relays(in_process, tmp_path, monkeypatch):
     """A relay lives for hours, the handshake's thread must not: its stack went deep (the store,
     the RFB handshakes) and the allocator keeps per-thread caches of what it freed, ~4 KiB a
@@ -142,9 +148,31 @@ def test_the_handshakes_thread_ends_once_its_session_relays(in_process, tmp_path
     finally:
         sock.close()
     harness.wait_for(lambda: not gateway.sessions.live(), message="the session's end")
-    with open(tmp_path / "audit.jsonl") as audit:
-        ends = [line for line in map(json.loads, audit) if line["event"] == "session-end"]
-    assert [line["reason"] for line in ends] == ["client-closed"]
+    assert _end_reasons(tmp_path) == ["client-closed"]
+
+
+def test_without_a_thread_to_be_had_a_session_relays_in_its_handshakes_thread(in_process, tmp_path, monkeypatch,
+                                                                              caplog):
+    """The hand-over's fallback: no thread for the relay, and the session is still served."""
+    gateway, token = in_process
+    real_start = threading.Thread.start
+
+    def start(thread):
+        if thread.name == "relay-up":
+            raise RuntimeError("can't start new thread")
+        return real_start(thread)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    sock, status, rest = xvp_connect(gateway.port, token)
+    try:
+        assert status == "HTTP/1.1 200 OK"
+        assert harness.rfb_client_handshake(sock, rest) == (640, 480, 4)
+        assert len(gateway.sessions.live()) == 1
+    finally:
+        sock.close()
+    harness.wait_for(lambda: not gateway.sessions.live() and gateway.connection_count() == 0,
+                     message="the session's end")
+    assert "relaying in the handshake's thread: can't start new thread" in caplog.text
+    assert _end_reasons(tmp_path) == ["client-closed"]
 
 
 # -- item 7: a session ends when its client goes -----------------------------------------------
