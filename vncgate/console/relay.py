@@ -305,12 +305,11 @@ class Relay:
             # short linger, then both ends close. A VNC session has no half-close to keep open:
             # a console that keeps its connection and says nothing must not keep the session.
             helper.join(self.linger)
-            if helper.is_alive():
-                self.stop(self.end_reason or "client-closed")
-                helper.join()
         finally:
-            if self._helper is not None and self._helper.is_alive():  # this way failed: the other ends too
-                self.stop("internal-error")
+            # Past the linger (the client's way ended it: end_reason is set), or this way failed:
+            # the backend's way ends too.
+            if self._helper is not None and self._helper.is_alive():
+                self.stop(self.end_reason or "internal-error")
                 self._helper.join()
             for sock in self.sockets:
                 sock.close()
