@@ -38,8 +38,8 @@ class Connections:
         many more the live sessions' extra fds are worth. Returns the connection shed to make
         room (its reader to be woken), if any; raises Refused too-many-pending or max-connections."""
         with self._lock:
-            if key is not None and self._pending[key] >= max_pending:
-                raise Refused("too-many-pending", f"{self._pending[key]} connections in handshake")
+            if key is not None:
+                self._check_pending(key, max_pending)
             full = len(self._open) - len(self._shed) + extra >= room
             if full and not (self._in_head and len(self._shed) < SHED_AT_ONCE):
                 raise Refused("max-connections")
@@ -71,10 +71,14 @@ class Connections:
         with self._lock:
             if self._handshaking.get(request, key) is not None:
                 return  # counted by its own address at accept, or relaying already
-            if self._pending[key] >= max_pending:
-                raise Refused("too-many-pending", f"{self._pending[key]} connections in handshake")
+            self._check_pending(key, max_pending)
             self._pending[key] += 1
             self._handshaking[request] = key
+
+    def _check_pending(self, key: str, max_pending: int) -> None:
+        """Refused too-many-pending when address network key has its share (holding the lock)."""
+        if self._pending[key] >= max_pending:
+            raise Refused("too-many-pending", f"{self._pending[key]} connections in handshake")
 
     def handshake_over(self, request: socket.socket) -> None:
         """request's handshake is over (it relays now, or ended): its address has one fewer pending."""
