@@ -128,7 +128,7 @@ def _end_reasons(folder):
 
 def test_the_handshakes_thread_ends_once_its_session_relays(in_process, tmp_path, monkeypatch):
     """A relay lives for hours, the handshake's thread must not: its stack went deep (the store,
-    the RFB handshakes) and the allocator keeps per-thread caches of what it freed, ~4 KiB a
+    the RFB handshakes) and the allocator keeps per-thread caches of what it freed, ~5 KiB a
     session at 9,500 (docs/performance.md). Old code relayed in the handshake's thread."""
     gateway, token = in_process
     handshakes = []
